@@ -1,0 +1,19 @@
+"""The pack's nodes, grouped by what they do: loaders, bindings, sampling."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .bindings import PoEBindClass, PoEBindPrior, PoEBindText
+from .loaders import PoEExpertLoader
+from .sampling import PoEGuider, PoEKSampler, PoEScheduler
+
+NODES: list[type[io.ComfyNode]] = [
+    PoEExpertLoader,
+    PoEBindClass, PoEBindText, PoEBindPrior,
+    PoEKSampler, PoEGuider, PoEScheduler,
+]
+
+
+class UniteAndConquerExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,74 @@
+"""Small helpers shared by the node classes: wire types, image conversions, error wording."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from ..samplers import poe
+
+log = logging.getLogger("unite_and_conquer")
+
+CATEGORY = "unite_and_conquer"
+Expert = io.Custom("POE_EXPERT")
+Experts = io.Custom("POE_EXPERTS")
+TextEncoder = io.Custom("POE_TEXT_ENCODER")
+
+
+@contextlib.contextmanager
+def node_input(node: str, name: str, fix: str = ""):
+    """Re-raise a library error so that it names the node, the input and the fix."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError) as err:
+        msg = str(err).strip("'\"")
+        raise ValueError(f"{node}: input '{name}': {msg}{(' ' + fix) if fix else ''}") from None
+
+
+def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B x H x W x C in [0, 1]) to B x 3 x H x W in [-1, 1]."""
+    return image[..., :3].movedim(-1, 1) * 2 - 1
+
+
+def pixels_to_image(samples: torch.Tensor) -> torch.Tensor:
+    """B x C x H x W in [-1, 1] to ComfyUI IMAGE."""
+    return ((samples.float() + 1) / 2).clamp(0, 1).movedim(1, -1).contiguous()
+
+
+def check_finite(node: str, name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{node}: input '{name}' contains NaN or Inf values; fix the node that produced it")
+
+
+def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str) -> list[poe.Binding]:
+    """A new list with ``binding`` appended; the upstream list is never mutated (cached outputs)."""
+    bindings = list(previous or [])
+    if bindings:
+        first = getattr(bindings[0].expert, "expert", None)
+        new = getattr(binding.expert, "expert", None)
+        if first is not None and new is not None and (first.resolution, first.image_channels) != (new.resolution, new.image_channels):
+            raise ValueError(
+                f"{node}: input 'expert': {new.name} makes {new.resolution}px images with {new.image_channels} "
+                f"channels but the chained experts ({first.name}) make {first.resolution}px with "
+                f"{first.image_channels}. All experts of a product share one image shape.")
+    bindings.append(binding)
+    return bindings
+
+
+def weight_input(default: float = 1.0) -> io.Float.Input:
+    return io.Float.Input("weight", default=default, min=0.0, max=100.0, step=0.05, round=0.0001,
+                          tooltip="w_i: how strongly this condition pulls the sample. w = 1 for every binding is "
+                                  "the paper's plain product; one expert with w = 1 + s is classifier-free guidance.")
+
+
+def reliability_input(default: float = 1.0) -> io.Float.Input:
+    return io.Float.Input("reliability", default=default, min=0.0, max=100.0, step=0.05, round=0.0001,
+                          tooltip="a_i: this binding's share of the pooled unconditional score (normalised over "
+                                  "all bindings). Sliding it blends the experts' styles. Needs a null.")
+
+
+def experts_input() -> io.Input:
+    return Experts.Input("experts", optional=True,
+                         tooltip="Bindings to chain: this node appends its binding to them.")

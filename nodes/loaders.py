@@ -1,0 +1,61 @@
+"""Loader nodes: experts from models/experts, and text encoders for the face experts."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from .. import model_loaders
+from ..samplers import comfy_bridge
+from .common import CATEGORY, Expert, TextEncoder, node_input
+
+SCHEDULE_CHOICES = ("published", "linear", "cosine")
+
+
+def expert_path(name: str) -> str:
+    """A file in models/experts; a diffusers weight file stands for its whole folder."""
+    path = folder_paths.get_full_path_or_raise("experts", name)
+    folder = os.path.dirname(path)
+    if os.path.basename(path).startswith("diffusion_pytorch_model") and os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    return path
+
+
+class PoEExpertLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEExpertLoader",
+            display_name="Load Expert (PoE)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a pixel-space diffusion model from models/experts as one expert of a product. "
+                        "The family is detected from the file's keys and shapes.",
+            inputs=[
+                io.Combo.Input("expert_name", options=folder_paths.get_filename_list("experts"),
+                               tooltip="A checkpoint in models/experts (.safetensors, .pt, .pth, .bin, or a diffusers "
+                                       "folder's diffusion_pytorch_model file). The pack's tiny digit experts are listed too."),
+                io.Combo.Input("family", options=list(model_loaders.FAMILIES), default="auto",
+                               tooltip="Checkpoint family; 'auto' reads it from the file."),
+                io.Combo.Input("dtype", options=list(model_loaders.DTYPES), default="auto",
+                               tooltip="Weight dtype. 'auto' lets ComfyUI pick for the device (fp32 on the CPU, "
+                                       "fp16/bf16 on GPUs that run them well). Normalisation always runs in fp32."),
+                io.Combo.Input("schedule", options=list(SCHEDULE_CHOICES), default="published",
+                               tooltip="Training noise schedule. It cannot be read from the weights: 'published' uses the "
+                                       "one the family's published configuration was trained with."),
+            ],
+            outputs=[Expert.Output(display_name="expert")],
+        )
+
+    @classmethod
+    def execute(cls, expert_name, family, dtype, schedule) -> io.NodeOutput:
+        with node_input("PoEExpertLoader", "expert_name"):
+            path = expert_path(expert_name)
+            expert = model_loaders.load_expert(path, family=family,
+                                               schedule=None if schedule == "published" else schedule)
+        n_params = sum(p.numel() for p in expert.network.parameters())
+        expert.network.to(comfy_bridge.inference_dtype(dtype, n_params * 4))
+        handle = comfy_bridge.wrap_expert(expert)
+        summary = (f"{expert.name} · {expert.family} · {expert.resolution}px · {n_params / 1e6:.1f}M params · "
+                   f"modalities: {', '.join(expert.modalities) or 'unconditional'}")
+        return io.NodeOutput(handle, ui={"text": (summary,)})

