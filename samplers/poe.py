@@ -61,6 +61,8 @@ class Binding:
 
 
 def _expert_name(expert: Any) -> str:
+    if isinstance(expert, str):
+        return expert
     return getattr(expert, "name", type(expert).__name__)
 
 
@@ -110,10 +112,15 @@ def combine(cond_preds: Sequence[torch.Tensor], weights: Sequence[Scalar],
     pooled = None
     if null_preds:
         pooled = sum(a.to(p) * p for a, p in zip(normalise_reliabilities(reliabilities), null_preds))
-    total_w = sum(torch.as_tensor(w, dtype=torch.float32) for w in weights)
-    out = sum(torch.as_tensor(w).to(p) * p for w, p in zip(weights, cond_preds))
+    ref = cond_preds[0] if cond_preds else pooled
+    out = torch.zeros_like(ref)
+    total_w = torch.zeros((), dtype=ref.dtype, device=ref.device)
+    for w, p in zip(weights, cond_preds):
+        w = torch.as_tensor(w).to(p)
+        out = out + w * p
+        total_w = total_w + w
     if pooled is not None:
-        out = out - (total_w.to(pooled) - 1) * pooled
+        out = out - (total_w - 1) * pooled
     return out, pooled
 
 

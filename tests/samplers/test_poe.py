@@ -1,0 +1,156 @@
+"""The product-of-experts rule and the grouping of forwards (pure torch, no ComfyUI)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samplers import poe
+
+
+class CountingExpert:
+    """eps = a linear function of x and the condition, counting forwards and rows."""
+
+    def __init__(self, name="E", scale=1.0):
+        self.name = name
+        self.scale = scale
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, x, sigma, cond):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.scale * x * 0.5 + cond["c"].view(-1, 1, 1, 1)
+
+
+def eps_fn(expert, x, sigma, cond):
+    return expert(x, sigma, cond)
+
+
+def c(v):
+    return {"c": torch.tensor([float(v)])}
+
+
+X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+SIGMA = torch.tensor(1.5)
+
+
+def test_single_expert_weight_one_is_that_expert_exactly():
+    e = CountingExpert()
+    out, pooled = poe.product_prediction(X, SIGMA, [poe.Binding(e, c(2), 1.0, 0.0)], eps_fn)
+    assert torch.equal(out, e(X, SIGMA, {"c": torch.tensor([2.0, 2.0])}))
+    assert pooled is None
+
+
+@pytest.mark.parametrize("s", [0.0, 1.5, 4.0])
+def test_one_expert_bound_twice_is_classifier_free_guidance(s):
+    e = CountingExpert()
+    null = c(-1)
+    bindings = [poe.Binding(e, c(3), 1 + s, 0.5, (null,)), poe.Binding(e, null, 0.0, 0.5, (null,))]
+    out, _ = poe.product_prediction(X, SIGMA, bindings, eps_fn)
+    eps_c = e(X, SIGMA, {"c": torch.tensor([3.0, 3.0])})
+    eps_u = e(X, SIGMA, {"c": torch.tensor([-1.0, -1.0])})
+    torch.testing.assert_close(out, (1 + s) * eps_c - s * eps_u, atol=1e-6, rtol=0)
+
+
+def test_one_batched_forward_per_expert_with_shared_null():
+    a, b = CountingExpert("A"), CountingExpert("B", 2.0)
+    bindings = [poe.Binding(a, c(1), 2.0, 1.0, (c(0),)), poe.Binding(a, c(2), 1.0, 1.0, (c(0),)),
+                poe.Binding(b, c(5), 1.0, 2.0, (c(0),))]
+    poe.product_prediction(X, SIGMA, bindings, eps_fn)
+    # A: rows c1, c2 and one shared null; B: c5 and its null. One call each.
+    assert (a.calls, a.rows) == (1, 3 * X.shape[0])
+    assert (b.calls, b.rows) == (1, 2 * X.shape[0])
+
+
+def test_no_null_forward_when_weights_sum_to_one():
+    a, b = CountingExpert("A"), CountingExpert("B")
+    bindings = [poe.Binding(a, c(1), 0.25, 1.0, (c(0),)), poe.Binding(b, c(2), 0.75, 1.0, (c(0),))]
+    out, pooled = poe.product_prediction(X, SIGMA, bindings, eps_fn)
+    assert pooled is None and a.rows == X.shape[0] and b.rows == X.shape[0]
+
+
+def test_rule_matches_the_formula_with_normalised_reliabilities():
+    a, b = CountingExpert("A"), CountingExpert("B", 3.0)
+    w, r = (5.0, 5.0), (5.0, 4.0)
+    bindings = [poe.Binding(a, c(1), w[0], r[0], (c(0),)), poe.Binding(b, c(2), w[1], r[1], (c(-2),))]
+    out, pooled = poe.product_prediction(X, SIGMA, bindings, eps_fn)
+    ea = a(X, SIGMA, {"c": torch.tensor([1.0, 1.0])})
+    eb = b(X, SIGMA, {"c": torch.tensor([2.0, 2.0])})
+    ua = a(X, SIGMA, {"c": torch.tensor([0.0, 0.0])})
+    ub = b(X, SIGMA, {"c": torch.tensor([-2.0, -2.0])})
+    u = 5 / 9 * ua + 4 / 9 * ub
+    torch.testing.assert_close(pooled, u, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, 5 * ea + 5 * eb - 9 * u, atol=1e-5, rtol=0)
+
+
+def test_zero_weight_binding_is_a_prior_and_costs_no_conditional_row():
+    a, prior = CountingExpert("A"), CountingExpert("P")
+    bindings = [poe.Binding(a, c(1), 2.0, 0.0, (c(0),)), poe.Binding(prior, c(0), 0.0, 1.0, (c(0),))]
+    out, pooled = poe.product_prediction(X, SIGMA, bindings, eps_fn)
+    assert prior.rows == X.shape[0]  # only the null row
+    ea = a(X, SIGMA, {"c": torch.tensor([1.0, 1.0])})
+    up = prior(X, SIGMA, {"c": torch.tensor([0.0, 0.0])})
+    torch.testing.assert_close(out, 2 * ea - up, atol=1e-6, rtol=0)
+
+
+def test_mean_of_several_null_rows():
+    a = CountingExpert("A")
+    nulls = (c(1), c(3))
+    out, pooled = poe.product_prediction(X, SIGMA, [poe.Binding(a, c(5), 2.0, 1.0, nulls)], eps_fn)
+    torch.testing.assert_close(pooled, a(X, SIGMA, {"c": torch.tensor([2.0, 2.0])}), atol=1e-6, rtol=0)
+
+
+def test_empty_set_samples_the_pooled_prior():
+    a, b = CountingExpert("A"), CountingExpert("B", 2.0)
+    bindings = [poe.Binding(a, c(1), 0.0, 1.0, (c(0),)), poe.Binding(b, c(1), 0.0, 3.0, (c(1),))]
+    out, pooled = poe.product_prediction(X, SIGMA, bindings, eps_fn)
+    expected = 0.25 * a(X, SIGMA, {"c": torch.zeros(2)}) + 0.75 * b(X, SIGMA, {"c": torch.ones(2)})
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_sigma_window_skips_the_forward():
+    a, b = CountingExpert("A"), CountingExpert("B")
+    bindings = [poe.Binding(a, c(1), 1.0, 0.0), poe.Binding(b, c(2), 1.0, 1.0, (c(0),), sigma_window=(0.0, 1.0))]
+    out, _ = poe.product_prediction(X, torch.tensor(2.0), bindings, eps_fn)
+    assert b.calls == 0
+    torch.testing.assert_close(out, a(X, SIGMA, {"c": torch.tensor([1.0, 1.0])}))
+
+
+def test_spatial_constant_masks_reduce_to_the_global_rule():
+    a, b = CountingExpert("A"), CountingExpert("B", 3.0)
+    glob = [poe.Binding(a, c(1), 2.0, 1.0, (c(0),)), poe.Binding(b, c(2), 3.0, 2.0, (c(-1),))]
+    ones = torch.ones(1, 1, 4, 4)
+    spatial = [poe.Binding(a, c(1), 2.0 * ones, 1.0 * ones, (c(0),)), poe.Binding(b, c(2), 3.0 * ones, 2.0 * ones, (c(-1),))]
+    g, _ = poe.product_prediction(X, SIGMA, glob, eps_fn)
+    s, _ = poe.product_prediction(X, SIGMA, spatial, eps_fn)
+    torch.testing.assert_close(s, g, atol=1e-6, rtol=0)
+
+
+def test_per_pixel_all_zero_reliability_falls_back_to_uniform_mean():
+    r = poe.normalise_reliabilities([torch.tensor([0.0, 2.0]), torch.tensor([0.0, 6.0])])
+    assert r[0].tolist() == [0.5, 0.25] and r[1].tolist() == [0.5, 0.75]
+
+
+@pytest.mark.parametrize("bindings, message", [
+    ([], "the product has no bindings: connect at least one PoEBind* node"),
+    ([poe.Binding("E", c(1), -1.0, 0.0)], "E: weight must be >= 0 (negation is a separate option)"),
+    ([poe.Binding("E", c(1), 2.0, 0.0, (c(0),))],
+     "the weights sum to 2, not 1, so the rule needs a pooled null, but every reliability is 0: give at least one "
+     "binding with a null a reliability > 0"),
+    ([poe.Binding("E", c(1), 2.0, 1.0)],
+     "E: reliability is > 0 but this binding has no null condition (its expert has no trained null); set the "
+     "reliability to 0 or choose how the null is formed"),
+])
+def test_undefined_rules_are_refused(bindings, message):
+    with pytest.raises(ValueError) as err:
+        poe.validate_bindings(bindings)
+    assert str(err.value) == message
+
+
+def test_nan_from_an_expert_is_named():
+    class Bad(CountingExpert):
+        def __call__(self, x, sigma, cond):
+            return torch.full_like(x, float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"^Bad returned NaN or Inf at sigma=1.5"):
+        poe.product_prediction(X, SIGMA, [poe.Binding(Bad("Bad"), c(1), 1.0, 0.0)], eps_fn)
