@@ -20,6 +20,13 @@ if COMFY.is_dir() and str(COMFY) not in sys.path:
     sys.path.insert(0, str(COMFY))
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
+if str(REPO / "tests") not in sys.path:
+    sys.path.append(str(REPO / "tests"))
+
+# ComfyUI's nodes.py puts comfy/ (which holds a samplers.py) first on sys.path: bind the pack's
+# pure packages to their names before any test starts ComfyUI.
+import model_loaders  # noqa: E402,F401
+import samplers  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
