@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .bindings import PoEBindClass, PoEBindPrior, PoEBindText
+from .bindings import (PoEBindClass, PoEBindImage, PoEBindingSchedule, PoEBindPrior, PoEBindSegmentation,
+                       PoEBindSketch, PoEBindText)
 from .loaders import PoEExpertLoader
 from .sampling import PoEGuider, PoEKSampler, PoEScheduler
 
 NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader,
-    PoEBindClass, PoEBindText, PoEBindPrior,
+    PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindPrior, PoEBindingSchedule,
     PoEKSampler, PoEGuider, PoEScheduler,
 ]
 

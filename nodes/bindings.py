@@ -6,10 +6,11 @@ import os
 import torch
 from comfy_api.latest import io
 
+from ..conditions import maps
 from ..samplers import binding as binding_lib
 from ..samplers import poe
 from .common import (CATEGORY, Expert, Experts, TextEncoder, chain, check_finite, experts_input,
-                     image_to_pixels, log, node_input, reliability_input, weight_input)
+                     image_to_pixels, log, mask_inputs, node_input, reliability_input, weight_input)
 
 _IMAGENET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_loaders", "imagenet_classes.txt")
 
@@ -26,12 +27,27 @@ def parse_class(choice: str, index: int) -> int:
     return index if index >= 0 else int(str(choice).split(":", 1)[0])
 
 
-def _output(node: str, previous, binding: poe.Binding, warnings: list[str] = ()) -> io.NodeOutput:
-    bindings = chain(previous, binding, node)
-    summary = binding_lib.describe(binding)
+def _finish(node: str, expert, condition, nulls, weight, reliability, label, experts, mask=None, mask_feather=0,
+            mask_invert=False, mask_outside=0.0, warnings=()) -> io.NodeOutput:
+    """Validate, apply the optional spatial mask, chain, and show what was bound."""
+    warnings = list(warnings)
+    if not nulls and reliability > 0:
+        raise ValueError(f"{node}: input 'reliability': {expert.name} has no null for this binding, so the "
+                         "reliability must be 0 (another binding supplies the prior)")
+    with node_input(node, "mask"):
+        if mask is not None:
+            check_finite(node, "mask", mask)
+        scale, note = maps.spatial_scale(mask, expert.expert.resolution, mask_feather, mask_invert, mask_outside)
+    if note:
+        warnings.append(note)
+    if scale is not None:
+        weight, reliability = weight * scale, reliability * scale
+        label += " · masked"
+    b = poe.Binding(expert, condition, weight, reliability, tuple(nulls), label=label)
+    bindings = chain(experts, b, node)
     for w in warnings:
         log.warning("%s: %s", node, w)
-    return io.NodeOutput(bindings, ui={"text": ("\n".join([summary, *warnings]),)})
+    return io.NodeOutput(bindings, ui={"text": ("\n".join([binding_lib.describe(b), *warnings]),)})
 
 
 class PoEBindClass(io.ComfyNode):
@@ -61,12 +77,14 @@ class PoEBindClass(io.ComfyNode):
                 io.Int.Input("null_k", default=8, min=1, max=1000,
                              tooltip="k for 'mean of k random classes' (each class is one more row per step)."),
                 experts_input(),
+                *mask_inputs(),
             ],
             outputs=[Experts.Output(display_name="experts")],
         )
 
     @classmethod
-    def execute(cls, expert, weight, reliability, null, null_k, class_index, experts=None, **kw) -> io.NodeOutput:
+    def execute(cls, expert, weight, reliability, null, null_k, class_index, experts=None, mask=None, mask_feather=0,
+                mask_invert=False, mask_outside=0.0, **kw) -> io.NodeOutput:
         node = "PoEBindClass"
         index = parse_class(kw["class"], class_index)
         e = expert.expert
@@ -74,13 +92,10 @@ class PoEBindClass(io.ComfyNode):
             condition = e.encode("class", index)
         with node_input(node, "null"):
             nulls = binding_lib.class_nulls(e, null, null_k)
-        if not nulls and reliability > 0:
-            raise ValueError(f"{node}: input 'reliability': null is 'none', so the reliability must be 0 "
-                             "(another binding supplies the prior)")
         name = e.class_names[index] if e.class_names and index < len(e.class_names) else ""
         label = f"class {index}" + (f": {name}" if name and name != str(index) else "")
-        b = poe.Binding(expert, condition, weight, reliability, nulls, label=label)
-        return _output(node, experts, b)
+        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+                       mask, mask_feather, mask_invert, mask_outside)
 
 
 class PoEBindText(io.ComfyNode):
@@ -102,12 +117,14 @@ class PoEBindText(io.ComfyNode):
                                   tooltip="For experts that take a text embedding (the face expert): the FaRL or "
                                           "CLIP text encoder that turns the text into it."),
                 experts_input(),
+                *mask_inputs(),
             ],
             outputs=[Experts.Output(display_name="experts")],
         )
 
     @classmethod
-    def execute(cls, expert, text, weight, reliability, text_encoder=None, experts=None) -> io.NodeOutput:
+    def execute(cls, expert, text, weight, reliability, text_encoder=None, experts=None, mask=None, mask_feather=0,
+                mask_invert=False, mask_outside=0.0) -> io.NodeOutput:
         node = "PoEBindText"
         e = expert.expert
         if not text.strip():
@@ -126,11 +143,9 @@ class PoEBindText(io.ComfyNode):
                     warnings += [w] if w else []
                 condition = e.encode("text", text)
         nulls = binding_lib.default_nulls(expert, condition)
-        if not nulls and reliability > 0:
-            raise ValueError(f"{node}: input 'reliability': {e.name} has no trained null, so the reliability must be 0")
         short = text if len(text) <= 40 else text[:37] + "..."
-        b = poe.Binding(expert, condition, weight, reliability, nulls, label=f'"{short}"')
-        return _output(node, experts, b, warnings)
+        return _finish(node, expert, condition, nulls, weight, reliability, f'"{short}"', experts,
+                       mask, mask_feather, mask_invert, mask_outside, warnings)
 
 
 class PoEBindPrior(io.ComfyNode):
@@ -148,17 +163,220 @@ class PoEBindPrior(io.ComfyNode):
                 io.Float.Input("weight", default=0.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Usually 0: the binding then contributes only through the pooled null."),
                 experts_input(),
+                *mask_inputs(),
             ],
             outputs=[Experts.Output(display_name="experts")],
         )
 
     @classmethod
-    def execute(cls, expert, reliability, weight, experts=None) -> io.NodeOutput:
+    def execute(cls, expert, reliability, weight, experts=None, mask=None, mask_feather=0, mask_invert=False,
+                mask_outside=0.0) -> io.NodeOutput:
         node = "PoEBindPrior"
         e = expert.expert
         null = e.null_condition
         if null is None:
             raise ValueError(f"{node}: input 'expert': {e.name} has no trained null condition, so it cannot act as a "
                              "prior. Use an unconditional model or one trained with condition dropout.")
-        b = poe.Binding(expert, null, weight, reliability, (null,), label="prior (unconditional)")
-        return _output(node, experts, b)
+        return _finish(node, expert, null, (null,), weight, reliability, "prior (unconditional)", experts,
+                       mask, mask_feather, mask_invert, mask_outside)
+
+
+SLOTS = {"auto": None, "A: skin/face": "A", "B: hair": "B"}
+
+
+class PoEBindSegmentation(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEBindSegmentation",
+            display_name="Bind Segmentation (PoE)",
+            category=f"{CATEGORY}/bindings",
+            description="Binds a segmentation or layout map (from a MASK, an IMAGE channel or a colour-coded "
+                        "parsing map) to a map-conditional expert: the face expert's slots, the tiny layout expert.",
+            inputs=[
+                Expert.Input("expert", tooltip="An expert that accepts a segmentation map."),
+                io.Combo.Input("source", options=list(maps.MAP_SOURCES), default="mask",
+                               tooltip="Where the map comes from: the 'mask' input, or a channel / colour label of "
+                                       "the 'image' input."),
+                io.Combo.Input("slot", options=list(SLOTS), default="auto",
+                               tooltip="The face expert's input slot. The released code contradicts itself about "
+                                       "which slot is hair: here it is explicit. 'auto' for single-map experts."),
+                weight_input(1.0),
+                reliability_input(1.0),
+                io.Mask.Input("map_mask", optional=True, tooltip="The map as a MASK (1 = the region)."),
+                io.Image.Input("map_image", optional=True, tooltip="The map as an IMAGE."),
+                io.String.Input("label_colour", default="#ffffff", optional=True,
+                                tooltip="For 'image colour label': the label's colour in the parsing map."),
+                experts_input(),
+                *mask_inputs(),
+            ],
+            outputs=[Experts.Output(display_name="experts")],
+        )
+
+    @classmethod
+    def execute(cls, expert, source, slot, weight, reliability, map_mask=None, map_image=None,
+                label_colour="#ffffff", experts=None, mask=None, mask_feather=0, mask_invert=False,
+                mask_outside=0.0) -> io.NodeOutput:
+        node = "PoEBindSegmentation"
+        e = expert.expert
+        if source == "mask":
+            if map_mask is None:
+                raise ValueError(f"{node}: input 'map_mask' is not connected but source is 'mask'; connect a MASK "
+                                 "or pick an image source")
+            check_finite(node, "map_mask", map_mask)
+            with node_input(node, "map_mask"):
+                m = maps.map_from_mask(map_mask)
+        else:
+            if map_image is None:
+                raise ValueError(f"{node}: input 'map_image' is not connected but source is {source!r}; connect an "
+                                 "IMAGE or use source 'mask'")
+            check_finite(node, "map_image", map_image)
+            with node_input(node, "label_colour" if source == "image colour label" else "map_image"):
+                m = maps.map_from_image(map_image, source, label_colour)
+        m, note = maps.fit_to(m, e.resolution, "map")
+        with node_input(node, "slot" if SLOTS[slot] else "expert"):
+            condition = e.encode("segmentation", m, slot=SLOTS[slot])
+        nulls = binding_lib.default_nulls(expert, condition)
+        label = f"map ({source}{', slot ' + slot if SLOTS[slot] else ''}, {float(m.mean()):.0%} covered)"
+        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+                       mask, mask_feather, mask_invert, mask_outside, [note] if note else [])
+
+
+class PoEBindSketch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEBindSketch",
+            display_name="Bind Sketch (PoE)",
+            category=f"{CATEGORY}/bindings",
+            description="Binds an edge sketch to a sketch expert. Canny edges are computed with kornia using "
+                        "the released sketch model's settings, or edges already drawn pass through as they are.",
+            inputs=[
+                Expert.Input("expert", tooltip="A sketch-conditional expert."),
+                io.Image.Input("image", tooltip="A photo to take edges from, or an edge drawing (white on black)."),
+                io.Combo.Input("edges", options=["canny", "as-is"], default="canny",
+                               tooltip="'canny' computes edges; 'as-is' uses the image (thresholded at 0.5)."),
+                io.Float.Input("low_threshold", default=100.0, min=0.0, max=1000.0, step=1.0,
+                               tooltip="Canny hysteresis low threshold on 0-255 values (OpenCV convention)."),
+                io.Float.Input("high_threshold", default=200.0, min=0.0, max=1000.0, step=1.0,
+                               tooltip="Canny hysteresis high threshold on 0-255 values."),
+                weight_input(1.0),
+                reliability_input(0.0),
+                experts_input(),
+                *mask_inputs(),
+            ],
+            outputs=[Experts.Output(display_name="experts")],
+        )
+
+    @classmethod
+    def execute(cls, expert, image, edges, low_threshold, high_threshold, weight, reliability, experts=None,
+                mask=None, mask_feather=0, mask_invert=False, mask_outside=0.0) -> io.NodeOutput:
+        from ..conditions import edges as edge_ops
+
+        node = "PoEBindSketch"
+        e = expert.expert
+        check_finite(node, "image", image)
+        if low_threshold > high_threshold:
+            raise ValueError(f"{node}: input 'low_threshold' ({low_threshold}) is above high_threshold "
+                             f"({high_threshold}); swap them")
+        rgb = image[..., :3].movedim(-1, 1).float()
+        rgb, note = maps.fit_to(rgb, e.resolution, "image")
+        lines = edge_ops.canny(rgb, low_threshold, high_threshold) if edges == "canny" else \
+            (rgb.mean(dim=1, keepdim=True) > 0.5).float()
+        with node_input(node, "expert"):
+            condition = e.encode("sketch", edge_ops.edges_to_condition(lines))
+        nulls = binding_lib.default_nulls(expert, condition)
+        label = f"sketch ({edges}, {float(lines.mean()):.1%} edge pixels)"
+        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+                       mask, mask_feather, mask_invert, mask_outside, [note] if note else [])
+
+
+class PoEBindImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEBindImage",
+            display_name="Bind Low-res Image (PoE)",
+            category=f"{CATEGORY}/bindings",
+            description="Binds a low-resolution image to an upsampler expert (GLIDE upsample, ADM 64->256 and "
+                        "128->512), optionally with a prompt for text upsamplers. Sample the result at the "
+                        "upsampler's resolution: the second stage of a pipeline.",
+            inputs=[
+                Expert.Input("expert", tooltip="An upsampler expert."),
+                io.Image.Input("image", tooltip="The low-resolution image; resized (kornia, antialiased) to the size "
+                                                "the upsampler expects if needed."),
+                weight_input(1.0),
+                reliability_input(0.0),
+                io.String.Input("text", multiline=True, default="", optional=True,
+                                tooltip="Prompt for text-conditional upsamplers (GLIDE); empty for none."),
+                experts_input(),
+                *mask_inputs(),
+            ],
+            outputs=[Experts.Output(display_name="experts")],
+        )
+
+    @classmethod
+    def execute(cls, expert, image, weight, reliability, text="", experts=None, mask=None, mask_feather=0,
+                mask_invert=False, mask_outside=0.0) -> io.NodeOutput:
+        node = "PoEBindImage"
+        e = expert.expert
+        check_finite(node, "image", image)
+        low_res = image_to_pixels(image.float())
+        with node_input(node, "image"):
+            condition = e.encode("image", low_res, text=text) if text.strip() else e.encode("image", low_res)
+        nulls = binding_lib.default_nulls(expert, condition)
+        label = f"low-res {low_res.shape[-1]}x{low_res.shape[-2]}" + (f' + "{text[:30]}"' if text.strip() else "")
+        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+                       mask, mask_feather, mask_invert, mask_outside)
+
+
+class PoEBindingSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEBindingSchedule",
+            display_name="Binding Noise Window (PoE)",
+            category=f"{CATEGORY}/bindings",
+            description="Limits one binding of the chain to a noise window (Kynkäänniemi et al.'s guidance "
+                        "interval; 'layout early, detail late') and ramps its reliability with the noise level. "
+                        "Outside its window a binding costs no forward pass.",
+            inputs=[
+                Experts.Input("experts"),
+                io.Int.Input("index", default=-1, min=-1000, max=1000,
+                             tooltip="Which binding of the chain: 0 is the first, -1 the last."),
+                io.Float.Input("sigma_min", default=0.0, min=0.0, max=1e5, step=0.01,
+                               tooltip="The binding is active for sigma_min <= sigma <= sigma_max."),
+                io.Float.Input("sigma_max", default=1e5, min=0.0, max=1e5, step=0.01,
+                               tooltip="Upper end of the window (1e5 = no limit)."),
+                io.Float.Input("reliability_at_high_noise", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Multiplier of the reliability at sigma >= ramp_sigma_high."),
+                io.Float.Input("reliability_at_low_noise", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Multiplier of the reliability at sigma <= ramp_sigma_low; linear in log "
+                                       "sigma between."),
+                io.Float.Input("ramp_sigma_high", default=10.0, min=1e-4, max=1e5, step=0.01),
+                io.Float.Input("ramp_sigma_low", default=0.1, min=1e-4, max=1e5, step=0.01),
+            ],
+            outputs=[Experts.Output(display_name="experts")],
+        )
+
+    @classmethod
+    def execute(cls, experts, index, sigma_min, sigma_max, reliability_at_high_noise, reliability_at_low_noise,
+                ramp_sigma_high, ramp_sigma_low) -> io.NodeOutput:
+        import dataclasses
+
+        node = "PoEBindingSchedule"
+        bindings = list(experts)
+        if not -len(bindings) <= index < len(bindings):
+            raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
+                             f"0..{len(bindings) - 1} or -1 for the last")
+        if sigma_min >= sigma_max:
+            raise ValueError(f"{node}: input 'sigma_min' ({sigma_min}) must be below sigma_max ({sigma_max})")
+        if ramp_sigma_low >= ramp_sigma_high:
+            raise ValueError(f"{node}: input 'ramp_sigma_low' ({ramp_sigma_low}) must be below ramp_sigma_high "
+                             f"({ramp_sigma_high})")
+        ramp = None
+        if (reliability_at_high_noise, reliability_at_low_noise) != (1.0, 1.0):
+            ramp = (ramp_sigma_high, reliability_at_high_noise, ramp_sigma_low, reliability_at_low_noise)
+        window = (sigma_min, float("inf") if sigma_max >= 1e5 else sigma_max)
+        bindings[index] = dataclasses.replace(bindings[index], sigma_window=window, reliability_ramp=ramp)
+        return io.NodeOutput(bindings, ui={"text": (binding_lib.describe(bindings[index]),)})

@@ -69,6 +69,20 @@ def reliability_input(default: float = 1.0) -> io.Float.Input:
                                   "all bindings). Sliding it blends the experts' styles. Needs a null.")
 
 
+def mask_inputs() -> list[io.Input]:
+    return [
+        io.Mask.Input("mask", optional=True,
+                      tooltip="Optional region: inside it the binding carries its weight and reliability, outside "
+                              "they are multiplied by 'outside' (PoE-GAN's spatial product, applied per pixel)."),
+        io.Int.Input("mask_feather", default=0, min=0, max=256, optional=True,
+                     tooltip="Gaussian feathering of the mask edge, in pixels (kornia)."),
+        io.Boolean.Input("mask_invert", default=False, optional=True, tooltip="Use the outside of the mask."),
+        io.Float.Input("mask_outside", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                       tooltip="Multiplier of weight and reliability outside the mask; 0 = the binding is absent "
+                               "there. Where every reliability is 0 the pooled null falls back to the uniform mean."),
+    ]
+
+
 def experts_input() -> io.Input:
     return Experts.Input("experts", optional=True,
                          tooltip="Bindings to chain: this node appends its binding to them.")

@@ -32,6 +32,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.sample
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.supported_models_base
 import comfy.utils
@@ -200,7 +201,9 @@ class PoEGuider(comfy.samplers.CFGGuider):
         check_same_shape(bindings)
         self.bindings = bindings
         self.handles = handles_of(bindings)
-        product = ProductModel(product_schedule(bindings), [h.model for h in self.handles])
+        schedule = product_schedule(bindings)
+        poe.check_sigma_coverage(bindings, *bridge.sigma_range(schedule))
+        product = ProductModel(schedule, [h.model for h in self.handles])
         patcher = comfy.model_patcher.ModelPatcher(
             product, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
@@ -265,6 +268,11 @@ def sample(guider: PoEGuider, latent: torch.Tensor, seed: int, sampler_name: str
     callback = latent_preview.prepare_callback(guider.model_patcher, steps) if preview else None
     sampler = comfy.samplers.sampler_object(sampler_name)
     out = guider.sample(noise, latent, sampler, sigmas, denoise_mask=noise_mask, callback=callback,
-                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-                        seed=seed)
-    return out.to(comfy.model_management.intermediate_device())
+                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = out.to(comfy.model_management.intermediate_device())
+    if noise_mask is not None:
+        # The sampler's last step reproduces known pixels only up to rounding; keep them bit-exact.
+        # Where the mask is 0 this is exactly latent * 1 + out * 0.
+        keep = 1 - comfy.sampler_helpers.prepare_mask(noise_mask, out.shape, out.device)
+        out = out * (1 - keep) + latent.to(out) * keep
+    return out

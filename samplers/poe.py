@@ -17,7 +17,7 @@ denoised images alike. Weights and reliabilities may be tensors broadcastable to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -44,6 +44,10 @@ class Binding:
             binding supplies no null, and then its reliability must be 0.
         sigma_window (`tuple[float, float]`, defaults to all sigmas): the binding takes part only
             for lo <= sigma <= hi, and costs no forward outside (Kynkäänniemi et al. 2024).
+        reliability_ramp (`tuple[float, float, float, float]`, *optional*): ``(sigma_a, f_a, sigma_b,
+            f_b)`` with sigma_a > sigma_b: the reliability is multiplied by f_a at sigma >= sigma_a, by
+            f_b at sigma <= sigma_b, and by the linear interpolation in log sigma between. It hands
+            the prior from one expert to another during sampling.
         label (`str`): what the binding is, for messages and the rule summary.
     """
 
@@ -53,11 +57,38 @@ class Binding:
     reliability: Scalar = 0.0
     null: tuple[Condition, ...] = ()
     sigma_window: tuple[float, float] = (0.0, math.inf)
+    reliability_ramp: tuple[float, float, float, float] | None = None
     label: str = ""
 
     def active(self, sigma: float) -> bool:
         lo, hi = self.sigma_window
         return lo <= sigma <= hi
+
+    def reliability_at(self, sigma: float) -> Scalar:
+        if self.reliability_ramp is None:
+            return self.reliability
+        return self.reliability * ramp_factor(sigma, self.reliability_ramp)
+
+
+def ramp_factor(sigma: float, ramp: tuple[float, float, float, float]) -> float:
+    """Linear interpolation in log sigma between (sigma_a, f_a) and (sigma_b, f_b), flat outside."""
+    sigma_a, f_a, sigma_b, f_b = ramp
+    if sigma >= sigma_a:
+        return f_a
+    if sigma <= sigma_b:
+        return f_b
+    s = (math.log(sigma_a) - math.log(sigma)) / (math.log(sigma_a) - math.log(sigma_b))
+    return f_a + s * (f_b - f_a)
+
+
+def at_sigma(bindings: Sequence[Binding], sigma: float) -> list[Binding]:
+    """The bindings that take part at ``sigma``, with their reliabilities evaluated there."""
+    out = []
+    for b in bindings:
+        if b.active(sigma):
+            out.append(b if b.reliability_ramp is None else replace(b, reliability=b.reliability_at(sigma),
+                                                                       reliability_ramp=None))
+    return out
 
 
 def _expert_name(expert: Any) -> str:
@@ -70,27 +101,55 @@ def _is_zero(v: Scalar) -> bool:
     return bool((torch.as_tensor(v) == 0).all())
 
 
-def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = False) -> None:
-    """Refuse products whose rule is undefined, before any sampling starts."""
+def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) -> None:
+    """Refuse products whose rule is undefined, before any sampling starts.
+
+    Negative weights are negation ("NOT this", Liu et al. 2022, Composable Diffusion): in the
+    form ``u + sum_i w_i (eps_i - u)`` a negative w_i pushes away from the pooled null ``u``
+    along the binding's own direction, so negation needs a pooled null to push from.
+    """
     if not bindings:
         raise ValueError("the product has no bindings: connect at least one PoEBind* node")
     for b in bindings:
+        name = b.label or _expert_name(b.expert)
         if torch.as_tensor(b.reliability).lt(0).any():
-            raise ValueError(f"{b.label or _expert_name(b.expert)}: reliability must be >= 0")
-        if not allow_negative and torch.as_tensor(b.weight).lt(0).any():
-            raise ValueError(f"{b.label or _expert_name(b.expert)}: weight must be >= 0 "
-                             "(negation is a separate option)")
+            raise ValueError(f"{name}: reliability must be >= 0")
+        if torch.as_tensor(b.weight).lt(0).any() and not allow_negative:
+            raise ValueError(f"{name}: weight must be >= 0")
         if not b.null and not _is_zero(b.reliability):
-            raise ValueError(f"{b.label or _expert_name(b.expert)}: reliability is > 0 but this binding has no "
-                             "null condition (its expert has no trained null); set the reliability to 0 "
-                             "or choose how the null is formed")
+            raise ValueError(f"{name}: reliability is > 0 but this binding has no null condition (its expert has "
+                             "no trained null); set the reliability to 0 or choose how the null is formed")
     total_w = sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
     no_null = all(_is_zero(b.reliability) for b in bindings)
+    if no_null and any(torch.as_tensor(b.weight).lt(0).any() for b in bindings):
+        negated = next(b for b in bindings if torch.as_tensor(b.weight).lt(0).any())
+        raise ValueError(f"{negated.label or _expert_name(negated.expert)}: a negative weight (negation) pushes away "
+                         "from the pooled null, but every reliability is 0: give at least one binding with a null "
+                         "a reliability > 0")
     if no_null and not bool(torch.isclose(total_w, torch.tensor(1.0, dtype=torch.float64)).all()):
         raise ValueError(
             f"the weights sum to {float(torch.as_tensor(total_w).mean()):.4g}, not 1, so the rule needs a "
             "pooled null, but every reliability is 0: give at least one binding with a null a reliability > 0"
         )
+
+
+def check_sigma_coverage(bindings: Sequence[Binding], lo: float, hi: float) -> None:
+    """Every sigma in [lo, hi] must have active bindings whose rule is defined (windows and ramps)."""
+    probes = {lo, hi}
+    for b in bindings:
+        for edge in b.sigma_window + (b.reliability_ramp[::2] if b.reliability_ramp else ()):
+            for s in (edge * (1 - 1e-6), edge * (1 + 1e-6)):
+                if lo <= s <= hi:
+                    probes.add(s)
+    for s in sorted(probes):
+        active = at_sigma(bindings, s)
+        if not active:
+            raise ValueError(f"no binding is active at sigma={s:.4g}; the sampler runs from {hi:.4g} down to "
+                             f"{lo:.4g}: widen a binding's noise window so that every noise level is covered")
+        try:
+            validate_bindings(active)
+        except ValueError as err:
+            raise ValueError(f"at sigma={s:.4g} (with the noise windows and reliability ramps): {err}") from None
 
 
 def normalise_reliabilities(reliabilities: Sequence[Scalar]) -> list[torch.Tensor]:
@@ -230,10 +289,10 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     cost no forward.
     """
     s = float(torch.as_tensor(sigma).flatten()[0])
-    active = [b for b in bindings if b.active(s)]
+    active = at_sigma(bindings, s)
     if not active:
         raise ValueError(f"no binding is active at sigma={s:.4g}: widen at least one binding's sigma window")
-    validate_bindings(active, allow_negative=True)
+    validate_bindings(active)
     plan = plan_forwards(active)
     outs = run_plan(plan, x, sigma, eps_fn)
     cond_preds, weights = [], []

@@ -133,7 +133,9 @@ def test_per_pixel_all_zero_reliability_falls_back_to_uniform_mean():
 
 @pytest.mark.parametrize("bindings, message", [
     ([], "the product has no bindings: connect at least one PoEBind* node"),
-    ([poe.Binding("E", c(1), -1.0, 0.0)], "E: weight must be >= 0 (negation is a separate option)"),
+    ([poe.Binding("E", c(1), 2.0, 0.0), poe.Binding("F", c(1), -1.0, 0.0)],
+     "F: a negative weight (negation) pushes away from the pooled null, but every reliability is 0: give at least "
+     "one binding with a null a reliability > 0"),
     ([poe.Binding("E", c(1), 2.0, 0.0, (c(0),))],
      "the weights sum to 2, not 1, so the rule needs a pooled null, but every reliability is 0: give at least one "
      "binding with a null a reliability > 0"),
@@ -154,3 +156,28 @@ def test_nan_from_an_expert_is_named():
 
     with pytest.raises(FloatingPointError, match=r"^Bad returned NaN or Inf at sigma=1.5"):
         poe.product_prediction(X, SIGMA, [poe.Binding(Bad("Bad"), c(1), 1.0, 0.0)], eps_fn)
+
+
+def test_negation_pushes_away_along_the_negated_direction():
+    a = CountingExpert("A")
+    null = c(0)
+    bindings = [poe.Binding(a, c(2), 1.0, 1.0, (null,)), poe.Binding(a, c(5), -0.5, 0.0, (null,))]
+    out, u = poe.product_prediction(X, SIGMA, bindings, eps_fn)
+    e2 = a(X, SIGMA, {"c": torch.tensor([2.0, 2.0])})
+    e5 = a(X, SIGMA, {"c": torch.tensor([5.0, 5.0])})
+    torch.testing.assert_close(out, u + (e2 - u) - 0.5 * (e5 - u), atol=1e-6, rtol=0)
+
+
+def test_reliability_ramp_hands_the_prior_over_in_log_sigma():
+    ramp = (10.0, 1.0, 0.1, 0.0)
+    assert poe.ramp_factor(20.0, ramp) == 1.0 and poe.ramp_factor(0.05, ramp) == 0.0
+    assert poe.ramp_factor(1.0, ramp) == pytest.approx(0.5)
+    a, b = CountingExpert("A"), CountingExpert("B", 2.0)
+    bindings = [poe.Binding(a, c(1), 2.0, 1.0, (c(0),), reliability_ramp=ramp),
+                poe.Binding(b, c(1), 0.0, 1.0, (c(3),), reliability_ramp=(10.0, 0.0, 0.1, 1.0))]
+    _, u = poe.product_prediction(X, torch.tensor(1.0), bindings, eps_fn)
+    ua = a(X, SIGMA, {"c": torch.zeros(2)})
+    ub = b(X, SIGMA, {"c": torch.full((2,), 3.0)})
+    torch.testing.assert_close(u, 0.5 * ua + 0.5 * ub, atol=1e-6, rtol=0)
+    _, u_late = poe.product_prediction(X, torch.tensor(0.05), bindings, eps_fn)
+    torch.testing.assert_close(u_late, ub, atol=1e-6, rtol=0)
