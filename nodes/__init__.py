@@ -7,11 +7,13 @@ from .bindings import (PoEBindClass, PoEBindImage, PoEBindingSchedule, PoEBindPr
                        PoEBindSketch, PoEBindText)
 from .loaders import PoEExpertLoader
 from .sampling import PoEGuider, PoEKSampler, PoEScheduler
+from .utilities import PoEImageGrid, PoEReliabilitySweep
 
 NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader,
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindPrior, PoEBindingSchedule,
     PoEKSampler, PoEGuider, PoEScheduler,
+    PoEReliabilitySweep, PoEImageGrid,
 ]
 
 

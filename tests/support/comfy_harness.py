@@ -31,6 +31,9 @@ def comfy_nodes():
 
         args.cpu = args.cpu or not torch.cuda.is_available()
         import comfy.model_management  # noqa: F401  (device set-up before the nodes)
+        # nodes.py puts comfy/ (with a utils.py) first on sys.path; main.py imports ComfyUI's own
+        # utils package before that, and so must we, or comfy_extras/nodes_images.py fails.
+        import utils.install_util  # noqa: F401
         import nodes
 
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))

@@ -1,0 +1,166 @@
+"""Tier (b): the node classes themselves, with analytic experts: outputs, summaries and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_loaders.schedules import alphas_cumprod_for
+from support.analytic import gaussian, gaussian_expert, product_gaussian
+from support.comfy_harness import comfy_nodes, pack_module
+
+comfy_nodes()
+cb = pack_module("samplers.comfy_bridge")
+bindings_mod = pack_module("nodes.bindings")
+sampling = pack_module("nodes.sampling")
+utilities = pack_module("nodes.utilities")
+
+
+def analytic(schedule="linear", name="gauss", resolution=8, classes=None):
+    e = gaussian_expert(alphas_cumprod_for(schedule), name, resolution)
+    # A class-conditional analytic expert: class k is N(k - 1, 0.25); the null is N(0, 1).
+    e.encoders["class"] = lambda k: gaussian(float(k) - 1.0, 0.25)
+    e.encoders["segmentation"] = lambda m, slot=None: {"mu": (m * 2 - 1).expand(-1, 3, -1, -1), "var": torch.full((1, 3, 1, 1), 0.1)}
+    e.class_names = classes or ["a", "b", "c"]
+    return cb.wrap_expert(e)
+
+
+def bind_class(expert, k, weight=1.0, reliability=1.0, experts=None, **kw):
+    out = bindings_mod.PoEBindClass.execute(expert=expert, weight=weight, reliability=reliability, null="trained",
+                                            null_k=4, class_index=k, experts=experts, **{"class": "0: a"}, **kw)
+    return out.args[0], out.ui["text"][0]
+
+
+def ksample(experts, seed=0, steps=12, batch=4, sampler="dpmpp_2m", scheduler="simple", width=0, height=0, latent=None):
+    out = sampling.PoEKSampler.execute(experts=experts, seed=seed, steps=steps, sampler_name=sampler,
+                                       scheduler=scheduler, denoise=1.0, width=width, height=height,
+                                       batch_size=batch, latent_image=latent)
+    return out.args
+
+
+def test_class_binding_summary_and_chain():
+    e = analytic(name="Analytic-8")
+    chain1, text = bind_class(e, 2, weight=2.0, reliability=0.5)
+    assert text == "Analytic-8 · class 2: c · w=2 · a=0.5"
+    chain2, _ = bind_class(e, 1, experts=chain1)
+    assert len(chain1) == 1 and len(chain2) == 2 and chain2[0] is chain1[0]
+
+
+def test_ksampler_outputs_latent_image_and_rule():
+    e = analytic()
+    chain, _ = bind_class(e, 2)
+    latent, image, rule = ksample(chain, batch=3)
+    assert latent["samples"].shape == (3, 3, 8, 8)
+    assert image.shape == (3, 8, 8, 3) and image.min() >= 0 and image.max() <= 1
+    torch.testing.assert_close(image, ((latent["samples"] + 1) / 2).clamp(0, 1).movedim(1, -1))
+    assert rule.splitlines()[0].startswith("product of 1 binding(s) over 1 expert(s): eps = sum_i w_i")
+    # class 2 is N(1, 0.25)
+    assert latent["samples"].mean().item() == pytest.approx(1.0, abs=0.1)
+
+
+def test_same_seed_same_image_and_no_state_leak_between_graphs():
+    e1, e2 = analytic("linear", "A"), analytic("cosine", "B")
+    graph1, _ = bind_class(e1, 0)
+    graph2, _ = bind_class(e2, 2, experts=bind_class(e1, 1)[0])
+    a1 = ksample(graph1, seed=5)[0]["samples"]
+    ksample(graph2, seed=5)
+    a2 = ksample(graph1, seed=5)[0]["samples"]
+    assert torch.equal(a1, a2)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "PoEKSampler: input 'experts' is empty: connect a PoEBind* node"),
+    ("no_null", "PoEKSampler: input 'experts': the weights sum to 2, not 1, so the rule needs a pooled null, but "
+                "every reliability is 0: give at least one binding with a null a reliability > 0"),
+    ("size", "PoEKSampler: input 'width' is 64, but the experts were trained at 8 px and pixel-space experts are not "
+             "resized. Set width to 8 (or 0 for automatic)."),
+])
+def test_sampler_errors_name_the_node_input_and_fix(case, message):
+    e = analytic()
+    chain = {"empty": [], "no_null": bind_class(e, 1, weight=2.0, reliability=0.0)[0],
+             "size": bind_class(e, 1)[0]}[case]
+    with pytest.raises(ValueError) as err:
+        ksample(chain, width=64 if case == "size" else 0)
+    assert str(err.value) == message
+
+
+def test_mixed_resolutions_are_refused_when_chaining():
+    small, big = analytic(name="Small", resolution=8), analytic(name="Big", resolution=16)
+    chain, _ = bind_class(small, 1)
+    with pytest.raises(ValueError, match=r"^PoEBindClass: input 'expert': Big makes 16px images with 3 channels but "
+                                         r"the chained experts \(Small\) make 8px with 3\. All experts of a product "
+                                         r"share one image shape\.$"):
+        bind_class(big, 1, experts=chain)
+
+
+def test_unknown_modality_and_class_errors():
+    plain = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "Plain", 8))
+    with pytest.raises(ValueError, match=r"^PoEBindClass: input 'class_index': Plain does not take a 'class' "
+                                         r"condition; it accepts: gaussian$"):
+        bind_class(plain, 1)
+
+
+def test_nan_image_input_is_refused():
+    e = analytic()
+    img = torch.zeros(1, 8, 8, 3)
+    img[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^PoEBindSegmentation: input 'map_image' contains NaN or Inf values"):
+        bindings_mod.PoEBindSegmentation.execute(expert=e, source="image red", slot="auto", weight=1.0,
+                                                 reliability=1.0, map_image=img)
+
+
+def test_segmentation_map_of_another_size_is_resized_with_a_warning():
+    e = analytic()
+    mask = torch.zeros(1, 32, 32)
+    mask[:, :, :16] = 1
+    out = bindings_mod.PoEBindSegmentation.execute(expert=e, source="mask", slot="auto", weight=1.0,
+                                                   reliability=1.0, map_mask=mask)
+    assert "map was 32x32; resized to the experts' 8x8" in out.ui["text"][0]
+    mu = out.args[0][0].condition["mu"]
+    row = mu[0, 0, 0]
+    assert mu.shape == (1, 3, 8, 8)
+    assert row[:3].tolist() == [1.0] * 3 and row[5:].tolist() == [-1.0] * 3   # antialiased edge in between
+    assert row[3].item() == pytest.approx(-row[4].item(), abs=1e-5)
+
+
+def test_spatial_product_follows_each_expert_in_its_half():
+    """Two experts masked to the left and right halves: each half's statistics follow its own expert."""
+    left_e, right_e = analytic("linear", "L"), analytic("cosine", "R")
+    left = torch.zeros(1, 8, 8)
+    left[:, :, :4] = 1
+    chain, _ = bind_class(left_e, 0, mask=left)                         # N(-1, 0.25) on the left
+    chain, _ = bind_class(right_e, 2, experts=chain, mask=left, mask_invert=True)   # N(1, 0.25) on the right
+    samples = ksample(chain, batch=4096 // 32 * 2, steps=30)[0]["samples"]
+    l, r = samples[..., :4], samples[..., 4:]
+    assert l.mean().item() == pytest.approx(-1.0, abs=0.03) and l.var().item() == pytest.approx(0.25, abs=0.03)
+    assert r.mean().item() == pytest.approx(1.0, abs=0.03) and r.var().item() == pytest.approx(0.25, abs=0.03)
+
+
+def test_all_ones_masks_equal_the_global_rule():
+    e1, e2 = analytic("linear", "A"), analytic("cosine", "B")
+    ones = torch.ones(1, 8, 8)
+    glob, _ = bind_class(e2, 2, weight=2.0, experts=bind_class(e1, 0, reliability=0.3)[0])
+    spat, _ = bind_class(e2, 2, weight=2.0, experts=bind_class(e1, 0, reliability=0.3, mask=ones)[0], mask=ones)
+    a = ksample(glob, seed=3)[0]["samples"]
+    b = ksample(spat, seed=3)[0]["samples"]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_empty_set_samples_the_pooled_prior():
+    e = analytic()
+    chain, _ = bind_class(e, 2, weight=0.0, reliability=1.0)
+    samples = ksample(chain, batch=64, steps=30)[0]["samples"]
+    assert samples.mean().item() == pytest.approx(0.0, abs=0.03)
+    assert samples.var().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_reliability_sweep_renders_one_grid_row_per_value():
+    e = analytic()
+    chain, _ = bind_class(e, 2, weight=2.0, reliability=1.0)
+    chain, _ = bind_class(e, 0, weight=0.0, reliability=1.0, experts=chain)
+    variants = utilities.PoEReliabilitySweep.execute(experts=chain, index=-1, field="reliability",
+                                                     values="0, 1").args[0]
+    assert [v[-1].reliability for v in variants] == [0.0, 1.0]
+    images = [ksample(v, batch=2)[1] for v in variants]
+    grid = utilities.PoEImageGrid.execute(images=images, columns=[0], padding=[2]).args[0]
+    assert grid.shape == (1, 2 * 8 + 2, 2 * 8 + 2, 3)
+    torch.testing.assert_close(grid[0, 10:18, 10:18], images[1][1])
