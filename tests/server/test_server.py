@@ -1,0 +1,65 @@
+"""Tier (c): a real ComfyUI server with the pack, driven over HTTP and the websocket."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+from comfy_client import ComfyServer, load_api_workflow  # noqa: E402
+
+PACK_NODES = {"PoEExpertLoader", "PoEBindClass", "PoEBindText", "PoEBindSegmentation", "PoEBindSketch",
+              "PoEBindImage", "PoEBindPrior", "PoEBindingSchedule", "PoEKSampler", "PoEGuider", "PoEScheduler",
+              "PoEReliabilitySweep", "PoEImageGrid"}
+DEMO = REPO / "workflows" / "api" / "tiny_demo.json"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy"), python=sys.executable)
+    srv.start()
+    yield srv
+    srv.stop()
+    assert not srv.import_failures()
+
+
+def test_object_info_lists_every_node_of_the_pack(server):
+    info = server.get_json("/object_info")
+    missing = PACK_NODES - set(info)
+    assert not missing, f"nodes missing from /object_info: {sorted(missing)}"
+    for name in PACK_NODES:
+        node = info[name]
+        assert node["category"].startswith("unite_and_conquer/"), name
+        assert node["description"], f"{name} has no description"
+
+
+def test_demo_workflow_runs_end_to_end_and_returns_a_png(server):
+    from PIL import Image
+
+    if not DEMO.is_file():
+        pytest.fail(f"{DEMO} is missing")
+    entry = server.run(load_api_workflow(DEMO), timeout=600)
+    images = server.images(entry)
+    assert images, "the demo saved no image"
+    name, data = images[0]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    assert img.size[0] >= 32 * 4 and img.size[1] >= 32
+    extrema = img.getextrema()
+    assert any(lo != hi for lo, hi in extrema), "the image is constant"
+    # the sampler reported progress over the websocket
+    assert any(m.get("type") == "progress" for m in server.messages)
+
+
+def test_a_bad_prompt_is_refused_and_the_server_stays_up(server):
+    wf = load_api_workflow(DEMO)
+    sampler_id = next(k for k, v in wf.items() if v["class_type"] == "PoEKSampler")
+    wf[sampler_id]["inputs"]["sampler_name"] = "no_such_sampler"
+    status, answer = server.queue(wf)
+    assert status == 400
+    assert sampler_id in answer.get("node_errors", {})
+    assert server.alive()
