@@ -164,3 +164,31 @@ def test_reliability_sweep_renders_one_grid_row_per_value():
     grid = utilities.PoEImageGrid.execute(images=images, columns=[0], padding=[2]).args[0]
     assert grid.shape == (1, 2 * 8 + 2, 2 * 8 + 2, 3)
     torch.testing.assert_close(grid[0, 10:18, 10:18], images[1][1])
+
+
+def test_noise_mask_keeps_known_pixels_bit_exact():
+    e = analytic()
+    chain, _ = bind_class(e, 2)   # N(1, 0.25)
+    known = torch.rand(64, 3, 8, 8) * 2 - 1
+    mask = torch.zeros(64, 1, 8, 8)
+    mask[:, :, 4:] = 1             # 1 = generate (ComfyUI's SetLatentNoiseMask convention)
+    out = sampling.PoEKSampler.execute(experts=chain, seed=1, steps=20, sampler_name="euler", scheduler="karras",
+                                       denoise=1.0, width=0, height=0, batch_size=1,
+                                       latent_image={"samples": known, "noise_mask": mask}).args[0]
+    samples = out["samples"]
+    assert torch.equal(samples[:, :, :4], known[:, :, :4])
+    assert samples[:, :, 4:].mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_img2img_with_denoise_below_one_stays_near_the_input():
+    e = analytic()
+    chain, _ = bind_class(e, 2)
+    start = torch.full((16, 3, 8, 8), -0.5)
+    out = sampling.PoEKSampler.execute(experts=chain, seed=1, steps=20, sampler_name="euler", scheduler="karras",
+                                       denoise=0.2, width=0, height=0, batch_size=1,
+                                       latent_image={"samples": start}).args[0]["samples"]
+    full = sampling.PoEKSampler.execute(experts=chain, seed=1, steps=20, sampler_name="euler", scheduler="karras",
+                                        denoise=1.0, width=0, height=0, batch_size=1,
+                                        latent_image={"samples": start}).args[0]["samples"]
+    assert (out.mean() - (-0.5)).abs() < (full.mean() - (-0.5)).abs()
+    assert full.mean().item() == pytest.approx(1.0, abs=0.1)
