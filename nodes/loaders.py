@@ -54,7 +54,7 @@ class PoEExpertLoader(io.ComfyNode):
             expert = model_loaders.load_expert(path, family=family,
                                                schedule=None if schedule == "published" else schedule)
         n_params = sum(p.numel() for p in expert.network.parameters())
-        expert.network.to(comfy_bridge.inference_dtype(dtype, n_params * 4))
+        expert.network.to(comfy_bridge.inference_dtype(dtype, n_params))
         handle = comfy_bridge.wrap_expert(expert)
         summary = (f"{expert.name} · {expert.family} · {expert.resolution}px · {n_params / 1e6:.1f}M params · "
                    f"modalities: {', '.join(expert.modalities) or 'unconditional'}")

@@ -140,12 +140,12 @@ def wrap_expert(expert) -> ExpertHandle:
     return ExpertHandle(expert, patcher)
 
 
-def inference_dtype(choice: str, expert_params: int = 0) -> torch.dtype:
+def inference_dtype(choice: str, num_params: int = 0) -> torch.dtype:
     """The weight dtype for a loader's dtype option; ``auto`` asks ComfyUI for this device."""
     fixed = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if choice in fixed:
         return fixed[choice]
-    return comfy.model_management.unet_dtype(model_params=expert_params,
+    return comfy.model_management.unet_dtype(model_params=num_params,
                                              supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
 
 
