@@ -6,13 +6,13 @@ from comfy_api.latest import ComfyExtension, io
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindingSchedule, PoEBindPrior, PoEBindSegmentation,
                        PoEBindSketch, PoEBindText)
 from .loaders import PoEExpertLoader
-from .sampling import PoEGuider, PoEKSampler, PoEScheduler
+from .sampling import PoECorrectedSampler, PoECorrector, PoEGuider, PoEKSampler, PoEScheduler
 from .utilities import PoEImageGrid, PoEReliabilitySweep
 
 NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader,
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindPrior, PoEBindingSchedule,
-    PoEKSampler, PoEGuider, PoEScheduler,
+    PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
     PoEReliabilitySweep, PoEImageGrid,
 ]
 

@@ -5,8 +5,10 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import binding as binding_lib
-from ..samplers import comfy_bridge
+from ..samplers import comfy_bridge, comfy_correctors, correctors
 from .common import CATEGORY, Experts, check_finite, log, node_input, pixels_to_image
+
+Corrector = io.Custom("POE_CORRECTOR")
 
 
 def _guider(node: str, experts) -> comfy_bridge.PoEGuider:
@@ -62,6 +64,9 @@ class PoEKSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", optional=True,
                                 tooltip="Optional pixel latent (B x 3 x H x W in [-1, 1]) to start from; its noise "
                                         "mask (SetLatentNoiseMask) keeps the unmasked pixels exactly."),
+                Corrector.Input("corrector", optional=True,
+                                tooltip="Optional MCMC correction at every noise level (PoECorrector). Each corrector "
+                                        "step costs one more product evaluation per level."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="Pixel-space latent in [-1, 1] (ComfyUI's "
@@ -73,7 +78,7 @@ class PoEKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, seed, steps, sampler_name, scheduler, denoise, width, height, batch_size,
-                latent_image=None) -> io.NodeOutput:
+                latent_image=None, corrector=None) -> io.NodeOutput:
         node = "PoEKSampler"
         guider = _guider(node, experts)
         latent, noise_mask, _ = _latent(node, guider, width, height, batch_size, latent_image)
@@ -82,8 +87,13 @@ class PoEKSampler(io.ComfyNode):
                              "connect one or set denoise to 1")
         sigmas = comfy_bridge.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
         rule = binding_lib.describe_rule(guider.bindings)
+        sampler = comfy_bridge.comfy.samplers.sampler_object(sampler_name)
+        if corrector is not None:
+            with node_input(node, "sampler_name" if corrector.method != "none" else "corrector"):
+                sampler = comfy_correctors.correct_sampler(sampler, corrector)
+            rule += f"\ncorrector: {describe_corrector(corrector)}"
         log.info("%s: %s sampler, %s scheduler, %d steps\n%s", node, sampler_name, scheduler, steps, rule)
-        samples = comfy_bridge.sample(guider, latent, seed, sampler_name, sigmas, noise_mask=noise_mask)
+        samples = comfy_bridge.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask)
         out = {"samples": samples}
         if noise_mask is not None:
             out["noise_mask"] = noise_mask
@@ -131,3 +141,75 @@ class PoEScheduler(io.ComfyNode):
     def execute(cls, experts, scheduler, steps, denoise) -> io.NodeOutput:
         guider = _guider("PoEScheduler", experts)
         return io.NodeOutput(comfy_bridge.compute_sigmas(guider, "euler", scheduler, steps, denoise))
+
+
+def describe_corrector(c: correctors.CorrectorConfig) -> str:
+    lo, hi = c.sigma_window
+    cost = c.steps * (c.leapfrog_steps if c.method == "uhmc" else 1) + (c.steps if c.energy == "simpson" and c.method == "mala" else 0)
+    return (f"{c.method}, {c.steps} step(s) of {c.step_scale:g} sigma^2 per level for sigma in [{lo:g}, {hi:g}] "
+            f"(+{cost} product evaluation(s) per level)")
+
+
+class PoECorrector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoECorrector",
+            display_name="MCMC Corrector (PoE)",
+            category=f"{CATEGORY}/sampling",
+            description="MCMC correction of the product at every noise level (Du et al. 2023, 'Reduce, Reuse, "
+                        "Recycle'; Sjöberg et al. 2023). Summing scores is exact only at sigma = 0; the corrector "
+                        "pulls each level towards the product of the diffused experts. Each corrector step costs "
+                        "one product evaluation per level (U-HMC: one per leapfrog step).",
+            inputs=[
+                io.Combo.Input("method", options=list(correctors.METHODS), default="uhmc",
+                               tooltip="uhmc: underdamped Langevin / HMC without accept (exact on Gaussians); ula: "
+                                       "unadjusted Langevin; mala: Langevin with a Metropolis-Hastings accept using "
+                                       "the score line-integral energy; none: off."),
+                io.Int.Input("steps", default=2, min=0, max=100, tooltip="Corrector steps per noise level."),
+                io.Float.Input("step_scale", default=0.5, min=0.001, max=10.0, step=0.01,
+                               tooltip="Langevin step as a multiple of sigma^2 (0.5 measured best on the analytic "
+                                       "product; see BENCHMARKS.md)."),
+                io.Float.Input("sigma_min", default=0.05, min=0.0, max=1e5, step=0.01,
+                               tooltip="Correction runs for sigma_min <= sigma <= sigma_max; RRR skips the lowest "
+                                       "noise levels."),
+                io.Float.Input("sigma_max", default=1e5, min=0.0, max=1e5, step=0.01,
+                               tooltip="Upper end of the correction window (1e5 = no limit)."),
+                io.Int.Input("leapfrog_steps", default=1, min=1, max=100, tooltip="U-HMC leapfrog steps per step."),
+                io.Float.Input("momentum_refresh", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="U-HMC partial momentum refresh per step; 1 = full refresh."),
+            ],
+            outputs=[Corrector.Output(display_name="corrector")],
+        )
+
+    @classmethod
+    def execute(cls, method, steps, step_scale, sigma_min, sigma_max, leapfrog_steps, momentum_refresh) -> io.NodeOutput:
+        node = "PoECorrector"
+        if sigma_min > sigma_max:
+            raise ValueError(f"{node}: input 'sigma_min' ({sigma_min}) is above sigma_max ({sigma_max})")
+        with node_input(node, "method"):
+            config = correctors.CorrectorConfig(
+                method=method, steps=steps, step_scale=step_scale,
+                sigma_window=(sigma_min, float("inf") if sigma_max >= 1e5 else sigma_max),
+                leapfrog_steps=leapfrog_steps, refresh=momentum_refresh)
+        return io.NodeOutput(config, ui={"text": (describe_corrector(config),)})
+
+
+class PoECorrectedSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoECorrectedSampler",
+            display_name="Corrected Sampler (PoE)",
+            category=f"{CATEGORY}/sampling",
+            description="Wraps a SAMPLER (from KSamplerSelect) so that it runs the MCMC corrector at every noise "
+                        "level, for SamplerCustomAdvanced with PoEGuider. Multistep samplers restart their history "
+                        "at each level when correction is on.",
+            inputs=[io.Sampler.Input("sampler"), Corrector.Input("corrector")],
+            outputs=[io.Sampler.Output(display_name="SAMPLER")],
+        )
+
+    @classmethod
+    def execute(cls, sampler, corrector) -> io.NodeOutput:
+        with node_input("PoECorrectedSampler", "sampler"):
+            return io.NodeOutput(comfy_correctors.correct_sampler(sampler, corrector))

@@ -256,9 +256,10 @@ def clamp_sigmas(sigmas: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.where(sigmas > 0, inside, sigmas)
 
 
-def sample(guider: PoEGuider, latent: torch.Tensor, seed: int, sampler_name: str, sigmas: torch.Tensor,
+def sample(guider: PoEGuider, latent: torch.Tensor, seed: int, sampler, sigmas: torch.Tensor,
            noise_mask: torch.Tensor | None = None, add_noise: bool = True, preview: bool = True) -> torch.Tensor:
-    """Run the product with a ComfyUI sampler; returns B x C x H x W samples in [-1, 1] space."""
+    """Run the product with a ComfyUI sampler (a name or a SAMPLER object); returns B x C x H x W
+    samples in [-1, 1] space."""
     if sigmas.numel() == 0:
         return latent
     lo, hi = guider.sigma_range
@@ -266,7 +267,8 @@ def sample(guider: PoEGuider, latent: torch.Tensor, seed: int, sampler_name: str
     noise = comfy.sample.prepare_noise(latent, seed) if add_noise else torch.zeros_like(latent)
     steps = len(sigmas) - 1
     callback = latent_preview.prepare_callback(guider.model_patcher, steps) if preview else None
-    sampler = comfy.samplers.sampler_object(sampler_name)
+    if isinstance(sampler, str):
+        sampler = comfy.samplers.sampler_object(sampler)
     out = guider.sample(noise, latent, sampler, sigmas, denoise_mask=noise_mask, callback=callback,
                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out = out.to(comfy.model_management.intermediate_device())

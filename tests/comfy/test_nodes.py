@@ -192,3 +192,20 @@ def test_img2img_with_denoise_below_one_stays_near_the_input():
                                         latent_image={"samples": start}).args[0]["samples"]
     assert (out.mean() - (-0.5)).abs() < (full.mean() - (-0.5)).abs()
     assert full.mean().item() == pytest.approx(1.0, abs=0.1)
+
+
+def test_corrector_option_runs_and_reports_its_cost():
+    e1, e2 = analytic("linear", "A"), analytic("cosine", "B")
+    chain, _ = bind_class(e2, 2, experts=bind_class(e1, 0)[0])
+    config, = sampling.PoECorrector.execute(method="uhmc", steps=2, step_scale=0.5, sigma_min=0.05, sigma_max=1e5,
+                                            leapfrog_steps=1, momentum_refresh=0.5).args
+    calls = e1.expert.network
+    before = calls.calls
+    out = sampling.PoEKSampler.execute(experts=chain, seed=0, steps=6, sampler_name="euler", scheduler="karras",
+                                       denoise=1.0, width=0, height=0, batch_size=2, corrector=config).args
+    assert out[2].endswith("corrector: uhmc, 2 step(s) of 0.5 sigma^2 per level for sigma in [0.05, inf] "
+                           "(+2 product evaluation(s) per level)")
+    assert calls.calls - before > 6   # predictor steps plus corrector evaluations
+    with pytest.raises(ValueError, match=r"^PoEKSampler: input 'sampler_name': dpm_adaptive chooses its own steps"):
+        sampling.PoEKSampler.execute(experts=chain, seed=0, steps=6, sampler_name="dpm_adaptive", scheduler="karras",
+                                     denoise=1.0, width=0, height=0, batch_size=2, corrector=config)
