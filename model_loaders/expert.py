@@ -63,6 +63,9 @@ class Expert:
             The condition the expert was trained to treat as "no condition" (label dropout, empty
             text, zero slots). ``None`` when it has no trained null; then a binding must say how
             its null is formed (for example ADM's class-0 convention) or use reliability 0.
+        warners (`dict[str, Callable[..., str | None]]`):
+            Modality name to a function taking the encoder's arguments and returning a warning for
+            the user (a prompt truncated to the context, a map resized), or ``None``.
         null_for (`Callable[[Condition], Condition | None]`, *optional*):
             For experts whose null depends on the condition it pairs with (GLIDE's upsampler keeps
             its low-resolution image and blanks only the text). Defaults to ``null_condition``.
@@ -82,6 +85,7 @@ class Expert:
     image_channels: int = 3
     encoders: dict[str, Callable[..., Condition]] = field(default_factory=dict)
     null_condition: Condition | None = None
+    warners: dict[str, Callable[..., str | None]] = field(default_factory=dict)
     null_for: Callable[[Condition], Condition | None] | None = None
     class_names: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +125,11 @@ class Expert:
         if self.prediction == "eps_learned_sigma":
             out = out[:, : self.image_channels]
         return out.float()
+
+    def warning(self, modality: str, *args, **kwargs) -> str | None:
+        """What the user should know about this input (for example a truncated prompt), or None."""
+        fn = self.warners.get(modality)
+        return fn(*args, **kwargs) if fn is not None else None
 
     def encode(self, modality: str, *args, **kwargs) -> Condition:
         """Build a condition of one modality, or explain which modalities this expert takes."""

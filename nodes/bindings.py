@@ -137,11 +137,9 @@ class PoEBindText(io.ComfyNode):
                 warnings += [warning] if warning else []
                 condition = e.encode("text", emb)
             else:
-                warn_fn = getattr(e, "text_warning", None) or e.info.get("text_warning")
-                if callable(warn_fn):
-                    w = warn_fn(text)
-                    warnings += [w] if w else []
                 condition = e.encode("text", text)
+                warning = e.warning("text", text)
+                warnings += [warning] if warning else []
         nulls = binding_lib.default_nulls(expert, condition)
         short = text if len(text) <= 40 else text[:37] + "..."
         return _finish(node, expert, condition, nulls, weight, reliability, f'"{short}"', experts,
