@@ -1,0 +1,712 @@
+"""GLIDE's text-conditional experts (Nichol et al. 2022, openai/glide-text2im).
+
+Four published checkpoints load unchanged, with their original key names:
+
+========================  ===========================  =======  ==========================================
+file                      class in glide-text2im       pixels   network input channels, in this order
+========================  ===========================  =======  ==========================================
+``base.pt``               ``Text2ImUNet``              64       ``x``
+``upsample.pt``           ``SuperResText2ImUNet``      256      ``x, up(low_res)``
+``base_inpaint.pt``       ``InpaintText2ImUNet``       64       ``x, inpaint_image * inpaint_mask, inpaint_mask``
+``upsample_inpaint.pt``   ``SuperResInpaintText2ImUnet`` 256    ``x, inpaint_image * inpaint_mask, inpaint_mask, up(low_res)``
+========================  ===========================  =======  ==========================================
+
+``up`` is a bilinear resize to the size of ``x`` (``align_corners=False``). ``inpaint_mask`` is 1
+where the pixels are known (kept) and 0 where they are to be generated; a missing inpaint image
+or mask means zeros, that is plain text-to-image. Every variant returns 6 channels: eps, then the
+learned-variance interpolation ``v``.
+
+The network is GLIDE's ADM-style UNet (scale-shift norm, residual up/down-sampling, legacy
+``[q, k, v]``-per-head attention layout) plus a text transformer: token, positional and
+(optionally) padding embeddings, pre-LayerNorm residual blocks and a final LayerNorm. The last
+token's feature (position ``text_ctx - 1``, padding or not) goes through ``transformer_proj`` and is
+added to the time embedding; all token features feed every attention block through
+``encoder_kv``, whose per-head keys and values are put before the image's own.
+
+Config inference
+----------------
+:func:`infer_config` reads the architecture from the state dict; what shapes cannot tell comes
+from the safetensors metadata (GLIDE's own option names) or from GLIDE's published defaults.
+
+- ``model_channels``: ``time_embed.0.weight`` (time_embed_dim x model_channels).
+- ``in_channels``, hence the variant: ``input_blocks.0.0.weight``; 3 base, 6 super-res,
+  7 inpaint, 10 super-res inpaint (metadata ``super_res`` / ``inpaint`` must agree).
+- ``num_res_blocks``: the first output block that ends in an upsampler sits at index
+  ``num_res_blocks``; the number of levels is then ``len(output_blocks) / (num_res_blocks + 1)``.
+- ``channel_mult``: out channels of each level's first residual block over ``model_channels``.
+- attention downsample rates: the levels whose residual blocks carry ``.1.qkv``.
+- ``use_scale_shift_norm``: ``emb_layers.1`` has twice the block's channels.
+- ``resblock_updown``: up/down-sampling by residual blocks, or by convolutions (``op`` / ``conv``).
+- ``num_head_channels``, ``num_heads``, ``num_heads_upsample``: metadata, else GLIDE's 64 / 1 / -1.
+- ``text_ctx``, ``xf_width``: ``positional_embedding``; ``xf_layers``: ``transformer.resblocks.*``;
+  ``xf_final_ln``: ``final_ln.weight``; ``xf_padding``: ``padding_embedding``; vocabulary size:
+  ``token_embedding.weight``. ``xf_heads`` cannot be read from shapes: metadata ``xf_heads``,
+  else ``xf_width // 64`` (8 for the published 512-wide transformers).
+- ``image_size``: metadata, else GLIDE's size for the number of levels (4: 64, 5: 128, 6: 256).
+- schedule: the ``schedule`` argument, else metadata ``noise_schedule``, else GLIDE's defaults
+  (base: ``squaredcos_cap_v2`` = ``cosine``; upsampler: ``linear``); ``diffusion_steps``, else 1000.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from . import glide_tokenizer
+from .expert import Condition, Expert
+from .schedules import alphas_cumprod_for
+
+IMAGE_CHANNELS = 3
+# Input channels of the first convolution for each (super_res, inpaint) variant.
+VARIANT_IN_CHANNELS = {(False, False): 3, (True, False): 6, (False, True): 7, (True, True): 10}
+SIZE_FOR_LEVELS = {4: 64, 5: 128, 6: 256}  # GLIDE's channel_mult presets, model_creation.py
+REQUIRED_KEYS = ("token_embedding.weight", "positional_embedding", "transformer_proj.weight",
+                 "time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight")
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the weights' dtype, as GLIDE's ``GroupNorm32``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32, as GLIDE's ``xf.LayerNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def norm32(channels: int) -> GroupNorm32:
+    return GroupNorm32(32, channels)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos | sin]`` of (possibly fractional) timesteps, in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ResBlock(nn.Module):
+    """Residual block with the time embedding, optionally resampling (``up`` / ``down``).
+
+    Keys: ``in_layers.{0: norm, 2: conv}``, ``emb_layers.1``, ``out_layers.{0: norm, 3: conv}`` and
+    ``skip_connection`` (1x1 conv) when the channel count changes.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, scale_shift: bool,
+                 up: bool = False, down: bool = False):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.in_layers = nn.Sequential(norm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (2 if scale_shift else 1) * out_channels))
+        self.out_layers = nn.Sequential(norm32(out_channels), nn.SiLU(), nn.Identity(),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Conv2d(channels, out_channels, 1) if out_channels != channels else nn.Identity()
+        self.resample = "up" if up else "down" if down else None
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.resample == "down":
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
+        return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # Resampling sits between the input activation and the first conv, for h and the skip alike.
+        h = self.in_layers[2](self._resample(self.in_layers[1](self.in_layers[0](x))))
+        x = self._resample(x)
+        emb_out = rearrange(self.emb_layers(emb).to(h.dtype), "b c -> b c 1 1")
+        norm, rest = self.out_layers[0], self.out_layers[1:]
+        if self.scale_shift:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = rest(norm(h) * (1 + scale) + shift)
+        else:
+            h = rest(norm(h + emb_out))
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv (``op``), used when ``resblock_updown`` is off."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x then a 3x3 conv (``conv``), used when ``resblock_updown`` is off."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels, with the text's keys and values prepended.
+
+    ``qkv`` uses the legacy layout (per head ``[q, k, v]``), ``encoder_kv`` per head ``[k, v]``;
+    both are 1-D convolutions (kernel 1), as GLIDE stores them.
+    """
+
+    def __init__(self, channels: int, num_heads: int, encoder_channels: int | None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = norm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        if encoder_channels:
+            self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, encoder_out: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(rearrange(self.norm(x), "b c h w -> b c (h w)"))
+        q, k, v = rearrange(qkv, "b (n three d) t -> three b n t d", n=self.num_heads, three=3)
+        if encoder_out is not None:
+            ek, ev = rearrange(self.encoder_kv(encoder_out), "b (n two d) s -> two b n s d", n=self.num_heads, two=2)
+            k, v = torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
+        # GLIDE scales q and k by d^-1/4 each: the same 1/sqrt(d) that SDPA applies.
+        a = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj_out(rearrange(a, "b n t d -> b (n d) t"))
+        return x + rearrange(out, "b c (h w) -> b c h w", h=h, w=w)
+
+
+class TimestepSequence(nn.ModuleList):
+    """One UNet stage: residual blocks take the time embedding, attention blocks the text."""
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, encoder_out: torch.Tensor | None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, AttentionBlock):
+                h = layer(h, encoder_out)
+            else:
+                h = layer(h)
+        return h
+
+
+# --- text transformer -----------------------------------------------------------------------------
+
+class TextAttention(nn.Module):
+    """Unmasked multi-head self-attention; ``c_qkv`` holds per head ``[q, k, v]``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.c_qkv = nn.Linear(width, 3 * width)
+        self.c_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.c_qkv(x), "b t (n three d) -> three b n t d", n=self.heads, three=3)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.c_proj(rearrange(a, "b n t d -> b t (n d)"))
+
+
+class TextMLP(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class TextBlock(nn.Module):
+    """Pre-LayerNorm transformer block (CLIP's ``ResidualAttentionBlock``)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = TextAttention(width, heads)
+        self.ln_1 = LayerNorm32(width)
+        self.mlp = TextMLP(width)
+        self.ln_2 = LayerNorm32(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.resblocks = nn.ModuleList(TextBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+# --- the network ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GlideConfig:
+    """Architecture of a GLIDE network (GLIDE's ``create_model`` options, resolved).
+
+    Args:
+        image_size (`int`): side of the images it denoises: 64 (base) or 256 (upsampler).
+        super_res (`bool`): takes ``low_res``, bilinearly upsampled and concatenated after ``x``.
+        inpaint (`bool`): takes ``inpaint_image`` and ``inpaint_mask`` (see the module docstring).
+        model_channels (`int`): channels of the first level (``num_channels``; 192 published).
+        out_channels (`int`): output channels; 6 = eps and the learned variance.
+        num_res_blocks (`int`): residual blocks per level going down (one more going up).
+        channel_mult (`tuple[float, ...]`): channel multiplier of each level.
+        attention_ds (`tuple[int, ...]`): downsample rates with attention (``image_size // res`` for
+            GLIDE's ``attention_resolutions`` ``"32,16,8"``); the middle block always has one.
+        num_head_channels (`int`): channels per attention head; -1 means use ``num_heads``.
+        num_heads (`int`): heads of the down and middle attention when ``num_head_channels`` is -1.
+        num_heads_upsample (`int`): heads of the up path in that case; -1 means ``num_heads``.
+        use_scale_shift_norm (`bool`): FiLM-style ``norm(h) * (1 + scale) + shift`` in residual blocks.
+        resblock_updown (`bool`): resample with residual blocks rather than convolutions.
+        text_ctx (`int`): number of text tokens (128).
+        xf_width (`int`): width of the text transformer (512).
+        xf_layers (`int`): its depth (16).
+        xf_heads (`int`): its heads (8).
+        xf_final_ln (`bool`): a LayerNorm after the last transformer block.
+        xf_padding (`bool`): padded positions take a learned ``padding_embedding`` (needs ``mask``).
+        n_vocab (`int`): rows of ``token_embedding`` (GPT-2's 50257).
+    """
+
+    image_size: int
+    super_res: bool
+    inpaint: bool
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    channel_mult: tuple[float, ...]
+    attention_ds: tuple[int, ...]
+    num_head_channels: int
+    num_heads: int
+    num_heads_upsample: int
+    use_scale_shift_norm: bool
+    resblock_updown: bool
+    text_ctx: int
+    xf_width: int
+    xf_layers: int
+    xf_heads: int
+    xf_final_ln: bool
+    xf_padding: bool
+    n_vocab: int = glide_tokenizer.VOCAB_SIZE
+
+    @property
+    def in_channels(self) -> int:
+        return VARIANT_IN_CHANNELS[(self.super_res, self.inpaint)]
+
+
+class GlideUNet(nn.Module):
+    """GLIDE's ``Text2ImUNet`` and its super-res / inpaint variants, with GLIDE's key names."""
+
+    def __init__(self, config: GlideConfig):
+        super().__init__()
+        self.config = cfg = config
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(cin: int, cout: int, **kw) -> ResBlock:
+            return ResBlock(cin, emb_dim, cout, cfg.use_scale_shift_norm, **kw)
+
+        def attn(ch: int, up: bool = False) -> AttentionBlock:
+            return AttentionBlock(ch, _num_heads(cfg, ch, up), cfg.xf_width)
+
+        ch = int(cfg.channel_mult[0] * mc)
+        input_ch = ch
+        self.input_blocks = nn.ModuleList([TimestepSequence([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
+        skips, ds = [ch], 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, int(mult * mc))]
+                ch = int(mult * mc)
+                if ds in cfg.attention_ds:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepSequence(layers))
+                skips.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepSequence([down]))
+                skips.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepSequence([res(ch, ch), attn(ch), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), int(mult * mc))]
+                ch = int(mult * mc)
+                if ds in cfg.attention_ds:
+                    layers.append(attn(ch, up=True))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepSequence(layers))
+
+        self.out = nn.Sequential(norm32(ch), nn.SiLU(), nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
+
+        self.transformer = TextTransformer(cfg.xf_width, cfg.xf_layers, cfg.xf_heads)
+        self.final_ln = LayerNorm32(cfg.xf_width) if cfg.xf_final_ln else None
+        self.token_embedding = nn.Embedding(cfg.n_vocab, cfg.xf_width,
+                                            _weight=_init_normal(torch.empty(cfg.n_vocab, cfg.xf_width)))
+        self.positional_embedding = nn.Parameter(_init_normal(torch.empty(cfg.text_ctx, cfg.xf_width), 0.01))
+        if cfg.xf_padding:
+            self.padding_embedding = nn.Parameter(_init_normal(torch.empty(cfg.text_ctx, cfg.xf_width), 0.01))
+        self.transformer_proj = nn.Linear(cfg.xf_width, emb_dim)
+
+    def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's pooled projection (B x 4 model_channels) and token features (B x xf_width x ctx)."""
+        xf = self.token_embedding(tokens.long()) + self.positional_embedding[None]
+        if self.config.xf_padding:
+            if mask is None:
+                raise ValueError("GLIDE needs the token 'mask' with its 'tokens' (padded positions take "
+                                 "the padding embedding); build both with glide_tokenizer.tokenize")
+            xf = torch.where(rearrange(mask.bool(), "b t -> b t 1"), xf, self.padding_embedding[None])
+        xf = self.transformer(xf)
+        if self.final_ln is not None:
+            xf = self.final_ln(xf)
+        # GLIDE pools by taking the last position, which is padding for short prompts.
+        return self.transformer_proj(xf[:, -1]), rearrange(xf, "b t c -> b c t")
+
+    def _network_input(self, x: torch.Tensor, low_res: torch.Tensor | None, inpaint_image: torch.Tensor | None,
+                       inpaint_mask: torch.Tensor | None) -> torch.Tensor:
+        parts = [x]
+        if self.config.inpaint:
+            mask = torch.zeros_like(x[:, :1]) if inpaint_mask is None else inpaint_mask.to(x)
+            image = torch.zeros_like(x) if inpaint_image is None else inpaint_image.to(x)
+            parts += [image * mask, mask]
+        if self.config.super_res:
+            if low_res is None:
+                raise ValueError("this GLIDE upsampler needs 'low_res', the low-resolution image (B x 3 x h x w "
+                                 "in [-1, 1])")
+            # Interpolate in float32: half-precision bilinear is missing on some devices.
+            up = F.interpolate(low_res.float(), x.shape[-2:], mode="bilinear", align_corners=False)
+            parts.append(up.to(x))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, low_res: torch.Tensor | None = None,
+                inpaint_image: torch.Tensor | None = None, inpaint_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """GLIDE's output (B x 6 x H x W) for ``x`` at timesteps ``t``.
+
+        ``tokens`` (B x text_ctx) and ``mask`` (B x text_ctx, True on real tokens) come from
+        :func:`glide_tokenizer.tokenize`; without ``tokens`` the prompt is empty (GLIDE's null).
+        """
+        dtype = self.time_embed[0].weight.dtype
+        if tokens is None:
+            tokens, mask = (v.to(x.device).expand(x.shape[0], -1) for v in glide_tokenizer.empty_tokens(
+                self.config.text_ctx))
+        h = self._network_input(x.to(dtype), low_res, inpaint_image, inpaint_mask)
+        emb = self.time_embed(timestep_embedding(t.to(x.device), self.config.model_channels).to(dtype))
+        xf_proj, xf_out = self.encode_text(tokens, mask)
+        emb = emb + xf_proj.to(emb.dtype)
+
+        hs = []
+        for block in self.input_blocks:
+            h = block(h, emb, xf_out)
+            hs.append(h)
+        h = self.middle_block(h, emb, xf_out)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, xf_out)
+        return self.out(h).to(x.dtype)
+
+
+def _init_normal(weight: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+    # Checkpoints overwrite these; the init only matters for networks built from a config. It is
+    # skipped on the meta device, where normal_ pulls in torch's slow reference ops (seconds).
+    return weight if weight.is_meta else nn.init.normal_(weight, std=std)
+
+
+def _num_heads(cfg: GlideConfig, channels: int, up: bool) -> int:
+    if cfg.num_head_channels == -1:
+        return cfg.num_heads_upsample if up and cfg.num_heads_upsample != -1 else cfg.num_heads
+    if channels % cfg.num_head_channels:
+        raise ValueError(f"GLIDE checkpoint: attention width {channels} is not divisible by num_head_channels "
+                         f"{cfg.num_head_channels}; set 'num_head_channels' in the file's metadata")
+    return channels // cfg.num_head_channels
+
+
+# --- config inference -----------------------------------------------------------------------------
+
+def _meta_bool(meta: dict[str, str], key: str) -> bool | None:
+    if key not in meta:
+        return None
+    value = str(meta[key]).strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ValueError(f"GLIDE checkpoint: metadata {key!r} must be True or False, got {meta[key]!r}")
+    return value in ("true", "1")
+
+
+def _meta_int(meta: dict[str, str], key: str, default: int) -> int:
+    if key not in meta or str(meta[key]).strip() == "":
+        return default
+    try:
+        return int(meta[key])
+    except ValueError as err:
+        raise ValueError(f"GLIDE checkpoint: metadata {key!r} must be an integer, got {meta[key]!r}") from err
+
+
+def _block_indices(sd: dict[str, torch.Tensor], prefix: str) -> list[int]:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
+
+
+def _has_upsampler(sd: dict[str, torch.Tensor], j: int) -> bool:
+    """Whether output block ``j`` ends in an upsampler (a second residual block, or a conv)."""
+    return any(f"output_blocks.{j}.{i}.in_layers.0.weight" in sd or f"output_blocks.{j}.{i}.conv.weight" in sd
+               for i in (1, 2))
+
+
+def _variant(in_channels: int, meta: dict[str, str]) -> tuple[bool, bool]:
+    by_shape = {c: v for v, c in VARIANT_IN_CHANNELS.items()}
+    if in_channels not in by_shape:
+        raise ValueError(f"GLIDE checkpoint: the first convolution takes {in_channels} channels; GLIDE's variants "
+                         f"take {sorted(by_shape)} (base, super-res, inpaint, super-res inpaint)")
+    super_res, inpaint = by_shape[in_channels]
+    for key, value in (("super_res", super_res), ("inpaint", inpaint)):
+        stated = _meta_bool(meta, key)
+        if stated is not None and stated != value:
+            raise ValueError(f"GLIDE checkpoint: metadata says {key}={stated} but the first convolution takes "
+                             f"{in_channels} input channels, which means {key}={value}")
+    return super_res, inpaint
+
+
+def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> GlideConfig:
+    """The :class:`GlideConfig` of a GLIDE state dict (see the module docstring for the sources)."""
+    meta = meta or {}
+    missing = [k for k in REQUIRED_KEYS if k not in sd]
+    if missing:
+        raise ValueError(f"GLIDE checkpoint: missing {', '.join(missing)}")
+    mc = int(sd["time_embed.0.weight"].shape[1])
+    super_res, inpaint = _variant(int(sd["input_blocks.0.0.weight"].shape[1]), meta)
+
+    n_in, n_out = len(_block_indices(sd, "input_blocks")), len(_block_indices(sd, "output_blocks"))
+    first_up = next((j for j in range(n_out) if _has_upsampler(sd, j)), None)
+    num_res_blocks = first_up if first_up is not None else n_out - 1
+    levels = n_out // (num_res_blocks + 1) if num_res_blocks >= 1 else 0
+    if num_res_blocks < 1 or levels * (num_res_blocks + 1) != n_out or n_in != n_out:
+        raise ValueError(f"GLIDE checkpoint: {n_in} input and {n_out} output blocks do not form a GLIDE UNet "
+                         f"(expected levels x (num_res_blocks + 1) of each)")
+
+    channel_mult, attention_ds = [], []
+    for level in range(levels):
+        idx = 1 + level * (num_res_blocks + 1)
+        key = f"input_blocks.{idx}.0.in_layers.2.weight"
+        if key not in sd:
+            raise ValueError(f"GLIDE checkpoint: missing {key} (the first residual block of level {level})")
+        mult = int(sd[key].shape[0]) / mc
+        channel_mult.append(int(mult) if mult.is_integer() else mult)
+        if f"input_blocks.{idx}.1.qkv.weight" in sd:
+            attention_ds.append(2**level)
+
+    mid_ch = int(sd["middle_block.0.in_layers.2.weight"].shape[0])
+    scale_shift = int(sd["middle_block.0.emb_layers.1.weight"].shape[0]) == 2 * mid_ch
+    resblock_updown = levels == 1 or any(f"output_blocks.{first_up}.{i}.in_layers.0.weight" in sd for i in (1, 2))
+
+    text_ctx, xf_width = (int(s) for s in sd["positional_embedding"].shape)
+    xf_heads = _meta_int(meta, "xf_heads", max(1, xf_width // 64))
+    if xf_width % xf_heads:
+        raise ValueError(f"GLIDE checkpoint: xf_width {xf_width} is not divisible by xf_heads {xf_heads}")
+    image_size = _meta_int(meta, "image_size", SIZE_FOR_LEVELS.get(levels, 256 if super_res else 64))
+
+    return GlideConfig(
+        image_size=image_size, super_res=super_res, inpaint=inpaint, model_channels=mc,
+        out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=num_res_blocks,
+        channel_mult=tuple(channel_mult), attention_ds=tuple(attention_ds),
+        num_head_channels=_meta_int(meta, "num_head_channels", 64), num_heads=_meta_int(meta, "num_heads", 1),
+        num_heads_upsample=_meta_int(meta, "num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
+        resblock_updown=resblock_updown, text_ctx=text_ctx, xf_width=xf_width,
+        xf_layers=len(_block_indices(sd, "transformer.resblocks")), xf_heads=xf_heads,
+        xf_final_ln="final_ln.weight" in sd, xf_padding="padding_embedding" in sd,
+        n_vocab=int(sd["token_embedding.weight"].shape[0]),
+    )
+
+
+def schedule_for(config: GlideConfig, meta: dict[str, str], schedule: str | None = None) -> str:
+    """``schedule`` if given, else the metadata's ``noise_schedule``, else GLIDE's default."""
+    name = schedule or meta.get("noise_schedule") or ("linear" if config.super_res else "cosine")
+    return "cosine" if name == "squaredcos_cap_v2" else name
+
+
+def build_network(sd: dict[str, torch.Tensor], config: GlideConfig) -> GlideUNet:
+    """The network with the checkpoint's tensors, which must match the config exactly."""
+    with torch.device("meta"):
+        network = GlideUNet(config)
+    try:
+        # assign=True adopts the checkpoint's tensors instead of initialising and copying 400M weights.
+        network.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"GLIDE checkpoint does not match the inferred architecture "
+                         f"({describe(config)}): {detail[:800]}") from err
+    return network
+
+
+# --- the expert -----------------------------------------------------------------------------------
+
+def is_glide(sd: dict[str, torch.Tensor]) -> bool:
+    return all(k in sd for k in REQUIRED_KEYS) and "transformer.resblocks.0.attn.c_qkv.weight" in sd
+
+
+def detect(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str) -> bool:
+    """``glide`` takes every GLIDE file (the expert's family then says which kind it is);
+    ``glide_upsample`` only the super-resolution ones."""
+    if not is_glide(sd):
+        return False
+    if family == "glide_upsample":
+        return int(sd["input_blocks.0.0.weight"].shape[1]) in (VARIANT_IN_CHANNELS[(True, False)],
+                                                                VARIANT_IN_CHANNELS[(True, True)])
+    return True
+
+
+def expert_name(config: GlideConfig) -> str:
+    kind = {(False, False): "base", (True, False): "upsample", (False, True): "inpaint",
+            (True, True): "upsample-inpaint"}[(config.super_res, config.inpaint)]
+    return f"GLIDE-{kind}-{config.image_size}"
+
+
+def describe(config: GlideConfig) -> str:
+    return (f"{expert_name(config)}: {config.model_channels} channels x {config.channel_mult}, "
+            f"{config.num_res_blocks} res blocks, attention at ds {config.attention_ds}, "
+            f"text {config.xf_layers} x {config.xf_width} ({config.xf_heads} heads), ctx {config.text_ctx}")
+
+
+def tokenize_with_warning(text: str, text_ctx: int = glide_tokenizer.DEFAULT_TEXT_CTX
+                          ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """Tokens, mask and the truncation warning (``None`` when the prompt fits) for display."""
+    return glide_tokenizer.tokenize(text, text_ctx)
+
+
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+    """The expert of a GLIDE checkpoint; ``schedule`` overrides the training noise schedule."""
+    config = infer_config(sd, meta)
+    network = build_network(sd, config)
+    schedule = schedule_for(config, meta, schedule)
+    name = expert_name(config)
+    encoders, null = _conditioning(config, name)
+    steps = _meta_int(meta, "diffusion_steps", 1000)
+    return Expert(
+        network=network, name=name, family="glide_upsample" if config.super_res else "glide",
+        resolution=config.image_size, alphas_cumprod=alphas_cumprod_for(schedule, steps),
+        prediction="eps_learned_sigma" if config.out_channels == 2 * IMAGE_CHANNELS else "eps",
+        encoders=encoders, null_condition=null, null_for=blank_text,
+        info={"config": asdict(config), "schedule": schedule, "architecture": describe(config),
+              "xf_heads_from": "metadata" if "xf_heads" in meta else "xf_width // 64",
+              "params": sum(p.numel() for p in network.parameters()),
+              "text_warning": lambda text: tokenize_with_warning(text, config.text_ctx)[2]},
+    )
+
+
+# --- conditions -----------------------------------------------------------------------------------
+
+def blank_text(condition: Condition) -> Condition:
+    """GLIDE's null paired with ``condition``: the same image inputs, an empty prompt."""
+    tokens = condition["tokens"]
+    return {**condition, "tokens": torch.full_like(tokens, glide_tokenizer.PAD_TOKEN),
+            "mask": torch.zeros_like(condition["mask"], dtype=torch.bool)}
+
+
+def _text(text: str, config: GlideConfig) -> Condition:
+    if not isinstance(text, str):
+        raise ValueError(f"GLIDE's text condition must be a string, got {type(text).__name__}")
+    tokens, mask, _ = glide_tokenizer.tokenize(text, config.text_ctx)
+    return {"tokens": tokens, "mask": mask}
+
+
+def _no_inpaint(config: GlideConfig) -> Condition:
+    size = config.image_size
+    return {"inpaint_image": torch.zeros(1, IMAGE_CHANNELS, size, size), "inpaint_mask": torch.zeros(1, 1, size, size)}
+
+
+def _check_image(image: torch.Tensor, what: str, channels: int, lo: float, hi: float, name: str) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: the {what} must be a B x {channels} x H x W tensor, got {shape}")
+    image = image.detach().float().cpu()
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name}: the {what} has NaN or infinite values")
+    if image.min() < lo - 1e-3 or image.max() > hi + 1e-3:
+        raise ValueError(f"{name}: the {what} must lie in [{lo:g}, {hi:g}], got "
+                         f"[{float(image.min()):.3g}, {float(image.max()):.3g}]")
+    return image.clamp(lo, hi)
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    if image.shape[-2:] == (size, size):
+        return image
+    import kornia
+
+    return kornia.geometry.transform.resize(image, (size, size), interpolation="bilinear", antialias=True)
+
+
+def fit_low_res(low_res: torch.Tensor, config: GlideConfig, name: str) -> torch.Tensor:
+    """A low-resolution image at the size the upsampler was trained on (``image_size / 4``).
+
+    It is resized (antialiased) if needed and rounded to 8 bits, as GLIDE's sampling code does
+    with the base model's samples before upsampling them.
+    """
+    low_res = _resize(_check_image(low_res, "low-resolution image", IMAGE_CHANNELS, -1.0, 1.0, name),
+                      config.image_size // 4)
+    return ((low_res + 1) * 127.5).round() / 127.5 - 1
+
+
+def fit_inpaint(image: torch.Tensor, mask: torch.Tensor, config: GlideConfig, name: str) -> Condition:
+    """The known image and its mask (1 = keep, 0 = generate) at the expert's resolution."""
+    image = _resize(_check_image(image, "inpaint image", IMAGE_CHANNELS, -1.0, 1.0, name), config.image_size)
+    if isinstance(mask, torch.Tensor) and mask.ndim == 3:
+        mask = mask[:, None]
+    mask = _check_image(mask, "inpaint mask", 1, 0.0, 1.0, name)
+    # GLIDE trains on boolean masks: resize, then binarise.
+    mask = (_resize(mask, config.image_size) > 0.5).float()
+    return {"inpaint_image": image, "inpaint_mask": mask}
+
+
+def _conditioning(config: GlideConfig, name: str):
+    """The encoders and the unconditional null of one GLIDE variant."""
+    def text(text: str) -> Condition:
+        if config.super_res:
+            raise ValueError(f"{name} is an upsampler: it needs a low-resolution image. Bind it with "
+                             "PoEBindImage and put the prompt in that node's 'text' input.")
+        return {**_text(text, config), **(_no_inpaint(config) if config.inpaint else {})}
+
+    def image(low_res: torch.Tensor, text: str = "") -> Condition:
+        cond = {"low_res": fit_low_res(low_res, config, name), **_text(text, config)}
+        return {**cond, **(_no_inpaint(config) if config.inpaint else {})}
+
+    def inpaint(image: torch.Tensor, mask: torch.Tensor, text: str = "", low_res: torch.Tensor | None = None
+                ) -> Condition:
+        cond = {**_text(text, config), **fit_inpaint(image, mask, config, name)}
+        if config.super_res:
+            if low_res is None:
+                raise ValueError(f"{name} inpaints while upsampling: pass 'low_res', the low-resolution image "
+                                 "(usually the base inpainting model's sample)")
+            cond["low_res"] = fit_low_res(low_res, config, name)
+        return cond
+
+    encoders = {"text": text}
+    if config.super_res:
+        encoders["image"] = image
+    if config.inpaint:
+        encoders["inpaint"] = inpaint
+    # An upsampler's null still needs its low-res image, so only null_for (blank_text) can form it.
+    null = None if config.super_res else {**blank_text(_text("", config)),
+                                          **(_no_inpaint(config) if config.inpaint else {})}
+    return encoders, null
