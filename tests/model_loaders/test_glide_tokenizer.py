@@ -10,7 +10,6 @@ import torch
 from model_loaders import glide_tokenizer
 
 
-
 @pytest.fixture(scope="module")
 def reference(fixtures_dir):
     path = fixtures_dir / "glide_tokens.json"
