@@ -56,3 +56,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 echo "environment ready: $venv, ComfyUI at $comfy"
+
+# --- Frontend test dependencies (tests/frontend) ---------------------------------------------------
+# Debian's Chromium and its matching chromedriver, driven by Selenium (requirements-test.txt).
+# Never fails the set-up: without apt (or root) the frontend test skips and says why.
+if [ "${UAC_SKIP_TEST_DEPS:-0}" != 1 ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; } \
+      || echo "warning: could not install chromium/chromium-driver; the frontend test will skip" >&2
+  else
+    echo "warning: no apt-get as root; the frontend test needs chromium and chromedriver and will skip" >&2
+  fi
+fi
