@@ -158,7 +158,8 @@ def files_note(api: dict) -> str:
                 continue
             base = value.replace("\\", "/").split("/")[-1]
             if base.startswith("tiny_"):
-                lines.append(f"- {value}: ships with the pack (models_tiny/), listed with {folder} automatically")
+                lines.append(f"- {value}: ships with the pack in models_tiny/ (listed with {folder}); "
+                             "nothing to download")
                 continue
             row = next((r for r in rows if re.search(rf"`{re.escape(base)}`", r[1])), None)
             where = f"put it in {folder}"
