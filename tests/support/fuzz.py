@@ -253,7 +253,9 @@ class PromptFuzzer:
     def link_wrong_type(self, p):
         """Link an input to an output of another type (an IMAGE where an expert goes, and so on)."""
         nid, name = self.rng.choice(_link_inputs(p))
-        target = self.rng.choice([("10", 1), ("10", 2), ("1", 0), ("4", 0), ("9", 0), ("10", 0)])
+        current = tuple(p[nid]["inputs"][name])
+        targets = [t for t in [("10", 1), ("10", 2), ("1", 0), ("4", 0), ("9", 0), ("10", 0)] if t != current]
+        target = self.rng.choice(targets)
         p[nid]["inputs"][name] = [target[0], target[1]]
         return p
 
