@@ -1,0 +1,657 @@
+"""OpenAI's ADM UNet (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", openai/guided-diffusion).
+
+Every released diffusion checkpoint loads unchanged, ``.pt`` or ``.safetensors``, with its original
+key names (``time_embed.*``, ``label_emb.*``, ``input_blocks.*``, ``middle_block.*``,
+``output_blocks.*``, ``out.*``):
+
+=====================================  ====  ==============  =====================  ========  =======
+file(s)                                name  classes         heads                  qkv       schedule
+=====================================  ====  ==============  =====================  ========  =======
+``64x64_diffusion.pt``                 ADM-64           1000  64 channels per head  new       cosine
+``128x128_diffusion.pt``               ADM-128          1000  4 heads               legacy    linear
+``256x256_diffusion.pt``               ADM-256          1000  64 channels per head  legacy    linear
+``256x256_diffusion_uncond.pt``,       ADM-256-uncond   none  64 channels per head  legacy    linear
+``lsun_{bedroom,cat,horse}.pt``, ``lsun_horse_nodropout.pt`` (one architecture, told apart by nothing)
+``512x512_diffusion.pt``               ADM-512          1000  64 channels per head  legacy    linear
+``64_256_upsampler.pt``                ADM-64→256       1000  4 heads               legacy    linear
+``128_512_upsampler.pt``               ADM-128→512      1000  64 channels per head  legacy    linear
+=====================================  ====  ==============  =====================  ========  =======
+
+Every one has learned sigmas (6 output channels: eps, then the variance interpolation ``v``),
+scale-shift norm and residual up/down-sampling, T = 1000. The upsamplers take 6 input channels:
+``x`` concatenated with ``low_res`` resized bilinearly (``align_corners=False``) to the size of
+``x``; both released upsamplers are class-conditional too.
+
+Config inference
+----------------
+:func:`infer_structure` reads what the weights' shapes tell:
+
+- ``model_channels``: ``time_embed.0.weight`` (4 model_channels x model_channels).
+- ``in_channels``: ``input_blocks.0.0.weight``; 3 for a base model, 6 for an upsampler.
+- ``out_channels``, hence ``learn_sigma``: ``out.2.weight`` (6 with learned sigmas, else 3).
+- ``num_classes``: rows of ``label_emb.weight``; absent for unconditional models.
+- ``num_res_blocks``: the first output block that ends in an upsampling layer sits at index
+  ``num_res_blocks``; the number of levels is ``len(output_blocks) / (num_res_blocks + 1)``, which
+  must equal ``len(input_blocks) / (num_res_blocks + 1)``.
+- ``channel_mult``: out channels of each level's first residual block over ``model_channels``
+  (0.5 happens: the 512 model).
+- ``attention_ds``: the downsampling rates (1, 2, 4...) of the levels whose blocks carry ``.1.qkv``.
+- ``use_scale_shift_norm``: ``emb_layers.1`` gives twice the block's channels.
+- ``resblock_updown``: up/down-sampling by residual blocks (``in_layers``), else by convolutions
+  (``op`` / ``conv``).
+
+Three facts are not in the shapes: the image ``resolution`` (and an upsampler's ``small_size``),
+the attention heads and the qkv order (the new order splits ``[Q | K | V]`` then heads; the legacy
+order interleaves ``[q, k, v]`` per head: both are ``3C x C`` matrices). Neither is the training
+noise schedule. They come, in this order of precedence, from
+
+1. the ``schedule`` argument (schedule only),
+2. the safetensors metadata: ``resolution``, ``small_size``, ``attention_order`` (``"new"`` or
+   ``"legacy"``), ``num_head_channels`` or ``num_heads`` (and ``num_heads_upsample``),
+   ``schedule`` (``linear`` / ``cosine``), ``diffusion_steps``;
+3. the published configuration that the shapes match (the table above, :data:`PUBLISHED`).
+
+A file that matches no published configuration and lacks the metadata for what the table would
+give is refused with a ``ValueError`` that lists what was read.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .expert import Condition, Expert
+from .schedules import SCHEDULES, alphas_cumprod_for
+
+IMAGE_CHANNELS = 3
+REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.0.in_layers.0.weight",
+                 "middle_block.1.qkv.weight", "output_blocks.0.0.in_layers.0.weight", "out.2.weight")
+# Keys of other families built on the same trunk: GLIDE's text transformer and the Unite and
+# Conquer face experts' input mixer and FiLM layers.
+FOREIGN_MARKERS = ("transformer.", "token_embedding", "encoder_kv", "input_blocks_convert", "cond_emb_layers")
+CLASS_NAMES_FILE = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
+ATTENTION_ORDERS = ("new", "legacy")
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+@dataclass
+class ADMConfig:
+    """The ADM UNet's hyper-parameters (guided-diffusion's ``UNetModel`` / ``SuperResModel``).
+
+    Args:
+        resolution (`int`): side of the (square) training images.
+        in_channels (`int`): input channels of the first convolution; 3, or 6 for an upsampler
+            (``x`` and the upsampled ``low_res``).
+        model_channels (`int`): base width; the time embedding is 4 x wider.
+        out_channels (`int`): 3 (eps), or 6 with learned sigmas (eps, then ``v``).
+        num_res_blocks (`int`): residual blocks per level on the way down (one more on the way up).
+        channel_mult (`tuple`): width of each level over ``model_channels``.
+        attention_ds (`tuple[int]`): downsampling rates at which blocks have self-attention
+            (guided-diffusion's ``attention_resolutions`` after ``image_size // res``).
+        num_classes (`int`, *optional*): classes of the label embedding; ``None`` if unconditional.
+        num_heads (`int`): heads where ``num_head_channels`` is -1.
+        num_head_channels (`int`): channels per head, or -1 to use ``num_heads``.
+        num_heads_upsample (`int`): heads of the decoder's attention where ``num_head_channels``
+            is -1; -1 means ``num_heads``.
+        use_scale_shift_norm (`bool`): FiLM-like ``norm(h) * (1 + scale) + shift`` in residual blocks.
+        resblock_updown (`bool`): residual blocks do the up/down-sampling, instead of convolutions.
+        attention_order (`str`): ``"new"`` (``QKVAttention``) or ``"legacy"`` (``QKVAttentionLegacy``).
+        small_size (`int`, *optional*): the low-resolution side an upsampler expects.
+    """
+
+    resolution: int
+    in_channels: int
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    channel_mult: tuple
+    attention_ds: tuple
+    num_classes: int | None = None
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    attention_order: str = "legacy"
+    small_size: int | None = None
+
+    @property
+    def is_upsampler(self) -> bool:
+        return self.in_channels == 2 * IMAGE_CHANNELS
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.out_channels == 2 * IMAGE_CHANNELS
+
+    def heads(self, channels: int, decoder: bool = False) -> int:
+        """Attention heads of a block of ``channels`` channels, as guided-diffusion counts them."""
+        if self.num_head_channels != -1:
+            if channels % self.num_head_channels:
+                raise ValueError(f"ADM checkpoint: attention width {channels} is not divisible by "
+                                 f"num_head_channels {self.num_head_channels}")
+            return channels // self.num_head_channels
+        heads = self.num_heads_upsample if decoder and self.num_heads_upsample != -1 else self.num_heads
+        if channels % heads:
+            raise ValueError(f"ADM checkpoint: attention width {channels} is not divisible by num_heads {heads}")
+        return heads
+
+
+@dataclass(frozen=True)
+class Published:
+    """What guided-diffusion's README says about a released checkpoint, beyond its shapes."""
+
+    name: str
+    files: str
+    resolution: int
+    attention_order: str
+    schedule: str
+    num_heads: int = 1
+    num_head_channels: int = -1
+    small_size: int | None = None
+
+
+def _structure_key(model_channels, num_res_blocks, channel_mult, attention_ds, in_channels, num_classes,
+                   out_channels=6, use_scale_shift_norm=True, resblock_updown=True) -> tuple:
+    return (model_channels, num_res_blocks, tuple(float(m) for m in channel_mult), tuple(attention_ds),
+            in_channels, num_classes, out_channels, use_scale_shift_norm, resblock_updown)
+
+
+# Keyed by the structure read from shapes; attention_ds is image_size // attention_resolutions.
+PUBLISHED: dict[tuple, Published] = {
+    _structure_key(192, 3, (1, 2, 3, 4), (2, 4, 8), 3, 1000):
+        Published("ADM-64", "64x64_diffusion.pt", 64, "new", "cosine", num_head_channels=64),
+    _structure_key(256, 2, (1, 1, 2, 3, 4), (4, 8, 16), 3, 1000):
+        Published("ADM-128", "128x128_diffusion.pt", 128, "legacy", "linear", num_heads=4),
+    _structure_key(256, 2, (1, 1, 2, 2, 4, 4), (8, 16, 32), 3, 1000):
+        Published("ADM-256", "256x256_diffusion.pt", 256, "legacy", "linear", num_head_channels=64),
+    _structure_key(256, 2, (1, 1, 2, 2, 4, 4), (8, 16, 32), 3, None):
+        Published("ADM-256-uncond", "256x256_diffusion_uncond.pt or lsun_bedroom/cat/horse(_nodropout).pt",
+                  256, "legacy", "linear", num_head_channels=64),
+    _structure_key(256, 2, (0.5, 1, 1, 2, 2, 4, 4), (16, 32, 64), 3, 1000):
+        Published("ADM-512", "512x512_diffusion.pt", 512, "legacy", "linear", num_head_channels=64),
+    _structure_key(192, 2, (1, 1, 2, 2, 4, 4), (8, 16, 32), 6, 1000):
+        Published("ADM-64→256", "64_256_upsampler.pt", 256, "legacy", "linear", num_heads=4, small_size=64),
+    _structure_key(192, 2, (1, 1, 2, 2, 4, 4), (16, 32), 6, 1000):
+        Published("ADM-128→512", "128_512_upsampler.pt", 512, "legacy", "linear", num_head_channels=64,
+                  small_size=128),
+}
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the weights' dtype, as guided-diffusion's ``GroupNorm32``
+    (half-precision statistics over large groups lose too much)."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t f_i) | sin(t f_i)]``, ``f_i = max_period^(-i / half)``; fractional t is fine."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def resample(x: torch.Tensor, direction: str | None) -> torch.Tensor:
+    """Parameter-free 2x resampling of residual up/down blocks: nearest up, average-pool down."""
+    if direction == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if direction == "down":
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    return x
+
+
+class ResBlock(nn.Module):
+    """Residual block with time conditioning (additive, or scale-shift after the second norm)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, scale_shift: bool,
+                 direction: str | None = None):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.direction = direction
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
+        # Index 2 held dropout in training; kept as a placeholder so that out_layers.3 keeps its name.
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        norm, act, conv = self.in_layers
+        # Resample between the activation and the convolution, as the reference's h_upd does.
+        h = conv(resample(act(norm(x)), self.direction))
+        x = resample(x, self.direction)
+        emb_out = rearrange(self.emb_layers(emb).to(h.dtype), "b c -> b c 1 1")
+        out_norm, out_act, _, out_conv = self.out_layers
+        if self.scale_shift:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_norm(h) * (1 + scale) + shift
+        else:
+            h = out_norm(h + emb_out)
+        return self.skip_connection(x) + out_conv(out_act(h))
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution (``resblock_updown=False``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x then a 3x3 convolution (``resblock_updown=False``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(resample(x, "up"))
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual connection.
+
+    ``qkv`` and ``proj_out`` stay 1-D convolutions (their checkpoint shapes are ``C' x C x 1``) but
+    run as 1x1 2-D convolutions, so channels_last inputs need no reshuffle.
+    """
+
+    def __init__(self, channels: int, heads: int, order: str):
+        super().__init__()
+        if order not in ATTENTION_ORDERS:
+            raise ValueError(f"attention_order must be one of {ATTENTION_ORDERS}, got {order!r}")
+        self.heads = heads
+        # new: [Q | K | V] then heads; legacy: heads, then [q, k, v] inside each head.
+        self.pattern = "b (three h c) x y -> three b h (x y) c" if order == "new" else \
+            "b (h three c) x y -> three b h (x y) c"
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = F.conv2d(self.norm(x), self.qkv.weight[..., None], self.qkv.bias)
+        q, k, v = rearrange(qkv, self.pattern, three=3, h=self.heads)
+        a = F.scaled_dot_product_attention(q, k, v)
+        a = rearrange(a, "b h (x y) c -> b (h c) x y", x=x.shape[2])
+        return x + F.conv2d(a, self.proj_out.weight[..., None], self.proj_out.bias)
+
+
+class TimestepSequential(nn.Sequential):
+    """A block: residual blocks get the embedding, the other layers only the features."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+# --- the UNet -------------------------------------------------------------------------------------
+
+class ADMUNet(nn.Module):
+    """guided-diffusion's ``UNetModel`` (and ``SuperResModel`` when ``in_channels`` is 6).
+
+    ``forward(x, t, y=None, low_res=None)`` returns exactly what the reference returns. ``t`` may be
+    fractional. ``y`` is a LongTensor of class indices (B or 1 rows) or a float tensor of class
+    probabilities (B or 1 x num_classes), which mixes the label embeddings (one-hot rows give the
+    index's embedding exactly). ``low_res`` (B or 1 x 3 x h x w, in [-1, 1]) is an upsampler's input.
+    """
+
+    def __init__(self, config: ADMConfig):
+        super().__init__()
+        self.config = c = config
+        emb_ch = 4 * c.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes, emb_ch)
+        widths = [int(m * c.model_channels) for m in c.channel_mult]
+        ch = widths[0]
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1
+        for level, width in enumerate(widths):
+            for _ in range(c.num_res_blocks):
+                self.input_blocks.append(self._block(ch, width, ds))
+                ch = width
+                skips.append(ch)
+            if level != len(widths) - 1:
+                down = ResBlock(ch, emb_ch, ch, c.use_scale_shift_norm, "down") if c.resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepSequential(down))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = TimestepSequential(
+            ResBlock(ch, emb_ch, ch, c.use_scale_shift_norm),
+            AttentionBlock(ch, c.heads(ch), c.attention_order),
+            ResBlock(ch, emb_ch, ch, c.use_scale_shift_norm),
+        )
+        self.output_blocks = nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            for i in range(c.num_res_blocks + 1):
+                block = self._block(ch + skips.pop(), width, ds, decoder=True)
+                ch = width
+                if level and i == c.num_res_blocks:
+                    block.append(ResBlock(ch, emb_ch, ch, c.use_scale_shift_norm, "up") if c.resblock_updown
+                                 else Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(block)
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(widths[0], c.out_channels, 3, padding=1))
+
+    def _block(self, ch_in: int, ch_out: int, ds: int, decoder: bool = False) -> TimestepSequential:
+        c = self.config
+        layers = [ResBlock(ch_in, 4 * c.model_channels, ch_out, c.use_scale_shift_norm)]
+        if ds in c.attention_ds:
+            layers.append(AttentionBlock(ch_out, c.heads(ch_out, decoder), c.attention_order))
+        return TimestepSequential(*layers)
+
+    def _label_embedding(self, y: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if y is None:
+            raise ValueError(f"this ADM model is class-conditional ({self.config.num_classes} classes): pass 'y'")
+        if y.is_floating_point():
+            emb = y.to(self.label_emb.weight.dtype) @ self.label_emb.weight
+        else:
+            emb = self.label_emb(y.long().reshape(-1))
+        return emb.expand(batch, -1) if emb.shape[0] == 1 else emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                low_res: torch.Tensor | None = None) -> torch.Tensor:
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.numel() == 1:
+            t = t.reshape(1).expand(batch)
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        if self.config.num_classes is not None:
+            emb = emb + self._label_embedding(y, batch)
+        elif y is not None:
+            raise ValueError("this ADM model is unconditional: it takes no 'y'")
+        h = x
+        if self.config.is_upsampler:
+            if low_res is None:
+                raise ValueError("this ADM upsampler needs 'low_res', the low-resolution image (B x 3 x h x w in [-1, 1])")
+            # Interpolate in float32: half-precision bilinear is missing on some devices.
+            up = F.interpolate(low_res.float(), x.shape[-2:], mode="bilinear", align_corners=False).to(x.dtype)
+            h = torch.cat([x, up.expand(batch, -1, -1, -1)], dim=1)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+# --- config inference -----------------------------------------------------------------------------
+
+def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    indices = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _upsampling_layer(sd: dict[str, torch.Tensor], block: int) -> str | None:
+    """``"resblock"`` or ``"conv"`` if output block ``block`` ends in an upsampling layer."""
+    for j in (1, 2):
+        if f"output_blocks.{block}.{j}.in_layers.0.weight" in sd:
+            return "resblock"
+        if f"output_blocks.{block}.{j}.conv.weight" in sd:
+            return "conv"
+    return None
+
+
+def infer_structure(sd: dict[str, torch.Tensor]) -> dict:
+    """What the shapes tell (see the module docstring); raises ValueError on a layout that is not ADM's."""
+    missing = [k for k in REQUIRED_KEYS if k not in sd]
+    if missing:
+        raise ValueError(f"ADM checkpoint: missing {', '.join(missing)}")
+    mc = int(sd["time_embed.0.weight"].shape[1])
+    in_channels = int(sd["input_blocks.0.0.weight"].shape[1])
+    out_channels = int(sd["out.2.weight"].shape[0])
+    if in_channels not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS) or out_channels not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS):
+        raise ValueError(f"ADM checkpoint: {in_channels} input and {out_channels} output channels; ADM models take "
+                         f"3 (6 for upsamplers) and return 3 (6 with learned sigmas)")
+    n_in, n_out = _count_blocks(sd, "input_blocks"), _count_blocks(sd, "output_blocks")
+    ends = [i for i in range(n_out) if _upsampling_layer(sd, i)]
+    num_res_blocks = ends[0] if ends else n_out - 1
+    levels = n_out // (num_res_blocks + 1)
+    if num_res_blocks < 1 or levels * (num_res_blocks + 1) != n_out or n_in != n_out:
+        raise ValueError(f"ADM checkpoint: {n_in} input and {n_out} output blocks do not form an ADM UNet "
+                         f"(expected levels x (num_res_blocks + 1) of each)")
+    channel_mult, attention_ds = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        key = f"input_blocks.{first}.0.out_layers.3.weight"
+        if key not in sd:
+            raise ValueError(f"ADM checkpoint: missing {key} (the first residual block of level {level})")
+        mult = int(sd[key].shape[0]) / mc
+        channel_mult.append(int(mult) if mult.is_integer() else mult)
+        if f"input_blocks.{first}.1.qkv.weight" in sd:
+            attention_ds.append(2 ** level)
+    emb_rows = int(sd["input_blocks.1.0.emb_layers.1.weight"].shape[0])
+    return {
+        "model_channels": mc, "in_channels": in_channels, "out_channels": out_channels,
+        "num_res_blocks": num_res_blocks, "channel_mult": tuple(channel_mult), "attention_ds": tuple(attention_ds),
+        "num_classes": int(sd["label_emb.weight"].shape[0]) if "label_emb.weight" in sd else None,
+        "use_scale_shift_norm": emb_rows == 2 * int(sd["input_blocks.1.0.out_layers.3.weight"].shape[0]),
+        "resblock_updown": _upsampling_layer(sd, num_res_blocks) != "conv" if ends else True,
+    }
+
+
+def _meta_int(meta: dict[str, str], key: str) -> int | None:
+    if key not in meta:
+        return None
+    try:
+        return int(meta[key])
+    except ValueError as err:
+        raise ValueError(f"ADM checkpoint: metadata {key!r} must be an integer, got {meta[key]!r}") from err
+
+
+def _meta_choice(meta: dict[str, str], key: str, choices: tuple) -> str | None:
+    if key not in meta:
+        return None
+    value = meta[key].strip().lower()
+    if value not in choices:
+        raise ValueError(f"ADM checkpoint: metadata {key!r} must be one of {choices}, got {meta[key]!r}")
+    return value
+
+
+def _describe_structure(s: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in s.items())
+
+
+def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[ADMConfig, Published | None, dict]:
+    """The config, the published model it matches (or ``None``), and where each unread fact came from."""
+    s = infer_structure(sd)
+    published = PUBLISHED.get(_structure_key(**s))
+    sources: dict[str, str] = {}
+
+    def pick(key: str, from_meta, from_table):
+        if from_meta is not None:
+            sources[key] = "metadata"
+            return from_meta
+        if published is not None:
+            sources[key] = f"published config of {published.files}"
+            return from_table
+        return None
+
+    resolution = pick("resolution", _meta_int(meta, "resolution"), published and published.resolution)
+    order = pick("attention_order", _meta_choice(meta, "attention_order", ATTENTION_ORDERS),
+                 published and published.attention_order)
+    meta_heads = (_meta_int(meta, "num_head_channels"), _meta_int(meta, "num_heads"))
+    heads = pick("heads", meta_heads if any(v is not None for v in meta_heads) else None,
+                 published and (published.num_head_channels, published.num_heads))
+    lacking = [name for name, value in (("resolution", resolution), ("attention_order", order),
+                                        ("num_head_channels or num_heads", heads)) if value is None]
+    if lacking:
+        raise ValueError(
+            f"ADM checkpoint: unrecognised configuration ({_describe_structure(s)}); it matches none of "
+            f"guided-diffusion's published models, whose table gives what shapes cannot tell. Set "
+            f"{', '.join(lacking)} in the safetensors metadata (attention_order is 'new' or 'legacy').")
+    head_channels, num_heads = heads
+    small_size = None
+    if s["in_channels"] == 2 * IMAGE_CHANNELS:
+        small_size = _meta_int(meta, "small_size") or (published.small_size if published and "resolution" not in meta
+                                                       else resolution // 4)
+    levels = len(s["channel_mult"])
+    if resolution % 2 ** (levels - 1):
+        raise ValueError(f"ADM checkpoint: resolution {resolution} is not divisible by 2^{levels - 1} "
+                         f"({levels} levels)")
+    config = ADMConfig(
+        resolution=resolution, attention_order=order, small_size=small_size,
+        num_head_channels=head_channels if head_channels is not None else -1,
+        num_heads=num_heads if num_heads is not None else 1,
+        num_heads_upsample=_meta_int(meta, "num_heads_upsample") or -1, **s)
+    return config, published, sources
+
+
+def schedule_for(published: Published | None, meta: dict[str, str], schedule: str | None) -> tuple[str, str]:
+    """The training schedule and where it came from: argument, metadata, or the published config."""
+    if schedule is not None:
+        return schedule, "argument"
+    from_meta = _meta_choice(meta, "schedule", SCHEDULES)
+    if from_meta is not None:
+        return from_meta, "metadata"
+    if published is not None:
+        return published.schedule, f"published config of {published.files}"
+    raise ValueError("ADM checkpoint: the training noise schedule cannot be read from the weights and this "
+                     "configuration is not a published one; pass schedule='linear' or 'cosine' (or set "
+                     "metadata 'schedule')")
+
+
+def describe(config: ADMConfig) -> str:
+    heads = f"{config.num_head_channels} ch/head" if config.num_head_channels != -1 else f"{config.num_heads} heads"
+    parts = [f"{config.resolution}px", f"{config.model_channels}ch x {config.channel_mult}",
+             f"{config.num_res_blocks} res blocks", f"attention at ds {config.attention_ds} ({heads}, "
+             f"{config.attention_order} qkv)"]
+    if config.num_classes:
+        parts.append(f"{config.num_classes} classes")
+    if config.is_upsampler:
+        parts.append(f"upsampler from {config.small_size}px")
+    return ", ".join(parts)
+
+
+def expert_name(config: ADMConfig, published: Published | None) -> str:
+    if published is not None and config.resolution == published.resolution and config.small_size == published.small_size:
+        return published.name
+    if config.is_upsampler:
+        return f"ADM-{config.small_size}→{config.resolution}"
+    return f"ADM-{config.resolution}" + ("" if config.num_classes else "-uncond")
+
+
+# --- the expert -----------------------------------------------------------------------------------
+
+def detect(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str) -> bool:
+    """ADM layouts only: GLIDE files (text transformer, ``encoder_kv``) and the face experts
+    (``input_blocks_convert``, ``cond_emb_layers``) share the trunk's names but are not ADM."""
+    if family != "adm" or not all(k in sd for k in REQUIRED_KEYS):
+        return False
+    return not any(marker in k for k in sd for marker in FOREIGN_MARKERS)
+
+
+def load_class_names() -> list[str]:
+    """ImageNet's 1000 class names in index order (torchvision's ``IMAGENET1K_V1`` categories)."""
+    with open(CLASS_NAMES_FILE, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def build_network(sd: dict[str, torch.Tensor], config: ADMConfig) -> ADMUNet:
+    """The network holding the checkpoint's tensors, which must match the config exactly."""
+    with torch.device("meta"):
+        network = ADMUNet(config)
+    try:
+        # assign=True adopts the checkpoint's tensors instead of initialising and copying 550M weights.
+        network.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"ADM checkpoint does not match the inferred architecture ({describe(config)}): "
+                         f"{detail[:800]}") from err
+    return network
+
+
+def _class_encoder(name: str, num_classes: int) -> Callable[[int], Condition]:
+    def encode(index: int) -> Condition:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_classes:
+            raise ValueError(f"{name}: class index {index!r} is out of range; it takes 0..{num_classes - 1}")
+        return {"y": torch.tensor([index], dtype=torch.long)}
+    return encode
+
+
+def _image_encoder(name: str, config: ADMConfig) -> Callable[..., Condition]:
+    """``fn(low_res, class_index=None)``: the low-res image resized (kornia, bilinear, antialiased)
+    to the ``small_size`` the upsampler was trained on, when it is another size.
+
+    The released upsamplers are class-conditional too, so their condition also holds ``y`` as class
+    probabilities: one-hot for ``class_index``, else uniform, that is the mean label embedding, a
+    class-agnostic stand-in the model never saw in training (pass a class for a trained condition).
+    """
+    n, size = config.num_classes, config.small_size
+
+    def encode(low_res: torch.Tensor, class_index: int | None = None, text: str | None = None) -> Condition:
+        if text:
+            raise ValueError(f"{name} takes no text; bind the prompt to a text expert")
+        if not isinstance(low_res, torch.Tensor) or low_res.ndim != 4 or low_res.shape[1] != IMAGE_CHANNELS:
+            shape = tuple(low_res.shape) if isinstance(low_res, torch.Tensor) else type(low_res).__name__
+            raise ValueError(f"{name}: the low-res image must be B x 3 x h x w in [-1, 1], got {shape}")
+        low_res = low_res.float()
+        if tuple(low_res.shape[-2:]) != (size, size):
+            import kornia
+
+            low_res = kornia.geometry.transform.resize(low_res, (size, size), interpolation="bilinear",
+                                                       antialias=True)
+        condition = {"low_res": low_res}
+        if n is not None:
+            if class_index is None:
+                y = torch.full((1, n), 1.0 / n)
+            else:
+                _class_encoder(name, n)(class_index)
+                y = F.one_hot(torch.tensor([class_index]), n).float()
+            condition["y"] = y
+        elif class_index is not None:
+            raise ValueError(f"{name} is not class-conditional; leave class_index out")
+        return condition
+    return encode
+
+
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+    """The expert of a guided-diffusion checkpoint; ``schedule`` overrides the training noise schedule."""
+    config, published, sources = infer_config(sd, meta)
+    schedule, sources["schedule"] = schedule_for(published, meta, schedule)
+    network = build_network(sd, config)
+    name = expert_name(config, published)
+    class_names = None
+    if config.num_classes is not None:
+        class_names = load_class_names() if config.num_classes == 1000 else [str(i) for i in range(config.num_classes)]
+    if config.is_upsampler:
+        encoders = {"image": _image_encoder(name, config)}
+        null, null_for = None, (lambda c: dict(c))  # the low-res image stays: it was never dropped in training
+    elif config.num_classes is not None:
+        encoders = {"class": _class_encoder(name, config.num_classes)}
+        null, null_for = None, None  # never trained with label dropout: the binding forms the null
+    else:
+        encoders, null, null_for = {}, {}, None
+    return Expert(
+        network=network, name=name, family="adm", resolution=config.resolution,
+        alphas_cumprod=alphas_cumprod_for(schedule, _meta_int(meta, "diffusion_steps") or 1000),
+        prediction="eps_learned_sigma" if config.learn_sigma else "eps",
+        encoders=encoders, null_condition=null, null_for=null_for, class_names=class_names,
+        info={"config": asdict(config), "architecture": describe(config), "schedule": schedule,
+              "published": published.files if published else None, "sources": sources,
+              "params": sum(p.numel() for p in network.parameters())},
+    )
