@@ -150,7 +150,7 @@ def test_the_static_check_catches_what_the_server_would_refuse(object_info):
 def test_every_api_workflow_has_a_ui_workflow_that_agrees(object_info):
     assert API_WORKFLOWS, "no workflows in workflows/api/"
     problems = workflow_ui.check(object_info)
-    assert not problems, "\n".join(problems)
+    assert not problems, "\n".join(problems) + "\n(regenerate with: .venv/bin/python tools/workflow_ui.py)"
 
 
 def test_the_check_sees_a_changed_widget_and_a_dropped_link(object_info):
