@@ -2,19 +2,20 @@
 
 Four published checkpoints load unchanged, with their original key names:
 
-========================  ===========================  =======  ==========================================
-file                      class in glide-text2im       pixels   network input channels, in this order
-========================  ===========================  =======  ==========================================
-``base.pt``               ``Text2ImUNet``              64       ``x``
-``upsample.pt``           ``SuperResText2ImUNet``      256      ``x, up(low_res)``
-``base_inpaint.pt``       ``InpaintText2ImUNet``       64       ``x, inpaint_image * inpaint_mask, inpaint_mask``
-``upsample_inpaint.pt``   ``SuperResInpaintText2ImUnet`` 256    ``x, inpaint_image * inpaint_mask, inpaint_mask, up(low_res)``
-========================  ===========================  =======  ==========================================
+=========================  ================================  ======  ======================================
+file                       class in glide-text2im            pixels  input channels, in this order
+=========================  ================================  ======  ======================================
+``base.pt``                ``Text2ImUNet``                   64      ``x``
+``upsample.pt``            ``SuperResText2ImUNet``           256     ``x, up(low_res)``
+``base_inpaint.pt``        ``InpaintText2ImUNet``            64      ``x, image * mask, mask``
+``upsample_inpaint.pt``    ``SuperResInpaintText2ImUnet``    256     ``x, image * mask, mask, up(low_res)``
+=========================  ================================  ======  ======================================
 
-``up`` is a bilinear resize to the size of ``x`` (``align_corners=False``). ``inpaint_mask`` is 1
-where the pixels are known (kept) and 0 where they are to be generated; a missing inpaint image
-or mask means zeros, that is plain text-to-image. Every variant returns 6 channels: eps, then the
-learned-variance interpolation ``v``.
+``up`` is a bilinear resize to the size of ``x`` (``align_corners=False``); ``image`` and ``mask``
+are the ``inpaint_image`` and ``inpaint_mask`` inputs. The mask is 1 where the pixels are known
+(kept) and 0 where they are to be generated; a missing inpaint image or mask means zeros, that
+is plain text-to-image. Every variant returns 6 channels: eps, then the learned-variance
+interpolation ``v``.
 
 The network is GLIDE's ADM-style UNet (scale-shift norm, residual up/down-sampling, legacy
 ``[q, k, v]``-per-head attention layout) plus a text transformer: token, positional and
