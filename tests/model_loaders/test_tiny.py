@@ -1,0 +1,147 @@
+"""The tiny digit family: the shipped experts load through ``load_expert``, their encoders and
+their errors, and the loader's round trip of a saved network."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model_loaders
+from model_loaders import tiny
+from model_loaders.schedules import alphas_cumprod_for
+
+MODELS = Path(__file__).resolve().parents[2] / "models_tiny"
+SCHEDULES = {"class": "cosine", "colour": "linear", "layout": "cosine"}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return {m: model_loaders.load_expert(str(MODELS / f"tiny_{m}.safetensors"), family="auto")
+            for m in tiny.MODALITIES}
+
+
+def test_shipped_files_are_small():
+    sizes = [(MODELS / f"tiny_{m}.safetensors").stat().st_size for m in tiny.MODALITIES]
+    assert sum(sizes) < 10 * 2**20
+
+
+@pytest.mark.parametrize("modality", tiny.MODALITIES)
+def test_shipped_expert_loads_and_predicts(shipped, modality):
+    e = shipped[modality]
+    assert e.family == "tiny"
+    assert e.name == tiny.NAMES[modality]
+    assert e.resolution == 32 and e.prediction == "eps"
+    assert e.info["schedule"] == SCHEDULES[modality]
+    assert torch.equal(e.alphas_cumprod, alphas_cumprod_for(SCHEDULES[modality]))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10.0, 700.5])
+    null = e.eps(x, t, e.null_condition)
+    assert null.shape == (2, 3, 32, 32) and null.dtype == torch.float32
+    assert torch.isfinite(null).all()
+    # A trained expert predicts the noise: at a large t, x is mostly noise, so eps ~ x.
+    cond = {"class": lambda: e.encode("class", 3), "colour": lambda: e.encode("colour", "red"),
+            "layout": lambda: e.encode("segmentation", torch.ones(1, 1, 32, 32))}[modality]()
+    eps = e.eps(x, torch.tensor([999.0, 999.0]), cond)
+    assert float((eps - x).pow(2).mean()) < 0.05
+
+
+def test_class_names_and_nulls(shipped):
+    assert shipped["class"].class_names == [str(k) for k in range(10)]
+    assert shipped["colour"].class_names == ["red", "green", "blue", "yellow", "magenta", "cyan"]
+    assert torch.equal(shipped["class"].null_condition["y"], torch.tensor([10]))
+    assert torch.equal(shipped["colour"].null_condition["colour"], torch.tensor([6]))
+    assert torch.equal(shipped["layout"].null_condition["layout"], torch.zeros(1, 2, 32, 32))
+
+
+def test_class_encoder(shipped):
+    e = shipped["class"]
+    assert torch.equal(e.encode("class", 7)["y"], torch.tensor([7]))
+    assert torch.equal(e.encode("class", torch.tensor(4))["y"], torch.tensor([4]))
+    for bad in (10, -1, 2.0, "3", True):
+        with pytest.raises(ValueError, match=re.escape(f"Tiny digits · class: the class must be an integer digit "
+                                                       f"0..9, got {bad!r}")):
+            e.encode("class", bad)
+    with pytest.raises(ValueError, match=re.escape("Tiny digits · class does not take a 'text' condition; "
+                                                   "it accepts: class")):
+        e.encode("text", "seven")
+
+
+def test_colour_encoder_through_colour_and_text(shipped):
+    e = shipped["colour"]
+    assert torch.equal(e.encode("colour", "blue")["colour"], torch.tensor([2]))
+    assert torch.equal(e.encode("text", "  Magenta ")["colour"], torch.tensor([4]))
+    with pytest.raises(ValueError, match=re.escape("Tiny digits · colour: unknown colour 'purple'; the vocabulary "
+                                                   "is: red, green, blue, yellow, magenta, cyan")):
+        e.encode("text", "purple")
+    with pytest.raises(ValueError, match=re.escape("unknown colour 3;")):
+        e.encode("colour", 3)
+
+
+def test_layout_encoder_resizes_and_flags(shipped):
+    e = shipped["layout"]
+    big = torch.zeros(2, 1, 64, 64)
+    big[:, :, 16:48, 8:40] = 1
+    cond = e.encode("segmentation", big, slot=None)["layout"]
+    assert cond.shape == (2, 2, 32, 32)
+    assert torch.equal(cond[:, 1], torch.ones(2, 32, 32))
+    # The box is 16 x 16 at 32 px; antialiased bilinear keeps its mass.
+    assert abs(float(cond[0, 0].sum()) - 256) < 1e-3
+    assert float(cond[0, 0, 12, 10]) == pytest.approx(1.0) and float(cond[0, 0, 2, 2]) == 0.0
+    same = e.encode("segmentation", big[:, 0, ::2, ::2])["layout"]      # B x H x W at 32 px
+    assert torch.equal(same[:, 0], big[:, 0, ::2, ::2])
+    with pytest.raises(ValueError, match=re.escape("Tiny digits · layout: the layout map must lie in [0, 1], "
+                                                   "got [0, 2]")):
+        e.encode("segmentation", big * 2)
+    with pytest.raises(ValueError, match=re.escape("Tiny digits · layout: the layout map must be B x 1 x H x W, "
+                                                   "got shape (1, 3, 32, 32)")):
+        e.encode("segmentation", torch.zeros(1, 3, 32, 32))
+
+
+def _small(modality: str, tmp_path: Path, **changes) -> tuple[Path, torch.nn.Module]:
+    config = tiny.default_config(modality) | {"widths": [8, 16, 16]} | changes
+    torch.manual_seed(1)
+    net = tiny.network_from_config(config)
+    path = tmp_path / f"small_{modality}.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=tiny.metadata_for(config))
+    return path, net.eval()
+
+
+@pytest.mark.parametrize("modality", tiny.MODALITIES)
+def test_round_trip_is_exact(tmp_path, modality):
+    path, net = _small(modality, tmp_path)
+    e = model_loaders.load_expert(str(path))
+    assert e.family == "tiny"
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0.0, 250.25, 999.0])
+    cond = {"class": {"y": torch.tensor([1, 2, 10])}, "colour": {"colour": torch.tensor([0, 5, 6])},
+            "layout": {"layout": torch.rand(3, 2, 32, 32)}}[modality]
+    with torch.no_grad():
+        assert torch.equal(e.eps(x, t, cond), net(x, t, **cond))
+
+
+def test_patch_one_network_runs(tmp_path):
+    path, _ = _small("class", tmp_path, patch=1, attention=False)
+    e = model_loaders.load_expert(str(path), family="tiny")
+    assert e.eps(torch.zeros(1, 3, 32, 32), torch.tensor([5.0]), e.null_condition).shape == (1, 3, 32, 32)
+
+
+def test_detect_claims_only_tiny_metadata():
+    assert tiny.detect({}, {"uac_family": "tiny"}, "tiny")
+    assert not tiny.detect({}, {}, "tiny")
+    assert not tiny.detect({}, {"uac_family": "face"}, "tiny")
+
+
+def test_bad_metadata_is_named(tmp_path):
+    path, _ = _small("colour", tmp_path)
+    sd = model_loaders.load_state_dict(str(path))
+    with pytest.raises(ValueError, match=re.escape("tiny checkpoint: 'uac_config' lacks schedule")):
+        tiny.build(sd, {"uac_family": "tiny", "uac_config": json.dumps({"modality": "colour", "widths": [8, 16, 16],
+                                                                       "res_blocks": 1, "attention": True})}, "tiny")
+    with pytest.raises(ValueError, match="tiny checkpoint: its metadata has no readable 'uac_config' JSON"):
+        tiny.build(sd, {"uac_family": "tiny"}, "tiny")
+    config = tiny.default_config("colour") | {"widths": [8, 16, 32]}
+    with pytest.raises(ValueError, match=r"tiny colour checkpoint does not match its config"):
+        tiny.build(sd, tiny.metadata_for(config), "tiny")

