@@ -282,15 +282,16 @@ def _text_state(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tenso
     return out
 
 
-def build_tower(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None, name: str = "text encoder"
-                ) -> ClipTextTower:
-    """The text tower of a CLIP/FaRL state dict (see the module docstring for what is read where)."""
+def build_tower(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None, name: str = "text encoder",
+                heads: int | None = None) -> ClipTextTower:
+    """The text tower of a CLIP/FaRL state dict (see the module docstring for what is read where;
+    ``heads`` overrides the metadata and the ``width // 64`` rule)."""
     meta = meta or {}
     sd = _text_state(sd, name)
     vocab_size, width = (int(s) for s in sd["token_embedding.weight"].shape)
     context = int(sd["positional_embedding"].shape[0])
     layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
-    heads = int(meta.get("heads") or meta.get("transformer_heads") or max(1, width // 64))
+    heads = int(heads or meta.get("heads") or meta.get("transformer_heads") or max(1, width // 64))
     if width % heads:
         raise ValueError(f"{name}: width {width} is not divisible by {heads} heads")
     tower = ClipTextTower(vocab_size, context, width, layers, heads, int(sd["text_projection"].shape[1]))
@@ -340,18 +341,19 @@ class TextEncoder:
         return (embedding / embedding.norm(dim=-1, keepdim=True)).cpu()
 
 
-def load_text_encoder(path: str, vocab: str | os.PathLike | None = None) -> TextEncoder:
+def load_text_encoder(path: str, vocab: str | os.PathLike | None = None, heads: int | None = None) -> TextEncoder:
     """A :class:`TextEncoder` from a FaRL ``.pth`` or an OpenAI-layout CLIP checkpoint.
 
     Args:
         path: ``.safetensors`` or ``.pt``/``.pth`` (read with ``weights_only=True``).
         vocab: the tokenizer's vocabulary, when not ComfyUI's (see :func:`find_vocab`).
+        heads: attention heads, for a reduced-width file without metadata (shapes cannot tell).
     """
     from . import read_checkpoint
 
     sd, meta = read_checkpoint(path)
     name = os.path.basename(path)
-    tower = build_tower(sd, meta, name)
+    tower = build_tower(sd, meta, name, heads)
     tokenizer = ClipTokenizer(vocab)
     vocab_size = int(tower.token_embedding.weight.shape[0])
     if vocab_size != len(tokenizer.encoder):
