@@ -609,12 +609,22 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
         network=network, name=name, family="glide_upsample" if config.super_res else "glide",
         resolution=config.image_size, alphas_cumprod=alphas_cumprod_for(schedule, steps),
         prediction="eps_learned_sigma" if config.out_channels == 2 * IMAGE_CHANNELS else "eps",
-        encoders=encoders, null_condition=null, null_for=blank_text,
+        encoders=encoders, null_condition=null, null_for=blank_text, warners=_warners(config),
         info={"config": asdict(config), "schedule": schedule, "architecture": describe(config),
               "xf_heads_from": "metadata" if "xf_heads" in meta else "xf_width // 64",
-              "params": sum(p.numel() for p in network.parameters()),
-              "text_warning": lambda text: tokenize_with_warning(text, config.text_ctx)[2]},
+              "params": sum(p.numel() for p in network.parameters())},
     )
+
+
+def _warners(config: GlideConfig) -> dict:
+    """The prompt truncation warning, for every modality that takes a prompt."""
+    def text_warning(text: str = "", *args, **kwargs) -> str | None:
+        return tokenize_with_warning(text, config.text_ctx)[2]
+
+    def with_text(*args, text: str = "", **kwargs) -> str | None:
+        return tokenize_with_warning(text, config.text_ctx)[2]
+
+    return {"text": text_warning, "image": with_text, "inpaint": with_text}
 
 
 # --- conditions -----------------------------------------------------------------------------------

@@ -322,10 +322,11 @@ class PoEBindImage(io.ComfyNode):
         low_res = image_to_pixels(image.float())
         with node_input(node, "image"):
             condition = e.encode("image", low_res, text=text) if text.strip() else e.encode("image", low_res)
+        warning = e.warning("image", low_res, text=text) if text.strip() else None
         nulls = binding_lib.default_nulls(expert, condition)
         label = f"low-res {low_res.shape[-1]}x{low_res.shape[-2]}" + (f' + "{text[:30]}"' if text.strip() else "")
         return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
-                       mask, mask_feather, mask_invert, mask_outside)
+                       mask, mask_feather, mask_invert, mask_outside, [warning] if warning else [])
 
 
 class PoEBindingSchedule(io.ComfyNode):

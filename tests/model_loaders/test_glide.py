@@ -245,8 +245,9 @@ def test_base_expert_fields_and_conditions(base, base_expert):
     assert torch.equal(null["tokens"], inputs["tokens"][1:]) and torch.equal(null["mask"], inputs["mask"][1:].bool())
     assert torch.equal(e.null_condition["tokens"], null["tokens"])
     assert torch.equal(e.null_condition["mask"], null["mask"])
-    assert e.info["text_warning"](CORGI) is None
-    assert "dropped" in e.info["text_warning"]("word " * 200)
+    assert e.warning("text", CORGI) is None
+    assert e.warning("text", "word " * 200) == ("prompt is 201 tokens long; GLIDE reads only the first 128, the "
+                                                "last 73 were dropped")
     _, mask, warning = glide.tokenize_with_warning("word " * 200, 128)
     assert mask.all() and warning.startswith("prompt is 201 tokens long")
 
