@@ -31,7 +31,9 @@ Segmentation slots hold face-parser maps scaled to [-1, 1] (``2 m - 1``), the sa
 channels of the slot (the training masks are grey images read as RGB), and zeros in the unused
 slot. The null is zero slots and a zero embedding (training: 1/8 of the samples). Text is a
 FaRL/CLIP text embedding, L2-normalised (``model_loaders.text_encoders``); training used FaRL
-*image* embeddings of the target, which live in the same joint space.
+*image* embeddings of the target, which live in the same joint space. (The released sampler,
+``diffusion_test``, resets its prompt to ``''`` for every keyword after ``Text``, so it always
+encodes the empty prompt; reproductions of its figures should not expect the prompt to matter.)
 
 Which slot holds which part. The released sampler (``face_utils/diff_test.py``) builds
 ``face_input = cat([face_map, 0])`` and ``hair_input = cat([0, hair_map])``, with ``face_map``
