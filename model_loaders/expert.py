@@ -162,11 +162,25 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"{os.path.basename(path)}: refused to load. Only plain tensor checkpoints are read "
             f"(torch.load with weights_only=True); this file is corrupt or holds other Python objects "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            "Convert it to .safetensors from a trusted source."
+            f"({_load_error_reason(err)}). Convert it to .safetensors from a trusted source."
         ) from err
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{os.path.basename(path)}: expected a state dict of tensors, found {type(sd).__name__}")
     return sd
+
+
+def _load_error_reason(err: Exception) -> str:
+    """The informative line of torch's refusal: the global it would not unpickle, never its advice
+    to retry with weights_only=False (which would run the file's code)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    for line in text.splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.strip()
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if "weights_only" in first:
+        first = "it is not a plain weights file"
+    return f"{type(err).__name__}: {first}"[:300]

@@ -9,8 +9,9 @@ from comfy_api.latest import io
 from ..conditions import maps
 from ..samplers import binding as binding_lib
 from ..samplers import poe
-from .common import (CATEGORY, Expert, Experts, TextEncoder, chain, check_finite, experts_input,
-                     image_to_pixels, log, mask_inputs, node_input, reliability_input, weight_input)
+from .common import (CATEGORY, Expert, Experts, TextEncoder, chain, check_choice, check_finite, check_number,
+                     check_unit_range, experts_input, image_to_pixels, log, mask_inputs, node_input,
+                     reliability_input, weight_input)
 
 _IMAGENET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_loaders", "imagenet_classes.txt")
 
@@ -23,20 +24,29 @@ def imagenet_choices() -> list[str]:
     return [f"{i}" for i in range(1000)]
 
 
-def parse_class(choice: str, index: int) -> int:
-    return index if index >= 0 else int(str(choice).split(":", 1)[0])
+def parse_class(node: str, choice: str, index: int) -> int:
+    if index >= 0:
+        return index
+    head = str(choice).split(":", 1)[0].strip()
+    if not head.isdigit():
+        raise ValueError(f"{node}: input 'class': {str(choice)[:80]!r} is not 'index: name'; pick a class from the "
+                         "list, or set class_index")
+    return int(head)
 
 
 def _finish(node: str, expert, condition, nulls, weight, reliability, label, experts, mask=None, mask_feather=0,
             mask_invert=False, mask_outside=0.0, warnings=()) -> io.NodeOutput:
     """Validate, apply the optional spatial mask, chain, and show what was bound."""
     warnings = list(warnings)
+    check_number(node, "weight", weight)
+    check_number(node, "reliability", reliability)
+    check_number(node, "mask_outside", mask_outside)
+    if mask is not None:
+        check_unit_range(node, "mask", mask)
     if not nulls and reliability > 0:
         raise ValueError(f"{node}: input 'reliability': {expert.name} has no null for this binding, so the "
                          "reliability must be 0 (another binding supplies the prior)")
     with node_input(node, "mask"):
-        if mask is not None:
-            check_finite(node, "mask", mask)
         scale, note = maps.spatial_scale(mask, expert.expert.resolution, mask_feather, mask_invert, mask_outside)
     if note:
         warnings.append(note)
@@ -86,7 +96,8 @@ class PoEBindClass(io.ComfyNode):
     def execute(cls, expert, weight, reliability, null, null_k, class_index, experts=None, mask=None, mask_feather=0,
                 mask_invert=False, mask_outside=0.0, **kw) -> io.NodeOutput:
         node = "PoEBindClass"
-        index = parse_class(kw["class"], class_index)
+        check_choice(node, "null", null, binding_lib.NULL_CHOICES, "null choice")
+        index = parse_class(node, kw["class"], class_index)
         e = expert.expert
         with node_input(node, "class" if class_index < 0 else "class_index"):
             condition = e.encode("class", index)
@@ -216,19 +227,21 @@ class PoEBindSegmentation(io.ComfyNode):
                 label_colour="#ffffff", experts=None, mask=None, mask_feather=0, mask_invert=False,
                 mask_outside=0.0) -> io.NodeOutput:
         node = "PoEBindSegmentation"
+        check_choice(node, "source", source, maps.MAP_SOURCES, "map source")
+        check_choice(node, "slot", slot, SLOTS, "slot")
         e = expert.expert
         if source == "mask":
             if map_mask is None:
                 raise ValueError(f"{node}: input 'map_mask' is not connected but source is 'mask'; connect a MASK "
                                  "or pick an image source")
-            check_finite(node, "map_mask", map_mask)
+            check_unit_range(node, "map_mask", map_mask)
             with node_input(node, "map_mask"):
                 m = maps.map_from_mask(map_mask)
         else:
             if map_image is None:
                 raise ValueError(f"{node}: input 'map_image' is not connected but source is {source!r}; connect an "
                                  "IMAGE or use source 'mask'")
-            check_finite(node, "map_image", map_image)
+            check_unit_range(node, "map_image", map_image)
             with node_input(node, "label_colour" if source == "image colour label" else "map_image"):
                 m = maps.map_from_image(map_image, source, label_colour)
         m, note = maps.fit_to(m, e.resolution, "map")
@@ -272,6 +285,7 @@ class PoEBindSketch(io.ComfyNode):
         from ..conditions import edges as edge_ops
 
         node = "PoEBindSketch"
+        check_choice(node, "edges", edges, ("canny", "as-is"), "edge mode")
         e = expert.expert
         check_finite(node, "image", image)
         if low_threshold > high_threshold:
@@ -364,7 +378,14 @@ class PoEBindingSchedule(io.ComfyNode):
         import dataclasses
 
         node = "PoEBindingSchedule"
+        for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max),
+                            ("reliability_at_high_noise", reliability_at_high_noise),
+                            ("reliability_at_low_noise", reliability_at_low_noise),
+                            ("ramp_sigma_high", ramp_sigma_high), ("ramp_sigma_low", ramp_sigma_low)):
+            check_number(node, name, value)
         bindings = list(experts)
+        if not bindings:
+            raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
         if not -len(bindings) <= index < len(bindings):
             raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
                              f"0..{len(bindings) - 1} or -1 for the last")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 from comfy_api.latest import io
@@ -23,8 +24,33 @@ def node_input(node: str, name: str, fix: str = ""):
     try:
         yield
     except (ValueError, KeyError, TypeError) as err:
-        msg = str(err).strip("'\"")
+        # A KeyError's str() is the repr of its key: unquote it; other messages stay as they are.
+        msg = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+        if len(msg) > 600:
+            msg = msg[:600] + "..."
         raise ValueError(f"{node}: input '{name}': {msg}{(' ' + fix) if fix else ''}") from None
+
+
+def check_choice(node: str, name: str, value, options, what: str = "value") -> None:
+    """ComfyUI 0.3.75 does not validate V3 combo values, so every node checks its own."""
+    options = list(options)
+    if value not in options:
+        shown = ", ".join(map(str, options[:12])) + (", ..." if len(options) > 12 else "")
+        raise ValueError(f"{node}: input '{name}': unknown {what} {str(value)[:80]!r}; pick one of: {shown}")
+
+
+def check_number(node: str, name: str, value: float) -> None:
+    """ComfyUI's min/max checks let NaN through."""
+    if not math.isfinite(value):
+        raise ValueError(f"{node}: input '{name}' is {value}; use a finite number")
+
+
+def check_unit_range(node: str, name: str, t: torch.Tensor) -> None:
+    check_finite(node, name, t)
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise ValueError(f"{node}: input '{name}' must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                         "rescale it (a MASK or IMAGE from ComfyUI's own nodes already is)")
 
 
 def image_to_pixels(image: torch.Tensor) -> torch.Tensor:

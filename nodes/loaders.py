@@ -8,14 +8,17 @@ from comfy_api.latest import io
 
 from .. import model_loaders
 from ..samplers import comfy_bridge
-from .common import CATEGORY, Expert, TextEncoder, node_input
+from .common import CATEGORY, Expert, TextEncoder, check_choice, node_input
 
 SCHEDULE_CHOICES = ("published", "linear", "cosine")
 
 
 def expert_path(name: str) -> str:
     """A file in models/experts; a diffusers weight file stands for its whole folder."""
-    path = folder_paths.get_full_path_or_raise("experts", name)
+    path = folder_paths.get_full_path("experts", name)
+    if path is None:
+        raise ValueError(f"{name} is not in models/experts; put the file there and refresh the node list "
+                         "(press R in the browser)")
     folder = os.path.dirname(path)
     if os.path.basename(path).startswith("diffusion_pytorch_model") and os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -49,7 +52,11 @@ class PoEExpertLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, expert_name, family, dtype, schedule) -> io.NodeOutput:
-        with node_input("PoEExpertLoader", "expert_name"):
+        node = "PoEExpertLoader"
+        check_choice(node, "family", family, model_loaders.FAMILIES, "family")
+        check_choice(node, "dtype", dtype, model_loaders.DTYPES, "dtype")
+        check_choice(node, "schedule", schedule, SCHEDULE_CHOICES, "schedule")
+        with node_input(node, "expert_name"):
             path = expert_path(expert_name)
             expert = model_loaders.load_expert(path, family=family,
                                                schedule=None if schedule == "published" else schedule)

@@ -5,8 +5,8 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import binding as binding_lib
-from ..samplers import comfy_bridge, comfy_correctors, correctors
-from .common import CATEGORY, Experts, check_finite, log, node_input, pixels_to_image
+from ..samplers import comfy_bridge, comfy_correctors, correctors, poe
+from .common import CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image
 
 Corrector = io.Custom("POE_CORRECTOR")
 
@@ -64,6 +64,9 @@ class PoEKSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", optional=True,
                                 tooltip="Optional pixel latent (B x 3 x H x W in [-1, 1]) to start from; its noise "
                                         "mask (SetLatentNoiseMask) keeps the unmasked pixels exactly."),
+                io.Float.Input("noise_temperature", default=1.0, min=0.0, max=2.0, step=0.001, optional=True,
+                               tooltip="Scales the initial noise. GLIDE samples its upsampler at 0.997; 1 is "
+                                       "the usual."),
                 Corrector.Input("corrector", optional=True,
                                 tooltip="Optional MCMC correction at every noise level (PoECorrector). Each corrector "
                                         "step costs one more product evaluation per level."),
@@ -78,10 +81,14 @@ class PoEKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, seed, steps, sampler_name, scheduler, denoise, width, height, batch_size,
-                latent_image=None, corrector=None) -> io.NodeOutput:
+                latent_image=None, noise_temperature=1.0, corrector=None) -> io.NodeOutput:
         node = "PoEKSampler"
+        check_choice(node, "sampler_name", sampler_name, comfy_bridge.SAMPLER_NAMES, "sampler")
+        check_choice(node, "scheduler", scheduler, comfy_bridge.SCHEDULER_NAMES, "scheduler")
         guider = _guider(node, experts)
         latent, noise_mask, _ = _latent(node, guider, width, height, batch_size, latent_image)
+        with node_input(node, "experts"):
+            poe.check_batch(guider.bindings, latent.shape[0])
         if latent_image is None and denoise < 1.0:
             raise ValueError(f"{node}: input 'denoise' is {denoise} but there is no latent_image to refine; "
                              "connect one or set denoise to 1")
@@ -93,7 +100,8 @@ class PoEKSampler(io.ComfyNode):
                 sampler = comfy_correctors.correct_sampler(sampler, corrector)
             rule += f"\ncorrector: {describe_corrector(corrector)}"
         log.info("%s: %s sampler, %s scheduler, %d steps\n%s", node, sampler_name, scheduler, steps, rule)
-        samples = comfy_bridge.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask)
+        samples = comfy_bridge.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask,
+                                      noise_scale=noise_temperature)
         out = {"samples": samples}
         if noise_mask is not None:
             out["noise_mask"] = noise_mask
@@ -139,6 +147,7 @@ class PoEScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, scheduler, steps, denoise) -> io.NodeOutput:
+        check_choice("PoEScheduler", "scheduler", scheduler, comfy_bridge.SCHEDULER_NAMES, "scheduler")
         guider = _guider("PoEScheduler", experts)
         return io.NodeOutput(comfy_bridge.compute_sigmas(guider, "euler", scheduler, steps, denoise))
 
@@ -185,6 +194,7 @@ class PoECorrector(io.ComfyNode):
     @classmethod
     def execute(cls, method, steps, step_scale, sigma_min, sigma_max, leapfrog_steps, momentum_refresh) -> io.NodeOutput:
         node = "PoECorrector"
+        check_choice(node, "method", method, correctors.METHODS, "method")
         if sigma_min > sigma_max:
             raise ValueError(f"{node}: input 'sigma_min' ({sigma_min}) is above sigma_max ({sigma_max})")
         with node_input(node, "method"):

@@ -6,7 +6,9 @@ import dataclasses
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY, Experts
+import math
+
+from .common import CATEGORY, Experts, check_choice
 
 
 def parse_values(node: str, name: str, text: str) -> list[float]:
@@ -16,6 +18,9 @@ def parse_values(node: str, name: str, text: str) -> list[float]:
         raise ValueError(f"{node}: input '{name}' must be comma-separated numbers, like '0, 0.25, 0.5'") from None
     if not values:
         raise ValueError(f"{node}: input '{name}' is empty; give comma-separated numbers")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{node}: input '{name}' holds {bad[0]}; every value must be a finite number")
     return values
 
 
@@ -43,6 +48,7 @@ class PoEReliabilitySweep(io.ComfyNode):
     @classmethod
     def execute(cls, experts, index, field, values) -> io.NodeOutput:
         node = "PoEReliabilitySweep"
+        check_choice(node, "field", field, ("reliability", "weight"), "field")
         bindings = list(experts)
         if not -len(bindings) <= index < len(bindings):
             raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s)")

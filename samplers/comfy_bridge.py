@@ -257,14 +257,15 @@ def clamp_sigmas(sigmas: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def sample(guider: PoEGuider, latent: torch.Tensor, seed: int, sampler, sigmas: torch.Tensor,
-           noise_mask: torch.Tensor | None = None, add_noise: bool = True, preview: bool = True) -> torch.Tensor:
+           noise_mask: torch.Tensor | None = None, add_noise: bool = True, preview: bool = True,
+           noise_scale: float = 1.0) -> torch.Tensor:
     """Run the product with a ComfyUI sampler (a name or a SAMPLER object); returns B x C x H x W
     samples in [-1, 1] space."""
     if sigmas.numel() == 0:
         return latent
     lo, hi = guider.sigma_range
     sigmas = clamp_sigmas(sigmas, lo, hi)
-    noise = comfy.sample.prepare_noise(latent, seed) if add_noise else torch.zeros_like(latent)
+    noise = comfy.sample.prepare_noise(latent, seed) * noise_scale if add_noise else torch.zeros_like(latent)
     steps = len(sigmas) - 1
     callback = latent_preview.prepare_callback(guider.model_patcher, steps) if preview else None
     if isinstance(sampler, str):

@@ -133,6 +133,18 @@ def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) 
         )
 
 
+def check_batch(bindings: Sequence[Binding], batch: int) -> None:
+    """Every per-image tensor of every binding must have batch 1 (shared) or the sampler's batch."""
+    for i, b in enumerate(bindings, 1):
+        name = b.label or _expert_name(b.expert)
+        parts = [("weight", b.weight), ("reliability", b.reliability)]
+        parts += [(f"condition input {k!r}", v) for c in (b.condition, *b.null) for k, v in c.items()]
+        for what, v in parts:
+            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] not in (1, batch):
+                raise ValueError(f"binding {i} ({name}): its {what} has a batch of {v.shape[0]}, but the sampler "
+                                 f"makes {batch} image(s); give it a batch of 1 (shared) or {batch}")
+
+
 def check_sigma_coverage(bindings: Sequence[Binding], lo: float, hi: float) -> None:
     """Every sigma in [lo, hi] must have active bindings whose rule is defined (windows and ramps)."""
     probes = {lo, hi}

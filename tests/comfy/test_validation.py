@@ -2,8 +2,8 @@
 input and the fix. Node-level, like ``test_nodes.py``: analytic experts, and small tiny-family
 experts (random weights) where the check lives in a family's encoder.
 
-``test_known_gaps`` lists inputs whose bad values are not yet refused that way (strict xfail: each
-turns into a failure once fixed, so the list stays true).
+``test_inputs_comfy_lets_through_are_refused_by_the_node`` covers what ComfyUI 0.3.75 does not check
+itself (V3 combo values, NaN numbers), which each node refuses.
 """
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ HANDLED = {
         "colour, text"),
     "unknown null choice": (
         lambda t: bind_class(analytic(), null="sometimes"),
-        "PoEBindClass: input 'null': unknown null choice 'sometimes'; expected one of ('trained', 'class0 (paper)', "
-        "'mean of k random classes', 'none')"),
+        "PoEBindClass: input 'null': unknown null choice 'sometimes'; pick one of: trained, class0 (paper), "
+        "mean of k random classes, none"),
     "trained null on an expert without one": (
         lambda t: bind_class(analytic("NoNull", null=False)),
         "PoEBindClass: input 'null': NoNull has no trained null (it was never trained with condition dropout); "
@@ -240,13 +240,7 @@ HANDLED = {
 }
 
 
-# nodes/common.py node_input does str(err).strip("'\"") to unquote KeyErrors, which also eats the closing
-# quote of any message that ends with one (reported).
-QUOTE_BUG = pytest.mark.xfail(strict=True, reason="node_input strips the final quote of the message (reported)")
-ENDS_IN_QUOTE = {"trained null on an expert without one", "bad label colour", "label colour out of 0..255"}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=QUOTE_BUG) if c in ENDS_IN_QUOTE else c for c in HANDLED])
+@pytest.mark.parametrize("case", list(HANDLED))
 def test_bad_input_is_refused_naming_node_input_and_fix(tiny, case):
     call, expected = HANDLED[case]
     with pytest.raises(ValueError) as err:
@@ -267,7 +261,7 @@ def test_refusals_leave_the_upstream_chain_untouched(tiny):
     assert len(chain) == 1 and chain[0].label == "class 3" and chain[0].sigma_window == (0.0, float("inf"))
 
 
-# --- gaps: inputs whose bad values are not yet refused with node, input and fix ------------------
+# --- inputs that ComfyUI's own validation lets through (V3 combos, NaN), refused by the nodes --------
 
 GAPS = {
     "loader: missing file": (
@@ -324,9 +318,8 @@ GAPS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="validation gaps reported to the lead (see the report / GAPS)")
 @pytest.mark.parametrize("case", list(GAPS))
-def test_known_gaps(tiny, case):
+def test_inputs_comfy_lets_through_are_refused_by_the_node(tiny, case):
     call, expected_start = GAPS[case]
     with pytest.raises(ValueError) as err:
         call(tiny)

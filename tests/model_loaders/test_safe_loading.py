@@ -118,9 +118,6 @@ def test_malicious_pickle_is_refused_by_the_loader_node(tmp_path, node_loader):
     assert not marker.exists(), "the checkpoint's pickle payload ran inside ComfyUI"
 
 
-@pytest.mark.xfail(strict=True, reason="model_loaders.expert.load_state_dict quotes the first line of torch's "
-                   "error, which carries ANSI escapes and advises re-running with weights_only=False; it should "
-                   "quote the 'Unsupported global' line instead (reported to the lead)")
 def test_malicious_pickle_message_names_the_global_and_never_advises_unsafe_loading(tmp_path):
     path = malicious_pt(tmp_path / "evil.pt", tmp_path / "pwned")
     with pytest.raises(ValueError) as err:
@@ -274,8 +271,6 @@ def test_tiny_checkpoint_defects_say_what_is_wrong(tmp_path, defect):
     assert re.search(TINY_DEFECTS[defect][1], message), message
 
 
-@pytest.mark.xfail(strict=True, reason="load_expert does not prefix the family builder's errors with the file name "
-                   "(model_loaders/__init__.py, reported to the lead)")
 @pytest.mark.parametrize("defect", list(TINY_DEFECTS))
 def test_tiny_checkpoint_defects_name_the_file(tmp_path, defect):
     path, message = _tiny_defect_message(tmp_path, defect)
@@ -343,13 +338,11 @@ def _adm_defect_message(tmp_path: Path, adm_file, defect: str) -> tuple[Path, st
 def test_adm_checkpoint_defects_name_the_key(tmp_path, adm_file, defect):
     _, key, message = _adm_defect_message(tmp_path, adm_file, defect)
     kind = "Missing" if defect == "missing key" else "Unexpected"
-    assert message.startswith("ADM checkpoint does not match the inferred architecture (32px, 32ch x (1, 2), 1 res "
-                              "blocks"), message
+    assert message.split(": ", 1)[1].startswith("ADM checkpoint does not match the inferred architecture (32px, "
+                                                "32ch x (1, 2), 1 res blocks"), message
     assert message.endswith(f'{kind} key(s) in state_dict: "{key}".'), message
 
 
-@pytest.mark.xfail(strict=True, reason="load_expert does not prefix the family builder's errors with the file name "
-                   "(model_loaders/__init__.py, reported to the lead)")
 @pytest.mark.parametrize("defect", ["missing key", "extra key"])
 def test_adm_checkpoint_defects_name_the_file(tmp_path, adm_file, defect):
     bad, _, message = _adm_defect_message(tmp_path, adm_file, defect)

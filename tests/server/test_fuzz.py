@@ -110,9 +110,6 @@ def test_a_valid_prompt_after_the_fuzz_gives_the_reference_image(fuzz_run):
     assert fuzz_run["final_pixels"] and fuzz_run["final_pixels"] == fuzz_run["ref_pixels"]
 
 
-@pytest.mark.xfail(strict=True, reason="known gaps (reported): unknown combo values reach PoEBindSegmentation "
-                   "as a bare KeyError and PoEExpertLoader as ComfyUI's FileNotFoundError, because ComfyUI 0.3.75 "
-                   "does not validate V3 COMBO inputs")
 def test_every_pack_execution_error_names_its_node(fuzz_run):
     unnamed = fuzz_run["unnamed"]
     assert not unnamed, "\n".join(f"{n}x {k}" for k, n in unnamed.items())

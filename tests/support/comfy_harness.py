@@ -60,7 +60,7 @@ def run_prompt(prompt: dict, executor=None):
     if not valid[0]:
         raise PromptFailed("validation", {"error": valid[1], "node_errors": valid[3]})
     if executor is None:
-        executor = execution.PromptExecutor(RecordingServer(), cache_type=False)
+        executor = execution.PromptExecutor(RecordingServer(), cache_type=False, cache_args={"lru": 0, "ram": 0})
     executor.execute(prompt, prompt_id, {}, valid[2])
     if not executor.success:
         errors = [d for e, d in executor.status_messages if e == "execution_error"]

@@ -1,0 +1,163 @@
+"""RePaint resampling inside any ComfyUI sampler (Lugmayr et al. 2022; the schedule and the
+re-noising step are in ``samplers.resampling``).
+
+:class:`ResampledKSampler` walks the jump schedule: it runs the base sampler function over one
+interval at a time (``sigmas[i:i + 2]``), and at each jump re-noises ``x`` back up J levels and
+redoes those intervals.
+
+- Known pixels: every evaluation goes through ComfyUI's inpainting model wrapper
+  (``KSamplerX0Inpaint``), which replaces the known pixels of ``x`` by the noised known image at
+  the current level, and the product's prediction there by the known image; so the product always
+  sees the partially known image, and what re-noising does to the known pixels is overwritten.
+- Callbacks carry a global interval index over every interval the walk runs (redone ones
+  included) and that total, so the progress bar and previews advance monotonically.
+- Noise: re-noising draws from a CPU ``torch.Generator`` seeded from ``extra_args["seed"]``.
+  Samplers that take a ``noise_sampler`` get one Brownian-tree noise sampler per pass: the r-th
+  run of an interval uses tree r, so a redone interval draws new noise (reusing a Brownian
+  increment would correlate the passes), and same seed gives the same image.
+- Multistep samplers restart their history at each interval, as under the MCMC corrector;
+  ``dpm_fast`` and ``dpm_adaptive`` choose their own steps and are refused.
+- With the MCMC corrector (a ``CorrectedKSampler`` as the base), its correction runs after every
+  interval, redone ones included; resampling must wrap the corrector, not the other way round.
+- Flow models (``CONST``) are re-noised in the equivalent VE coordinates, as the corrector does.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.samplers
+
+from . import correctors, resampling
+from .comfy_correctors import CorrectedKSampler, _ClampedNoiseSampler, _takes_noise_sampler, derived_seed
+
+_UNSPLITTABLE = ("dpm_fast_function", "dpm_adaptive_function")
+# derived_seed streams: 0 corrector, 1 sampler noise (both as in comfy_correctors), 2 re-noising, 3 + r the
+# Brownian tree of pass r.
+RENOISE_STREAM, TREE_STREAM = 2, 3
+
+
+def resampled_sampler(sampler, jump_length: int, count: int) -> comfy.samplers.KSAMPLER:
+    """Wrap a ``SAMPLER`` (from ``KSamplerSelect``, a custom sampler node, or
+    ``comfy_correctors.correct_sampler``) so that it resamples RePaint-style: every block of
+    ``jump_length`` intervals runs ``count`` times in all. ``count == 1`` returns ``sampler``."""
+    if jump_length < 1 or count < 1:
+        raise ValueError(f"jump_length and count must be >= 1, got {jump_length} and {count}")
+    if isinstance(sampler, ResampledKSampler):
+        raise ValueError("this sampler already resamples (PoEResample); wrap the plain sampler once, with the jump "
+                         "length and count you want")
+    if not isinstance(sampler, comfy.samplers.KSAMPLER):
+        raise TypeError(f"{type(sampler).__name__} is not a k-diffusion sampler (KSAMPLER), so it cannot be run one "
+                        "interval at a time; resampling needs a sampler from KSamplerSelect")
+    name = getattr(sampler.sampler_function, "__name__", "")
+    if name in _UNSPLITTABLE:
+        raise ValueError(f"{name.removesuffix('_function')} chooses its own steps and cannot run one interval at a "
+                         "time, so it cannot resample; choose another sampler")
+    if count == 1:
+        return sampler
+    return ResampledKSampler(sampler, jump_length, count)
+
+
+def _refuse_inside_another_walk(*args, **kwargs):
+    raise ValueError("a resampling sampler (PoEResample) was wrapped by another interval-by-interval sampler, "
+                     "which would drop the resampling: apply the MCMC corrector (PoECorrectedSampler) first and "
+                     "PoEResample last")
+
+
+def _ve_scale(model_sampling, sigma: float) -> float:
+    """The sampler's ``x`` is this multiple of a VE point at the equivalent level."""
+    return 1.0 - sigma if isinstance(model_sampling, comfy.model_sampling.CONST) else 1.0
+
+
+def _ve_sigma(model_sampling, sigma: float) -> float:
+    return sigma / (1.0 - sigma) if isinstance(model_sampling, comfy.model_sampling.CONST) else sigma
+
+
+class ResampledKSampler(comfy.samplers.KSAMPLER):
+    """A ``KSAMPLER`` that walks RePaint's jump schedule. Construct it with
+    :func:`resampled_sampler`.
+
+    Args:
+        base (`comfy.samplers.KSAMPLER`): the sampler that runs each interval; a
+            ``CorrectedKSampler`` also runs its corrector after each interval.
+        jump_length (`int`): J, how many levels each jump goes back.
+        count (`int`): R, how many times each block of J intervals runs in all.
+    """
+
+    def __init__(self, base: comfy.samplers.KSAMPLER, jump_length: int, count: int):
+        # Anything else that splits this sampler into intervals would call sampler_function and
+        # silently lose the resampling, so that function refuses.
+        super().__init__(_refuse_inside_another_walk, base.extra_options, base.inpaint_options)
+        self.base = base
+        self.jump_length = jump_length
+        self.count = count
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        # KSAMPLER.sample up to the sampler function call, unchanged, so inpainting and noise scaling are ComfyUI's.
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image = latent_image
+        if self.inpaint_options.get("random", False):
+            generator = torch.manual_seed(extra_args.get("seed", 41) + 1)
+            model_k.noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(noise.device)
+        else:
+            model_k.noise = noise
+        model_sampling = model_wrap.inner_model.model_sampling
+        x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+        x = self.walk(model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar)
+        return model_sampling.inverse_noise_scaling(sigmas[-1], x)
+
+    def walk(self, model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar):
+        """Sampler intervals and jumps back along the schedule; returns the final ``x``."""
+        moves = resampling.jump_schedule(len(sigmas) - 1, self.jump_length, self.count)
+        total = resampling.intervals(moves)
+        seed = extra_args.get("seed")
+        renoise_gen = torch.Generator().manual_seed(derived_seed(seed, RENOISE_STREAM)) if seed is not None else None
+        corrector = self.base.config if isinstance(self.base, CorrectedKSampler) else None
+        corrector_gen = torch.Generator().manual_seed(derived_seed(seed, 0)) if seed is not None else None
+        fn = self.base.sampler_function
+        options = dict(self.base.extra_options)
+        trees: dict[int, _ClampedNoiseSampler] = {}
+        wants_tree = len(sigmas) > 1 and "noise_sampler" not in options and _takes_noise_sampler(fn)
+        runs = [0] * len(sigmas)
+        state: dict = {}
+        done = 0
+        bar = tqdm(total=total, disable=disable_pbar)
+        for a, b in moves:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if b < a:
+                x = self.jump(model_sampling, x, float(sigmas[a]), float(sigmas[b]), renoise_gen)
+                state.clear()   # U-HMC momentum belongs to the level it was drawn at
+                continue
+            if wants_tree:
+                r = runs[a]
+                if r not in trees:
+                    trees[r] = _ClampedNoiseSampler(x, sigmas, derived_seed(seed, TREE_STREAM + r))
+                options["noise_sampler"] = trees[r]
+            runs[a] += 1
+            step_callback = None
+            if callback is not None:
+                step_callback = (lambda d, i=done: callback(i + d["i"], d["denoised"], d["x"], total))
+            # A copy: CFG++ samplers add their post-CFG hook to extra_args in place, once per call.
+            x = fn(model_k, x, sigmas[a:b + 1], extra_args=dict(extra_args), callback=step_callback, disable=True,
+                   **options)
+            if corrector is not None and correctors.in_window(float(sigmas[b]), corrector):
+                x = self.base.correct(model_k, model_sampling, x, float(sigmas[b]), extra_args, corrector_gen, state)
+            done += 1
+            bar.update(1)
+        bar.close()
+        return x
+
+    @staticmethod
+    def jump(model_sampling, x, sigma: float, sigma_back: float, generator) -> torch.Tensor:
+        """Re-noise ``x`` from ``sigma`` up to ``sigma_back`` (RePaint Alg. 1 line 9, VE form)."""
+        device = generator.device if generator is not None else x.device
+        z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        scale, scale_back = _ve_scale(model_sampling, sigma), _ve_scale(model_sampling, sigma_back)
+        if scale_back <= 0:
+            return z   # a flow model's top level is pure noise
+        ve = resampling.renoise(x / scale, _ve_sigma(model_sampling, sigma), _ve_sigma(model_sampling, sigma_back), z)
+        return ve * scale_back
