@@ -1,28 +1,44 @@
-"""Edge maps for sketch experts: OpenCV-style Canny, computed with kornia."""
+"""Turning user images into the conditions the experts were trained on.
+
+:func:`canny_edges` makes the face sketch expert's input. Unite and Conquer's sketches
+(``utils/Get_sketches.ipynb``) are ``cv2.Canny(rgb_uint8, 100, 200, L2gradient=True)`` on the
+256 px RGB image, saved as a grey image (edges 255 on 0) and read back as ``x / 127.5 - 1``. So
+the sketch expert sees **edges at +1 and everything else at -1**, the same on its 3 channels.
+
+Here kornia's Canny does the work, set up like OpenCV's: no Gaussian blur (``cv2.Canny`` has
+none), the unnormalised 3 x 3 Sobel gradient with its L2 magnitude, thresholds on the 0-255
+scale, OpenCV's tie rule in non-maximum suppression, and 8-connected hysteresis. One difference
+is left: on a colour image OpenCV takes, per pixel, the gradient of the channel where it is
+largest, while kornia takes the gradient of the grey image (``0.299 R + 0.587 G + 0.114 B``),
+so an edge between two colours of equal brightness is found by OpenCV only. On grey images the
+two are the same up to pixels whose gradient lies on a threshold or a 22.5 degree sector border.
+"""
 from __future__ import annotations
 
-import kornia
 import torch
+from einops import repeat
 
 
-def canny(image: torch.Tensor, low: float = 100.0, high: float = 200.0, l2_gradient: bool = True) -> torch.Tensor:
-    """Binary Canny edges of a B x 3 x H x W image in [0, 1], as B x 1 x H x W in {0, 1}.
+def canny_edges(image: torch.Tensor, low: float = 100.0, high: float = 200.0, l2: bool = True) -> torch.Tensor:
+    """Canny edges of B x 3 x H x W images in [0, 1], as a B x 3 x H x W sketch in {-1, +1}.
 
-    ``low``/``high`` are hysteresis thresholds on the 0-255 scale with OpenCV's unnormalised 3x3
-    Sobel, the convention of ``cv2.Canny(img, 100, 200, L2gradient=True)`` that the released sketch
-    expert was trained with. kornia's Sobel is normalised by 8 and works on [0, 1] values, so the
-    thresholds are divided by 255 * 8. OpenCV does not blur first; the smallest kornia blur is used.
+    Args:
+        image: RGB in [0, 1]; it is quantised to 8 bits first, as the reference's ``uint8`` input.
+        low, high: hysteresis thresholds on the gradient magnitude of 0-255 images (OpenCV's
+            ``threshold1`` / ``threshold2``): a pixel above ``high`` is an edge, one above ``low``
+            is an edge when connected to one.
+        l2: the L2 gradient magnitude (``L2gradient=True``, what the sketch expert was trained
+            on); kornia has no L1 variant, so ``False`` is refused.
     """
-    gray = kornia.color.rgb_to_grayscale(image.float().clamp(0, 1))
-    scale = 255.0 * 8.0
-    if not l2_gradient:
-        # OpenCV's L1 magnitude |gx| + |gy| is at most sqrt(2) times the L2 one.
-        low, high = low / 2**0.5, high / 2**0.5
-    _, edges = kornia.filters.canny(gray, low_threshold=low / scale, high_threshold=high / scale,
-                                    kernel_size=(3, 3), sigma=(0.5, 0.5), hysteresis=True)
-    return (edges > 0).float()
+    import kornia
 
-
-def edges_to_condition(edges: torch.Tensor) -> torch.Tensor:
-    """B x 1 x H x W edges in [0, 1] to the 3-channel [-1, 1] image a sketch expert takes."""
-    return (edges.expand(-1, 3, -1, -1) * 2 - 1).contiguous()
+    if not l2:
+        raise ValueError("canny_edges: kornia's Canny uses the L2 gradient magnitude only (l2=True)")
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"canny_edges: expected a B x 3 x H x W image in [0, 1], got {shape}")
+    if not 0 < low <= high:
+        raise ValueError(f"canny_edges: thresholds must satisfy 0 < low <= high, got low={low}, high={high}")
+    pixels = (image.detach().float().clamp(0, 1) * 255).round()
+    _, edges = kornia.filters.canny(pixels, low_threshold=float(low), high_threshold=float(high), kernel_size=1)
+    return repeat(edges * 2 - 1, "b 1 h w -> b c h w", c=3).to(image.dtype if image.is_floating_point() else torch.float32)

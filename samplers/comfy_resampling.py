@@ -13,9 +13,12 @@ redoes those intervals.
   included) and that total, so the progress bar and previews advance monotonically.
 - Noise: re-noising draws from a CPU ``torch.Generator`` seeded from ``extra_args["seed"]``.
   Samplers that take a ``noise_sampler`` get one Brownian-tree noise sampler per pass: the r-th
-  run of an interval uses tree r, so a redone interval draws new noise (reusing a Brownian
+  run of a block uses tree r, so a redone interval draws new noise (reusing a Brownian
   increment would correlate the passes), and same seed gives the same image.
-- Multistep samplers restart their history at each interval, as under the MCMC corrector;
+- The base sampler runs over each stretch of intervals inside one block of J in a single call, so
+  multistep samplers (dpmpp_2m, uni_pc, ...) keep their history within a block and restart it at
+  block boundaries and jumps (a jump moves ``x``, which invalidates it); with J = 1, or with the
+  MCMC corrector, every interval is its own call, a first-order step of that sampler.
   ``dpm_fast`` and ``dpm_adaptive`` choose their own steps and are refused.
 - With the MCMC corrector (a ``CorrectedKSampler`` as the base), its correction runs after every
   interval, redone ones included; resampling must wrap the corrector, not the other way round.
@@ -126,7 +129,7 @@ class ResampledKSampler(comfy.samplers.KSAMPLER):
         state: dict = {}
         done = 0
         bar = tqdm(total=total, disable=disable_pbar)
-        for a, b in moves:
+        for a, b in resampling.segments(moves, self.jump_length, single=corrector is not None):
             comfy.model_management.throw_exception_if_processing_interrupted()
             if b < a:
                 x = self.jump(model_sampling, x, float(sigmas[a]), float(sigmas[b]), renoise_gen)
@@ -146,8 +149,8 @@ class ResampledKSampler(comfy.samplers.KSAMPLER):
                    **options)
             if corrector is not None and correctors.in_window(float(sigmas[b]), corrector):
                 x = self.base.correct(model_k, model_sampling, x, float(sigmas[b]), extra_args, corrector_gen, state)
-            done += 1
-            bar.update(1)
+            done += b - a
+            bar.update(b - a)
         bar.close()
         return x
 

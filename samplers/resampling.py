@@ -66,6 +66,22 @@ def jump_schedule(steps: int, jump_length: int, count: int) -> list[Move]:
     return moves
 
 
+def segments(moves: list[Move], jump_length: int, single: bool = False) -> list[Move]:
+    """Merge a walk's consecutive intervals into runs ``(a, b)`` with ``b > a`` that one sampler call
+    can do, keeping jumps as they are. A run never crosses a multiple of J (a block boundary), so
+    every interval of a run is on the same pass of its block; ``single`` keeps one interval per run.
+    """
+    out: list[Move] = []
+    for a, b in moves:
+        if out and b == a + 1 and not single:
+            pa, pb = out[-1]
+            if pb == a and pb > pa and a % jump_length != 0:
+                out[-1] = (pa, b)
+                continue
+        out.append((a, b))
+    return out
+
+
 def intervals(moves: list[Move]) -> int:
     """How many sampler intervals a walk runs (its progress-bar length)."""
     return sum(1 for a, b in moves if b == a + 1)
