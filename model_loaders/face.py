@@ -46,7 +46,7 @@ the paper's figures, and the slot is always named explicitly: ``encode("segmenta
 
 Sketches are ``cv2.Canny(rgb_uint8, 100, 200, L2gradient=True)`` on the 256 px RGB image, repeated
 on 3 channels and read as ``x / 127.5 - 1``: edges are +1, the rest -1
-(:func:`model_loaders.preprocess.canny_edges` makes them with kornia).
+(:func:`conditions.edges.canny_edges` makes them with kornia).
 
 Config inference
 ----------------
@@ -581,7 +581,7 @@ def _sketch_encoder(config: FaceConfig, name: str):
     size = config.image_size
 
     def encode(edges: torch.Tensor) -> Condition:
-        """A B x 3 x H x W sketch in [-1, 1], edges +1 on -1 (``preprocess.canny_edges``), at the
+        """A B x 3 x H x W sketch in [-1, 1], edges +1 on -1 (``conditions.edges.canny_edges``), at the
         expert's size: resizing would blur the binary edges the model was trained on."""
         edges = _check_image(edges, "sketch", IMAGE_CHANNELS, -1.0, 1.0, name)
         if edges.shape[-2:] != (size, size):

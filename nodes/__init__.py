@@ -5,12 +5,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindingSchedule, PoEBindPrior, PoEBindSegmentation,
                        PoEBindSketch, PoEBindText)
-from .loaders import PoEExpertLoader
+from .loaders import PoEExpertLoader, PoETextEncoderLoader
 from .sampling import PoECorrectedSampler, PoECorrector, PoEGuider, PoEKSampler, PoEScheduler
 from .utilities import PoEImageGrid, PoEReliabilitySweep
 
 NODES: list[type[io.ComfyNode]] = [
-    PoEExpertLoader,
+    PoEExpertLoader, PoETextEncoderLoader,
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindPrior, PoEBindingSchedule,
     PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
     PoEReliabilitySweep, PoEImageGrid,

@@ -144,8 +144,8 @@ class PoEBindText(io.ComfyNode):
         warnings = []
         with node_input(node, "text"):
             if text_encoder is not None:
-                emb, warning = text_encoder.encode_with_warning([text])
-                warnings += [warning] if warning else []
+                emb = text_encoder.encode([text])
+                warnings += list(text_encoder.last_warnings)
                 condition = e.encode("text", emb)
             else:
                 condition = e.encode("text", text)
@@ -293,12 +293,13 @@ class PoEBindSketch(io.ComfyNode):
                              f"({high_threshold}); swap them")
         rgb = image[..., :3].movedim(-1, 1).float()
         rgb, note = maps.fit_to(rgb, e.resolution, "image")
-        lines = edge_ops.canny(rgb, low_threshold, high_threshold) if edges == "canny" else \
-            (rgb.mean(dim=1, keepdim=True) > 0.5).float()
+        with node_input(node, "low_threshold"):
+            sketch = edge_ops.canny_edges(rgb, low_threshold, high_threshold) if edges == "canny" else \
+                (rgb.mean(dim=1, keepdim=True) > 0.5).float().expand(-1, 3, -1, -1) * 2 - 1
         with node_input(node, "expert"):
-            condition = e.encode("sketch", edge_ops.edges_to_condition(lines))
+            condition = e.encode("sketch", sketch)
         nulls = binding_lib.default_nulls(expert, condition)
-        label = f"sketch ({edges}, {float(lines.mean()):.1%} edge pixels)"
+        label = f"sketch ({edges}, {float((sketch[:, :1] > 0).float().mean()):.1%} edge pixels)"
         return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
                        mask, mask_feather, mask_invert, mask_outside, [note] if note else [])
 

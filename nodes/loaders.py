@@ -66,3 +66,36 @@ class PoEExpertLoader(io.ComfyNode):
         summary = (f"{expert.name} · {expert.family} · {expert.resolution}px · {n_params / 1e6:.1f}M params · "
                    f"modalities: {', '.join(expert.modalities) or 'unconditional'}")
         return io.NodeOutput(handle, ui={"text": (summary,)})
+
+
+class PoETextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoETextEncoderLoader",
+            display_name="Load Text Encoder (PoE, FaRL/CLIP)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a FaRL text encoder (FaRL-Base-Patch16-LAIONFace20M-ep64.pth) or an OpenAI CLIP "
+                        "ViT-B/16 checkpoint from models/text_encoders: prompts become the 512-d, L2-normalised "
+                        "embeddings the face expert was trained with. CLIP's vocabulary comes from ComfyUI.",
+            inputs=[
+                io.Combo.Input("text_encoder_name", options=folder_paths.get_filename_list("text_encoders"),
+                               tooltip="A file in models/text_encoders (OpenAI CLIP layout; FaRL's .pth works as is)."),
+            ],
+            outputs=[TextEncoder.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder_name) -> io.NodeOutput:
+        from ..model_loaders import text_encoders
+
+        node = "PoETextEncoderLoader"
+        path = folder_paths.get_full_path("text_encoders", text_encoder_name)
+        if path is None:
+            raise ValueError(f"{node}: input 'text_encoder_name': {text_encoder_name} is not in "
+                             "models/text_encoders; put the file there and refresh the node list")
+        with node_input(node, "text_encoder_name"):
+            encoder = text_encoders.load_text_encoder(path)
+        i = encoder.info
+        summary = f"text tower: {i['layers']} layers x {i['width']}, {i['heads']} heads, {i['embed_dim']}-d output"
+        return io.NodeOutput(encoder, ui={"text": (summary,)})
