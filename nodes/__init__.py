@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindingSchedule, PoEBindPrior, PoEBindSegmentation,
                        PoEBindSketch, PoEBindText)
+from .known_regions import PoEImageToLatent, PoEResample
 from .loaders import PoEExpertLoader, PoETextEncoderLoader
 from .sampling import PoECorrectedSampler, PoECorrector, PoEGuider, PoEKSampler, PoEScheduler
 from .utilities import PoEImageGrid, PoEReliabilitySweep
@@ -13,7 +14,7 @@ NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader, PoETextEncoderLoader,
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindPrior, PoEBindingSchedule,
     PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
-    PoEReliabilitySweep, PoEImageGrid,
+    PoEReliabilitySweep, PoEImageGrid, PoEResample, PoEImageToLatent,
 ]
 
 

@@ -5,7 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import binding as binding_lib
-from ..samplers import comfy_bridge, comfy_correctors, correctors, poe
+from ..samplers import comfy_bridge, comfy_correctors, comfy_resampling, correctors, poe
 from .common import CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image
 
 Corrector = io.Custom("POE_CORRECTOR")
@@ -70,6 +70,12 @@ class PoEKSampler(io.ComfyNode):
                 Corrector.Input("corrector", optional=True,
                                 tooltip="Optional MCMC correction at every noise level (PoECorrector). Each corrector "
                                         "step costs one more product evaluation per level."),
+                io.Int.Input("resample_count", default=1, min=1, max=20, optional=True,
+                             tooltip="RePaint resampling (Lugmayr et al. 2022) for known-region completion: every "
+                                     "block of resample_jump steps runs this many times, re-noising in between, "
+                                     "so the completion harmonises with the kept pixels. 1 = off."),
+                io.Int.Input("resample_jump", default=10, min=1, max=1000, optional=True,
+                             tooltip="RePaint jump length: steps per resampled block."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="Pixel-space latent in [-1, 1] (ComfyUI's "
@@ -81,7 +87,8 @@ class PoEKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, seed, steps, sampler_name, scheduler, denoise, width, height, batch_size,
-                latent_image=None, noise_temperature=1.0, corrector=None) -> io.NodeOutput:
+                latent_image=None, noise_temperature=1.0, corrector=None, resample_count=1,
+                resample_jump=10) -> io.NodeOutput:
         node = "PoEKSampler"
         check_choice(node, "sampler_name", sampler_name, comfy_bridge.SAMPLER_NAMES, "sampler")
         check_choice(node, "scheduler", scheduler, comfy_bridge.SCHEDULER_NAMES, "scheduler")
@@ -99,6 +106,10 @@ class PoEKSampler(io.ComfyNode):
             with node_input(node, "sampler_name" if corrector.method != "none" else "corrector"):
                 sampler = comfy_correctors.correct_sampler(sampler, corrector)
             rule += f"\ncorrector: {describe_corrector(corrector)}"
+        if resample_count > 1:
+            with node_input(node, "resample_count"):
+                sampler = comfy_resampling.resampled_sampler(sampler, resample_jump, resample_count)
+            rule += f"\nresampling: blocks of {resample_jump} step(s), each run {resample_count} times"
         log.info("%s: %s sampler, %s scheduler, %d steps\n%s", node, sampler_name, scheduler, steps, rule)
         samples = comfy_bridge.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask,
                                       noise_scale=noise_temperature)

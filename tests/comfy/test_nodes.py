@@ -209,3 +209,19 @@ def test_corrector_option_runs_and_reports_its_cost():
     with pytest.raises(ValueError, match=r"^PoEKSampler: input 'sampler_name': dpm_adaptive chooses its own steps"):
         sampling.PoEKSampler.execute(experts=chain, seed=0, steps=6, sampler_name="dpm_adaptive", scheduler="karras",
                                      denoise=1.0, width=0, height=0, batch_size=2, corrector=config)
+
+
+def test_resampling_option_keeps_known_pixels_and_reports_itself():
+    e = analytic()
+    chain, _ = bind_class(e, 2)
+    known = torch.rand(4, 3, 8, 8) * 2 - 1
+    mask = torch.zeros(4, 1, 8, 8)
+    mask[:, :, 4:] = 1
+    calls = e.expert.network
+    before = calls.calls
+    latent, _, rule = sampling.PoEKSampler.execute(
+        experts=chain, seed=1, steps=6, sampler_name="euler", scheduler="karras", denoise=1.0, width=0, height=0,
+        batch_size=1, latent_image={"samples": known, "noise_mask": mask}, resample_count=3, resample_jump=2).args
+    assert torch.equal(latent["samples"][:, :, :4], known[:, :, :4])
+    assert rule.endswith("resampling: blocks of 2 step(s), each run 3 times")
+    assert calls.calls - before > 6
