@@ -24,6 +24,21 @@ def parse_values(node: str, name: str, text: str) -> list[float]:
     return values
 
 
+SWEEP_FIELDS = ("reliability share", "reliability", "weight")
+
+
+def with_reliability_share(bindings: list, index: int, share: float) -> list:
+    """This binding gets reliability ``share`` and the others ``1 - share`` in their proportions."""
+    others = [i for i in range(len(bindings)) if i != index % len(bindings)]
+    total = sum(float(bindings[i].reliability) for i in others)
+    out = list(bindings)
+    out[index] = dataclasses.replace(bindings[index], reliability=share)
+    for i in others:
+        part = float(bindings[i].reliability) / total if total > 0 else 1 / len(others)
+        out[i] = dataclasses.replace(bindings[i], reliability=(1 - share) * part)
+    return out
+
+
 class PoEReliabilitySweep(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -38,7 +53,10 @@ class PoEReliabilitySweep(io.ComfyNode):
                 Experts.Input("experts"),
                 io.Int.Input("index", default=-1, min=-1000, max=1000,
                              tooltip="Which binding of the chain: 0 is the first, -1 the last."),
-                io.Combo.Input("field", options=["reliability", "weight"], default="reliability"),
+                io.Combo.Input("field", options=list(SWEEP_FIELDS), default="reliability share",
+                               tooltip="'reliability share': this binding's normalised reliability is the value and "
+                                       "the others share the rest in their current proportions (the paper's "
+                                       "reliability figure); 'reliability' or 'weight': set that value alone."),
                 io.String.Input("values", default="0, 0.25, 0.5, 0.75, 1",
                                 tooltip="Comma-separated values, one product (one row of the grid) each."),
             ],
@@ -48,14 +66,20 @@ class PoEReliabilitySweep(io.ComfyNode):
     @classmethod
     def execute(cls, experts, index, field, values) -> io.NodeOutput:
         node = "PoEReliabilitySweep"
-        check_choice(node, "field", field, ("reliability", "weight"), "field")
+        check_choice(node, "field", field, SWEEP_FIELDS, "field")
         bindings = list(experts)
         if not -len(bindings) <= index < len(bindings):
             raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s)")
         out = []
         for v in parse_values(node, "values", values):
-            if field == "reliability" and v < 0:
+            if field != "weight" and v < 0:
                 raise ValueError(f"{node}: input 'values': reliabilities must be >= 0, got {v}")
+            if field == "reliability share":
+                if v > 1 or len(bindings) < 2:
+                    raise ValueError(f"{node}: input 'values': a reliability share must lie in [0, 1] and needs at "
+                                     f"least two bindings, got {v} with {len(bindings)}")
+                out.append(with_reliability_share(bindings, index, v))
+                continue
             variant = list(bindings)
             variant[index] = dataclasses.replace(bindings[index], **{field: v})
             out.append(variant)

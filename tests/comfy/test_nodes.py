@@ -160,6 +160,9 @@ def test_reliability_sweep_renders_one_grid_row_per_value():
     variants = utilities.PoEReliabilitySweep.execute(experts=chain, index=-1, field="reliability",
                                                      values="0, 1").args[0]
     assert [v[-1].reliability for v in variants] == [0.0, 1.0]
+    shares = utilities.PoEReliabilitySweep.execute(experts=chain, index=-1, field="reliability share",
+                                                   values="0.25").args[0]
+    assert [b.reliability for b in shares[0]] == [0.75, 0.25]
     images = [ksample(v, batch=2)[1] for v in variants]
     grid = utilities.PoEImageGrid.execute(images=images, columns=[0], padding=[2]).args[0]
     assert grid.shape == (1, 2 * 8 + 2, 2 * 8 + 2, 3)
