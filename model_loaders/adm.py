@@ -4,18 +4,22 @@ Every released diffusion checkpoint loads unchanged, ``.pt`` or ``.safetensors``
 key names (``time_embed.*``, ``label_emb.*``, ``input_blocks.*``, ``middle_block.*``,
 ``output_blocks.*``, ``out.*``):
 
-=====================================  ====  ==============  =====================  ========  =======
-file(s)                                name  classes         heads                  qkv       schedule
-=====================================  ====  ==============  =====================  ========  =======
-``64x64_diffusion.pt``                 ADM-64           1000  64 channels per head  new       cosine
-``128x128_diffusion.pt``               ADM-128          1000  4 heads               legacy    linear
-``256x256_diffusion.pt``               ADM-256          1000  64 channels per head  legacy    linear
-``256x256_diffusion_uncond.pt``,       ADM-256-uncond   none  64 channels per head  legacy    linear
-``lsun_{bedroom,cat,horse}.pt``, ``lsun_horse_nodropout.pt`` (one architecture, told apart by nothing)
-``512x512_diffusion.pt``               ADM-512          1000  64 channels per head  legacy    linear
-``64_256_upsampler.pt``                ADM-64→256       1000  4 heads               legacy    linear
-``128_512_upsampler.pt``               ADM-128→512      1000  64 channels per head  legacy    linear
-=====================================  ====  ==============  =====================  ========  =======
+=================================  ==============  =======  =====================  ======  ========
+file                               expert name     classes  heads                  qkv     schedule
+=================================  ==============  =======  =====================  ======  ========
+``64x64_diffusion.pt``             ADM-64          1000     64 channels per head   new     cosine
+``128x128_diffusion.pt``           ADM-128         1000     4 heads                legacy  linear
+``256x256_diffusion.pt``           ADM-256         1000     64 channels per head   legacy  linear
+``256x256_diffusion_uncond.pt``    ADM-256-uncond  none     64 channels per head   legacy  linear
+``lsun_{bedroom,cat,horse}.pt``    ADM-256-uncond  none     64 channels per head   legacy  linear
+``512x512_diffusion.pt``           ADM-512         1000     64 channels per head   legacy  linear
+``64_256_upsampler.pt``            ADM-64→256      1000     4 heads                legacy  linear
+``128_512_upsampler.pt``           ADM-128→512     1000     64 channels per head   legacy  linear
+=================================  ==============  =======  =====================  ======  ========
+
+The LSUN models (and ``lsun_horse_nodropout.pt``) have exactly the 256 unconditional model's
+architecture: nothing in the file tells them apart, so they share its name (``info["published"]``
+lists the candidates).
 
 Every one has learned sigmas (6 output channels: eps, then the variance interpolation ``v``),
 scale-shift norm and residual up/down-sampling, T = 1000. The upsamplers take 6 input channels:
@@ -53,6 +57,22 @@ noise schedule. They come, in this order of precedence, from
 
 A file that matches no published configuration and lacks the metadata for what the table would
 give is refused with a ``ValueError`` that lists what was read.
+
+Conditions
+----------
+- Class-conditional base models: ``encoders["class"](index)`` gives ``{"y": LongTensor[1]}``
+  (0 <= index < num_classes). They were never trained with label dropout, so ``null_condition`` is
+  ``None`` and the binding forms the null (class 0 in the paper's code, or a class average).
+- Unconditional models: no encoders, ``null_condition = {}``.
+- Upsamplers: ``encoders["image"](low_res, class_index=None)`` gives ``{"low_res", "y"}``. The
+  image (B x 3 x h x w in [-1, 1]) is resized with kornia (bilinear, antialiased) to the
+  ``small_size`` the model was trained on when it has another size; the network then resizes it
+  bilinearly to the sample's size, as the reference does. Both released upsamplers are
+  class-conditional, so ``y`` is always there, as class probabilities: one-hot for
+  ``class_index``, else uniform (the mean label embedding, a class-agnostic stand-in the model
+  never saw). The null keeps the low-res image (``null_for`` returns the condition itself).
+- ImageNet class names (1000-class models) come from ``imagenet_classes.txt``, torchvision's
+  ``ResNet50_Weights.IMAGENET1K_V1.meta["categories"]`` written once, so the runtime needs no torchvision.
 """
 from __future__ import annotations
 
@@ -71,8 +91,9 @@ from .expert import Condition, Expert
 from .schedules import SCHEDULES, alphas_cumprod_for
 
 IMAGE_CHANNELS = 3
-REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.0.in_layers.0.weight",
-                 "middle_block.1.qkv.weight", "output_blocks.0.0.in_layers.0.weight", "out.2.weight")
+REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "input_blocks.1.0.emb_layers.1.weight",
+                 "middle_block.0.in_layers.0.weight", "middle_block.1.qkv.weight",
+                 "output_blocks.0.0.in_layers.0.weight", "out.2.weight")
 # Keys of other families built on the same trunk: GLIDE's text transformer and the Unite and
 # Conquer face experts' input mixer and FiLM layers.
 FOREIGN_MARKERS = ("transformer.", "token_embedding", "encoder_kv", "input_blocks_convert", "cond_emb_layers")

@@ -174,6 +174,27 @@ def test_parity_with_guided_diffusion(case, built):
     assert torch.equal(expert.alphas_cumprod, alphas_cumprod_for(case.schedule))
 
 
+def test_conv_resampling_and_additive_time_conditioning(tmp_path):
+    """improved-diffusion-style flags that no release uses: convolution up/down-sampling, additive
+    time embedding, 2 legacy heads, no learned sigma."""
+    ref = gd_unet.UNetModel(image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+                            attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2,
+                            use_scale_shift_norm=False, resblock_updown=False).eval()
+    randomise(ref, seed=7)
+    path = tmp_path / "conv.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path),
+              metadata={"resolution": "16", "attention_order": "legacy", "num_heads": "2", "schedule": "linear"})
+    expert = model_loaders.load_expert(str(path))
+    cfg = expert.info["config"]
+    assert (cfg["resblock_updown"], cfg["use_scale_shift_norm"], cfg["num_heads"], cfg["attention_ds"]) == \
+        (False, False, 2, (2,))
+    assert expert.prediction == "eps" and expert.name == "ADM-16-uncond"
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10.0, 600.5])
+    with torch.no_grad():
+        assert (expert(x, t) - ref(x, t)).abs().max() <= TOL
+
+
 def test_qkv_orders_differ(built):
     """Loading the new-order model with the legacy order changes the output: the override is real."""
     case = CASES[0]
