@@ -157,7 +157,7 @@ def main(argv=None):
         "|---|---|---|",
         *rows,
         "",
-        "Reading: with nulls that agree the two rows are identical (the reliabilities only matter where the "
+        "Reading: with nulls that agree the two columns are identical (the reliabilities only matter where the "
         "nulls differ). Precision weighting helps a little when the wrong null is the broader one (an expert that "
         "knows little about a region predicts a high variance there) and hurts clearly when the wrong null is "
         "over-confident, because it trusts whichever null is narrowest; it is therefore not a default. The "
