@@ -53,6 +53,8 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         out_dir = self.workdir / "output"
+        # LoadImage lists the input folder when /object_info is built: it must exist.
+        (self.workdir / "input").mkdir(exist_ok=True)
         args = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--output-directory", str(out_dir), "--input-directory", str(self.workdir / "input"),
                 "--disable-auto-launch", *self.extra_args]
