@@ -100,7 +100,8 @@ def load_expert(path: str, family: str = "auto", *, schedule: str | None = None,
             expert = module.build(sd, meta, family, schedule=schedule)
         except (ValueError, KeyError, RuntimeError) as err:
             # Builders see tensors, not files: name the file here.
-            raise ValueError(f"{os.path.basename(path)}: {str(err).strip(chr(39))}") from err
+            message = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{os.path.basename(path)}: {message}") from err
     expert.info.setdefault("path", path)
     torch_dtype = _TORCH_DTYPES.get(dtype, torch.float32)
     expert.network.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
