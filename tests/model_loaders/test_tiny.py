@@ -42,11 +42,12 @@ def test_shipped_expert_loads_and_predicts(shipped, modality):
     null = e.eps(x, t, e.null_condition)
     assert null.shape == (2, 3, 32, 32) and null.dtype == torch.float32
     assert torch.isfinite(null).all()
-    # A trained expert predicts the noise: at a large t, x is mostly noise, so eps ~ x.
+    # A trained expert predicts the noise: at t = 999, x is all noise, so eps ~ x (MSE 0.031 to 0.037
+    # observed for the shipped files; an untrained network is near 1).
     cond = {"class": lambda: e.encode("class", 3), "colour": lambda: e.encode("colour", "red"),
             "layout": lambda: e.encode("segmentation", torch.ones(1, 1, 32, 32))}[modality]()
     eps = e.eps(x, torch.tensor([999.0, 999.0]), cond)
-    assert float((eps - x).pow(2).mean()) < 0.05
+    assert float((eps - x).pow(2).mean()) < 0.06
 
 
 def test_class_names_and_nulls(shipped):
