@@ -158,7 +158,7 @@ def find_vocab(vocab: str | os.PathLike | None = None) -> Path:
             except (ImportError, ValueError):
                 spec = None
             if spec is not None and spec.submodule_search_locations:
-                candidates.append(Path(list(spec.submodule_search_locations)[0]) / relative)
+                candidates += [Path(location) / relative for location in spec.submodule_search_locations]
     for path in candidates:
         if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             return path

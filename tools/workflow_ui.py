@@ -28,7 +28,9 @@ API_DIR = WORKFLOWS / "api"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
 # (node type, input) pairs that name a file, and the folder it goes in.
-FILE_INPUTS = {("PoEExpertLoader", "expert_name"): "ComfyUI/models/experts/"}
+FILE_INPUTS = {("PoEExpertLoader", "expert_name"): "ComfyUI/models/experts/",
+               ("PoETextEncoderLoader", "text_encoder_name"): "ComfyUI/models/text_encoders/",
+               ("LoadImage", "image"): "ComfyUI/input/ (your own image)"}
 THUMB_WIDTH = 256
 
 # Layout, in canvas pixels.
