@@ -189,6 +189,35 @@ def _step_of(sigma: float, model_options: dict) -> str:
     return f" at step {i + 1} of {len(sigmas) - 1}"
 
 
+def _rows(value, start: int, stop: int):
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] > 1:
+        return value[start:stop]
+    return value
+
+
+def forward_in_chunks(handle: ExpertHandle, x, sigma, condition, options, chunks: int = 1):
+    """One expert's batched forward; on out-of-memory, free ComfyUI's caches and retry in smaller
+    chunks (halving down to one row) before giving up with a message that says what to change."""
+    n = x.shape[0]
+    size = -(-n // chunks)
+    try:
+        outs = []
+        for start in range(0, n, size):
+            stop = min(n, start + size)
+            outs.append(handle.model.apply_model(
+                x[start:stop], _rows(sigma, start, stop), transformer_options=options,
+                **{k: _rows(v, start, stop) for k, v in condition.items()}))
+        return torch.cat(outs)
+    except torch.OutOfMemoryError:
+        comfy.model_management.soft_empty_cache(True)
+        if size > 1:
+            log.warning("%s ran out of memory on %d rows; retrying in chunks of %d", handle.name, size, -(-size // 2))
+            return forward_in_chunks(handle, x, sigma, condition, options, chunks * 2)
+        raise MemoryError(
+            f"{handle.name} ran out of memory even one image at a time; load it with dtype fp16 or bf16, start "
+            "ComfyUI with --lowvram, or use fewer or smaller experts") from None
+
+
 class PoEGuider(comfy.samplers.CFGGuider):
     """Samples the product of experts with any ComfyUI sampler (a ``GUIDER`` for
     ``SamplerCustomAdvanced``). It overrides only ``predict_noise``; model loading, hooks,
@@ -217,10 +246,11 @@ class PoEGuider(comfy.samplers.CFGGuider):
         return float(ms.sigma_min), float(ms.sigma_max)
 
     def _eps_fn(self, model_options):
+        options = model_options.get("transformer_options", {})
+
         def eps_fn(handle: ExpertHandle, x, sigma, condition):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            return handle.model.apply_model(x, sigma, transformer_options=model_options.get("transformer_options", {}),
-                                            **condition)
+            return forward_in_chunks(handle, x, sigma, condition, options)
         return eps_fn
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):

@@ -129,3 +129,29 @@ def test_nan_mid_sampling_names_the_expert_and_step():
     h = cb.wrap_expert(e)
     with pytest.raises(FloatingPointError, match=r"^Broken returned NaN or Inf at sigma=[0-9.]+; .* at step \d+ of 20$"):
         sample([poe.Binding(h, gaussian(0.0, 1.0), 1.0, 0.0)], n=16, steps=20)
+
+
+def test_out_of_memory_retries_in_smaller_chunks_then_says_what_to_change():
+    class OOMAbove(torch.nn.Module):
+        """Runs out of 'memory' above ``limit`` rows, like a GPU would."""
+
+        def __init__(self, inner, limit):
+            super().__init__()
+            self.inner, self.limit = inner, limit
+
+        def forward(self, x, t, mu, var):
+            if x.shape[0] > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(x, t, mu, var)
+
+    e = gaussian_expert(alphas_cumprod_for("linear"), "Big", 4)
+    reference = sample([poe.Binding(cb.wrap_expert(e), gaussian(0.5, 0.5), 2.0, 1.0, (gaussian(0.0, 1.0),))],
+                       n=48 * 16, steps=6)
+    e.network = OOMAbove(e.network, limit=5)
+    chunked = sample([poe.Binding(cb.wrap_expert(e), gaussian(0.5, 0.5), 2.0, 1.0, (gaussian(0.0, 1.0),))],
+                     n=48 * 16, steps=6)
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
+    e.network.limit = 0
+    with pytest.raises(MemoryError, match=r"^Big ran out of memory even one image at a time; load it with dtype "
+                                          r"fp16 or bf16, start ComfyUI with --lowvram"):
+        sample([poe.Binding(cb.wrap_expert(e), gaussian(0.5, 0.5), 1.0, 0.0)], n=48, steps=2)
