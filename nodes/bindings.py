@@ -355,7 +355,7 @@ class PoEBindingSchedule(io.ComfyNode):
                         "interval; 'layout early, detail late') and ramps its reliability with the noise level. "
                         "Outside its window a binding costs no forward pass.",
             inputs=[
-                Experts.Input("experts"),
+                Experts.Input("experts", tooltip="The chain whose binding gets the window and ramp."),
                 io.Int.Input("index", default=-1, min=-1000, max=1000,
                              tooltip="Which binding of the chain: 0 is the first, -1 the last."),
                 io.Float.Input("sigma_min", default=0.0, min=0.0, max=1e5, step=0.01,
@@ -367,8 +367,10 @@ class PoEBindingSchedule(io.ComfyNode):
                 io.Float.Input("reliability_at_low_noise", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Multiplier of the reliability at sigma <= ramp_sigma_low; linear in log "
                                        "sigma between."),
-                io.Float.Input("ramp_sigma_high", default=10.0, min=1e-4, max=1e5, step=0.01),
-                io.Float.Input("ramp_sigma_low", default=0.1, min=1e-4, max=1e5, step=0.01),
+                io.Float.Input("ramp_sigma_high", default=10.0, min=1e-4, max=1e5, step=0.01,
+                               tooltip="Where the reliability ramp starts (high noise end)."),
+                io.Float.Input("ramp_sigma_low", default=0.1, min=1e-4, max=1e5, step=0.01,
+                               tooltip="Where the reliability ramp ends (low noise end)."),
             ],
             outputs=[Experts.Output(display_name="experts")],
         )

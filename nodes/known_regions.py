@@ -47,7 +47,7 @@ class PoEImageToLatent(io.ComfyNode):
                         "VAEEncode with the pixel_space VAE), with an optional MASK as its noise mask "
                         "(1 = generate, 0 = keep), for completing the unmasked part with PoEKSampler.",
             inputs=[
-                io.Image.Input("image"),
+                io.Image.Input("image", tooltip="The image to complete or refine, at the experts' resolution."),
                 io.Mask.Input("mask", optional=True, tooltip="Where to generate (1); the rest is kept exactly."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],

@@ -148,10 +148,12 @@ class PoEScheduler(io.ComfyNode):
             description="SIGMAS from a ComfyUI scheduler over the noise range that every expert of the product can "
                         "serve (the intersection of their training schedules).",
             inputs=[
-                Experts.Input("experts"),
-                io.Combo.Input("scheduler", options=comfy_bridge.SCHEDULER_NAMES, default="karras"),
-                io.Int.Input("steps", default=30, min=1, max=10000),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                Experts.Input("experts", tooltip="The chained bindings whose common noise range is used."),
+                io.Combo.Input("scheduler", options=comfy_bridge.SCHEDULER_NAMES, default="karras",
+                               tooltip="Any ComfyUI scheduler."),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Below 1, only the last part of the schedule (img2img)."),
             ],
             outputs=[io.Sigmas.Output(display_name="SIGMAS")],
         )
@@ -226,7 +228,8 @@ class PoECorrectedSampler(io.ComfyNode):
             description="Wraps a SAMPLER (from KSamplerSelect) so that it runs the MCMC corrector at every noise "
                         "level, for SamplerCustomAdvanced with PoEGuider. Multistep samplers restart their history "
                         "at each level when correction is on.",
-            inputs=[io.Sampler.Input("sampler"), Corrector.Input("corrector")],
+            inputs=[io.Sampler.Input("sampler", tooltip="A sampler from KSamplerSelect (not dpm_fast/dpm_adaptive)."),
+                    Corrector.Input("corrector", tooltip="The corrector settings (PoECorrector).")],
             outputs=[io.Sampler.Output(display_name="SAMPLER")],
         )
 

@@ -50,7 +50,7 @@ class PoEReliabilitySweep(io.ComfyNode):
                         "turn, as a list, so one sampler node renders them all with the same seed (the paper's "
                         "reliability figure).",
             inputs=[
-                Experts.Input("experts"),
+                Experts.Input("experts", tooltip="The chain to vary."),
                 io.Int.Input("index", default=-1, min=-1000, max=1000,
                              tooltip="Which binding of the chain: 0 is the first, -1 the last."),
                 io.Combo.Input("field", options=list(SWEEP_FIELDS), default="reliability share",

@@ -73,3 +73,15 @@ def test_a_bad_prompt_is_refused_and_the_server_stays_up(server):
     assert err.value.data["exception_message"].startswith(
         "PoEKSampler: input 'sampler_name': unknown sampler 'no_such_sampler'; pick one of: euler, ")
     assert server.alive()
+
+
+def test_every_node_and_input_has_a_tooltip_or_description(server):
+    info = server.get_json("/object_info")
+    missing = []
+    for name in PACK_NODES:
+        node = info[name]
+        for group in ("required", "optional"):
+            for input_name, spec in node["input"].get(group, {}).items():
+                if len(spec) < 2 or not spec[1].get("tooltip"):
+                    missing.append(f"{name}.{input_name}")
+    assert not missing, f"inputs without a tooltip: {missing}"
