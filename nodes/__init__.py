@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .bindings import (PoEBindClass, PoEBindImage, PoEBindingSchedule, PoEBindPrior, PoEBindSegmentation,
-                       PoEBindSketch, PoEBindText)
+from .bindings import (PoEBindClass, PoEBindImage, PoEBindInpaint, PoEBindingSchedule, PoEBindPrior,
+                       PoEBindSegmentation, PoEBindSketch, PoEBindText)
 from .known_regions import PoEImageToLatent, PoEResample
 from .loaders import PoEExpertLoader, PoETextEncoderLoader
 from .sampling import PoECorrectedSampler, PoECorrector, PoEGuider, PoEKSampler, PoEScheduler
@@ -12,7 +12,8 @@ from .utilities import PoEImageGrid, PoEReliabilitySweep
 
 NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader, PoETextEncoderLoader,
-    PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindPrior, PoEBindingSchedule,
+    PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindInpaint, PoEBindPrior,
+    PoEBindingSchedule,
     PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
     PoEReliabilitySweep, PoEImageGrid, PoEResample, PoEImageToLatent,
 ]

@@ -403,3 +403,49 @@ class PoEBindingSchedule(io.ComfyNode):
         window = (sigma_min, float("inf") if sigma_max >= 1e5 else sigma_max)
         bindings[index] = dataclasses.replace(bindings[index], sigma_window=window, reliability_ramp=ramp)
         return io.NodeOutput(bindings, ui={"text": (binding_lib.describe(bindings[index]),)})
+
+
+class PoEBindInpaint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEBindInpaint",
+            display_name="Bind Inpainting (PoE)",
+            category=f"{CATEGORY}/bindings",
+            description="Binds a known image and the region to repaint to an inpainting expert (GLIDE base_inpaint, "
+                        "upsample_inpaint), with an optional prompt. To also keep the known pixels exact in the "
+                        "output, give the sampler a latent with the same noise mask (SetLatentNoiseMask).",
+            inputs=[
+                Expert.Input("expert", tooltip="An inpainting expert."),
+                io.Image.Input("image", tooltip="The known image (resized to the expert's size if needed)."),
+                io.Mask.Input("mask", tooltip="ComfyUI's convention: 1 where the expert repaints, 0 where the "
+                                              "image is kept."),
+                weight_input(1.0),
+                reliability_input(1.0),
+                io.String.Input("text", multiline=True, default="", optional=True,
+                                tooltip="Prompt for what goes in the repainted region; empty for none."),
+                io.Image.Input("low_res", optional=True,
+                               tooltip="For an upsampling inpainter: the low-resolution image to upsample."),
+                experts_input(),
+            ],
+            outputs=[Experts.Output(display_name="experts")],
+        )
+
+    @classmethod
+    def execute(cls, expert, image, mask, weight, reliability, text="", low_res=None, experts=None) -> io.NodeOutput:
+        node = "PoEBindInpaint"
+        e = expert.expert
+        check_finite(node, "image", image)
+        check_unit_range(node, "mask", mask)
+        keep = 1 - maps.map_from_mask(mask)      # GLIDE's inpainting mask is 1 where the image is kept
+        kwargs = {"text": text}
+        if low_res is not None:
+            check_finite(node, "low_res", low_res)
+            kwargs["low_res"] = image_to_pixels(low_res.float())
+        with node_input(node, "image"):
+            condition = e.encode("inpaint", image_to_pixels(image.float()), keep, **kwargs)
+        warning = e.warning("inpaint", text=text) if text.strip() else None
+        nulls = binding_lib.default_nulls(expert, condition)
+        label = f"inpaint {float(mask.mean()):.0%} of the image" + (f' + "{text[:30]}"' if text.strip() else "")
+        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+                       warnings=[warning] if warning else [])

@@ -15,7 +15,7 @@ from comfy_client import ComfyServer, load_api_workflow  # noqa: E402
 PACK_NODES = {"PoEExpertLoader", "PoEBindClass", "PoEBindText", "PoEBindSegmentation", "PoEBindSketch",
               "PoEBindImage", "PoEBindPrior", "PoEBindingSchedule", "PoEKSampler", "PoEGuider", "PoEScheduler",
               "PoEReliabilitySweep", "PoEImageGrid", "PoECorrector", "PoECorrectedSampler",
-              "PoETextEncoderLoader", "PoEResample", "PoEImageToLatent"}
+              "PoETextEncoderLoader", "PoEResample", "PoEImageToLatent", "PoEBindInpaint"}
 DEMO = REPO / "workflows" / "api" / "tiny_demo.json"
 
 
