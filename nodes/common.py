@@ -84,9 +84,11 @@ def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str) -
 
 
 def weight_input(default: float = 1.0) -> io.Float.Input:
-    return io.Float.Input("weight", default=default, min=0.0, max=100.0, step=0.05, round=0.0001,
+    return io.Float.Input("weight", default=default, min=-100.0, max=100.0, step=0.05, round=0.0001,
                           tooltip="w_i: how strongly this condition pulls the sample. w = 1 for every binding is "
-                                  "the paper's plain product; one expert with w = 1 + s is classifier-free guidance.")
+                                  "the paper's plain product; one expert with w = 1 + s is classifier-free guidance. "
+                                  "A negative weight is negation ('NOT this'): it pushes away from the pooled null "
+                                  "along this condition, so some binding needs a reliability > 0.")
 
 
 def reliability_input(default: float = 1.0) -> io.Float.Input:

@@ -228,3 +228,14 @@ def test_resampling_option_keeps_known_pixels_and_reports_itself():
     assert torch.equal(latent["samples"][:, :, :4], known[:, :, :4])
     assert rule.endswith("resampling: blocks of 2 step(s), each run 3 times")
     assert calls.calls - before > 6
+
+
+def test_negation_pushes_the_samples_away_from_the_negated_expert():
+    """Composable Diffusion's NOT in the analytic case: class 1 is N(0, 0.25); NOT class 2 (N(1, 0.25))."""
+    e = analytic()
+    plain, _ = bind_class(e, 1, weight=1.0, reliability=1.0)
+    negated, _ = bind_class(e, 2, weight=-0.5, reliability=0.0, experts=plain)
+    base = ksample(plain, batch=64, steps=20)[0]["samples"]
+    pushed = ksample(negated, batch=64, steps=20)[0]["samples"]
+    assert base.mean().item() == pytest.approx(0.0, abs=0.05)
+    assert pushed.mean().item() < base.mean().item() - 0.2
