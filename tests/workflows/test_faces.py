@@ -68,3 +68,16 @@ def test_four_binding_face_workflow_runs_with_both_presets(face_files):
     assert img.size == (256, 256)
     a = np.asarray(img, dtype=np.float32)
     assert np.isfinite(a).all() and a.std() > 1.0
+
+
+def test_hair_expert_only_in_the_hair_region(face_files):
+    """The 'bright pink hair' binding is spatial: its weight is 1.5 in the hair region, 0 elsewhere."""
+    wf = json.loads((REPO / "workflows" / "api" / "faces_hair_region.json").read_text())
+    wf["1"]["inputs"]["expert_name"] = "model_latest.safetensors"
+    wf["2"]["inputs"]["text_encoder_name"] = "farl_small.safetensors"
+    wf["3"]["inputs"]["image"] = "uac_test_parsing.png"
+    wf["9"]["inputs"]["steps"] = 2
+    _, history = run_prompt(wf)
+    rule = history["outputs"]["9"]["text"][0]
+    assert '"bright pink hair" · masked · w=0..1.5 (spatial)' in rule
+    assert "product of 4 binding(s) over 1 expert(s)" in rule
