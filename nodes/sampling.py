@@ -101,7 +101,7 @@ class PoEKSampler(io.ComfyNode):
                              "connect one or set denoise to 1")
         sigmas = comfy_bridge.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
         rule = binding_lib.describe_rule(guider.bindings)
-        sampler = comfy_bridge.comfy.samplers.sampler_object(sampler_name)
+        sampler = comfy_bridge.sampler_object(sampler_name)
         if corrector is not None:
             with node_input(node, "sampler_name" if corrector.method != "none" else "corrector"):
                 sampler = comfy_correctors.correct_sampler(sampler, corrector)

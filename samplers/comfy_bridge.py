@@ -271,6 +271,7 @@ class PoEGuider(comfy.samplers.CFGGuider):
 
 SAMPLER_NAMES = comfy.samplers.SAMPLER_NAMES
 SCHEDULER_NAMES = comfy.samplers.SCHEDULER_NAMES
+sampler_object = comfy.samplers.sampler_object
 
 
 def compute_sigmas(guider: PoEGuider, sampler_name: str, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
