@@ -21,7 +21,9 @@ DEMO = REPO / "workflows" / "api" / "tiny_demo.json"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ComfyServer(tmp_path_factory.mktemp("comfy"), python=sys.executable)
+    # Previews are off in ComfyUI unless asked for; users turn them on, and so does this test.
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy"), python=sys.executable,
+                      extra_args=("--preview-method", "auto"))
     srv.start()
     yield srv
     srv.stop()
@@ -52,8 +54,9 @@ def test_demo_workflow_runs_end_to_end_and_returns_a_png(server):
     assert img.size[0] >= 32 * 4 and img.size[1] >= 32
     extrema = img.getextrema()
     assert any(lo != hi for lo, hi in extrema), "the image is constant"
-    # the sampler reported progress over the websocket
+    # the sampler reported progress, and x0 previews, over the websocket
     assert any(m.get("type") == "progress" for m in server.messages)
+    assert any(m.get("type") == "preview" and m["bytes"] > 100 for m in server.messages)
 
 
 def test_a_bad_prompt_is_refused_and_the_server_stays_up(server):
