@@ -108,19 +108,9 @@ def _ve_view(model_sampling, x: torch.Tensor, sigma: float) -> tuple[float, floa
     return 1.0, sigma
 
 
-class CorrectedKSampler(comfy.samplers.KSAMPLER):
-    """A ``KSAMPLER`` that runs its sampler function one interval at a time with an MCMC
-    corrector between intervals. Construct it with :func:`corrected_sampler` or
-    :func:`correct_sampler`.
-
-    Args:
-        base (`comfy.samplers.KSAMPLER`): the sampler to correct (function and options are reused).
-        config (`CorrectorConfig`): the corrector and the sigma window it runs in.
-    """
-
-    def __init__(self, base: comfy.samplers.KSAMPLER, config: CorrectorConfig):
-        super().__init__(base.sampler_function, base.extra_options, base.inpaint_options)
-        self.config = config
+class IntervalKSampler(comfy.samplers.KSAMPLER):
+    """A ``KSAMPLER`` whose subclasses run the sampler function themselves, interval by interval,
+    in ``walk``; the set-up around it is ComfyUI's own."""
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -137,6 +127,24 @@ class CorrectedKSampler(comfy.samplers.KSAMPLER):
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
         x = self.walk(model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar)
         return model_sampling.inverse_noise_scaling(sigmas[-1], x)
+
+    def walk(self, model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar):
+        raise NotImplementedError
+
+
+class CorrectedKSampler(IntervalKSampler):
+    """A ``KSAMPLER`` that runs its sampler function one interval at a time with an MCMC
+    corrector between intervals. Construct it with :func:`corrected_sampler` or
+    :func:`correct_sampler`.
+
+    Args:
+        base (`comfy.samplers.KSAMPLER`): the sampler to correct (function and options are reused).
+        config (`CorrectorConfig`): the corrector and the sigma window it runs in.
+    """
+
+    def __init__(self, base: comfy.samplers.KSAMPLER, config: CorrectorConfig):
+        super().__init__(base.sampler_function, base.extra_options, base.inpaint_options)
+        self.config = config
 
     def walk(self, model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar):
         """Sampler intervals with corrector levels between them; returns the final ``x``."""

@@ -34,7 +34,7 @@ import comfy.model_sampling
 import comfy.samplers
 
 from . import correctors, resampling
-from .comfy_correctors import CorrectedKSampler, _ClampedNoiseSampler, _takes_noise_sampler, derived_seed
+from .comfy_correctors import CorrectedKSampler, IntervalKSampler, _ClampedNoiseSampler, _takes_noise_sampler, derived_seed
 
 _UNSPLITTABLE = ("dpm_fast_function", "dpm_adaptive_function")
 # derived_seed streams: 0 corrector, 1 sampler noise (both as in comfy_correctors), 2 re-noising, 3 + r the
@@ -78,7 +78,7 @@ def _ve_sigma(model_sampling, sigma: float) -> float:
     return sigma / (1.0 - sigma) if isinstance(model_sampling, comfy.model_sampling.CONST) else sigma
 
 
-class ResampledKSampler(comfy.samplers.KSAMPLER):
+class ResampledKSampler(IntervalKSampler):
     """A ``KSAMPLER`` that walks RePaint's jump schedule. Construct it with
     :func:`resampled_sampler`.
 
@@ -96,22 +96,6 @@ class ResampledKSampler(comfy.samplers.KSAMPLER):
         self.base = base
         self.jump_length = jump_length
         self.count = count
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        # KSAMPLER.sample up to the sampler function call, unchanged, so inpainting and noise scaling are ComfyUI's.
-        extra_args["denoise_mask"] = denoise_mask
-        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model_k.latent_image = latent_image
-        if self.inpaint_options.get("random", False):
-            generator = torch.manual_seed(extra_args.get("seed", 41) + 1)
-            model_k.noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(noise.device)
-        else:
-            model_k.noise = noise
-        model_sampling = model_wrap.inner_model.model_sampling
-        x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        x = self.walk(model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar)
-        return model_sampling.inverse_noise_scaling(sigmas[-1], x)
 
     def walk(self, model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar):
         """Sampler intervals and jumps back along the schedule; returns the final ``x``."""
