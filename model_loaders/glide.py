@@ -49,7 +49,6 @@ from the safetensors metadata (GLIDE's own option names) or from GLIDE's publish
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -59,6 +58,7 @@ from einops import rearrange
 from torch import nn
 
 from . import glide_tokenizer
+from .adm import Downsample, Upsample, timestep_embedding  # ADM's layers, shared by GLIDE's trunk
 from .expert import Condition, Expert
 from .schedules import alphas_cumprod_for
 
@@ -91,15 +91,6 @@ class LayerNorm32(nn.LayerNorm):
 
 def norm32(channels: int) -> GroupNorm32:
     return GroupNorm32(32, channels)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[cos | sin]`` of (possibly fractional) timesteps, in float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class ResBlock(nn.Module):
@@ -139,28 +130,6 @@ class ResBlock(nn.Module):
         else:
             h = rest(norm(h + emb_out))
         return self.skip_connection(x) + h
-
-
-class Downsample(nn.Module):
-    """Strided 3x3 conv (``op``), used when ``resblock_updown`` is off."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest 2x then a 3x3 conv (``conv``), used when ``resblock_updown`` is off."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class AttentionBlock(nn.Module):
