@@ -76,7 +76,6 @@ Conditions
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -84,11 +83,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from .expert import Condition, Expert
 from .schedules import SCHEDULES, alphas_cumprod_for
+from .unet_layers import (ATTENTION_ORDERS, AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential,
+                          Upsample, timestep_embedding)
 
 IMAGE_CHANNELS = 3
 REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "input_blocks.1.0.emb_layers.1.weight",
@@ -98,7 +98,6 @@ REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "input_blocks
 # Conquer face experts' input mixer and FiLM layers.
 FOREIGN_MARKERS = ("transformer.", "token_embedding", "encoder_kv", "input_blocks_convert", "cond_emb_layers")
 CLASS_NAMES_FILE = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
-ATTENTION_ORDERS = ("new", "legacy")
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -204,128 +203,6 @@ PUBLISHED: dict[tuple, Published] = {
         Published("ADM-128→512", "128_512_upsampler.pt", 512, "legacy", "linear", num_head_channels=64,
                   small_size=128),
 }
-
-
-# --- layers ---------------------------------------------------------------------------------------
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the weights' dtype, as guided-diffusion's ``GroupNorm32``
-    (half-precision statistics over large groups lose too much)."""
-
-    def __init__(self, channels: int):
-        super().__init__(32, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # contiguous(): on CPU the channels_last kernel loses precision when a group's mean is large
-        # (3e-5 against 5e-7 at mean 30), which the time-embedding offsets make common.
-        x32 = x.float().contiguous()
-        return F.group_norm(x32, self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[cos(t f_i) | sin(t f_i)]``, ``f_i = max_period^(-i / half)``; fractional t is fine."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
-
-
-def resample(x: torch.Tensor, direction: str | None) -> torch.Tensor:
-    """Parameter-free 2x resampling of residual up/down blocks: nearest up, average-pool down."""
-    if direction == "up":
-        return F.interpolate(x, scale_factor=2, mode="nearest")
-    if direction == "down":
-        return F.avg_pool2d(x, kernel_size=2, stride=2)
-    return x
-
-
-class ResBlock(nn.Module):
-    """Residual block with time conditioning (additive, or scale-shift after the second norm)."""
-
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, scale_shift: bool,
-                 direction: str | None = None):
-        super().__init__()
-        self.scale_shift = scale_shift
-        self.direction = direction
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
-        # Index 2 held dropout in training; kept as a placeholder so that out_layers.3 keeps its name.
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        norm, act, conv = self.in_layers
-        # Resample between the activation and the convolution, as the reference's h_upd does.
-        h = conv(resample(act(norm(x)), self.direction))
-        x = resample(x, self.direction)
-        emb_out = rearrange(self.emb_layers(emb).to(h.dtype), "b c -> b c 1 1")
-        out_norm, out_act, _, out_conv = self.out_layers
-        if self.scale_shift:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = out_norm(h) * (1 + scale) + shift
-        else:
-            h = out_norm(h + emb_out)
-        return self.skip_connection(x) + out_conv(out_act(h))
-
-
-class Downsample(nn.Module):
-    """Strided 3x3 convolution (``resblock_updown=False``)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest 2x then a 3x3 convolution (``resblock_updown=False``)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(resample(x, "up"))
-
-
-class AttentionBlock(nn.Module):
-    """Spatial self-attention with a residual connection.
-
-    ``qkv`` and ``proj_out`` stay 1-D convolutions (their checkpoint shapes are ``C' x C x 1``) but
-    run as 1x1 2-D convolutions, so channels_last inputs need no reshuffle.
-    """
-
-    def __init__(self, channels: int, heads: int, order: str):
-        super().__init__()
-        if order not in ATTENTION_ORDERS:
-            raise ValueError(f"attention_order must be one of {ATTENTION_ORDERS}, got {order!r}")
-        self.heads = heads
-        # new: [Q | K | V] then heads; legacy: heads, then [q, k, v] inside each head.
-        self.pattern = "b (three h c) x y -> three b h (x y) c" if order == "new" else \
-            "b (h three c) x y -> three b h (x y) c"
-        self.norm = GroupNorm32(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = F.conv2d(self.norm(x), self.qkv.weight[..., None], self.qkv.bias)
-        q, k, v = rearrange(qkv, self.pattern, three=3, h=self.heads)
-        a = F.scaled_dot_product_attention(q, k, v)
-        a = rearrange(a, "b h (x y) c -> b (h c) x y", x=x.shape[2])
-        return x + F.conv2d(a, self.proj_out.weight[..., None], self.proj_out.bias)
-
-
-class TimestepSequential(nn.Sequential):
-    """A block: residual blocks get the embedding, the other layers only the features."""
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
-        return x
 
 
 # --- the UNet -------------------------------------------------------------------------------------

@@ -92,9 +92,10 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .adm import timestep_embedding
 from .expert import Condition, Expert
 from .schedules import alphas_cumprod_for
+from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample,
+                          timestep_embedding)
 
 IMAGE_CHANNELS = 3
 EMBED_DIM = 512
@@ -155,124 +156,6 @@ class FaceConfig:
     film_zero_embedding: bool = False
 
 
-# --- layers ---------------------------------------------------------------------------------------
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups computed in float32, as guided-diffusion's ``normalization``."""
-
-    def __init__(self, channels: int):
-        super().__init__(32, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-class Resample(nn.Module):
-    """Nearest-neighbour 2x upsampling or 2x2 average pooling, optionally followed or replaced by
-    a convolution (``conv`` up, strided ``op`` down) when the UNet does not resample in ResBlocks."""
-
-    def __init__(self, channels: int, up: bool, use_conv: bool):
-        super().__init__()
-        self.up = up
-        if use_conv and up:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        elif use_conv:
-            self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-            return self.conv(x) if hasattr(self, "conv") else x
-        return self.op(x) if hasattr(self, "op") else F.avg_pool2d(x, 2)
-
-
-class ResBlock(nn.Module):
-    """ADM's residual block with a time FiLM and, for the masks+text expert, a text FiLM.
-
-    Key names follow guided-diffusion: ``in_layers`` (norm, SiLU, conv), ``emb_layers`` (SiLU,
-    linear), ``cond_emb_layers`` (SiLU, linear from the embedding), ``out_layers`` (norm, SiLU,
-    dropout, conv) and ``skip_connection``.
-    """
-
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, scale_shift: bool,
-                 embed_dim: int = 0, up: bool = False, down: bool = False):
-        super().__init__()
-        film = 2 * out_channels if scale_shift else out_channels
-        self.scale_shift = scale_shift
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.updown = up or down
-        if self.updown:
-            self.h_upd = Resample(channels, up=up, use_conv=False)
-            self.x_upd = Resample(channels, up=up, use_conv=False)
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, film))
-        self.cond_emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, film)) if embed_dim else None
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Conv2d(channels, out_channels, 1) if out_channels != channels else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, embed: torch.Tensor | None,
-                active: torch.Tensor | None) -> torch.Tensor:
-        if self.updown:
-            h = self.in_layers[:-1](x)
-            h, x = self.h_upd(h), self.x_upd(x)
-            h = self.in_layers[-1](h)
-        else:
-            h = self.in_layers(x)
-        emb_out = rearrange(self.emb_layers(emb).to(h.dtype), "b c -> b c 1 1")
-        film = None
-        if self.cond_emb_layers is not None and embed is not None and bool(active.any()):
-            film = rearrange(self.cond_emb_layers(embed).to(h.dtype), "b c -> b c 1 1")
-            active = rearrange(active, "b -> b 1 1 1")
-        out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
-        if self.scale_shift:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = out_norm(h) * (1 + scale) + shift
-            if film is not None:
-                # The reference normalises a second time before the text FiLM.
-                scale, shift = film.chunk(2, dim=1)
-                h = torch.where(active, out_norm(h) * (1 + scale) + shift, h)
-            h = out_rest(h)
-        else:
-            h = h + emb_out
-            if film is not None:
-                h = torch.where(active, h + film, h)
-            h = self.out_layers(h)
-        return self.skip_connection(x) + h
-
-
-class AttentionBlock(nn.Module):
-    """Self-attention over the pixels, legacy layout: ``qkv`` holds ``[q, k, v]`` per head."""
-
-    def __init__(self, channels: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm = GroupNorm32(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, hgt, wid = x.shape
-        flat = rearrange(x, "b c h w -> b c (h w)")
-        qkv = self.qkv(self.norm(flat))
-        q, k, v = rearrange(qkv, "b (heads three d) t -> three b heads t d", heads=self.heads, three=3)
-        # The softmax runs in float32, as ADM's does, whatever the weights' dtype.
-        a = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
-        a = rearrange(a, "b heads t d -> b (heads d) t")
-        return rearrange(flat + self.proj_out(a), "b c (h w) -> b c h w", h=hgt, w=wid)
-
-
-class Stage(nn.ModuleList):
-    """One entry of ``input_blocks`` / ``output_blocks``: layers run in order, residual blocks
-    with the embeddings (guided-diffusion's ``TimestepEmbedSequential``)."""
-
-    def forward(self, h, emb, embed, active):
-        for layer in self:
-            h = layer(h, emb, embed, active) if isinstance(layer, ResBlock) else layer(h)
-        return h
-
-
 # --- the UNet -------------------------------------------------------------------------------------
 
 class FaceUNet(nn.Module):
@@ -291,14 +174,14 @@ class FaceUNet(nn.Module):
         if c.slot_channels:
             self.input_blocks_convert = nn.Conv2d(c.slot_channels, IMAGE_CHANNELS, 3, padding=1)
 
-        def res(cin, cout, **kw):
-            return ResBlock(cin, tdim, cout, c.use_scale_shift_norm, c.embed_dim, **kw)
+        def res(cin, cout, direction=None):
+            return ResBlock(cin, tdim, cout, c.use_scale_shift_norm, direction, c.embed_dim)
 
         def attn(ch, heads):
-            return AttentionBlock(ch, ch // c.num_head_channels if c.num_head_channels != -1 else heads)
+            return AttentionBlock(ch, ch // c.num_head_channels if c.num_head_channels != -1 else heads, "legacy")
 
         ch = int(c.channel_mult[0] * mc)
-        self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
         chans, ds = [ch], 1
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
@@ -306,14 +189,14 @@ class FaceUNet(nn.Module):
                 ch = int(mult * mc)
                 if ds in c.attention_ds:
                     layers.append(attn(ch, c.num_heads))
-                self.input_blocks.append(Stage(layers))
+                self.input_blocks.append(TimestepSequential(*layers))
                 chans.append(ch)
             if level != len(c.channel_mult) - 1:
-                down = res(ch, ch, down=True) if c.resblock_updown else Resample(ch, up=False, use_conv=True)
-                self.input_blocks.append(Stage([down]))
+                down = res(ch, ch, "down") if c.resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepSequential(down))
                 chans.append(ch)
                 ds *= 2
-        self.middle_block = Stage([res(ch, ch), attn(ch, c.num_heads), res(ch, ch)])
+        self.middle_block = TimestepSequential(res(ch, ch), attn(ch, c.num_heads), res(ch, ch))
         heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(c.channel_mult))[::-1]:
@@ -323,9 +206,9 @@ class FaceUNet(nn.Module):
                 if ds in c.attention_ds:
                     layers.append(attn(ch, heads_up))
                 if level and i == c.num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if c.resblock_updown else Resample(ch, up=True, use_conv=True))
+                    layers.append(res(ch, ch, "up") if c.resblock_updown else Upsample(ch))
                     ds //= 2
-                self.output_blocks.append(Stage(layers))
+                self.output_blocks.append(TimestepSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
                                  nn.Conv2d(int(c.channel_mult[0] * mc), c.out_channels, 3, padding=1))
 
@@ -345,13 +228,19 @@ class FaceUNet(nn.Module):
             embed = embed.to(x.dtype)
             # Per sample: an all-zero embedding is "no text" whatever the rest of the batch holds.
             active = (embed != 0).any(dim=1) | self.config.film_zero_embedding
+            # One host sync per forward (not one per block) decides whether any sample takes the FiLM.
+            if bool(active.any()):
+                active = rearrange(active, "b -> b 1 1 1")
+            else:
+                embed = active = None
+        cond = {"embed": embed, "active": active}
         skips = []
         for stage in self.input_blocks:
-            h = stage(h, emb, embed, active)
+            h = stage(h, emb, **cond)
             skips.append(h)
-        h = self.middle_block(h, emb, embed, active)
+        h = self.middle_block(h, emb, **cond)
         for stage in self.output_blocks:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, embed, active)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, **cond)
         return self.out(h)
 
 

@@ -58,9 +58,10 @@ from einops import rearrange
 from torch import nn
 
 from . import glide_tokenizer
-from .adm import Downsample, Upsample, timestep_embedding  # ADM's layers, shared by GLIDE's trunk
 from .expert import Condition, Expert
 from .schedules import alphas_cumprod_for
+from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample, attention,
+                          timestep_embedding)
 
 IMAGE_CHANNELS = 3
 # Input channels of the first convolution for each (super_res, inpaint) variant.
@@ -72,107 +73,19 @@ REQUIRED_KEYS = ("token_embedding.weight", "positional_embedding", "transformer_
 
 # --- layers ---------------------------------------------------------------------------------------
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the weights' dtype, as GLIDE's ``GroupNorm32``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32, as GLIDE's ``xf.LayerNorm``."""
+    """LayerNorm with float32 statistics, as GLIDE's ``xf.LayerNorm``; ``norm_impl`` as the group
+    norms' (``unet_layers.set_norm``)."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.norm_impl = "upcast"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_impl == "mixed" and x.dtype in (torch.float16, torch.bfloat16):
+            return F.layer_norm(x, self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
                             self.eps).to(x.dtype)
-
-
-def norm32(channels: int) -> GroupNorm32:
-    return GroupNorm32(32, channels)
-
-
-class ResBlock(nn.Module):
-    """Residual block with the time embedding, optionally resampling (``up`` / ``down``).
-
-    Keys: ``in_layers.{0: norm, 2: conv}``, ``emb_layers.1``, ``out_layers.{0: norm, 3: conv}`` and
-    ``skip_connection`` (1x1 conv) when the channel count changes.
-    """
-
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, scale_shift: bool,
-                 up: bool = False, down: bool = False):
-        super().__init__()
-        self.scale_shift = scale_shift
-        self.in_layers = nn.Sequential(norm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (2 if scale_shift else 1) * out_channels))
-        self.out_layers = nn.Sequential(norm32(out_channels), nn.SiLU(), nn.Identity(),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Conv2d(channels, out_channels, 1) if out_channels != channels else nn.Identity()
-        self.resample = "up" if up else "down" if down else None
-
-    def _resample(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resample == "up":
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.resample == "down":
-            return F.avg_pool2d(x, kernel_size=2, stride=2)
-        return x
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # Resampling sits between the input activation and the first conv, for h and the skip alike.
-        h = self.in_layers[2](self._resample(self.in_layers[1](self.in_layers[0](x))))
-        x = self._resample(x)
-        emb_out = rearrange(self.emb_layers(emb).to(h.dtype), "b c -> b c 1 1")
-        norm, rest = self.out_layers[0], self.out_layers[1:]
-        if self.scale_shift:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = rest(norm(h) * (1 + scale) + shift)
-        else:
-            h = rest(norm(h + emb_out))
-        return self.skip_connection(x) + h
-
-
-class AttentionBlock(nn.Module):
-    """Self-attention over the pixels, with the text's keys and values prepended.
-
-    ``qkv`` uses the legacy layout (per head ``[q, k, v]``), ``encoder_kv`` per head ``[k, v]``;
-    both are 1-D convolutions (kernel 1), as GLIDE stores them.
-    """
-
-    def __init__(self, channels: int, num_heads: int, encoder_channels: int | None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm = norm32(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        if encoder_channels:
-            self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor, encoder_out: torch.Tensor | None = None) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        qkv = self.qkv(rearrange(self.norm(x), "b c h w -> b c (h w)"))
-        q, k, v = rearrange(qkv, "b (n three d) t -> three b n t d", n=self.num_heads, three=3)
-        if encoder_out is not None:
-            ek, ev = rearrange(self.encoder_kv(encoder_out), "b (n two d) s -> two b n s d", n=self.num_heads, two=2)
-            k, v = torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
-        # GLIDE scales q and k by d^-1/4 each: the same 1/sqrt(d) that SDPA applies.
-        a = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj_out(rearrange(a, "b n t d -> b (n d) t"))
-        return x + rearrange(out, "b c (h w) -> b c h w", h=h, w=w)
-
-
-class TimestepSequence(nn.ModuleList):
-    """One UNet stage: residual blocks take the time embedding, attention blocks the text."""
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, encoder_out: torch.Tensor | None) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                h = layer(h, emb)
-            elif isinstance(layer, AttentionBlock):
-                h = layer(h, encoder_out)
-            else:
-                h = layer(h)
-        return h
 
 
 # --- text transformer -----------------------------------------------------------------------------
@@ -183,12 +96,13 @@ class TextAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.attention_impl = "sdpa"
         self.c_qkv = nn.Linear(width, 3 * width)
         self.c_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.c_qkv(x), "b t (n three d) -> three b n t d", n=self.heads, three=3)
-        a = F.scaled_dot_product_attention(q, k, v)
+        a = attention(q, k, v, self.attention_impl)
         return self.c_proj(rearrange(a, "b n t d -> b t (n d)"))
 
 
@@ -293,15 +207,15 @@ class GlideUNet(nn.Module):
         mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        def res(cin: int, cout: int, **kw) -> ResBlock:
-            return ResBlock(cin, emb_dim, cout, cfg.use_scale_shift_norm, **kw)
+        def res(cin: int, cout: int, direction: str | None = None) -> ResBlock:
+            return ResBlock(cin, emb_dim, cout, cfg.use_scale_shift_norm, direction)
 
         def attn(ch: int, up: bool = False) -> AttentionBlock:
-            return AttentionBlock(ch, _num_heads(cfg, ch, up), cfg.xf_width)
+            return AttentionBlock(ch, _num_heads(cfg, ch, up), "legacy", cfg.xf_width)
 
         ch = int(cfg.channel_mult[0] * mc)
         input_ch = ch
-        self.input_blocks = nn.ModuleList([TimestepSequence([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skips, ds = [ch], 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -309,15 +223,15 @@ class GlideUNet(nn.Module):
                 ch = int(mult * mc)
                 if ds in cfg.attention_ds:
                     layers.append(attn(ch))
-                self.input_blocks.append(TimestepSequence(layers))
+                self.input_blocks.append(TimestepSequential(*layers))
                 skips.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepSequence([down]))
+                down = res(ch, ch, "down") if cfg.resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepSequential(down))
                 skips.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepSequence([res(ch, ch), attn(ch), res(ch, ch)])
+        self.middle_block = TimestepSequential(res(ch, ch), attn(ch), res(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -327,11 +241,11 @@ class GlideUNet(nn.Module):
                 if ds in cfg.attention_ds:
                     layers.append(attn(ch, up=True))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch))
+                    layers.append(res(ch, ch, "up") if cfg.resblock_updown else Upsample(ch))
                     ds //= 2
-                self.output_blocks.append(TimestepSequence(layers))
+                self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(norm32(ch), nn.SiLU(), nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
 
         self.transformer = TextTransformer(cfg.xf_width, cfg.xf_layers, cfg.xf_heads)
         self.final_ln = LayerNorm32(cfg.xf_width) if cfg.xf_final_ln else None

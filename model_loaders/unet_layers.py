@@ -1,0 +1,235 @@
+"""The layers of ADM's UNet, shared by every family built on its trunk: ADM (guided-diffusion),
+GLIDE and the Unite and Conquer face experts.
+
+Module and parameter names are guided-diffusion's, so released checkpoints load unchanged:
+``in_layers`` (norm, SiLU, conv), ``emb_layers`` (SiLU, linear), ``cond_emb_layers`` (the face
+experts' text FiLM), ``out_layers`` (norm, SiLU, dropout placeholder, conv), ``skip_connection``;
+attention ``norm``, ``qkv``, ``encoder_kv`` (GLIDE's text keys and values) and ``proj_out``;
+``op`` / ``conv`` for the convolutional down/up-sampling.
+
+Speed levers (see :func:`set_attention`, :func:`set_norm`; the memory format and ``torch.compile``
+are the expert's, see ``model_loaders.speed``):
+
+- attention ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention``, which
+  picks a fused kernel (flash, memory-efficient) where one exists; those keep the softmax's
+  accumulation in float32 for half-precision inputs. ``"math"``: the reference's explicit
+  ``softmax(q k^T / sqrt(d)) v`` with the softmax in float32, as guided-diffusion's
+  ``QKVAttention`` computes it.
+- norm ``"upcast"`` (default): group norms cast their input to float32, normalise, and cast back,
+  as guided-diffusion's ``GroupNorm32``; ``"mixed"``: one group-norm kernel on the half-precision
+  input with float32 affine parameters, which accumulates its statistics in float32 itself
+  (fewer kernels and less memory traffic; same float32 statistics).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+ATTENTION_ORDERS = ("new", "legacy")
+ATTENTION_IMPLS = ("sdpa", "math")
+NORM_IMPLS = ("upcast", "mixed")
+
+
+# --- functions ------------------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t f_i) | sin(t f_i)]``, ``f_i = max_period^(-i / half)``; fractional t is fine."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def resample(x: torch.Tensor, direction: str | None) -> torch.Tensor:
+    """Parameter-free 2x resampling of residual up/down blocks: nearest up, average-pool down."""
+    if direction == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if direction == "down":
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    return x
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` over B x heads x tokens x d tensors."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if impl != "math":
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    # guided-diffusion scales q and k by d^-1/4 each (more stable in half precision than q by d^-1/2).
+    scale = q.shape[-1] ** -0.25
+    weight = torch.einsum("bhtd,bhsd->bhts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+    return torch.einsum("bhts,bhsd->bhtd", weight, v)
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups and float32 statistics whatever the weights' dtype, as
+    guided-diffusion's ``GroupNorm32`` (half-precision statistics over large groups lose too much)."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__(groups, channels)
+        self.norm_impl = "upcast"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        if self.norm_impl == "mixed" and x.dtype in (torch.float16, torch.bfloat16):
+            return F.group_norm(x, self.num_groups, w, b, self.eps)
+        x32 = x.float()
+        if x32.device.type == "cpu":
+            # The CPU channels_last kernel loses precision when a group's mean is large (3e-5 against
+            # 5e-7 at mean 30), which the time-embedding offsets make common.
+            x32 = x32.contiguous()
+        return F.group_norm(x32, self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """Residual block with the time embedding (additive, or scale-shift after the second norm),
+    optionally resampling (``direction`` ``"up"`` / ``"down"``), and optionally a second FiLM from a
+    condition embedding (``embed_dim`` > 0: the face experts' ``cond_emb_layers``).
+
+    The embedding FiLM follows the time FiLM through ``out_norm`` a second time, as the face
+    experts' reference does, and applies only to the samples where ``active`` is true.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, scale_shift: bool,
+                 direction: str | None = None, embed_dim: int = 0):
+        super().__init__()
+        film = out_channels * (2 if scale_shift else 1)
+        self.scale_shift = scale_shift
+        self.direction = direction
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, film))
+        self.cond_emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, film)) if embed_dim else None
+        # Index 2 held dropout in training; kept as a placeholder so that out_layers.3 keeps its name.
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, embed: torch.Tensor | None = None,
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        norm, act, conv = self.in_layers
+        # Resample between the activation and the convolution, as the reference's h_upd does.
+        h = conv(resample(act(norm(x)), self.direction))
+        x = resample(x, self.direction)
+        emb_out = rearrange(self.emb_layers(emb).to(h.dtype), "b c -> b c 1 1")
+        film = None
+        if self.cond_emb_layers is not None and embed is not None:
+            film = rearrange(self.cond_emb_layers(embed).to(h.dtype), "b c -> b c 1 1")
+        out_norm, out_act, _, out_conv = self.out_layers
+        if self.scale_shift:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_norm(h) * (1 + scale) + shift
+            if film is not None:
+                # The face experts' reference normalises a second time before the text FiLM.
+                scale, shift = film.chunk(2, dim=1)
+                h = torch.where(active, out_norm(h) * (1 + scale) + shift, h)
+        else:
+            h = h + emb_out
+            if film is not None:
+                h = torch.where(active, h + film, h)
+            h = out_norm(h)
+        return self.skip_connection(x) + out_conv(out_act(h))
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution (``resblock_updown=False``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x then a 3x3 convolution (``resblock_updown=False``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(resample(x, "up"))
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual connection, and GLIDE's text keys and values put
+    before the image's own when ``encoder_channels`` is set.
+
+    ``order`` is the layout of ``qkv``'s rows: ``"new"`` (``QKVAttention``: ``[Q | K | V]``, then
+    heads) or ``"legacy"`` (``QKVAttentionLegacy``, GLIDE, the face experts: heads, then ``[q, k, v]``
+    inside each head); ``encoder_kv`` holds ``[k, v]`` per head. ``qkv`` and ``proj_out`` stay 1-D
+    convolutions (their checkpoint shapes are ``C' x C x 1``) but run as 1x1 2-D convolutions, so
+    channels_last features reach the attention kernel without a reshuffle.
+    """
+
+    def __init__(self, channels: int, heads: int, order: str = "legacy", encoder_channels: int | None = None):
+        super().__init__()
+        if order not in ATTENTION_ORDERS:
+            raise ValueError(f"attention_order must be one of {ATTENTION_ORDERS}, got {order!r}")
+        self.heads = heads
+        self.attention_impl = "sdpa"
+        self.pattern = "b (three h c) x y -> three b h (x y) c" if order == "new" else \
+            "b (h three c) x y -> three b h (x y) c"
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        if encoder_channels:
+            self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, encoder_out: torch.Tensor | None = None) -> torch.Tensor:
+        qkv = F.conv2d(self.norm(x), self.qkv.weight[..., None], self.qkv.bias)
+        q, k, v = rearrange(qkv, self.pattern, three=3, h=self.heads)
+        if encoder_out is not None:
+            ek, ev = rearrange(self.encoder_kv(encoder_out), "b (h two c) s -> two b h s c", h=self.heads, two=2)
+            k, v = torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
+        a = rearrange(attention(q, k, v, self.attention_impl), "b h (x y) c -> b (h c) x y", x=x.shape[2])
+        return x + F.conv2d(a, self.proj_out.weight[..., None], self.proj_out.bias)
+
+
+class TimestepSequential(nn.Sequential):
+    """One UNet stage (guided-diffusion's ``TimestepEmbedSequential``): residual blocks take the
+    time embedding (and the condition embedding), attention blocks the text, the rest only the
+    features."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, encoder_out: torch.Tensor | None = None,
+                embed: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, embed, active)
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x, encoder_out)
+            else:
+                x = layer(x)
+        return x
+
+
+# --- levers ---------------------------------------------------------------------------------------
+
+def set_attention(network: nn.Module, impl: str) -> None:
+    """Every attention of ``network`` (image and text) through ``impl``: ``"sdpa"`` or ``"math"``."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    for m in network.modules():
+        if hasattr(m, "attention_impl"):
+            m.attention_impl = impl
+
+
+def set_norm(network: nn.Module, impl: str) -> None:
+    """Every float32-statistics norm of ``network`` (group norms, GLIDE's text layer norms) through
+    ``impl``: ``"upcast"`` or ``"mixed"`` (module docstring)."""
+    if impl not in NORM_IMPLS:
+        raise ValueError(f"norm implementation must be one of {NORM_IMPLS}, got {impl!r}")
+    for m in network.modules():
+        if hasattr(m, "norm_impl"):
+            m.norm_impl = impl
