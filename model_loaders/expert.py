@@ -74,6 +74,12 @@ class Expert:
         info (`dict`):
             What the loader inferred (channels, attention layout, schedule name, source file...),
             shown in errors and in the loader node's summary.
+        memory_format (`torch.memory_format`, defaults to ``torch.preserve_format``):
+            The layout :meth:`eps` gives the network its input in; ``torch.channels_last`` once
+            ``speed.set_channels_last`` has converted the weights.
+        compiled (`Callable`, *optional*):
+            A compiled stand-in for ``network`` (same signature, same weights) that :meth:`eps`
+            calls instead of it (``speed.compile_expert``).
     """
 
     network: torch.nn.Module
@@ -89,6 +95,8 @@ class Expert:
     null_for: Callable[[Condition], Condition | None] | None = None
     class_names: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    memory_format: torch.memory_format = torch.preserve_format
+    compiled: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -121,7 +129,8 @@ class Expert:
         t = t.to(device=device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        out = self.network(x.to(device=device, dtype=dtype), t, **cond)
+        forward = self.compiled if self.compiled is not None else self.network
+        out = forward(x.to(device=device, dtype=dtype, memory_format=self.memory_format), t, **cond)
         if self.prediction == "eps_learned_sigma":
             out = out[:, : self.image_channels]
         return out.float()

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 
+import comfy.model_management
 import folder_paths
 from comfy_api.latest import io
 
 from .. import model_loaders
+from ..model_loaders import speed
 from ..samplers import comfy_bridge
 from .common import CATEGORY, Expert, TextEncoder, check_choice, node_input
 
@@ -46,25 +48,44 @@ class PoEExpertLoader(io.ComfyNode):
                 io.Combo.Input("schedule", options=list(SCHEDULE_CHOICES), default="published",
                                tooltip="Training noise schedule. It cannot be read from the weights: 'published' uses the "
                                        "one the family's published configuration was trained with."),
+                io.Combo.Input("compile", options=list(speed.COMPILE_MODES), default="off", optional=True,
+                               tooltip="torch.compile the network. The first prompt of each image batch size pays the "
+                                       "compilation (minutes for the published sizes; the time is logged); later "
+                                       "prompts of that size reuse it, also after the expert is loaded again. "
+                                       "'reduce-overhead' adds CUDA graphs on a GPU. Needs Triton on a GPU, a C++ "
+                                       "compiler on the CPU."),
+                io.Boolean.Input("channels_last", default=False, optional=True,
+                                 tooltip="Keep weights and activations in the channels_last (NHWC) layout, which GPU "
+                                         "convolution kernels read directly. Same results up to float rounding."),
             ],
             outputs=[Expert.Output(display_name="expert")],
         )
 
     @classmethod
-    def execute(cls, expert_name, family, dtype, schedule) -> io.NodeOutput:
+    def execute(cls, expert_name, family, dtype, schedule, compile="off", channels_last=False) -> io.NodeOutput:
         node = "PoEExpertLoader"
         check_choice(node, "family", family, model_loaders.FAMILIES, "family")
         check_choice(node, "dtype", dtype, model_loaders.DTYPES, "dtype")
         check_choice(node, "schedule", schedule, SCHEDULE_CHOICES, "schedule")
+        check_choice(node, "compile", compile, speed.COMPILE_MODES, "compile mode")
+        if compile != "off":
+            why = speed.compile_unavailable(comfy.model_management.get_torch_device())
+            if why:
+                raise ValueError(f"{node}: input 'compile': torch.compile cannot build kernels here: {why}; "
+                                 "set compile to off")
         with node_input(node, "expert_name"):
             path = expert_path(expert_name)
             expert = model_loaders.load_expert(path, family=family,
                                                schedule=None if schedule == "published" else schedule)
         n_params = sum(p.numel() for p in expert.network.parameters())
         expert.network.to(comfy_bridge.inference_dtype(dtype, n_params))
+        speed.set_channels_last(expert, bool(channels_last))
+        speed.compile_expert(expert, compile)
         handle = comfy_bridge.wrap_expert(expert)
         summary = (f"{expert.name} · {expert.family} · {expert.resolution}px · {n_params / 1e6:.1f}M params · "
                    f"modalities: {', '.join(expert.modalities) or 'unconditional'}")
+        if compile != "off":
+            summary += f" · torch.compile {compile} (compiles on its first prompt)"
         return io.NodeOutput(handle, ui={"text": (summary,)})
 
 
