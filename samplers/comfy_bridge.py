@@ -239,6 +239,8 @@ class PoEGuider(comfy.samplers.CFGGuider):
         patcher.set_additional_models("poe_experts", [h.patcher for h in self.handles])
         super().__init__(patcher)
         self.inner_set_conds({})
+        # The experts' stacked conditions on the sampling device, built once (poe.product_prediction).
+        self.staged: dict = {}
 
     @property
     def sigma_range(self) -> tuple[float, float]:
@@ -255,7 +257,8 @@ class PoEGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         try:
-            denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options))
+            denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options),
+                                                      self.staged)
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
         # CFG++ samplers read the unconditional prediction here: the product's is the pooled null.

@@ -177,21 +177,54 @@ def normalise_reliabilities(reliabilities: Sequence[Scalar]) -> list[torch.Tenso
     return [torch.where(total > 0, r / torch.where(total > 0, total, 1.0), uniform) for r in a]
 
 
-def combine(cond_preds: Sequence[torch.Tensor], weights: Sequence[Scalar],
-            null_preds: Sequence[torch.Tensor] = (), reliabilities: Sequence[Scalar] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The rule on predictions that are already computed. Returns (product, pooled null)."""
+def _scalar(v: Scalar) -> float | None:
+    """``v`` as a Python number when it is one (read on the host: no device copy, no sync), else None."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
+        return float(v)
+    return None
+
+
+def _scaled(coef: Scalar, p: torch.Tensor) -> torch.Tensor:
+    c = _scalar(coef)
+    return p * c if c is not None else p * torch.as_tensor(coef).to(p)
+
+
+def _add_scaled(out: torch.Tensor, coef: Scalar, p: torch.Tensor) -> None:
+    """``out += coef * p`` in place: one kernel, the scalar passed as its argument."""
+    c = _scalar(coef)
+    if c is None:
+        out.addcmul_(torch.as_tensor(coef).to(p), p)
+    elif c:
+        out.add_(p, alpha=c)
+
+
+def _weighted_sum(coefs: Sequence[Scalar], preds: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = _scaled(coefs[0], preds[0])
+    for coef, p in zip(coefs[1:], preds[1:]):
+        _add_scaled(out, coef, p)
+    return out
+
+
+def combine(cond_preds: Sequence[torch.Tensor], weights: Sequence[Scalar], null_preds: Sequence[torch.Tensor] = (),
+            reliabilities: Sequence[Scalar] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rule on predictions that are already computed. Returns (product, pooled null).
+
+    ``sum_i w_i eps_i - (sum_i w_i - 1) u`` is accumulated in place into one new tensor, one kernel
+    per term; scalar weights and reliabilities stay on the host as kernel arguments, so a step
+    copies nothing to the device and allocates nothing per binding.
+    """
     pooled = None
     if null_preds:
-        pooled = sum(a.to(p) * p for a, p in zip(normalise_reliabilities(reliabilities), null_preds))
-    ref = cond_preds[0] if cond_preds else pooled
-    out = torch.zeros_like(ref)
-    total_w = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    for w, p in zip(weights, cond_preds):
-        w = torch.as_tensor(w).to(p)
-        out = out + w * p
-        total_w = total_w + w
+        pooled = _weighted_sum(normalise_reliabilities(reliabilities), null_preds)
+    if not cond_preds:
+        return torch.zeros_like(pooled), pooled
+    out = _weighted_sum(weights, cond_preds)
     if pooled is not None:
-        out = out - (total_w - 1) * pooled
+        w = [_scalar(v) for v in weights]
+        total_w = sum(w) if None not in w else sum(torch.as_tensor(v, dtype=torch.float32) for v in weights)
+        _add_scaled(out, 1 - total_w, pooled)
     return out, pooled
 
 
@@ -272,8 +305,24 @@ def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
     return ForwardPlan(calls, cond_index, null_index, list(bindings), needs_null)
 
 
-def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: EpsFn) -> list[list[torch.Tensor]]:
-    """One forward per expert call; returns each call's predictions split per row."""
+def _stacked(call: ExpertCall, batch: int, device: torch.device, staged: dict | None) -> Condition:
+    """The call's conditions stacked for the batch; with ``staged``, built and copied to ``device``
+    once per sampling run instead of at every step (a copy from pageable host memory waits for the
+    device to empty its queue, which stops the host from queueing the next expert's kernels)."""
+    if staged is None:
+        return stack_conditions(call.rows, batch)
+    key = (id(call.expert), tuple(id(r) for r in call.rows), batch, str(device))
+    if key not in staged:
+        # The rows are kept with their tensors, so no id in the key is reused while the cache lives.
+        staged[key] = (list(call.rows), {k: v.to(device) for k, v in stack_conditions(call.rows, batch).items()})
+    return staged[key][1]
+
+
+def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: EpsFn,
+             staged: dict | None = None) -> list[list[torch.Tensor]]:
+    """One forward per expert call; returns each call's predictions split per row.
+
+    ``staged`` is a dict the caller keeps for one sampling run (see :func:`_stacked`)."""
     batch = x.shape[0]
     outputs = []
     for call in plan.calls:
@@ -283,22 +332,34 @@ def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: Ep
         n = len(call.rows)
         x_rows = x.repeat(n, *([1] * (x.ndim - 1)))
         sigma_rows = sigma.repeat(n) if sigma.ndim else sigma
-        pred = eps_fn(call.expert, x_rows, sigma_rows, stack_conditions(call.rows, batch))
-        if not torch.isfinite(pred).all():
-            raise FloatingPointError(
-                f"{_expert_name(call.expert)} returned NaN or Inf at sigma={float(sigma.flatten()[0]):.4g}; "
-                "check its checkpoint and dtype (fp16 overflow is common; try bf16 or fp32)")
+        pred = eps_fn(call.expert, x_rows, sigma_rows, _stacked(call, batch, x.device, staged))
         outputs.append(list(pred.split(batch)))
     return outputs
 
 
-def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[Binding],
-                       eps_fn: EpsFn) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _check_finite(result: Sequence[torch.Tensor], plan: ForwardPlan, outs: list[list[torch.Tensor]],
+                  sigma: float) -> None:
+    """One host sync per step, after every forward is queued: a NaN or Inf in any row that the rule
+    uses reaches the result. Only on failure are the experts' rows searched for the culprit."""
+    if bool(torch.stack([torch.isfinite(r).all() for r in result]).all()):
+        return
+    for call, preds in zip(plan.calls, outs):
+        if preds and not bool(torch.isfinite(torch.cat(preds)).all()):
+            raise FloatingPointError(
+                f"{_expert_name(call.expert)} returned NaN or Inf at sigma={sigma:.4g}; "
+                "check its checkpoint and dtype (fp16 overflow is common; try bf16 or fp32)")
+    raise FloatingPointError(f"the product is NaN or Inf at sigma={sigma:.4g} although every expert's prediction "
+                             "is finite: check the bindings' weights and reliabilities")
+
+
+def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[Binding], eps_fn: EpsFn,
+                       staged: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The product's prediction at ``(x, sigma)`` and the pooled null (``None`` when unused).
 
     ``eps_fn`` returns either noise or denoised predictions; the rule is affine with coefficients
     summing to one, so it applies to both. Bindings outside their sigma window take no part and
-    cost no forward.
+    cost no forward. ``staged``: an empty dict kept by the caller across the steps of one sampling
+    run, which then holds the experts' stacked conditions on ``x``'s device.
     """
     s = float(torch.as_tensor(sigma).flatten()[0])
     active = at_sigma(bindings, s)
@@ -306,7 +367,7 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
         raise ValueError(f"no binding is active at sigma={s:.4g}: widen at least one binding's sigma window")
     validate_bindings(active)
     plan = plan_forwards(active)
-    outs = run_plan(plan, x, sigma, eps_fn)
+    outs = run_plan(plan, x, sigma, eps_fn, staged)
     cond_preds, weights = [], []
     for b, (c, r) in zip(active, plan.cond_index):
         if r >= 0:
@@ -315,17 +376,20 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     null_preds, rel = [], []
     for b, idx in zip(active, plan.null_index):
         if idx:
-            null_preds.append(sum(outs[c][r] for c, r in idx) / len(idx))
+            null_preds.append(outs[idx[0][0]][idx[0][1]] if len(idx) == 1 else
+                              _weighted_sum([1 / len(idx)] * len(idx), [outs[c][r] for c, r in idx]))
             rel.append(b.reliability)
-    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float32) for b in active)
     if not cond_preds:
         # The empty set: every weight is 0, and the rule reduces to the pooled prior u.
         if not null_preds:
             raise ValueError("every weight is 0 and no binding supplies a null: the product is empty")
         pooled = combine([], [], null_preds, rel)[1]
+        _check_finite([pooled], plan, outs, s)
         return pooled, pooled
     out, pooled = combine(cond_preds, weights, null_preds, rel)
     if pooled is None and plan.needs_null:
+        total_w = sum(torch.as_tensor(b.weight, dtype=torch.float32) for b in active)
         raise ValueError(f"the weights sum to {float(total_w.mean()):.4g} at sigma={s:.4g} but no active binding "
                          "supplies a null with reliability > 0")
+    _check_finite([out] if pooled is None else [out, pooled], plan, outs, s)
     return out, pooled

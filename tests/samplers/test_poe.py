@@ -181,3 +181,81 @@ def test_reliability_ramp_hands_the_prior_over_in_log_sigma():
     torch.testing.assert_close(u, 0.5 * ua + 0.5 * ub, atol=1e-6, rtol=0)
     _, u_late = poe.product_prediction(X, torch.tensor(0.05), bindings, eps_fn)
     torch.testing.assert_close(u_late, ub, atol=1e-6, rtol=0)
+
+
+def previous_combine(cond_preds, weights, null_preds=(), reliabilities=()):
+    """The rule as it was written before the in-place combination, term by term out of place."""
+    pooled = None
+    if null_preds:
+        pooled = sum(a.to(p) * p for a, p in zip(poe.normalise_reliabilities(reliabilities), null_preds))
+    ref = cond_preds[0] if cond_preds else pooled
+    out = torch.zeros_like(ref)
+    total_w = torch.zeros((), dtype=ref.dtype, device=ref.device)
+    for w, p in zip(weights, cond_preds):
+        w = torch.as_tensor(w).to(p)
+        out = out + w * p
+        total_w = total_w + w
+    if pooled is not None:
+        out = out - (total_w - 1) * pooled
+    return out, pooled
+
+
+G = torch.Generator().manual_seed(3)
+PREDS = [torch.randn(2, 3, 4, 4, generator=G) for _ in range(6)]
+MASK = torch.rand(1, 1, 4, 4, generator=G)
+
+
+@pytest.mark.parametrize("weights, reliabilities", [
+    ((1.0,), ()),                                            # one expert alone
+    ((3.0, 3.0), (0.5, 0.5)),                                # the paper's product with guidance
+    ((1.0, -0.5, 2.0), (1.0, 0.0, 3.0)),                     # negation, a zero reliability
+    ((torch.tensor(2.0), 1.5), (torch.tensor(1.0), 2)),      # 0-d tensors and ints
+    ((2.0 * MASK, 3.0 * (1 - MASK)), (MASK, 1 - MASK)),      # spatial weights and reliabilities
+    ((0.0, 2.5), (0.0, 0.0)),                                # all reliabilities 0: the uniform mean
+], ids=["alone", "paper", "negation", "tensors", "spatial", "uniform-null"])
+def test_in_place_combination_equals_the_previous_formula(weights, reliabilities):
+    n = len(weights)
+    cond, null = PREDS[:n], PREDS[3:3 + len(reliabilities)]
+    before = [p.clone() for p in PREDS]
+    got, got_pooled = poe.combine(cond, weights, null, reliabilities)
+    want, want_pooled = previous_combine(cond, weights, null, reliabilities)
+    assert (got - want).abs().max().item() <= 1e-6
+    assert (got_pooled is None) == (want_pooled is None)
+    if want_pooled is not None:
+        assert (got_pooled - want_pooled).abs().max().item() <= 1e-6
+    assert all(torch.equal(p, q) for p, q in zip(PREDS, before))  # the predictions are read, never written
+
+
+def test_combination_of_the_prior_alone():
+    got, pooled = poe.combine([], [], PREDS[:2], (1.0, 3.0))
+    want = previous_combine([], [], PREDS[:2], (1.0, 3.0))[1]
+    assert (pooled - want).abs().max().item() <= 1e-6
+
+
+def test_staged_conditions_are_stacked_once_per_run_and_change_nothing(monkeypatch):
+    a, b = CountingExpert("A"), CountingExpert("B", 2.0)
+    bindings = [poe.Binding(a, c(1), 2.0, 1.0, (c(0),)), poe.Binding(b, c(5), 1.0, 2.0, (c(-1),))]
+    want, want_u = poe.product_prediction(X, SIGMA, bindings, eps_fn)
+    stacked = []
+    original = poe.stack_conditions
+    monkeypatch.setattr(poe, "stack_conditions", lambda rows, batch: stacked.append(len(rows)) or original(rows, batch))
+    staged: dict = {}
+    for step in range(3):
+        out, u = poe.product_prediction(X, SIGMA, bindings, eps_fn, staged)
+        assert torch.equal(out, want) and torch.equal(u, want_u)
+    assert stacked == [2, 2] and len(staged) == 2  # once per expert, not once per step
+    # Another batch size is another entry, not a wrong one.
+    x3 = torch.cat([X, X[:1]])
+    out3, _ = poe.product_prediction(x3, SIGMA, bindings, eps_fn, staged)
+    assert torch.equal(out3[:2], want) and len(staged) == 4
+
+
+def test_nan_in_the_null_rows_is_named_too():
+    class HalfBad(CountingExpert):
+        def __call__(self, x, sigma, cond):
+            out = super().__call__(x, sigma, cond)
+            return torch.where(cond["c"].view(-1, 1, 1, 1) == 0, float("inf"), out)
+
+    bindings = [poe.Binding(HalfBad("HalfBad"), c(1), 2.0, 1.0, (c(0),))]
+    with pytest.raises(FloatingPointError, match=r"^HalfBad returned NaN or Inf at sigma=1.5"):
+        poe.product_prediction(X, SIGMA, bindings, eps_fn)
