@@ -18,8 +18,6 @@ import argparse
 import datetime
 import importlib
 import math
-import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +35,8 @@ import torch  # noqa: E402
 from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
 from support.analytic import gaussian, gaussian_expert, product_gaussian  # noqa: E402
 from support.comfy_harness import comfy_nodes, pack_module  # noqa: E402
+
+from report import cpu_name, write_section  # noqa: E402
 
 comfy_nodes()
 import comfy.samplers  # noqa: E402
@@ -139,28 +139,6 @@ def suite(samples: int, steps: int = 30, ks: tuple[int, ...] = (2, 4)) -> list[R
     return results
 
 
-def machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def write_section(body: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replace only this benchmark's section (up to the next '## ' heading) or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{HEADING}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=65536, help="scalar samples per run (pixels x images)")
@@ -172,7 +150,7 @@ def main() -> None:
     m, v = results[0].target
     command = "cd /work/main && .venv/bin/python benchmarks/bench_analytic.py " + " ".join(sys.argv[1:])
     body = "\n".join([
-        f"Machine: {machine()}, {torch.get_num_threads()} CPU threads, torch "
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} CPU threads, torch "
         f"{torch.__version__} (CPU). Date: {datetime.date.today().isoformat()}.",
         f"Command: `{command.strip()}`",
         "",
@@ -190,7 +168,7 @@ def main() -> None:
     ])
     print(body)
     if args.write:
-        write_section(body)
+        write_section(HEADING, body)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from comfy_client import ComfyServer, load_api_workflow  # noqa: E402
+from report import write_section  # noqa: E402
 
 SECTION = "## CPU: tiny-expert demo"
 
@@ -58,18 +59,6 @@ def run(workflow: Path, repeats: int) -> dict:
     return {"startup": ready, "first_total": first_total, "demo": times, "peak_rss_mb": mem.get("peak", 0) / 2**20}
 
 
-def write_section(text: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = body.find(SECTION)
-    if start < 0:
-        body = body.rstrip() + "\n\n" + text
-    else:
-        end = body.find("\n## ", start + len(SECTION))
-        body = body[:start] + text + (body[end + 1:] if end >= 0 else "")
-    path.write_text(body.rstrip() + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workflow", default=str(REPO / "workflows" / "api" / "tiny_demo.json"))
@@ -78,8 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     r = run(Path(args.workflow), args.repeats)
     demo = ", ".join(f"{t:.1f}" for t in r["demo"])
-    text = (f"{SECTION}\n\n"
-            f"Machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPU threads, "
+    text = (f"Machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPU threads, "
             f"torch {torch.__version__} (CPU). Date: {datetime.date.today()}.\n"
             f"Command: `.venv/bin/python benchmarks/bench_demo_cpu.py --write`\n\n"
             "The README's main job after set-up: a fresh `main.py --cpu` with the pack, then "
@@ -92,7 +80,7 @@ def main() -> None:
             f"| peak resident memory of the server | {r['peak_rss_mb']:.0f} MB |\n")
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
