@@ -28,9 +28,11 @@ from typing import Any, Callable
 
 import torch
 
+from .schedules import alphas_cumprod_at
+
 Condition = dict[str, torch.Tensor]
 
-PREDICTIONS = ("eps", "eps_learned_sigma")
+PREDICTIONS = ("eps", "eps_learned_sigma", "v")
 
 
 @dataclass(eq=False)
@@ -54,7 +56,9 @@ class Expert:
         alphas_cumprod (`torch.Tensor`):
             The training schedule: T cumulative products of alphas, float64, decreasing.
         prediction (`str`, defaults to ``"eps"``):
-            ``"eps"`` or ``"eps_learned_sigma"`` (output channels ``[eps | v]``; eps is the first half).
+            ``"eps"``, ``"eps_learned_sigma"`` (output channels ``[eps | v]``; eps is the first half),
+            or ``"v"`` (v-prediction, Salimans & Ho 2022: ``sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0``,
+            turned into eps at the input's own timestep).
         image_channels (`int`, defaults to 3):
             Channels of the image the expert denoises (conditioning channels excluded).
         encoders (`dict[str, Callable[..., Condition]]`):
@@ -133,6 +137,9 @@ class Expert:
         out = forward(x.to(device=device, dtype=dtype, memory_format=self.memory_format), t, **cond)
         if self.prediction == "eps_learned_sigma":
             out = out[:, : self.image_channels]
+        elif self.prediction == "v":
+            return v_to_eps(out.float(), x.to(device=device, dtype=torch.float32),
+                            alphas_cumprod_at(t, self.alphas_cumprod))
         return out.float()
 
     def warning(self, modality: str, *args, **kwargs) -> str | None:
@@ -193,3 +200,9 @@ def _load_error_reason(err: Exception) -> str:
     if "weights_only" in first:
         first = "it is not a plain weights file"
     return f"{type(err).__name__}: {first}"[:300]
+
+
+def v_to_eps(v: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """eps from a v-prediction at a VP-scaled ``x``: eps = sqrt(1 - alpha_bar) x + sqrt(alpha_bar) v."""
+    a = alpha_bar.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return (1 - a).sqrt() * x + a.sqrt() * v

@@ -45,3 +45,18 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
 
 def alphas_cumprod_for(name: str, num_timesteps: int = 1000) -> torch.Tensor:
     return alphas_cumprod_from_betas(betas_for(name, num_timesteps))
+
+
+def alphas_cumprod_at(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at continuous timesteps ``t``, interpolated in log sigma between the table's entries.
+
+    Log sigma is the quantity the schedule bridge interpolates (``samplers/bridge.py``), so a network
+    told ``t`` sees the same noise level the sampler meant. Returns float64, clamped to the table.
+    """
+    table = alphas_cumprod.to(torch.float64)
+    log_sigmas = (0.5 * ((1 - table) / table).log()).to(t.device)
+    t = t.to(torch.float64).clamp(0, len(table) - 1)
+    lo = t.floor().long().clamp(max=len(table) - 2)
+    frac = t - lo
+    log_sigma = log_sigmas[lo] + frac * (log_sigmas[lo + 1] - log_sigmas[lo])
+    return torch.sigmoid(-2 * log_sigma)

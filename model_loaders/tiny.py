@@ -21,6 +21,8 @@ object with these fields:
     attention (`bool`): one self-attention block at the lowest resolution.
     vocabulary (`list[str]`): the colour words, index order (colour expert only).
     schedule (`str`): the training noise schedule, ``linear`` or ``cosine`` (T = 1000).
+    prediction (`str`, default ``eps``): what the network predicts, ``eps`` or ``v``. The expert
+        always hands the sampler eps (``Expert.eps`` converts v at the input's timestep).
     resolution (`int`): canvas side, 32.
 """
 from __future__ import annotations
@@ -190,6 +192,9 @@ def default_config(modality: str) -> dict[str, Any]:
         "patch": 2,
         "vocabulary": ["red", "green", "blue", "yellow", "magenta", "cyan"] if modality == "colour" else [],
         "schedule": {"class": "cosine", "colour": "linear", "layout": "cosine"}[modality],
+        # v rather than eps: an eps network must carry the input's noise through to its output at
+        # low noise, which a 16-channel top level cannot spare; v keeps every level's target at unit scale.
+        "prediction": "v",
         "resolution": 32,
     }
 
@@ -215,6 +220,8 @@ def read_config(meta: dict[str, str]) -> dict[str, Any]:
     missing = [k for k in ("modality", "widths", "res_blocks", "attention", "schedule") if k not in config]
     if missing:
         raise ValueError(f"tiny checkpoint: 'uac_config' lacks {', '.join(missing)}")
+    if config.get("prediction", "eps") not in ("eps", "v"):
+        raise ValueError(f"tiny checkpoint: 'uac_config' prediction must be 'eps' or 'v', got {config['prediction']!r}")
     return config
 
 
@@ -234,7 +241,8 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
     encoders, null, class_names = _modality(config, name)
     schedule = schedule or config["schedule"]
     return Expert(network=network, name=name, family="tiny", resolution=int(config.get("resolution", 32)),
-                  alphas_cumprod=alphas_cumprod_for(schedule), prediction="eps", encoders=encoders,
+                  alphas_cumprod=alphas_cumprod_for(schedule), prediction=config.get("prediction", "eps"),
+                  encoders=encoders,
                   null_condition=null, class_names=class_names,
                   info={"config": config, "schedule": schedule, "params": sum(p.numel() for p in network.parameters())})
 

