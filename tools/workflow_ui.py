@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import re
 import sys
 import tempfile
@@ -249,10 +250,21 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
     return {
         "last_node_id": note_id, "last_link_id": len(links),
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]},
+        "extra": {"ds": {"scale": fit_scale(ui_nodes), "offset": [0, 0]},
                   "info": {"name": name, "api_copy": f"workflows/api/{name}.json"}},
         "version": 0.4,
     }
+
+
+def fit_scale(ui_nodes: list[dict], view=(1600, 900), largest: float = 0.8) -> float:
+    """The zoom at which every node, the output images included, fits a laptop-sized canvas.
+
+    The frontend loads a node's output image only once it has drawn the node, so a workflow opened
+    with its SaveImage off screen shows no result until the user scrolls.
+    """
+    right = max(n["pos"][0] + n["size"][0] for n in ui_nodes) + MARGIN
+    bottom = max(n["pos"][1] + n["size"][1] for n in ui_nodes) + MARGIN
+    return math.floor(100 * min(largest, view[0] / right, view[1] / bottom)) / 100
 
 
 # --- UI -> API, and the check ----------------------------------------------------------------
