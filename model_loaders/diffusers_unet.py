@@ -7,11 +7,12 @@ Supported: ``DownBlock2D`` / ``AttnDownBlock2D`` / ``UpBlock2D`` / ``AttnUpBlock
 resampling, ``UNetMidBlock2D`` (with or without attention), ``ResnetBlock2D`` with additive or
 scale-shift time conditioning, positional (sinusoidal) time embedding, and a class embedding
 (``num_class_embeds``). Old checkpoints' attention names (``query``, ``key``, ``value``,
-``proj_attn``) are renamed to ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` on load.
+``proj_attn``) are renamed to ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` on load. eps- and
+v-prediction (the scheduler's ``prediction_type``; v is turned into eps by ``Expert.eps``).
 
 Refused with a message: consistency models (openai/diffusers-cd_*, ct_*: a
-``CMStochasticIterativeScheduler``, or residual up/down-sampling blocks), v-prediction and sample
-prediction, and layouts outside the list above (Fourier or learned time embeddings, other blocks).
+``CMStochasticIterativeScheduler``, or residual up/down-sampling blocks), sample prediction, and
+layouts outside the list above (Fourier or learned time embeddings, other blocks).
 
 Where the config comes from
 ---------------------------
@@ -438,14 +439,23 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> UNet2DCon
 
 # --- schedules ------------------------------------------------------------------------------------
 
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}
+
+
+def scheduler_prediction(sc: dict | None, where: str) -> str:
+    """The Expert prediction of a scheduler config's ``prediction_type`` (eps when there is none)."""
+    prediction = (sc or {}).get("prediction_type") or "epsilon"
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"{where}: prediction_type {prediction!r}; only eps- and v-prediction (prediction_type "
+                         "'epsilon' or 'v_prediction') experts can join the product")
+    return PREDICTION_TYPES[prediction]
+
+
 def scheduler_alphas_cumprod(sc: dict, where: str) -> tuple[torch.Tensor, str]:
     """The training schedule of a diffusers scheduler config, and its name for the info."""
     if sc.get("_class_name") == "CMStochasticIterativeScheduler":
         raise ValueError(f"{where}: a CMStochasticIterativeScheduler, so this is a consistency model; {CONSISTENCY_HINT}")
-    prediction = sc.get("prediction_type") or "epsilon"
-    if prediction != "epsilon":
-        raise ValueError(f"{where}: prediction_type {prediction!r}; only eps-prediction (prediction_type 'epsilon') "
-                         "experts can join the product")
+    scheduler_prediction(sc, where)
     steps = int(sc.get("num_train_timesteps", 1000))
     if sc.get("trained_betas") is not None:
         return alphas_cumprod_from_betas(torch.tensor(sc["trained_betas"], dtype=torch.float64)), "trained_betas"
@@ -465,7 +475,7 @@ def scheduler_alphas_cumprod(sc: dict, where: str) -> tuple[torch.Tensor, str]:
 
 def _schedule(sc: dict | None, schedule: str | None, where: str) -> tuple[torch.Tensor, str]:
     if sc is not None:
-        # Read it even when overridden, so that consistency and v-prediction models are refused.
+        # Read it even when overridden, so that consistency and sample-prediction models are refused.
         acp, name = scheduler_alphas_cumprod(sc, where)
         if schedule is None:
             return acp, name
@@ -511,15 +521,16 @@ def _class_encoder(name: str, n: int):
     return encode
 
 
-def make_expert(network: UNet2D, name: str, alphas_cumprod: torch.Tensor, schedule_name: str, info: dict) -> Expert:
+def make_expert(network: UNet2D, name: str, alphas_cumprod: torch.Tensor, schedule_name: str, info: dict,
+                prediction: str = "eps") -> Expert:
     c = network.config
     if c.out_channels != c.in_channels:
-        raise ValueError(f"{name}: {c.in_channels} input and {c.out_channels} output channels; only eps-prediction "
-                         "models (output channels = input channels) are supported")
+        raise ValueError(f"{name}: {c.in_channels} input and {c.out_channels} output channels; only eps- and "
+                         "v-prediction models (output channels = input channels) are supported")
     n = c.num_class_embeds
     return Expert(
         network=network, name=name, family="diffusers", resolution=c.sample_size, alphas_cumprod=alphas_cumprod,
-        prediction="eps", image_channels=c.in_channels,
+        prediction=prediction, image_channels=c.in_channels,
         encoders={"class": _class_encoder(name, n)} if n else {},
         # Class embeddings without a documented dropout label: no trained null (the binding forms it).
         null_condition=None if n else {},
@@ -542,7 +553,8 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
     acp, schedule_name = _schedule(sc, schedule, "diffusers checkpoint")
     network = build_network(sd, config, "diffusers checkpoint")
     return make_expert(network, f"UNet2D-{config.sample_size}", acp, schedule_name,
-                       {"config_from": "metadata" if "config" in meta else "keys (google/ddpm defaults)"})
+                       {"config_from": "metadata" if "config" in meta else "keys (google/ddpm defaults)"},
+                       scheduler_prediction(sc, "diffusers checkpoint"))
 
 
 def _read_json(path: str) -> dict:
@@ -576,4 +588,5 @@ def build_from_folder(path: str, schedule: str | None = None) -> Expert:
     network = build_network(load_state_dict(weights), config, weights)
     name = os.path.basename(os.path.dirname(folder) if os.path.basename(folder) == "unet" else folder)
     return make_expert(network, name, acp, schedule_name,
-                       {"config_from": config_path, "scheduler_config": sc_path, "weights": weights})
+                       {"config_from": config_path, "scheduler_config": sc_path, "weights": weights},
+                       scheduler_prediction(sc, sc_path or path))

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import model_loaders
+from model_loaders.expert import v_to_eps
+from model_loaders.schedules import alphas_cumprod_at
 from model_loaders import diffusers_unet as du
 
 diffusers = pytest.importorskip("diffusers")
@@ -237,16 +239,40 @@ def test_consistency_models_are_refused(tmp_path):
         model_loaders.load_expert(str(single))
 
 
-@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
-def test_non_eps_predictions_are_refused(prediction, tmp_path):
+def test_sample_prediction_is_refused(tmp_path):
     ref = reference(CONFIGS["no-attention"])
     folder = tmp_path / "m"
     ref.save_pretrained(str(folder))
-    write_scheduler(folder, prediction_type=prediction)
+    write_scheduler(folder, prediction_type="sample")
     with pytest.raises(ValueError) as err:
         model_loaders.load_expert(str(folder), schedule="linear")
-    assert str(err.value) == (f"{folder / 'scheduler_config.json'}: prediction_type {prediction!r}; only "
-                              "eps-prediction (prediction_type 'epsilon') experts can join the product")
+    assert str(err.value) == (f"{folder / 'scheduler_config.json'}: prediction_type 'sample'; only eps- and "
+                              "v-prediction (prediction_type 'epsilon' or 'v_prediction') experts can join the product")
+
+
+def test_v_prediction_matches_diffusers_velocity(tmp_path):
+    """A v_prediction folder loads as a v expert, and its eps is the noise diffusers' own velocity implies."""
+    config = CONFIGS["no-attention"]
+    ref = reference(config)
+    folder = tmp_path / "v"
+    ref.save_pretrained(str(folder))
+    write_scheduler(folder, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
+    expert = model_loaders.load_expert(str(folder))
+    assert expert.prediction == "v"
+    scheduler = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 400, 999])
+    x_t = scheduler.add_noise(x0, noise, t)
+    velocity = scheduler.get_velocity(x0, noise, t)
+    alpha_bar = alphas_cumprod_at(t.double(), expert.alphas_cumprod)
+    assert torch.allclose(v_to_eps(velocity, x_t, alpha_bar), noise, atol=1e-4)
+    x = torch.randn(2, 3, config["sample_size"], config["sample_size"], generator=g)
+    tt = torch.tensor([7.0, 801.0])
+    with torch.no_grad():
+        want = v_to_eps(ref(x, tt).sample, x, alphas_cumprod_at(tt, expert.alphas_cumprod))
+        assert (expert.eps(x, tt, {}) - want).abs().max() <= TOL
 
 
 def test_folder_errors_and_detection(tmp_path):
