@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import comfy.model_management
 import folder_paths
 from comfy_api.latest import io
 
@@ -35,7 +34,8 @@ class PoEExpertLoader(io.ComfyNode):
             display_name="Load Expert (PoE)",
             category=f"{CATEGORY}/loaders",
             description="Loads a pixel-space diffusion model from models/experts as one expert of a product. "
-                        "The family is detected from the file's keys and shapes.",
+                        "The family is detected from the file's keys and shapes. Experts of one product may run "
+                        "on different devices (the 'device' option).",
             inputs=[
                 io.Combo.Input("expert_name", options=folder_paths.get_filename_list("experts"),
                                tooltip="A checkpoint in models/experts (.safetensors, .pt, .pth, .bin, or a diffusers "
@@ -57,19 +57,30 @@ class PoEExpertLoader(io.ComfyNode):
                 io.Boolean.Input("channels_last", default=False, optional=True,
                                  tooltip="Keep weights and activations in the channels_last (NHWC) layout, which GPU "
                                          "convolution kernels read directly. Same results up to float rounding."),
+                io.Combo.Input("device", options=comfy_bridge.device_choices(), default="auto", optional=True,
+                               tooltip="Where this expert runs. 'auto' is ComfyUI's device (its GPU, or the CPU "
+                                       "with --cpu). With several GPUs, put two big experts on different ones "
+                                       "(cuda:0, cuda:1): each GPU holds one set of weights and both forwards run "
+                                       "side by side. 'cpu' keeps a small expert off the GPU, leaving its memory "
+                                       "to the big ones. The sampler moves the image to each expert and its "
+                                       "prediction back: same results up to float rounding."),
             ],
             outputs=[Expert.Output(display_name="expert")],
         )
 
     @classmethod
-    def execute(cls, expert_name, family, dtype, schedule, compile="off", channels_last=False) -> io.NodeOutput:
+    def execute(cls, expert_name, family, dtype, schedule, compile="off", channels_last=False,
+                device="auto") -> io.NodeOutput:
         node = "PoEExpertLoader"
         check_choice(node, "family", family, model_loaders.FAMILIES, "family")
         check_choice(node, "dtype", dtype, model_loaders.DTYPES, "dtype")
         check_choice(node, "schedule", schedule, SCHEDULE_CHOICES, "schedule")
         check_choice(node, "compile", compile, speed.COMPILE_MODES, "compile mode")
+        # A workflow saved on a machine with more GPUs names devices this one lacks.
+        check_choice(node, "device", device, comfy_bridge.device_choices(), "device")
+        load_device, _ = comfy_bridge.expert_devices(device)
         if compile != "off":
-            why = speed.compile_unavailable(comfy.model_management.get_torch_device())
+            why = speed.compile_unavailable(load_device)
             if why:
                 raise ValueError(f"{node}: input 'compile': torch.compile cannot build kernels here: {why}; "
                                  "set compile to off")
@@ -78,12 +89,14 @@ class PoEExpertLoader(io.ComfyNode):
             expert = model_loaders.load_expert(path, family=family,
                                                schedule=None if schedule == "published" else schedule)
         n_params = sum(p.numel() for p in expert.network.parameters())
-        expert.network.to(comfy_bridge.inference_dtype(dtype, n_params))
+        expert.network.to(comfy_bridge.inference_dtype(dtype, n_params, None if device == "auto" else load_device))
         speed.set_channels_last(expert, bool(channels_last))
         speed.compile_expert(expert, compile)
-        handle = comfy_bridge.wrap_expert(expert)
+        handle = comfy_bridge.wrap_expert(expert, device)
         summary = (f"{expert.name} · {expert.family} · {expert.resolution}px · {n_params / 1e6:.1f}M params · "
                    f"modalities: {', '.join(expert.modalities) or 'unconditional'}")
+        if device != "auto":
+            summary += f" · on {load_device}"
         if compile != "off":
             summary += f" · torch.compile {compile} (compiles on its first prompt)"
         return io.NodeOutput(handle, ui={"text": (summary,)})

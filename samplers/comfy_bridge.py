@@ -13,9 +13,11 @@ ComfyUI is checked here and nowhere else:
 - ``latent_preview.prepare_callback`` (progress bar and x0 previews)
 
 Each expert is a real ``BaseModel`` in a real ``ModelPatcher``, so ComfyUI loads, offloads and
-accounts for it like any other model. The product itself is a weightless ``BaseModel`` that owns
-the common noise schedule (the intersection of the experts' ranges) and lists the experts as
-additional models, so ``prepare_sampling`` loads them all with it.
+accounts for it like any other model, on the device its loader chose (experts of one product may
+sit on different GPUs; the guider moves inputs to each and predictions back). The product itself
+is a weightless ``BaseModel`` that owns the common noise schedule (the intersection of the
+experts' ranges) and lists the experts as additional models, so ``prepare_sampling`` loads them
+all with it.
 """
 from __future__ import annotations
 
@@ -131,21 +133,44 @@ class ExpertHandle:
     def model(self) -> ExpertModel:
         return self.patcher.model
 
+    @property
+    def device(self) -> torch.device:
+        """Where the expert runs while sampling: its patcher's load device."""
+        return self.patcher.load_device
 
-def wrap_expert(expert) -> ExpertHandle:
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
+
+def device_choices() -> list[str]:
+    """The loader's device options: ``auto`` (ComfyUI's own device), ``cpu``, and ``cuda:N`` for each
+    CUDA device torch sees (after ComfyUI's ``--cuda-device``, which hides the others)."""
+    return ["auto", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def expert_devices(choice: str = "auto") -> tuple[torch.device, torch.device]:
+    """(load, offload) devices of an expert's patcher for a ``device_choices`` option."""
+    if choice == "auto":
+        return comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
+    load = torch.device(choice)
+    # With --highvram ComfyUI keeps weights on their GPU between prompts; an expert placed on
+    # another GPU keeps them on that one, not on ComfyUI's.
+    keep = comfy.model_management.unet_offload_device().type != "cpu"
+    return load, load if keep else torch.device("cpu")
+
+
+def wrap_expert(expert, device: str = "auto") -> ExpertHandle:
+    """The expert in a ModelPatcher that loads it on ``device`` (a ``device_choices`` option)."""
+    load_device, offload_device = expert_devices(device)
     model = ExpertModel(expert)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     return ExpertHandle(expert, patcher)
 
 
-def inference_dtype(choice: str, num_params: int = 0) -> torch.dtype:
-    """The weight dtype for a loader's dtype option; ``auto`` asks ComfyUI for this device."""
+def inference_dtype(choice: str, num_params: int = 0, device: torch.device | None = None) -> torch.dtype:
+    """The weight dtype for a loader's dtype option; ``auto`` asks ComfyUI for ``device`` (``None``:
+    ComfyUI's own device), so an expert placed on the CPU stays in fp32."""
     fixed = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if choice in fixed:
         return fixed[choice]
-    return comfy.model_management.unet_dtype(model_params=num_params,
+    return comfy.model_management.unet_dtype(device=device, model_params=num_params,
                                              supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
 
 
@@ -239,7 +264,7 @@ class PoEGuider(comfy.samplers.CFGGuider):
         patcher.set_additional_models("poe_experts", [h.patcher for h in self.handles])
         super().__init__(patcher)
         self.inner_set_conds({})
-        # The experts' stacked conditions on the sampling device, built once (poe.product_prediction).
+        # Each expert's stacked conditions on its own device, built once (poe.product_prediction).
         self.staged: dict = {}
 
     @property
@@ -257,8 +282,9 @@ class PoEGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         try:
+            # Experts loaded on other devices get x there; their predictions come back to x's device.
             denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options),
-                                                      self.staged)
+                                                      self.staged, device_of=lambda h: h.device)
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
         # CFG++ samplers read the unconditional prediction here: the product's is the pooled null.

@@ -26,6 +26,8 @@ Condition = dict[str, torch.Tensor]
 Scalar = float | torch.Tensor
 # eps_fn(expert, x, sigma, condition) -> prediction for x repeated once per condition row.
 EpsFn = Callable[[Any, torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+# device_of(expert) -> the device its weights sit on (experts of one product may sit on different GPUs).
+DeviceOf = Callable[[Any], "torch.device | str"]
 
 
 @dataclass(eq=False)
@@ -306,11 +308,12 @@ def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
 
 
 def _stacked(call: ExpertCall, batch: int, device: torch.device, staged: dict | None) -> Condition:
-    """The call's conditions stacked for the batch; with ``staged``, built and copied to ``device``
-    once per sampling run instead of at every step (a copy from pageable host memory waits for the
-    device to empty its queue, which stops the host from queueing the next expert's kernels)."""
+    """The call's conditions stacked for the batch on the expert's ``device``; with ``staged``, built
+    and copied there once per sampling run instead of at every step (a copy from pageable host memory
+    waits for the device to empty its queue, which stops the host from queueing the next expert's
+    kernels)."""
     if staged is None:
-        return stack_conditions(call.rows, batch)
+        return {k: v.to(device) for k, v in stack_conditions(call.rows, batch).items()}
     key = (id(call.expert), tuple(id(r) for r in call.rows), batch, str(device))
     if key not in staged:
         # The rows are kept with their tensors, so no id in the key is reused while the cache lives.
@@ -319,21 +322,25 @@ def _stacked(call: ExpertCall, batch: int, device: torch.device, staged: dict | 
 
 
 def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: EpsFn,
-             staged: dict | None = None) -> list[list[torch.Tensor]]:
-    """One forward per expert call; returns each call's predictions split per row.
+             staged: dict | None = None, device_of: DeviceOf | None = None) -> list[list[torch.Tensor]]:
+    """One forward per expert call; returns each call's predictions split per row, on ``x``'s device.
 
-    ``staged`` is a dict the caller keeps for one sampling run (see :func:`_stacked`)."""
+    ``staged`` is a dict the caller keeps for one sampling run (see :func:`_stacked`). ``device_of``
+    names the device each expert runs on (``None``: all on ``x``'s): the expert gets ``x``, ``sigma``
+    and its conditions there, and its prediction comes back to ``x``'s device for the rule."""
     batch = x.shape[0]
     outputs = []
     for call in plan.calls:
         if not call.rows:
             outputs.append([])
             continue
+        device = x.device if device_of is None else torch.device(device_of(call.expert))
         n = len(call.rows)
-        x_rows = x.repeat(n, *([1] * (x.ndim - 1)))
-        sigma_rows = sigma.repeat(n) if sigma.ndim else sigma
-        pred = eps_fn(call.expert, x_rows, sigma_rows, _stacked(call, batch, x.device, staged))
-        outputs.append(list(pred.split(batch)))
+        # Moved before repeating, so a copy between devices carries one batch, not one per row.
+        x_rows = x.to(device).repeat(n, *([1] * (x.ndim - 1)))
+        sigma_rows = sigma.to(device).repeat(n) if sigma.ndim else sigma.to(device)
+        pred = eps_fn(call.expert, x_rows, sigma_rows, _stacked(call, batch, device, staged))
+        outputs.append(list(pred.to(x.device).split(batch)))
     return outputs
 
 
@@ -353,13 +360,16 @@ def _check_finite(result: Sequence[torch.Tensor], plan: ForwardPlan, outs: list[
 
 
 def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[Binding], eps_fn: EpsFn,
-                       staged: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       staged: dict | None = None,
+                       device_of: DeviceOf | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The product's prediction at ``(x, sigma)`` and the pooled null (``None`` when unused).
 
     ``eps_fn`` returns either noise or denoised predictions; the rule is affine with coefficients
     summing to one, so it applies to both. Bindings outside their sigma window take no part and
     cost no forward. ``staged``: an empty dict kept by the caller across the steps of one sampling
-    run, which then holds the experts' stacked conditions on ``x``'s device.
+    run, which then holds each expert's stacked conditions on its device. ``device_of(expert)``:
+    where each expert runs when they sit on different devices (:func:`run_plan`); the rule itself
+    is computed on ``x``'s device.
     """
     s = float(torch.as_tensor(sigma).flatten()[0])
     active = at_sigma(bindings, s)
@@ -367,7 +377,7 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
         raise ValueError(f"no binding is active at sigma={s:.4g}: widen at least one binding's sigma window")
     validate_bindings(active)
     plan = plan_forwards(active)
-    outs = run_plan(plan, x, sigma, eps_fn, staged)
+    outs = run_plan(plan, x, sigma, eps_fn, staged, device_of)
     cond_preds, weights = [], []
     for b, (c, r) in zip(active, plan.cond_index):
         if r >= 0:

@@ -259,3 +259,42 @@ def test_nan_in_the_null_rows_is_named_too():
     bindings = [poe.Binding(HalfBad("HalfBad"), c(1), 2.0, 1.0, (c(0),))]
     with pytest.raises(FloatingPointError, match=r"^HalfBad returned NaN or Inf at sigma=1.5"):
         poe.product_prediction(X, SIGMA, bindings, eps_fn)
+
+
+class PlacedExpert(CountingExpert):
+    """A CountingExpert whose weights sit on ``device``: any input left elsewhere is a device mismatch."""
+
+    def __init__(self, name, device, scale=1.0):
+        super().__init__(name, scale)
+        self.device = torch.device(device)
+        self.seen = []
+
+    def __call__(self, x, sigma, cond):
+        self.seen.append((x.device, sigma.device, {v.device for v in cond.values()}))
+        weight = torch.full((1, 1, 1, 1), self.scale, device=self.device)
+        return weight * x * 0.5 + cond["c"].view(-1, 1, 1, 1) / sigma.view(-1, 1, 1, 1)
+
+
+def test_experts_on_other_devices_get_x_and_conditions_there():
+    """Fake CUDA tensors (torch's FakeTensorMode) carry devices and refuse every op that mixes two,
+    so the moves between GPUs are checked without one. The rule itself is not run here: it reads
+    sigma and the scalar weights on the host, which fake tensors cannot answer."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    a, b, same = PlacedExpert("A", "cuda:1"), PlacedExpert("B", "cpu", 2.0), PlacedExpert("C", "cuda:0", 3.0)
+    bindings = [poe.Binding(a, c(1), 2.0, 1.0, (c(0),)), poe.Binding(b, c(5), 1.0, 2.0, (c(-1),)),
+                poe.Binding(same, c(3), 0.5, 0.0)]
+    plan = poe.plan_forwards(bindings)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 3, 4, 4).to("cuda:0")
+        sigma = torch.full((2,), 1.5).to("cuda:0")
+        staged: dict = {}
+        for step in range(2):
+            outs = poe.run_plan(plan, x, sigma, eps_fn, staged, device_of=lambda e: e.device)
+            assert [[p.device for p in preds] for preds in outs] == [[x.device] * 2, [x.device] * 2, [x.device]]
+        for e in (a, b, same):
+            assert e.seen == [(e.device, e.device, {e.device})] * 2, e.name
+        # Each expert's conditions are staged once, on its own device.
+        assert sorted(key[-1] for key in staged) == ["cpu", "cuda:0", "cuda:1"]
+        with pytest.raises(RuntimeError, match="two devices"):  # without device_of, fake tensors object
+            poe.run_plan(plan, x, sigma, eps_fn, {})

@@ -1,0 +1,166 @@
+"""The loader's device option: experts of one product on different devices.
+
+On a CPU-only machine every device is the CPU, so the tests here check the option, the patcher it
+builds, the per-expert device the guider hands the product rule, and that sampling is unchanged.
+The moves between devices themselves are checked without a GPU in
+``tests/samplers/test_poe.py::test_experts_on_other_devices_get_x_and_conditions_there`` (fake
+CUDA tensors). The two ``skipif`` tests at the end sample on real GPUs; they run on a GPU machine.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support.comfy_harness import comfy_nodes, pack_module
+from support.fuzz import write_tiny
+
+comfy_nodes()
+import comfy.model_management  # noqa: E402
+import folder_paths  # noqa: E402
+
+cb = pack_module("samplers.comfy_bridge")
+poe = pack_module("samplers.poe")
+loaders = pack_module("nodes.loaders")
+bindings = pack_module("nodes.bindings")
+sampling = pack_module("nodes.sampling")
+
+CPU_AUTO = comfy.model_management.get_torch_device().type == "cpu"
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("experts_device")
+    folder_paths.add_model_folder_path("experts", str(folder))
+    return {m: write_tiny(folder / f"uac_device_{m}.safetensors", m).name for m in ("class", "colour")}
+
+
+def load(name, device=None, dtype="fp32"):
+    options = {} if device is None else {"device": device}
+    out = loaders.PoEExpertLoader.execute(expert_name=name, family="auto", dtype=dtype, schedule="published",
+                                          **options)
+    return out.args[0], out.ui["text"][0]
+
+
+def product(class_handle, colour_handle):
+    chain = bindings.PoEBindClass.execute(expert=class_handle, weight=2.0, reliability=1.0, null="trained", null_k=4,
+                                          class_index=3, experts=None, **{"class": "292: tiger"}).args[0]
+    return bindings.PoEBindText.execute(expert=colour_handle, text="red", weight=1.0, reliability=1.0,
+                                        experts=chain).args[0]
+
+
+def sample(chain, steps=3):
+    out = sampling.PoEKSampler.execute(experts=chain, seed=7, steps=steps, sampler_name="euler", scheduler="karras",
+                                       denoise=1.0, width=0, height=0, batch_size=2, latent_image=None)
+    return out.args[0]["samples"]
+
+
+def record_forwards(monkeypatch):
+    """Each expert forward as (expert, its device, x's device, its conditions' devices, its weights' device)."""
+    seen = []
+    original = cb.forward_in_chunks
+
+    def spy(handle, x, sigma, condition, options, chunks=1):
+        weights = next(handle.expert.network.parameters()).device
+        seen.append((handle.name, handle.device, x.device, {v.device for v in condition.values()}, weights))
+        return original(handle, x, sigma, condition, options, chunks)
+    monkeypatch.setattr(cb, "forward_in_chunks", spy)
+    return seen
+
+
+def test_device_choices_are_auto_cpu_and_each_cuda_device():
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    assert cb.device_choices() == ["auto", "cpu", *cuda]
+    if not torch.cuda.is_available():
+        assert cb.device_choices() == ["auto", "cpu"]
+    schema = loaders.PoEExpertLoader.define_schema()
+    option = next(i for i in schema.inputs if i.id == "device")
+    assert option.options == cb.device_choices() and option.default == "auto" and option.optional
+
+
+def test_cpu_device_gives_a_patcher_that_loads_on_the_cpu(experts):
+    handle, summary = load(experts["class"], device="cpu", dtype="auto")
+    assert handle.patcher.load_device == torch.device("cpu") and handle.patcher.offload_device == torch.device("cpu")
+    assert handle.device == torch.device("cpu")
+    # dtype 'auto' is asked for the expert's own device: fp32 on the CPU, even beside a GPU.
+    assert next(handle.expert.network.parameters()).dtype == torch.float32
+    assert summary.endswith(" · on cpu")
+
+
+def test_auto_is_comfyuis_device_as_before(experts):
+    handle, summary = load(experts["class"])
+    assert handle.patcher.load_device == comfy.model_management.get_torch_device()
+    assert handle.patcher.offload_device == comfy.model_management.unet_offload_device()
+    assert " · on " not in summary
+
+
+@pytest.mark.skipif(not CPU_AUTO, reason="'auto' is a GPU here; test_an_expert_on_the_cpu_beside_one_on_the_gpu "
+                                         "covers an expert on the CPU beside it")
+def test_auto_and_cpu_experts_sample_what_two_auto_experts_sample(experts, monkeypatch):
+    want = sample(product(load(experts["class"])[0], load(experts["colour"])[0]))
+    on_cpu, _ = load(experts["colour"], device="cpu")
+    on_auto, _ = load(experts["class"], device="auto")
+    # The guider must hand the rule each expert's own device, not the sampler's.
+    handed = []
+    original = poe.run_plan
+
+    def spy(plan, x, sigma, eps_fn, staged=None, device_of=None):
+        handed.extend((call.expert.name, device_of(call.expert)) for call in plan.calls)
+        return original(plan, x, sigma, eps_fn, staged, device_of)
+    monkeypatch.setattr(poe, "run_plan", spy)
+    seen = record_forwards(monkeypatch)
+    got = sample(product(on_auto, on_cpu))
+    assert (got - want).abs().max().item() <= 1e-6 and want.abs().max() > 0.1
+    assert set(handed) == {(on_auto.name, on_auto.patcher.load_device), (on_cpu.name, torch.device("cpu"))}
+    assert len(seen) == 2 * 3  # two experts, three steps
+    for name, device, x_device, cond_devices, weights in seen:
+        assert x_device == device and cond_devices == {device} and weights == device, name
+
+
+def test_a_device_this_machine_lacks_is_refused_by_name(experts):
+    choices = ", ".join(cb.device_choices())
+    with pytest.raises(ValueError) as err:
+        load(experts["class"], device="cuda:99")
+    assert str(err.value) == f"PoEExpertLoader: input 'device': unknown device 'cuda:99'; pick one of: {choices}"
+    if not torch.cuda.is_available():
+        assert str(err.value) == "PoEExpertLoader: input 'device': unknown device 'cuda:99'; pick one of: auto, cpu"
+
+
+# --- on real GPUs (run these in a GPU session) ---------------------------------------------------
+
+def exact_fp32(monkeypatch):
+    """TF32 convolutions round to 10 mantissa bits; devices are compared in full fp32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices: experts on cuda:0 and cuda:1")
+def test_experts_on_two_gpus_sample_what_one_gpu_samples(experts, monkeypatch):
+    exact_fp32(monkeypatch)
+    want = sample(product(load(experts["class"], device="cuda:0")[0], load(experts["colour"], device="cuda:0")[0]))
+    first, _ = load(experts["class"], device="cuda:0")
+    second, summary = load(experts["colour"], device="cuda:1")
+    assert second.patcher.load_device == torch.device("cuda:1") and summary.endswith(" · on cuda:1")
+    seen = record_forwards(monkeypatch)
+    got = sample(product(first, second))
+    # Same kernels on two GPUs of one kind; a relative bound leaves room for two different models.
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert {(name, device) for name, device, *_ in seen} == {(first.name, torch.device("cuda:0")),
+                                                             (second.name, torch.device("cuda:1"))}
+    for name, device, x_device, cond_devices, weights in seen:
+        assert x_device == device and cond_devices == {device} and weights == device, name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA device beside the CPU")
+def test_an_expert_on_the_cpu_beside_one_on_the_gpu(experts, monkeypatch):
+    exact_fp32(monkeypatch)
+    want = sample(product(load(experts["class"], device="cuda:0")[0], load(experts["colour"], device="cuda:0")[0]))
+    on_gpu, _ = load(experts["class"], device="cuda:0")
+    on_cpu, _ = load(experts["colour"], device="cpu")
+    seen = record_forwards(monkeypatch)
+    got = sample(product(on_gpu, on_cpu))
+    # The CPU's and the GPU's fp32 kernels round differently; three steps keep that near 1e-6.
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert {(name, device) for name, device, *_ in seen} == {(on_gpu.name, torch.device("cuda:0")),
+                                                             (on_cpu.name, torch.device("cpu"))}
+    for name, device, x_device, cond_devices, weights in seen:
+        assert x_device == device and cond_devices == {device} and weights == device, name
