@@ -158,8 +158,8 @@ def main(argv=None):
                    help="torch threads; 1 is fastest on a shared 2-core machine (2 threads spin and stall)")
     p.add_argument("--out", default=str(REPO / "models_tiny"))
     p.add_argument("--fp32", action="store_true", help="write fp32 weights instead of fp16")
-    p.add_argument("--min-snr", type=float, default=0.0,
-                   help="min-SNR-gamma loss weighting (0: the plain eps loss); 5 is Hang et al.'s choice")
+    p.add_argument("--min-snr", type=float, default=5.0,
+                   help="cap the loss weight of noise levels above this SNR (0: the plain loss); 5 is Hang et al.'s choice")
     p.add_argument("--prediction", choices=["eps", "v"], default=None,
                    help="prediction target; default: the shipped config's (v), or the --init file's")
     p.add_argument("--checkpoint-every", type=int, default=0,
