@@ -14,8 +14,11 @@ colour. Three independent judges score every generated image:
 - layout: IoU >= 0.5 between the ink's bounding box and the requested box.
 
 The configurations are each expert alone, the mean of the three conditional eps (a naive
-mixture), and the product of experts (Unite and Conquer eq. 10) with weight w on every binding
-and reliabilities 1/3, so the pooled null is the mean of the three trained nulls. Sampling uses
+mixture), and the product of experts (Unite and Conquer eq. 10) with weight w on every binding,
+or one weight per binding (``4/2/2`` is class 4, colour 2, layout 2), and reliabilities 1/3, so
+the pooled null is the mean of the three trained nulls. With ``--corrector`` two more rows: the
+product MCMC-corrected at every level (``samplers/correctors.py``, predictor-corrector), and the
+plain product with as many steps as the corrected one has product evaluations. Sampling uses
 ``samplers.poe.product_prediction`` through the schedule bridge (each expert at its own
 continuous timestep: the class and layout experts use a cosine schedule, the colour expert a
 linear one) and a k-diffusion sampler from ComfyUI, with Karras sigmas over the experts' common
