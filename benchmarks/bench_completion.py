@@ -32,11 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 from benchmarks import eval_digits as ev  # noqa: E402
+from benchmarks.report import write_section  # noqa: E402
 from samplers import bridge, resampling  # noqa: E402
 from samplers.poe import Binding, product_prediction  # noqa: E402
 from tools import digits  # noqa: E402
 
 HALF = digits.SIZE // 2
+HEADING = "## Digit completion (known top half)"
 
 
 def known_mask(n: int) -> torch.Tensor:
@@ -142,8 +144,6 @@ def main(argv=None):
     rows = run(args.n, args.split, args.steps, args.sampler, args.seed, args.weight, args.jump, args.count)
     command = "python benchmarks/bench_completion.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
-        "## Digit completion (known top half)",
-        "",
         "The top 16 rows of held-out canvases are kept bit-exactly and the lower 16 rows are completed; the "
         "class judge of `benchmarks/eval_digits.py` asks whether the completed digit is the digit it started as, "
         "the colour judge whether the ink has the canvas's colour. See `benchmarks/bench_completion.py`.",
@@ -160,9 +160,9 @@ def main(argv=None):
         *[row(*r) for r in rows],
         "",
     ])
-    print(body)
+    print(f"{HEADING}\n\n{body}")
     if not args.no_write:
-        ev.write_section(REPO / "BENCHMARKS.md", body, heading="## Digit completion (known top half)")
+        write_section(HEADING, body)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ PRIOR_VAR = 0.5
 CONDS = {"A": (0.8, 0.2), "B": (-0.4, 0.3)}
 WRONG = {"over-dispersed": 1.0, "over-confident": 0.1, "accurate (both nulls true)": PRIOR_VAR}
 RES = 8
+HEADING = "## Variance-derived reliability (experimental)"
 
 
 class LearnedSigmaGaussian:
@@ -138,8 +139,6 @@ def main(argv=None):
         rows.append(f"| {name} | {cells[0]} | {cells[1]} |")
     command = "python benchmarks/bench_variance.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
-        "## Variance-derived reliability (experimental)",
-        "",
         "Per-pixel reliabilities from the experts' learned variances (`samplers/variance_reliability.py`: IDDPM "
         "eq. 15 turned into each expert's Var[x0 | x_t], reliability = precision, normalised), against uniform "
         "reliabilities, on an analytic spatial product (`benchmarks/bench_variance.py`): two learned-sigma "
@@ -161,14 +160,14 @@ def main(argv=None):
         "nulls differ). Precision weighting helps a little when the wrong null is the broader one (an expert that "
         "knows little about a region predicts a high variance there) and hurts clearly when the wrong null is "
         "over-confident, because it trusts whichever null is narrowest; it is therefore not a default. The "
-        "multimodal digits benchmark cannot measure it: the tiny experts predict eps only and have no variance head.",
+        "multimodal digits benchmark cannot measure it: the tiny experts predict v only and have no variance head.",
         "",
     ])
-    print(body)
+    print(f"{HEADING}\n\n{body}")
     if not args.no_write:
-        from benchmarks.eval_digits import write_section
+        from benchmarks.report import write_section
 
-        write_section(REPO / "BENCHMARKS.md", body, heading="## Variance-derived reliability (experimental)")
+        write_section(HEADING, body)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ for p in (str(COMFY), str(REPO)):
     if p not in sys.path:
         sys.path.insert(0 if p == str(COMFY) else len(sys.path), p)
 
+from benchmarks.report import cpu_name, write_section  # noqa: E402
 from model_loaders import Expert, load_expert  # noqa: E402
 from samplers import bridge, correctors  # noqa: E402
 from samplers.poe import Binding, product_prediction  # noqa: E402
@@ -374,30 +375,6 @@ def table(results: list[Result]) -> str:
     return "\n".join([head] + [_row(r) for r in results])
 
 
-def write_section(path: Path, body: str, heading: str = "## Multimodal digits") -> None:
-    """Replace (or append) this benchmark's section of BENCHMARKS.md, leaving the others alone."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    lines = text.splitlines()
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = body.rstrip().splitlines() + [""]
-        text = "\n".join(lines).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + body.rstrip() + "\n"
-    path.write_text(text)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} CPU"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, default=1000, help="samples per configuration")
@@ -444,8 +421,6 @@ def main(argv=None):
                               corrected=corrected)
     command = "python benchmarks/eval_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
-        heading,
-        "",
         "Three tiny experts (`models_tiny/`, each trained on its own split of real MNIST digits: class, "
         "colour word, layout box) and their combinations, scored by independent judges on targets from "
         "held-out digits. See `benchmarks/eval_digits.py` for the judges and `tools/digits.py` for the splits.",
@@ -453,7 +428,7 @@ def main(argv=None):
         f"- command: `{command.strip()}`",
         f"- samples: {args.n} per row, split `{args.split}`, sampler `{args.sampler}`, {args.steps} steps, "
         f"Karras sigmas over the common range, seed {args.seed}",
-        f"- machine: {_cpu_name()} ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s), "
+        f"- machine: {cpu_name()} ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s), "
         f"torch {torch.__version__}, "
         f"{platform.python_implementation()} {platform.python_version()}",
         f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
@@ -461,9 +436,9 @@ def main(argv=None):
         table(results),
         "",
     ])
-    print(body)
+    print(f"{heading}\n\n{body}")
     if not args.no_write:
-        write_section(REPO / "BENCHMARKS.md", body, heading)
+        write_section(heading, body)
 
 
 if __name__ == "__main__":

@@ -68,12 +68,13 @@ def test_box_iou_and_boxes():
 
 
 def test_write_section_keeps_other_sections(tmp_path):
+    """The digit benchmarks write through benchmarks/report.py, which keeps the other sections."""
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Speed\n\nfast\n\n## Multimodal digits\n\nold\n\n## Memory\n\nsmall\n")
-    ev.write_section(path, "## Multimodal digits\n\nnew table\n")
+    ev.write_section("## Multimodal digits", "new table\n", path)
     assert path.read_text() == "# Benchmarks\n\n## Speed\n\nfast\n\n## Multimodal digits\n\nnew table\n\n## Memory\n\nsmall\n"
     other = tmp_path / "NEW.md"
-    ev.write_section(other, "## Multimodal digits\n\nx\n")
+    ev.write_section("## Multimodal digits", "x\n", other)
     assert other.read_text() == "# Benchmarks\n\n## Multimodal digits\n\nx\n"
 
 
