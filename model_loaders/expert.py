@@ -32,7 +32,7 @@ from .schedules import alphas_cumprod_at
 
 Condition = dict[str, torch.Tensor]
 
-PREDICTIONS = ("eps", "eps_learned_sigma", "v")
+PREDICTIONS = ("eps", "eps_learned_sigma", "v", "v_learned_sigma")
 
 
 @dataclass(eq=False)
@@ -57,8 +57,10 @@ class Expert:
             The training schedule: T cumulative products of alphas, float64, decreasing.
         prediction (`str`, defaults to ``"eps"``):
             ``"eps"``, ``"eps_learned_sigma"`` (output channels ``[eps | v]``; eps is the first half),
-            or ``"v"`` (v-prediction, Salimans & Ho 2022: ``sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0``,
-            turned into eps at the input's own timestep).
+            ``"v"`` (v-prediction, Salimans & Ho 2022: ``sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0``,
+            turned into eps at the input's own timestep), or ``"v_learned_sigma"`` (``[v-prediction |
+            variance values]``). The ``_learned_sigma`` second half is IDDPM's variance interpolation
+            (Nichol & Dhariwal 2021, eq. 15), returned by :meth:`predict`.
         image_channels (`int`, defaults to 3):
             Channels of the image the expert denoises (conditioning channels excluded).
         encoders (`dict[str, Callable[..., Condition]]`):
@@ -123,8 +125,19 @@ class Expert:
         """The raw network output, exactly what the original architecture returns."""
         return self.network(x, t, **condition)
 
+    @property
+    def learned_sigma(self) -> bool:
+        """Whether the network also predicts its reverse-step variance (IDDPM's second block of channels)."""
+        return self.prediction.endswith("_learned_sigma")
+
     def eps(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         """The noise prediction in float32, casting inputs to the network's dtype and device."""
+        return self.predict(x, t, condition)[0]
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor,
+                condition: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(eps, variance values)`` in float32: the values are the learned-sigma half of the output
+        (in [-1, 1] where trained, IDDPM eq. 15), ``None`` for experts without one."""
         param = next(self.network.parameters(), None)
         dtype = param.dtype if param is not None else x.dtype
         device = param.device if param is not None else x.device
@@ -134,13 +147,13 @@ class Expert:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         forward = self.compiled if self.compiled is not None else self.network
-        out = forward(x.to(device=device, dtype=dtype, memory_format=self.memory_format), t, **cond)
-        if self.prediction == "eps_learned_sigma":
-            out = out[:, : self.image_channels]
-        elif self.prediction == "v":
-            return v_to_eps(out.float(), x.to(device=device, dtype=torch.float32),
-                            alphas_cumprod_at(t, self.alphas_cumprod))
-        return out.float()
+        out = forward(x.to(device=device, dtype=dtype, memory_format=self.memory_format), t, **cond).float()
+        values = None
+        if self.learned_sigma:
+            out, values = out[:, : self.image_channels], out[:, self.image_channels: 2 * self.image_channels]
+        if self.prediction.startswith("v"):
+            out = v_to_eps(out, x.to(device=device, dtype=torch.float32), alphas_cumprod_at(t, self.alphas_cumprod))
+        return out, values
 
     def warning(self, modality: str, *args, **kwargs) -> str | None:
         """What the user should know about this input (for example a truncated prompt), or None."""

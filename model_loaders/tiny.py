@@ -23,6 +23,11 @@ object with these fields:
     schedule (`str`): the training noise schedule, ``linear`` or ``cosine`` (T = 1000).
     prediction (`str`, default ``eps``): what the network predicts, ``eps`` or ``v``. The expert
         always hands the sampler eps (``Expert.eps`` converts v at the input's timestep).
+    learned_sigma (`bool`, default false): the network also has a variance head (``variance.*``
+        weights, :class:`VarianceHead`) and returns ``[prediction | variance values]``, IDDPM's
+        learned-sigma output (Nichol & Dhariwal 2021, eq. 15); the expert's prediction is then
+        ``v_learned_sigma`` or ``eps_learned_sigma``. The shipped head was trained on the frozen network's features
+        (``tools/train_tiny.py --variance-head``), so the first half is the plain expert's output.
     resolution (`int`): canvas side, 32.
 """
 from __future__ import annotations
@@ -37,7 +42,7 @@ from einops import rearrange
 from torch import nn
 
 from .expert import Condition, Expert
-from .schedules import alphas_cumprod_for
+from .schedules import alphas_cumprod_at, alphas_cumprod_for
 
 MODALITIES = ("class", "colour", "layout")
 NAMES = {"class": "Tiny digits · class", "colour": "Tiny digits · colour", "layout": "Tiny digits · layout"}
@@ -87,6 +92,45 @@ class Attention(nn.Module):
         return x + self.proj(rearrange(out, "b (h w) c -> b c h w", h=h, w=w))
 
 
+class VarianceHead(nn.Module):
+    """The learned-sigma head: one residual block on the last features, then a conv to
+    ``log Var[x0 | x_t]`` per pixel.
+
+    It predicts the clean image's log variance, where its loss is convex and every noise level is
+    on one scale, and :func:`iddpm_values` turns that into IDDPM's variance values, the output
+    that ADM and GLIDE give and ``samplers.variance_reliability`` reads. Learning IDDPM's values
+    directly failed: the x0 variance they stand for is ``(Sigma - beta~) / c0^2``, so a variance
+    that spans decades sits in the last thousandths of [-1, 1] and the loss had no usable slope.
+    """
+
+    def __init__(self, channels: int, out_channels: int, emb: int):
+        super().__init__()
+        self.block = ResBlock(channels, channels, emb)
+        self.out = nn.Sequential(norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.out(self.block(h, emb))
+
+
+def iddpm_values(log_x0_variance: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """IDDPM's variance values (Nichol & Dhariwal 2021, eq. 15) for a predicted ``log Var[x0 | x_t]``.
+
+    The reverse step t-1 <- t (t >= 1) has the variance ``Sigma = beta~ + c0^2 Var[x0 | x_t]`` (law of
+    total variance over DDPM's posterior, eq. 7), and the values place ``log Sigma`` between
+    ``log beta~`` (-1) and ``log beta`` (1). This is the inverse of
+    ``samplers.variance_reliability.x0_variance(learned_log_variance(...))``; it is computed in float64.
+    """
+    t = t.to(torch.float64).clamp_min(1.0)
+    ab_t, ab_prev = alphas_cumprod_at(t, alphas_cumprod), alphas_cumprod_at(t - 1, alphas_cumprod)
+    beta = 1 - ab_t / ab_prev
+    beta_tilde = beta * (1 - ab_prev) / (1 - ab_t)
+    c0 = ab_prev.sqrt() * beta / (1 - ab_t)
+    shape = (-1,) + (1,) * (log_x0_variance.ndim - 1)
+    beta, beta_tilde, c0 = (v.reshape(shape).to(log_x0_variance.device) for v in (beta, beta_tilde, c0))
+    log_sigma = (beta_tilde + c0**2 * log_x0_variance.double().exp()).log()
+    return 2 * (log_sigma - beta_tilde.log()) / (beta.log() - beta_tilde.log()) - 1
+
+
 class TinyUNet(nn.Module):
     """A three-level UNet over 32 x 32 canvases with one condition path.
 
@@ -99,10 +143,12 @@ class TinyUNet(nn.Module):
         patch (`int`): side of the pixel patches folded into channels before the first conv
             (space-to-depth), so the levels run at 32 / patch pixels and below; 2 makes the
             network four times cheaper, which is what lets it train and sample on a CPU.
+        alphas_cumprod (`torch.Tensor`, *optional*): the schedule, needed with a variance head:
+            the output is then ``[prediction | IDDPM variance values]`` (6 channels).
     """
 
     def __init__(self, modality: str, widths=(32, 64, 64), res_blocks: int = 1, attention: bool = True,
-                 vocabulary_size: int = 6, patch: int = 1):
+                 vocabulary_size: int = 6, patch: int = 1, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
         if modality not in MODALITIES:
             raise ValueError(f"unknown tiny modality {modality!r}; expected one of {MODALITIES}")
@@ -142,6 +188,12 @@ class TinyUNet(nn.Module):
             if level > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, 3 * patch**2, 3, padding=1))
+        # A head of its own, not more channels of ``out``: it can be trained on frozen features and
+        # added to a finished expert without changing its predictions. It sees the time and
+        # condition embedding again, because the variance it stands for spans decades over t.
+        self.variance = VarianceHead(ch, 3 * patch**2, emb) if alphas_cumprod is not None else None
+        # A plain float64 attribute, not a buffer: casting the network to fp16 must not round the schedule.
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64) if alphas_cumprod is not None else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 colour: torch.Tensor | None = None, layout: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,7 +219,11 @@ class TinyUNet(nn.Module):
             if isinstance(layer, ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(layer, h, emb)
-        return rearrange(self.out(h), "b (c p1 p2) h w -> b c (h p1) (w p2)", p1=p, p2=p)
+        out = rearrange(self.out(h), "b (c p1 p2) h w -> b c (h p1) (w p2)", p1=p, p2=p)
+        if self.variance is None:
+            return out
+        log_var = rearrange(self.variance(h, emb), "b (c p1 p2) h w -> b c (h p1) (w p2)", p1=p, p2=p)
+        return torch.cat([out, iddpm_values(log_var, t, self.alphas_cumprod).to(out.dtype)], dim=1)
 
     @staticmethod
     def _run(layer: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -200,8 +256,10 @@ def default_config(modality: str) -> dict[str, Any]:
 
 
 def network_from_config(config: dict[str, Any]) -> TinyUNet:
+    table = alphas_cumprod_for(config["schedule"]) if config.get("learned_sigma") else None
     return TinyUNet(config["modality"], tuple(config["widths"]), int(config["res_blocks"]),
-                    bool(config["attention"]), len(config.get("vocabulary") or []) or 6, int(config.get("patch", 1)))
+                    bool(config["attention"]), len(config.get("vocabulary") or []) or 6, int(config.get("patch", 1)),
+                    table)
 
 
 def metadata_for(config: dict[str, Any]) -> dict[str, str]:
@@ -228,7 +286,8 @@ def read_config(meta: dict[str, str]) -> dict[str, Any]:
 def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
     """The expert of a tiny checkpoint; ``schedule`` overrides the one in its metadata."""
     config = read_config(meta)
-    network = network_from_config(config)
+    schedule = schedule or config["schedule"]
+    network = network_from_config({**config, "schedule": schedule})
     try:
         missing, unexpected = network.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -239,9 +298,9 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     name = NAMES[config["modality"]]
     encoders, null, class_names = _modality(config, name)
-    schedule = schedule or config["schedule"]
+    prediction = config.get("prediction", "eps") + ("_learned_sigma" if config.get("learned_sigma") else "")
     return Expert(network=network, name=name, family="tiny", resolution=int(config.get("resolution", 32)),
-                  alphas_cumprod=alphas_cumprod_for(schedule), prediction=config.get("prediction", "eps"),
+                  alphas_cumprod=alphas_cumprod_for(schedule), prediction=prediction,
                   encoders=encoders,
                   null_condition=null, class_names=class_names,
                   info={"config": config, "schedule": schedule, "params": sum(p.numel() for p in network.parameters())})

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindInpaint, PoEBindingSchedule, PoEBindPrior,
-                       PoEBindSegmentation, PoEBindSketch, PoEBindText)
+                       PoEBindSegmentation, PoEBindSketch, PoEBindText, PoEReliabilityFromVariance)
 from .known_regions import PoEImageToLatent, PoEResample
 from .loaders import PoEExpertLoader, PoETextEncoderLoader
 from .sampling import PoECorrectedSampler, PoECorrector, PoEGuider, PoEKSampler, PoEScheduler
@@ -13,7 +13,7 @@ from .utilities import PoEImageGrid, PoEReliabilitySweep
 NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader, PoETextEncoderLoader,
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindInpaint, PoEBindPrior,
-    PoEBindingSchedule,
+    PoEBindingSchedule, PoEReliabilityFromVariance,
     PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
     PoEReliabilitySweep, PoEImageGrid, PoEResample, PoEImageToLatent,
 ]

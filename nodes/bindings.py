@@ -405,6 +405,35 @@ class PoEBindingSchedule(io.ComfyNode):
         return io.NodeOutput(bindings, ui={"text": (binding_lib.describe(bindings[index]),)})
 
 
+class PoEReliabilityFromVariance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEReliabilityFromVariance",
+            display_name="Reliability From Variance (PoE, experimental)",
+            category=f"{CATEGORY}/bindings",
+            description="EXPERIMENTAL. Each binding's share of the pooled null becomes, pixel by pixel, its "
+                        "reliability divided by how unsure its expert's null is there (Var[x0 | x], read from the "
+                        "expert's learned variance: ADM, GLIDE, the face experts, the shipped tiny experts). "
+                        "PoE-GAN's precision-weighted product, carried over to diffusion. Put it after the last "
+                        "binding. Costs nothing extra: the variance comes with the null's forward. Measured, not a "
+                        "default: see BENCHMARKS.md.",
+            inputs=[Experts.Input("experts", tooltip="The whole chain; every binding that supplies a null must "
+                                                     "use a learned-variance expert.")],
+            outputs=[Experts.Output(display_name="experts")],
+        )
+
+    @classmethod
+    def execute(cls, experts) -> io.NodeOutput:
+        node = "PoEReliabilityFromVariance"
+        bindings = list(experts or [])
+        if not bindings:
+            raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
+        with node_input(node, "experts"):
+            bindings = binding_lib.reliability_from_variance(bindings)
+        return io.NodeOutput(bindings, ui={"text": (binding_lib.describe_rule(bindings),)})
+
+
 class PoEBindInpaint(io.ComfyNode):
     @classmethod
     def define_schema(cls):

@@ -6,6 +6,7 @@ handle that carries one as ``.expert`` (ComfyUI's wrapper).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -58,6 +59,18 @@ def default_nulls(expert: Any, condition: Condition) -> tuple[Condition, ...]:
     return () if null is None else (null,)
 
 
+def reliability_from_variance(bindings: Sequence[Binding]) -> list[Binding]:
+    """The chain with every binding's null weighted by its expert's learned precision
+    (``Binding.reliability_from_variance``); refused where a null's expert predicts no variance."""
+    for i, b in enumerate(bindings):
+        e = unwrap(b.expert)
+        if b.null and not bool((torch.as_tensor(b.reliability) == 0).all()) and not getattr(e, "learned_sigma", False):
+            raise ValueError(f"binding {i} ({describe(b)}) supplies a null, but {e.name} predicts no variance "
+                             f"(prediction {getattr(e, 'prediction', '?')!r}); set that binding's reliability to 0 "
+                             "or remove this node")
+    return [replace(b, reliability_from_variance=True) for b in bindings]
+
+
 def _fmt(v: Any) -> str:
     t = torch.as_tensor(v, dtype=torch.float32)
     if t.numel() == 1:
@@ -91,4 +104,6 @@ def describe_rule(bindings: Sequence[Binding]) -> str:
         lines.append(f"  {i}. {describe(b, a)}")
     if math.isclose(float(total_w), 1.0):
         lines.append("  (weights sum to 1: the pooled null cancels and no null forward runs)")
+    elif any(b.reliability_from_variance for b in bindings):
+        lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")
     return "\n".join(lines)

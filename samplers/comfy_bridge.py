@@ -40,7 +40,7 @@ import comfy.supported_models_base
 import comfy.utils
 import latent_preview
 
-from . import bridge, poe
+from . import bridge, poe, variance_reliability
 
 log = logging.getLogger("unite_and_conquer")
 
@@ -84,6 +84,10 @@ class _ExpertUNet(torch.nn.Module):
         return p.dtype if p is not None else torch.float32
 
 
+# transformer_options key of a list that ExpertModel appends Var[x0 | x] to (reliability from variance).
+VARIANCE_SINK = "uac_x0_variance"
+
+
 class ExpertModel(comfy.model_base.BaseModel):
     """One expert as a ComfyUI model: its own schedule, pixel latents, eps prediction."""
 
@@ -96,7 +100,15 @@ class ExpertModel(comfy.model_base.BaseModel):
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **condition):
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x)
-        eps = self.expert.eps(xc, self.model_sampling.timestep(sigma), condition)
+        timestep = self.model_sampling.timestep(sigma)
+        eps, values = self.expert.predict(xc, timestep, condition)
+        sink = transformer_options.get(VARIANCE_SINK)
+        if sink is not None:
+            # The variance rides on transformer_options because apply_model returns one tensor.
+            if values is None:
+                raise ValueError(f"{self.expert.name} predicts no variance, so its reliability cannot come from it")
+            sink.append(variance_reliability.x0_variance_from_values(values, self.expert.alphas_cumprod, timestep)
+                        .to(x.device))
         return self.model_sampling.calculate_denoised(sigma, eps.to(x.device), x)
 
     def memory_required(self, input_shape, cond_shapes={}):
@@ -235,6 +247,7 @@ def forward_in_chunks(handle: ExpertHandle, x, sigma, condition, options, chunks
         return torch.cat(outs)
     except torch.OutOfMemoryError:
         comfy.model_management.soft_empty_cache(True)
+        options.get(VARIANCE_SINK, []).clear()     # the retry appends every chunk's variance again
         if size > 1:
             log.warning("%s ran out of memory on %d rows; retrying in chunks of %d", handle.name, size, -(-size // 2))
             return forward_in_chunks(handle, x, sigma, condition, options, chunks * 2)
@@ -275,9 +288,13 @@ class PoEGuider(comfy.samplers.CFGGuider):
     def _eps_fn(self, model_options):
         options = model_options.get("transformer_options", {})
 
-        def eps_fn(handle: ExpertHandle, x, sigma, condition):
+        def eps_fn(handle: ExpertHandle, x, sigma, condition, with_variance: bool = False):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            return forward_in_chunks(handle, x, sigma, condition, options)
+            if not with_variance:
+                return forward_in_chunks(handle, x, sigma, condition, options)
+            sink: list[torch.Tensor] = []
+            denoised = forward_in_chunks(handle, x, sigma, condition, {**options, VARIANCE_SINK: sink})
+            return denoised, torch.cat(sink)
         return eps_fn
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):

@@ -22,10 +22,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .variance_reliability import precision_reliabilities
+
 Condition = dict[str, torch.Tensor]
 Scalar = float | torch.Tensor
-# eps_fn(expert, x, sigma, condition) -> prediction for x repeated once per condition row.
-EpsFn = Callable[[Any, torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+# eps_fn(expert, x, sigma, condition) -> prediction for x repeated once per condition row; called
+# with with_variance=True it returns (prediction, Var[x0 | x]) for products whose reliabilities
+# come from the experts' learned variances (Binding.reliability_from_variance).
+EpsFn = Callable[..., Any]
 # device_of(expert) -> the device its weights sit on (experts of one product may sit on different GPUs).
 DeviceOf = Callable[[Any], "torch.device | str"]
 
@@ -51,6 +55,10 @@ class Binding:
             f_b at sigma <= sigma_b, and by the linear interpolation in log sigma between. It hands
             the prior from one expert to another during sampling.
         label (`str`): what the binding is, for messages and the rule summary.
+        reliability_from_variance (`bool`, defaults to False): EXPERIMENTAL. The binding's share of
+            the pooled null becomes, per pixel, ``reliability / Var[x0 | x]`` of its null's prediction
+            (normalised), from its expert's learned variance (``variance_reliability``, PoE-GAN's
+            precision weighting). All bindings that supply a null must agree on it.
     """
 
     expert: Any
@@ -61,6 +69,7 @@ class Binding:
     sigma_window: tuple[float, float] = (0.0, math.inf)
     reliability_ramp: tuple[float, float, float, float] | None = None
     label: str = ""
+    reliability_from_variance: bool = False
 
     def active(self, sigma: float) -> bool:
         lo, hi = self.sigma_window
@@ -121,6 +130,11 @@ def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) 
         if not b.null and not _is_zero(b.reliability):
             raise ValueError(f"{name}: reliability is > 0 but this binding has no null condition (its expert has "
                              "no trained null); set the reliability to 0 or choose how the null is formed")
+    with_null = [b for b in bindings if b.null and not _is_zero(b.reliability)]
+    if len({b.reliability_from_variance for b in with_null}) > 1:
+        off = next(b for b in with_null if not b.reliability_from_variance)
+        raise ValueError(f"{off.label or _expert_name(off.expert)}: reliability from variance is on for some bindings "
+                         "and off for this one; apply it to the whole chain, after its last binding")
     total_w = sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
     no_null = all(_is_zero(b.reliability) for b in bindings)
     if no_null and any(torch.as_tensor(b.weight).lt(0).any() for b in bindings):
@@ -277,6 +291,7 @@ class ForwardPlan:
     null_index: list[list[tuple[int, int]]]      # binding -> [(call, row), ...], empty if unused
     bindings: list[Binding]
     needs_null: bool
+    null_variance: bool = False                  # the null rows' calls also return Var[x0 | x]
 
 
 def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
@@ -304,7 +319,8 @@ def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
             null_index.append([(c, calls[c].row(n)) for n in b.null])
         else:
             null_index.append([])
-    return ForwardPlan(calls, cond_index, null_index, list(bindings), needs_null)
+    null_variance = any(idx and b.reliability_from_variance for b, idx in zip(bindings, null_index))
+    return ForwardPlan(calls, cond_index, null_index, list(bindings), needs_null, null_variance)
 
 
 def _stacked(call: ExpertCall, batch: int, device: torch.device, staged: dict | None) -> Condition:
@@ -322,24 +338,34 @@ def _stacked(call: ExpertCall, batch: int, device: torch.device, staged: dict | 
 
 
 def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: EpsFn,
-             staged: dict | None = None, device_of: DeviceOf | None = None) -> list[list[torch.Tensor]]:
+             staged: dict | None = None, device_of: DeviceOf | None = None,
+             variances: list | None = None) -> list[list[torch.Tensor]]:
     """One forward per expert call; returns each call's predictions split per row, on ``x``'s device.
 
     ``staged`` is a dict the caller keeps for one sampling run (see :func:`_stacked`). ``device_of``
     names the device each expert runs on (``None``: all on ``x``'s): the expert gets ``x``, ``sigma``
-    and its conditions there, and its prediction comes back to ``x``'s device for the rule."""
+    and its conditions there, and its prediction comes back to ``x``'s device for the rule. With
+    ``variances`` (a list) and ``plan.null_variance``, each call's Var[x0 | x] rows are appended to it
+    in the same layout as the predictions."""
     batch = x.shape[0]
     outputs = []
     for call in plan.calls:
         if not call.rows:
             outputs.append([])
+            if variances is not None:
+                variances.append([])
             continue
         device = x.device if device_of is None else torch.device(device_of(call.expert))
         n = len(call.rows)
         # Moved before repeating, so a copy between devices carries one batch, not one per row.
         x_rows = x.to(device).repeat(n, *([1] * (x.ndim - 1)))
         sigma_rows = sigma.to(device).repeat(n) if sigma.ndim else sigma.to(device)
-        pred = eps_fn(call.expert, x_rows, sigma_rows, _stacked(call, batch, device, staged))
+        stacked = _stacked(call, batch, device, staged)
+        if plan.null_variance and variances is not None:
+            pred, var = eps_fn(call.expert, x_rows, sigma_rows, stacked, with_variance=True)
+            variances.append(list(var.to(x.device).split(batch)))
+        else:
+            pred = eps_fn(call.expert, x_rows, sigma_rows, stacked)
         outputs.append(list(pred.to(x.device).split(batch)))
     return outputs
 
@@ -357,6 +383,14 @@ def _check_finite(result: Sequence[torch.Tensor], plan: ForwardPlan, outs: list[
                 "check its checkpoint and dtype (fp16 overflow is common; try bf16 or fp32)")
     raise FloatingPointError(f"the product is NaN or Inf at sigma={sigma:.4g} although every expert's prediction "
                              "is finite: check the bindings' weights and reliabilities")
+
+
+def _row_mean(per_call: list[list[torch.Tensor]], idx: list[tuple[int, int]]) -> torch.Tensor:
+    """The mean of the rows ``idx`` (one null, or a null averaged over several conditions)."""
+    if len(idx) == 1:
+        c, r = idx[0]
+        return per_call[c][r]
+    return _weighted_sum([1 / len(idx)] * len(idx), [per_call[c][r] for c, r in idx])
 
 
 def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[Binding], eps_fn: EpsFn,
@@ -377,18 +411,22 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
         raise ValueError(f"no binding is active at sigma={s:.4g}: widen at least one binding's sigma window")
     validate_bindings(active)
     plan = plan_forwards(active)
-    outs = run_plan(plan, x, sigma, eps_fn, staged, device_of)
+    variances: list[list[torch.Tensor]] = []
+    outs = run_plan(plan, x, sigma, eps_fn, staged, device_of, variances)
     cond_preds, weights = [], []
     for b, (c, r) in zip(active, plan.cond_index):
         if r >= 0:
             cond_preds.append(outs[c][r])
             weights.append(b.weight)
-    null_preds, rel = [], []
+    null_preds, rel, null_vars = [], [], []
     for b, idx in zip(active, plan.null_index):
         if idx:
-            null_preds.append(outs[idx[0][0]][idx[0][1]] if len(idx) == 1 else
-                              _weighted_sum([1 / len(idx)] * len(idx), [outs[c][r] for c, r in idx]))
+            null_preds.append(_row_mean(outs, idx))
             rel.append(b.reliability)
+            if plan.null_variance:
+                null_vars.append(_row_mean(variances, idx))
+    if null_vars:
+        rel = precision_reliabilities(null_vars, rel)
     if not cond_preds:
         # The empty set: every weight is 0, and the rule reduces to the pooled prior u.
         if not null_preds:

@@ -1,4 +1,4 @@
-"""Reliabilities from learned variances (EXPERIMENTAL; not used by the default sampling path).
+"""Reliabilities from learned variances (EXPERIMENTAL; off unless a product asks for it).
 
 PoE-GAN (Huang et al. 2022) multiplies Gaussian experts, whose product has the precision-weighted
 mean ``sum_j mu_j / s_j^2 / sum_j 1 / s_j^2``. Carried over to the pooled null of the rule
@@ -20,6 +20,10 @@ beta_t / (1 - ab_t) (DDPM eq. 7), so by the law of total variance
 
 and the expert's implied ``Var[x0 | x_t]`` is comparable between experts with different schedules.
 The reliability of expert j at a pixel is then ``a_j / Var_j[x0 | x_t]``, normalised over j.
+
+``poe.product_prediction`` applies it to bindings with ``reliability_from_variance``; the node
+``PoEReliabilityFromVariance`` turns it on for a chain. It is measured, not a default:
+BENCHMARKS.md, "Variance-derived reliability".
 """
 from __future__ import annotations
 
@@ -89,9 +93,18 @@ def precision_reliabilities(x0_variances: Sequence[torch.Tensor],
     """
     if reliabilities is None:
         reliabilities = [1.0] * len(x0_variances)
-    weighted = [torch.as_tensor(a, dtype=torch.float64) / var.double() for a, var in zip(reliabilities, x0_variances)]
+    weighted = [torch.as_tensor(a, dtype=torch.float64, device=var.device) / var.double()
+                for a, var in zip(reliabilities, x0_variances)]
     total = sum(weighted)
     return [(w / torch.where(total > 0, total, 1.0)).float() for w in weighted]
+
+
+def x0_variance_from_values(values: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Var[x0 | x_t] from an expert's learned-sigma ``values`` (the second half of its output), its
+    table and its (continuous) timestep per row, float32."""
+    coef = step_coefficients(alphas_cumprod, t.detach().to("cpu", torch.float64))
+    coef = StepCoefficients(*(c.to(values.device) for c in (coef.beta, coef.beta_tilde, coef.c0)))
+    return x0_variance(learned_log_variance(values, coef), coef).float()
 
 
 def reliabilities_from_outputs(v_outputs: Sequence[torch.Tensor], alphas_cumprods: Sequence[torch.Tensor],
@@ -99,8 +112,5 @@ def reliabilities_from_outputs(v_outputs: Sequence[torch.Tensor], alphas_cumprod
                                reliabilities: Sequence[float | torch.Tensor] | None = None) -> list[torch.Tensor]:
     """From each null's raw ``v`` channels (the second half of a learned-sigma output), each
     expert's table and its timestep for the common sigma, to per-pixel reliabilities."""
-    variances = []
-    for v, table, t in zip(v_outputs, alphas_cumprods, timesteps):
-        coef = step_coefficients(table, t)
-        variances.append(x0_variance(learned_log_variance(v, coef), coef))
+    variances = [x0_variance_from_values(v, table, t) for v, table, t in zip(v_outputs, alphas_cumprods, timesteps)]
     return precision_reliabilities(variances, reliabilities)

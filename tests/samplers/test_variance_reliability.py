@@ -65,3 +65,102 @@ def test_reliabilities_from_outputs_favour_the_narrower_null_where_it_is_narrowe
     # Var[x0 | x_t] at sigma 2: 0.2 * 4 / (0.2 + 4) = 0.1905 and 1 * 4 / 5 = 0.8: precisions 5.25 and 1.25.
     torch.testing.assert_close(a[0, 0, 0], torch.tensor([5.25 / 6.5, 1.25 / 6.5]), rtol=3e-3, atol=1e-4)
     torch.testing.assert_close(a + b, torch.ones_like(a))
+
+
+# --- inside the product rule (poe.product_prediction) ------------------------------------------
+
+class VarianceExpert:
+    """eps = x / 2 + c; Var[x0 | x] = the condition's ``v`` (a map), counting variance requests."""
+
+    def __init__(self, name):
+        self.name = name
+        self.variance_calls = 0
+
+    def __call__(self, x, cond, with_variance=False):
+        eps = x * 0.5 + cond["c"].view(-1, 1, 1, 1)
+        if not with_variance:
+            return eps
+        self.variance_calls += 1
+        return eps, cond["v"].expand_as(x)
+
+
+def _eps_fn(expert, x, sigma, cond, with_variance=False):
+    return expert(x, cond, with_variance)
+
+
+def _cond(c, v):
+    return {"c": torch.tensor([float(c)]), "v": torch.as_tensor(v, dtype=torch.float32).expand(1, 3, 4, 4)}
+
+
+def _bindings(from_variance, v_a, v_b):
+    from samplers.poe import Binding
+
+    a, b = VarianceExpert("A"), VarianceExpert("B")
+    return [Binding(a, _cond(1, 1.0), 2.0, 1.0, (_cond(0.5, v_a),), label="A",
+                    reliability_from_variance=from_variance),
+            Binding(b, _cond(-1, 1.0), 1.0, 3.0, (_cond(-0.25, v_b),), label="B",
+                    reliability_from_variance=from_variance)]
+
+
+def test_product_weights_each_null_by_its_precision_per_pixel():
+    """u = sum_j (a_j / V_j) eps_j(null) / sum_j (a_j / V_j), pixel by pixel, inside the rule."""
+    from samplers import poe
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    v_a = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1)) + 0.1
+    v_b = torch.full((1, 3, 4, 4), 0.4)
+    bindings = _bindings(True, v_a, v_b)
+    out, pooled = poe.product_prediction(x, torch.tensor(1.0), bindings, _eps_fn)
+    null_a, null_b = x * 0.5 + 0.5, x * 0.5 - 0.25
+    share_a = (1.0 / v_a) / (1.0 / v_a + 3.0 / v_b)
+    expected_u = share_a * null_a + (1 - share_a) * null_b
+    torch.testing.assert_close(pooled, expected_u, rtol=1e-5, atol=1e-6)
+    expected = 2 * (x * 0.5 + 1) + (x * 0.5 - 1) - 2 * expected_u
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert [b.expert.variance_calls for b in bindings] == [1, 1]
+    # Off, the same product uses the plain reliabilities 1/4, 3/4 and asks for no variance.
+    plain = _bindings(False, v_a, v_b)
+    _, pooled_plain = poe.product_prediction(x, torch.tensor(1.0), plain, _eps_fn)
+    torch.testing.assert_close(pooled_plain, 0.25 * null_a + 0.75 * null_b)
+    assert [b.expert.variance_calls for b in plain] == [0, 0]
+
+
+def test_equal_variances_leave_the_reliabilities_as_they_are():
+    from samplers import poe
+
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    on, _ = poe.product_prediction(x, torch.tensor(1.0), _bindings(True, 0.3, 0.3), _eps_fn)
+    off, _ = poe.product_prediction(x, torch.tensor(1.0), _bindings(False, 0.3, 0.3), _eps_fn)
+    torch.testing.assert_close(on, off, rtol=1e-6, atol=1e-6)
+
+
+def test_a_chain_half_from_variance_is_refused():
+    from dataclasses import replace
+
+    from samplers import poe
+
+    bindings = _bindings(True, 1.0, 1.0)
+    bindings[1] = replace(bindings[1], reliability_from_variance=False)
+    with pytest.raises(ValueError) as err:
+        poe.product_prediction(torch.zeros(1, 3, 4, 4), torch.tensor(1.0), bindings, _eps_fn)
+    assert str(err.value) == ("B: reliability from variance is on for some bindings and off for this one; apply it "
+                              "to the whole chain, after its last binding")
+
+
+def test_reliability_from_variance_refuses_experts_without_a_variance():
+    from samplers import binding as binding_lib
+    from samplers.poe import Binding
+
+    class Plain:
+        name, prediction, learned_sigma = "Plain-eps", "eps", False
+
+    class Learned:
+        name, prediction, learned_sigma = "Learned", "eps_learned_sigma", True
+
+    ok = binding_lib.reliability_from_variance([Binding(Learned(), {}, 2.0, 1.0, ({},), label="x"),
+                                                Binding(Plain(), {}, 1.0, 0.0, (), label="y")])
+    assert [b.reliability_from_variance for b in ok] == [True, True]
+    with pytest.raises(ValueError) as err:
+        binding_lib.reliability_from_variance([Binding(Plain(), {}, 2.0, 1.0, ({},), label="cat")])
+    assert str(err.value) == ("binding 0 (Plain-eps · cat · w=2 · a=1) supplies a null, but Plain-eps predicts no "
+                              "variance (prediction 'eps'); set that binding's reliability to 0 or remove this node")

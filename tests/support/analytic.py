@@ -51,3 +51,28 @@ def product_gaussian(parts: list[tuple[float, float, float]], null_var: float = 
     prec = sum(w / v for _, v, w in parts) - (total_w - 1) / null_var
     mean = sum(w * m / v for m, v, w in parts) / prec
     return mean, 1 / prec
+
+
+class LearnedSigmaGaussianNet(torch.nn.Module):
+    """``[eps | v]`` for Gaussian data: the exact eps and IDDPM's variance values of the true
+    reverse step (``benchmarks/bench_variance.LearnedSigmaGaussian``), as a network."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        from benchmarks.bench_variance import LearnedSigmaGaussian
+
+        self.inner = LearnedSigmaGaussian(alphas_cumprod)
+
+    def forward(self, x, t, mu, var):
+        return self.inner(x, t, mu, var)
+
+
+def learned_sigma_gaussian_expert(alphas_cumprod: torch.Tensor, name: str = "gauss-learned",
+                                  resolution: int = 4, null_var: float = 1.0) -> Expert:
+    """An ``eps_learned_sigma`` analytic expert whose null is N(0, null_var)."""
+    return Expert(
+        network=LearnedSigmaGaussianNet(alphas_cumprod), name=name, family="analytic", resolution=resolution,
+        alphas_cumprod=alphas_cumprod, prediction="eps_learned_sigma",
+        encoders={"gaussian": lambda mu, var: gaussian(mu, var)},
+        null_condition=gaussian(0.0, null_var),
+    )

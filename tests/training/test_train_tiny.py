@@ -53,3 +53,46 @@ def test_short_runs_write_loadable_experts_and_keep_or_switch_the_target(tmp_pat
 def test_unknown_prediction_is_refused():
     with pytest.raises(SystemExit):
         train_tiny.main(["--prediction", "x0"])
+
+
+@pytest.mark.parametrize("t", [1, 40, 400, 950])
+def test_x0_nll_is_smallest_where_the_implied_x0_variance_is_the_squared_error(t):
+    """The variance head's loss, over IDDPM's values, has its minimum where Var[x0 | x_t] (as the
+    sampler reads it, samplers/variance_reliability.py) equals the mean squared error of x0."""
+    from samplers import variance_reliability as vr
+
+    ac = alphas_cumprod_for("cosine")
+    g = torch.Generator().manual_seed(t)
+    x0 = torch.randn(1, 3, 8, 8, generator=g)
+    x0_pred = x0 + 0.03 * torch.randn(x0.shape, generator=g)
+    grid = torch.linspace(-1, 1, 200001, dtype=torch.float64).view(-1, 1, 1, 1)
+    tt = torch.full((len(grid),), t)
+    best = grid[train_tiny.x0_nll(x0, x0_pred, grid, tt, ac).argmin()].view(1, 1, 1, 1)
+    implied = vr.x0_variance_from_values(best, ac, tt[:1].double()).item()
+    mse = (x0 - x0_pred).pow(2).mean().item()
+    if vr.x0_variance_from_values(torch.ones(1, 1, 1, 1), ac, tt[:1].double()).item() < mse:
+        assert best.item() == 1.0       # more error than the step can hold: the largest variance
+    else:
+        assert implied == pytest.approx(mse, rel=1e-2)   # the grid step in V is up to 0.6% of it
+
+
+def test_variance_head_keeps_the_expert_exactly_and_learns_the_variance(tmp_path):
+    torch.set_num_threads(1)
+    small = ["--modality", "class", "--batch", "8", "--pool", "16", "--fp32"]
+    train_tiny.main(small + ["--steps", "2", "--out", str(tmp_path / "base")])
+    train_tiny.main(small + ["--steps", "4", "--out", str(tmp_path / "head"), "--init", str(tmp_path / "base"),
+                             "--variance-head"])
+    base = model_loaders.load_expert(str(tmp_path / "base" / "tiny_class.safetensors"))
+    head = model_loaders.load_expert(str(tmp_path / "head" / "tiny_class.safetensors"))
+    meta = _meta(tmp_path / "head" / "tiny_class.safetensors")
+    assert json.loads(meta["uac_config"])["learned_sigma"] is True and "variance_head=x0_nll" in meta["uac_training"]
+    assert head.prediction == "v_learned_sigma" and base.prediction == "v"
+    x, t, cond = torch.randn(2, 3, 32, 32), torch.tensor([3.0, 600.0]), {"y": torch.tensor([4, 10])}
+    with torch.no_grad():
+        eps, values = head.predict(x, t, cond)
+        assert torch.equal(eps, base.eps(x, t, cond)) and values.shape == (2, 3, 32, 32)
+    # The head trained: it no longer matches a fresh head of the same seed.
+    untrained = {k: v for k, v in head.network.state_dict().items()}
+    assert any(k.startswith("variance.") for k in untrained)
+    with pytest.raises(ValueError, match="--variance-head trains a head on a finished expert: give it --init"):
+        train_tiny.train("class", 1, 2, 0, 1e-3, 0.1, 0.9, 4, variance_head=True)
