@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import sys
@@ -238,8 +239,8 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
         evals = evaluations(steps, config, sigma_range)
         configs[f"product, w = {weight_label(w)}, plain, {evals} steps (equal evaluations)"] = Configuration(
             product(w), evals)
-        configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} per level"] = Configuration(
-            product(w), steps, config)
+        configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} x {config.step_scale:g} sigma^2 "
+                f"per level, sigma >= {config.sigma_window[0]:g}"] = Configuration(product(w), steps, config)
     return configs
 
 
@@ -402,6 +403,8 @@ def main(argv=None):
     p.add_argument("--corrector-steps", type=int, default=2, help="corrector steps per noise level")
     p.add_argument("--corrector-scale", type=float, default=0.5,
                    help="the corrector's step as a multiple of sigma^2 (CorrectorConfig.step_scale)")
+    p.add_argument("--corrector-sigma-min", type=float, default=0.05,
+                   help="correction runs at the levels sigma >= this (CorrectorConfig.sigma_window)")
     p.add_argument("--corrected-weight", type=parse_weight, default=(4.0, 2.0, 2.0),
                    help="the product weight of the corrected rows, as in --weights")
     p.add_argument("--only-corrected", action="store_true",
@@ -413,7 +416,8 @@ def main(argv=None):
     corrected = None
     if args.corrector != "none":
         corrected = (args.corrected_weight, correctors.CorrectorConfig(
-            method=args.corrector, steps=args.corrector_steps, step_scale=args.corrector_scale))
+            method=args.corrector, steps=args.corrector_steps, step_scale=args.corrector_scale,
+            sigma_window=(args.corrector_sigma_min, math.inf)))
     only, heading = None, "## Multimodal digits"
     if args.only_corrected:
         if corrected is None:

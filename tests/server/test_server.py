@@ -15,7 +15,8 @@ from comfy_client import ComfyServer, load_api_workflow  # noqa: E402
 PACK_NODES = {"PoEExpertLoader", "PoEBindClass", "PoEBindText", "PoEBindSegmentation", "PoEBindSketch",
               "PoEBindImage", "PoEBindPrior", "PoEBindingSchedule", "PoEKSampler", "PoEGuider", "PoEScheduler",
               "PoEReliabilitySweep", "PoEImageGrid", "PoECorrector", "PoECorrectedSampler",
-              "PoETextEncoderLoader", "PoEResample", "PoEImageToLatent", "PoEBindInpaint"}
+              "PoETextEncoderLoader", "PoEResample", "PoEImageToLatent", "PoEBindInpaint",
+              "PoEReliabilityFromVariance"}
 DEMO = REPO / "workflows" / "api" / "tiny_demo.json"
 
 
