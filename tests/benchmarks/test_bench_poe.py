@@ -2,19 +2,11 @@
 column, its two modes compute the same product, and it writes only its own section."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from benchmarks import bench_poe, report
 from samplers import poe
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from support.small_models import one_thread  # noqa: F401  (autouse)
 
 
 def test_small_run_on_the_cpu_prints_every_column(capsys):

@@ -10,7 +10,6 @@ exercises recognition by shapes. The real published shapes are checked on the me
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytest
@@ -20,20 +19,13 @@ from safetensors.torch import save_file
 import model_loaders
 from model_loaders import adm
 from model_loaders.schedules import alphas_cumprod_for
+from support import small_models
+from support.small_models import one_thread  # noqa: F401  (autouse)
 
 gd_unet = pytest.importorskip("guided_diffusion.unet")
 gd_script = pytest.importorskip("guided_diffusion.script_util")
 
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one thread is faster than several that spin on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -108,17 +100,7 @@ IDS = [c.name.split(" ")[0] for c in CASES]
 
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Random non-zero weights everywhere, scaled so that activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel() if "label_emb" not in name else 1
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith("weight"):  # norm gains
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    small_models.randomise(module, seed, unit_fan_in=lambda name: "label_emb" in name)
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,13 @@ import model_loaders
 from model_loaders.expert import v_to_eps
 from model_loaders.schedules import alphas_cumprod_at
 from model_loaders import diffusers_unet as du
+from support import small_models
+from support.small_models import one_thread  # noqa: F401  (autouse)
 
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one thread is faster than several that spin on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # google/ddpm-style (no attention head dim, asymmetric padding, sin-first embedding), smaller.
 DDPM_STYLE = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=32,
@@ -46,22 +40,10 @@ CONFIGS = {
 }
 
 
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel() if "embedding" not in name else 1))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-
-
 def reference(config: dict, seed: int = 0):
     torch.manual_seed(seed)
     model = diffusers.UNet2DModel(**config).eval()
-    randomise(model, seed + 10)
+    small_models.randomise(model, seed + 10, unit_fan_in=lambda name: "embedding" in name)
     return model
 
 

@@ -15,33 +15,13 @@ import torch
 
 from model_loaders import Expert, adm, face, glide, speed, unet_layers
 from model_loaders.schedules import alphas_cumprod_for
+from support import small_models
+from support.small_models import one_thread  # noqa: F401  (autouse)
 
 TOL = 1e-4
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run "
                          "'python3 -m pytest -q -c tests/pytest.ini --rootdir=tests tests/model_loaders/test_speed.py' "
                          "on a GPU machine")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Random non-zero weights, scaled by fan-in so that activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = 1 if "emb" in name and "layers" not in name else p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def build(kind: str, seed: int = 0):
@@ -70,7 +50,7 @@ def build(kind: str, seed: int = 0):
         embed[1] = 0  # one sample with text, one without
         net = face.FaceMasksTextNet(config)
         cond = {"slots": torch.rand(2, 6, 16, 16, generator=g) * 2 - 1, "embed": embed}
-    randomise(net, seed)
+    small_models.randomise(net, seed, unit_fan_in=lambda name: "emb" in name and "layers" not in name)
     return net.eval().requires_grad_(False), x, t, cond
 
 
