@@ -88,7 +88,7 @@ from torch import nn
 from .expert import Condition, Expert
 from .schedules import SCHEDULES, alphas_cumprod_for
 from .unet_layers import (ATTENTION_ORDERS, AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential,
-                          Upsample, timestep_embedding)
+                          Upsample, infer_trunk, timestep_embedding)
 
 IMAGE_CHANNELS = 3
 REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "input_blocks.1.0.emb_layers.1.weight",
@@ -328,30 +328,17 @@ def infer_structure(sd: dict[str, torch.Tensor]) -> dict:
     if in_channels not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS) or out_channels not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS):
         raise ValueError(f"ADM checkpoint: {in_channels} input and {out_channels} output channels; ADM models take "
                          f"3 (6 for upsamplers) and return 3 (6 with learned sigmas)")
-    n_in, n_out = _count_blocks(sd, "input_blocks"), _count_blocks(sd, "output_blocks")
-    ends = [i for i in range(n_out) if _upsampling_layer(sd, i)]
-    num_res_blocks = ends[0] if ends else n_out - 1
-    levels = n_out // (num_res_blocks + 1)
-    if num_res_blocks < 1 or levels * (num_res_blocks + 1) != n_out or n_in != n_out:
-        raise ValueError(f"ADM checkpoint: {n_in} input and {n_out} output blocks do not form an ADM UNet "
-                         f"(expected levels x (num_res_blocks + 1) of each)")
-    channel_mult, attention_ds = [], []
-    for level in range(levels):
-        first = 1 + level * (num_res_blocks + 1)
-        key = f"input_blocks.{first}.0.out_layers.3.weight"
-        if key not in sd:
-            raise ValueError(f"ADM checkpoint: missing {key} (the first residual block of level {level})")
-        mult = int(sd[key].shape[0]) / mc
-        channel_mult.append(int(mult) if mult.is_integer() else mult)
-        if f"input_blocks.{first}.1.qkv.weight" in sd:
-            attention_ds.append(2 ** level)
+    trunk = infer_trunk(sd, "ADM", lambda d, j: _upsampling_layer(d, j) is not None, width_layer="out_layers.3",
+                        count=_count_blocks)
     emb_rows = int(sd["input_blocks.1.0.emb_layers.1.weight"].shape[0])
     return {
         "model_channels": mc, "in_channels": in_channels, "out_channels": out_channels,
-        "num_res_blocks": num_res_blocks, "channel_mult": tuple(channel_mult), "attention_ds": tuple(attention_ds),
+        "num_res_blocks": trunk.num_res_blocks, "channel_mult": trunk.channel_mult,
+        "attention_ds": trunk.attention_ds,
         "num_classes": int(sd["label_emb.weight"].shape[0]) if "label_emb.weight" in sd else None,
         "use_scale_shift_norm": emb_rows == 2 * int(sd["input_blocks.1.0.out_layers.3.weight"].shape[0]),
-        "resblock_updown": _upsampling_layer(sd, num_res_blocks) != "conv" if ends else True,
+        "resblock_updown": (_upsampling_layer(sd, trunk.num_res_blocks) != "conv"
+                            if trunk.first_upsampler is not None else True),
     }
 
 

@@ -84,7 +84,6 @@ detection takes it as ``face``, and the loader's family ``adm`` loads it as an u
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -95,7 +94,7 @@ from torch import nn
 from .expert import Condition, Expert
 from .schedules import alphas_cumprod_for
 from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample,
-                          timestep_embedding)
+                          infer_trunk, timestep_embedding)
 
 IMAGE_CHANNELS = 3
 EMBED_DIM = 512
@@ -280,11 +279,6 @@ def _meta_int(meta: dict[str, str], key: str, default: int) -> int:
         raise ValueError(f"face checkpoint: metadata {key}={value!r} is not an integer") from err
 
 
-def _block_indices(sd: dict[str, torch.Tensor], prefix: str) -> list[int]:
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
-
-
 def _has_upsampler(sd: dict[str, torch.Tensor], j: int) -> bool:
     """Output block ``j`` ends in an upsampler: a third ResBlock/conv, or a second layer that is
     not attention."""
@@ -317,31 +311,15 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None
         raise ValueError(f"face checkpoint: the first convolution takes {in_channels} channels; the face experts "
                          f"take {expected_in} ([z, converted slots] or [z, sketch])")
 
-    n_in, n_out = len(_block_indices(sd, "input_blocks")), len(_block_indices(sd, "output_blocks"))
-    first_up = next((j for j in range(n_out) if _has_upsampler(sd, j)), None)
-    num_res_blocks = first_up if first_up is not None else n_out - 1
-    levels = n_out // (num_res_blocks + 1) if num_res_blocks >= 1 else 0
-    if num_res_blocks < 1 or levels * (num_res_blocks + 1) != n_out or n_in != n_out:
-        raise ValueError(f"face checkpoint: {n_in} input and {n_out} output blocks do not form an ADM UNet "
-                         f"(expected levels x (num_res_blocks + 1) of each)")
-    channel_mult, attention_ds = [], []
-    for level in range(levels):
-        idx = 1 + level * (num_res_blocks + 1)
-        key = f"input_blocks.{idx}.0.in_layers.2.weight"
-        if key not in sd:
-            raise ValueError(f"face checkpoint: missing {key} (the first residual block of level {level})")
-        mult = int(sd[key].shape[0]) / mc
-        channel_mult.append(int(mult) if mult.is_integer() else mult)
-        if f"input_blocks.{idx}.1.qkv.weight" in sd:
-            attention_ds.append(2**level)
+    trunk = infer_trunk(sd, "face", _has_upsampler)
     mid_ch = int(sd["middle_block.0.in_layers.2.weight"].shape[0])
     scale_shift = int(sd["middle_block.0.emb_layers.1.weight"].shape[0]) == 2 * mid_ch
-    resblock_updown = levels == 1 or f"input_blocks.{num_res_blocks + 1}.0.in_layers.0.weight" in sd
+    resblock_updown = trunk.levels == 1 or f"input_blocks.{trunk.num_res_blocks + 1}.0.in_layers.0.weight" in sd
     return FaceConfig(
         kind=kind, image_size=_meta_int(meta, "large_size", _meta_int(meta, "image_size", 256)),
         in_channels=in_channels, slot_channels=slot_channels, embed_dim=embed_dim, model_channels=mc,
-        out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=num_res_blocks,
-        channel_mult=tuple(channel_mult), attention_ds=tuple(attention_ds),
+        out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=trunk.num_res_blocks,
+        channel_mult=trunk.channel_mult, attention_ds=trunk.attention_ds,
         num_head_channels=_meta_int(meta, "num_head_channels", 64), num_heads=_meta_int(meta, "num_heads", 4),
         num_heads_upsample=_meta_int(meta, "num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
         resblock_updown=resblock_updown,

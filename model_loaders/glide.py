@@ -49,7 +49,6 @@ from the safetensors metadata (GLIDE's own option names) or from GLIDE's publish
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,7 +60,7 @@ from . import glide_tokenizer
 from .expert import Condition, Expert
 from .schedules import alphas_cumprod_for
 from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample, attention,
-                          timestep_embedding)
+                          count_blocks, infer_trunk, timestep_embedding)
 
 IMAGE_CHANNELS = 3
 # Input channels of the first convolution for each (super_res, inpaint) variant.
@@ -348,11 +347,6 @@ def _meta_int(meta: dict[str, str], key: str, default: int) -> int:
         raise ValueError(f"GLIDE checkpoint: metadata {key!r} must be an integer, got {meta[key]!r}") from err
 
 
-def _block_indices(sd: dict[str, torch.Tensor], prefix: str) -> list[int]:
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
-
-
 def _has_upsampler(sd: dict[str, torch.Tensor], j: int) -> bool:
     """Whether output block ``j`` ends in an upsampler (a second residual block, or a conv)."""
     return any(f"output_blocks.{j}.{i}.in_layers.0.weight" in sd or f"output_blocks.{j}.{i}.conv.weight" in sd
@@ -382,43 +376,27 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None
     mc = int(sd["time_embed.0.weight"].shape[1])
     super_res, inpaint = _variant(int(sd["input_blocks.0.0.weight"].shape[1]), meta)
 
-    n_in, n_out = len(_block_indices(sd, "input_blocks")), len(_block_indices(sd, "output_blocks"))
-    first_up = next((j for j in range(n_out) if _has_upsampler(sd, j)), None)
-    num_res_blocks = first_up if first_up is not None else n_out - 1
-    levels = n_out // (num_res_blocks + 1) if num_res_blocks >= 1 else 0
-    if num_res_blocks < 1 or levels * (num_res_blocks + 1) != n_out or n_in != n_out:
-        raise ValueError(f"GLIDE checkpoint: {n_in} input and {n_out} output blocks do not form a GLIDE UNet "
-                         f"(expected levels x (num_res_blocks + 1) of each)")
-
-    channel_mult, attention_ds = [], []
-    for level in range(levels):
-        idx = 1 + level * (num_res_blocks + 1)
-        key = f"input_blocks.{idx}.0.in_layers.2.weight"
-        if key not in sd:
-            raise ValueError(f"GLIDE checkpoint: missing {key} (the first residual block of level {level})")
-        mult = int(sd[key].shape[0]) / mc
-        channel_mult.append(int(mult) if mult.is_integer() else mult)
-        if f"input_blocks.{idx}.1.qkv.weight" in sd:
-            attention_ds.append(2**level)
+    trunk = infer_trunk(sd, "GLIDE", _has_upsampler, unet="a GLIDE UNet")
 
     mid_ch = int(sd["middle_block.0.in_layers.2.weight"].shape[0])
     scale_shift = int(sd["middle_block.0.emb_layers.1.weight"].shape[0]) == 2 * mid_ch
-    resblock_updown = levels == 1 or any(f"output_blocks.{first_up}.{i}.in_layers.0.weight" in sd for i in (1, 2))
+    resblock_updown = trunk.levels == 1 or any(f"output_blocks.{trunk.first_upsampler}.{i}.in_layers.0.weight" in sd
+                                               for i in (1, 2))
 
     text_ctx, xf_width = (int(s) for s in sd["positional_embedding"].shape)
     xf_heads = _meta_int(meta, "xf_heads", max(1, xf_width // 64))
     if xf_width % xf_heads:
         raise ValueError(f"GLIDE checkpoint: xf_width {xf_width} is not divisible by xf_heads {xf_heads}")
-    image_size = _meta_int(meta, "image_size", SIZE_FOR_LEVELS.get(levels, 256 if super_res else 64))
+    image_size = _meta_int(meta, "image_size", SIZE_FOR_LEVELS.get(trunk.levels, 256 if super_res else 64))
 
     return GlideConfig(
         image_size=image_size, super_res=super_res, inpaint=inpaint, model_channels=mc,
-        out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=num_res_blocks,
-        channel_mult=tuple(channel_mult), attention_ds=tuple(attention_ds),
+        out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=trunk.num_res_blocks,
+        channel_mult=trunk.channel_mult, attention_ds=trunk.attention_ds,
         num_head_channels=_meta_int(meta, "num_head_channels", 64), num_heads=_meta_int(meta, "num_heads", 1),
         num_heads_upsample=_meta_int(meta, "num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
         resblock_updown=resblock_updown, text_ctx=text_ctx, xf_width=xf_width,
-        xf_layers=len(_block_indices(sd, "transformer.resblocks")), xf_heads=xf_heads,
+        xf_layers=count_blocks(sd, "transformer.resblocks"), xf_heads=xf_heads,
         xf_final_ln="final_ln.weight" in sd, xf_padding="padding_embedding" in sd,
         n_vocab=int(sd["token_embedding.weight"].shape[0]),
     )

@@ -5,7 +5,8 @@ Module and parameter names are guided-diffusion's, so released checkpoints load 
 ``in_layers`` (norm, SiLU, conv), ``emb_layers`` (SiLU, linear), ``cond_emb_layers`` (the face
 experts' text FiLM), ``out_layers`` (norm, SiLU, dropout placeholder, conv), ``skip_connection``;
 attention ``norm``, ``qkv``, ``encoder_kv`` (GLIDE's text keys and values) and ``proj_out``;
-``op`` / ``conv`` for the convolutional down/up-sampling.
+``op`` / ``conv`` for the convolutional down/up-sampling. :func:`infer_trunk` reads the trunk's
+levels back from those names and the tensors' shapes.
 
 Speed levers (see :func:`set_attention`, :func:`set_norm`; the memory format and ``torch.compile``
 are the expert's, see ``model_loaders.speed``):
@@ -23,6 +24,8 @@ are the expert's, see ``model_loaders.speed``):
 from __future__ import annotations
 
 import math
+import re
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -233,3 +236,58 @@ def set_norm(network: nn.Module, impl: str) -> None:
     for m in network.modules():
         if hasattr(m, "norm_impl"):
             m.norm_impl = impl
+
+
+# --- structure from a state dict ------------------------------------------------------------------
+
+def block_indices(sd: dict[str, torch.Tensor], prefix: str) -> list[int]:
+    """The distinct ``i`` of the keys ``{prefix}.{i}.*``, in order."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
+
+
+def count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    return len(block_indices(sd, prefix))
+
+
+class Trunk(NamedTuple):
+    """The level structure of an ADM-style trunk, as :func:`infer_trunk` reads it."""
+
+    num_res_blocks: int
+    levels: int
+    channel_mult: tuple
+    attention_ds: tuple
+    first_upsampler: int | None  # the first output block that ends in an upsampler, if any
+
+
+def infer_trunk(sd: dict[str, torch.Tensor], family: str, ends_in_upsampler: Callable[[dict, int], bool], *,
+                unet: str = "an ADM UNet", width_layer: str = "in_layers.2",
+                count: Callable[[dict, str], int] = count_blocks) -> Trunk:
+    """Levels, residual blocks per level, channel multipliers and attention levels of the trunk.
+
+    The first output block that ends in an upsampler (``ends_in_upsampler(sd, j)``: each family
+    knows its own upsampling layers) sits at index ``num_res_blocks``, and every level has
+    ``num_res_blocks + 1`` input and as many output blocks (``count(sd, prefix)`` counts them). A
+    level's multiplier is the out channels of its first residual block (read from its
+    ``width_layer``) over ``model_channels``; its downsampling rate is an attention level when that
+    block is followed by ``.1.qkv``. Errors name the ``family``'s checkpoint and the ``unet`` that
+    the blocks do not form."""
+    mc = int(sd["time_embed.0.weight"].shape[1])
+    n_in, n_out = count(sd, "input_blocks"), count(sd, "output_blocks")
+    first_up = next((j for j in range(n_out) if ends_in_upsampler(sd, j)), None)
+    num_res_blocks = first_up if first_up is not None else n_out - 1
+    levels = n_out // (num_res_blocks + 1) if num_res_blocks >= 1 else 0
+    if num_res_blocks < 1 or levels * (num_res_blocks + 1) != n_out or n_in != n_out:
+        raise ValueError(f"{family} checkpoint: {n_in} input and {n_out} output blocks do not form {unet} "
+                         f"(expected levels x (num_res_blocks + 1) of each)")
+    channel_mult, attention_ds = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        key = f"input_blocks.{first}.0.{width_layer}.weight"
+        if key not in sd:
+            raise ValueError(f"{family} checkpoint: missing {key} (the first residual block of level {level})")
+        mult = int(sd[key].shape[0]) / mc
+        channel_mult.append(int(mult) if mult.is_integer() else mult)
+        if f"input_blocks.{first}.1.qkv.weight" in sd:
+            attention_ds.append(2 ** level)
+    return Trunk(num_res_blocks, levels, tuple(channel_mult), tuple(attention_ds), first_up)
