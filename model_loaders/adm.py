@@ -88,7 +88,7 @@ from torch import nn
 from .expert import Condition, Expert
 from .schedules import SCHEDULES, alphas_cumprod_for
 from .unet_layers import (ATTENTION_ORDERS, AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential,
-                          Upsample, infer_trunk, timestep_embedding)
+                          Upsample, assign_checkpoint, infer_trunk, timestep_embedding)
 
 IMAGE_CHANNELS = 3
 REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "input_blocks.1.0.emb_layers.1.weight",
@@ -461,16 +461,7 @@ def load_class_names() -> list[str]:
 
 def build_network(sd: dict[str, torch.Tensor], config: ADMConfig) -> ADMUNet:
     """The network holding the checkpoint's tensors, which must match the config exactly."""
-    with torch.device("meta"):
-        network = ADMUNet(config)
-    try:
-        # assign=True adopts the checkpoint's tensors instead of initialising and copying 550M weights.
-        network.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        raise ValueError(f"ADM checkpoint does not match the inferred architecture ({describe(config)}): "
-                         f"{detail[:800]}") from err
-    return network
+    return assign_checkpoint(lambda: ADMUNet(config), sd, "ADM", describe(config))
 
 
 def _class_encoder(name: str, num_classes: int) -> Callable[[int], Condition]:

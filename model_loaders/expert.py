@@ -168,6 +168,21 @@ class Expert:
         return self.encoders[modality](*args, **kwargs)
 
 
+def check_image(image, what: str, channels: int, lo: float, hi: float, name: str) -> torch.Tensor:
+    """A user image for an encoder as a float32 CPU tensor clamped to [lo, hi]; refuses the wrong
+    shape, NaN or infinite values, and values outside [lo, hi] by more than rounding."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: the {what} must be a B x {channels} x H x W tensor, got {shape}")
+    image = image.detach().float().cpu()
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name}: the {what} has NaN or infinite values")
+    if image.min() < lo - 1e-3 or image.max() > hi + 1e-3:
+        raise ValueError(f"{name}: the {what} must lie in [{lo:g}, {hi:g}], got "
+                         f"[{float(image.min()):.3g}, {float(image.max()):.3g}]")
+    return image.clamp(lo, hi)
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a checkpoint without running any code from it.
 

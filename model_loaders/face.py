@@ -91,10 +91,10 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .expert import Condition, Expert
+from .expert import Condition, Expert, check_image
 from .schedules import alphas_cumprod_for
 from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample,
-                          infer_trunk, timestep_embedding)
+                          assign_checkpoint, infer_trunk, timestep_embedding)
 
 IMAGE_CHANNELS = 3
 EMBED_DIM = 512
@@ -340,16 +340,8 @@ def build_network(sd: dict[str, torch.Tensor], config: FaceConfig) -> FaceUNet:
         if odd:
             raise ValueError(f"face checkpoint: num_head_channels {config.num_head_channels} does not divide the "
                              f"widths {odd}; set num_head_channels in the safetensors metadata")
-    with torch.device("meta"):
-        unet = (FaceMasksTextNet if config.kind == "latest" else FaceSketchNet)(config)
-    try:
-        # assign=True adopts the checkpoint's tensors instead of initialising and copying them.
-        unet.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        raise ValueError(f"face checkpoint does not match the inferred architecture ({describe(config)}): "
-                         f"{detail[:800]}") from err
-    return unet
+    network_class = FaceMasksTextNet if config.kind == "latest" else FaceSketchNet
+    return assign_checkpoint(lambda: network_class(config), sd, "face", describe(config))
 
 
 # --- detection ------------------------------------------------------------------------------------
@@ -381,19 +373,6 @@ def detect(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str) -> bo
 
 # --- conditions -----------------------------------------------------------------------------------
 
-def _check_image(image, what: str, channels: int, lo: float, hi: float, name: str) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{name}: the {what} must be a B x {channels} x H x W tensor, got {shape}")
-    image = image.detach().float().cpu()
-    if not torch.isfinite(image).all():
-        raise ValueError(f"{name}: the {what} has NaN or infinite values")
-    if image.min() < lo - 1e-3 or image.max() > hi + 1e-3:
-        raise ValueError(f"{name}: the {what} must lie in [{lo:g}, {hi:g}], got "
-                         f"[{float(image.min()):.3g}, {float(image.max()):.3g}]")
-    return image.clamp(lo, hi)
-
-
 def _segmentation_encoder(config: FaceConfig, name: str):
     size = config.image_size
 
@@ -404,7 +383,7 @@ def _segmentation_encoder(config: FaceConfig, name: str):
         if slot not in SLOTS:
             raise ValueError(f"{name}: slot must be one of {SLOTS} (A: {SLOT_PARTS['A']}, B: {SLOT_PARTS['B']}), "
                              f"got {slot!r}")
-        seg_map = _check_image(seg_map, "segmentation map", 1, 0.0, 1.0, name)
+        seg_map = check_image(seg_map, "segmentation map", 1, 0.0, 1.0, name)
         if seg_map.shape[-2:] != (size, size):
             seg_map = F.interpolate(seg_map, size=(size, size), mode="bilinear", align_corners=False,
                                     antialias=True).clamp(0, 1)
@@ -441,7 +420,7 @@ def _sketch_encoder(config: FaceConfig, name: str):
     def encode(edges: torch.Tensor) -> Condition:
         """A B x 3 x H x W sketch in [-1, 1], edges +1 on -1 (``conditions.edges.canny_edges``), at the
         expert's size: resizing would blur the binary edges the model was trained on."""
-        edges = _check_image(edges, "sketch", IMAGE_CHANNELS, -1.0, 1.0, name)
+        edges = check_image(edges, "sketch", IMAGE_CHANNELS, -1.0, 1.0, name)
         if edges.shape[-2:] != (size, size):
             raise ValueError(f"{name}: the sketch must be {size} x {size}, got {edges.shape[-2]} x "
                              f"{edges.shape[-1]}; resize the image before edge detection")

@@ -57,10 +57,10 @@ from einops import rearrange
 from torch import nn
 
 from . import glide_tokenizer
-from .expert import Condition, Expert
+from .expert import Condition, Expert, check_image
 from .schedules import alphas_cumprod_for
 from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample, attention,
-                          count_blocks, infer_trunk, timestep_embedding)
+                          assign_checkpoint, count_blocks, infer_trunk, timestep_embedding)
 
 IMAGE_CHANNELS = 3
 # Input channels of the first convolution for each (super_res, inpaint) variant.
@@ -410,15 +410,7 @@ def schedule_for(config: GlideConfig, meta: dict[str, str], schedule: str | None
 
 def build_network(sd: dict[str, torch.Tensor], config: GlideConfig) -> GlideUNet:
     """The network with the checkpoint's tensors, which must match the config exactly."""
-    with torch.device("meta"):
-        network = GlideUNet(config)
-    try:
-        # assign=True adopts the checkpoint's tensors instead of initialising and copying 400M weights.
-        network.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        raise ValueError(f"GLIDE checkpoint does not match the inferred architecture "
-                         f"({describe(config)}): {detail[:800]}") from err
+    network = assign_checkpoint(lambda: GlideUNet(config), sd, "GLIDE", describe(config))
     # Files saved after GLIDE's convert_to_fp16 mix fp16 and fp32 tensors; the forward wants one dtype.
     return network.to(sd["input_blocks.0.0.weight"].dtype)
 
@@ -509,19 +501,6 @@ def _no_inpaint(config: GlideConfig) -> Condition:
     return {"inpaint_image": torch.zeros(1, IMAGE_CHANNELS, size, size), "inpaint_mask": torch.zeros(1, 1, size, size)}
 
 
-def _check_image(image: torch.Tensor, what: str, channels: int, lo: float, hi: float, name: str) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{name}: the {what} must be a B x {channels} x H x W tensor, got {shape}")
-    image = image.detach().float().cpu()
-    if not torch.isfinite(image).all():
-        raise ValueError(f"{name}: the {what} has NaN or infinite values")
-    if image.min() < lo - 1e-3 or image.max() > hi + 1e-3:
-        raise ValueError(f"{name}: the {what} must lie in [{lo:g}, {hi:g}], got "
-                         f"[{float(image.min()):.3g}, {float(image.max()):.3g}]")
-    return image.clamp(lo, hi)
-
-
 def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
     if image.shape[-2:] == (size, size):
         return image
@@ -536,17 +515,17 @@ def fit_low_res(low_res: torch.Tensor, config: GlideConfig, name: str) -> torch.
     It is resized (antialiased) if needed and rounded to 8 bits, as GLIDE's sampling code does
     with the base model's samples before upsampling them.
     """
-    low_res = _resize(_check_image(low_res, "low-resolution image", IMAGE_CHANNELS, -1.0, 1.0, name),
+    low_res = _resize(check_image(low_res, "low-resolution image", IMAGE_CHANNELS, -1.0, 1.0, name),
                       config.image_size // 4)
     return ((low_res + 1) * 127.5).round() / 127.5 - 1
 
 
 def fit_inpaint(image: torch.Tensor, mask: torch.Tensor, config: GlideConfig, name: str) -> Condition:
     """The known image and its mask (1 = keep, 0 = generate) at the expert's resolution."""
-    image = _resize(_check_image(image, "inpaint image", IMAGE_CHANNELS, -1.0, 1.0, name), config.image_size)
+    image = _resize(check_image(image, "inpaint image", IMAGE_CHANNELS, -1.0, 1.0, name), config.image_size)
     if isinstance(mask, torch.Tensor) and mask.ndim == 3:
         mask = mask[:, None]
-    mask = _check_image(mask, "inpaint mask", 1, 0.0, 1.0, name)
+    mask = check_image(mask, "inpaint mask", 1, 0.0, 1.0, name)
     # GLIDE trains on boolean masks: resize, then binarise.
     mask = (_resize(mask, config.image_size) > 0.5).float()
     return {"inpaint_image": image, "inpaint_mask": mask}

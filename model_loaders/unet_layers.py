@@ -6,7 +6,8 @@ Module and parameter names are guided-diffusion's, so released checkpoints load 
 experts' text FiLM), ``out_layers`` (norm, SiLU, dropout placeholder, conv), ``skip_connection``;
 attention ``norm``, ``qkv``, ``encoder_kv`` (GLIDE's text keys and values) and ``proj_out``;
 ``op`` / ``conv`` for the convolutional down/up-sampling. :func:`infer_trunk` reads the trunk's
-levels back from those names and the tensors' shapes.
+levels back from those names and the tensors' shapes; :func:`assign_checkpoint` fills a network with
+a checkpoint's tensors.
 
 Speed levers (see :func:`set_attention`, :func:`set_norm`; the memory format and ``torch.compile``
 are the expert's, see ``model_loaders.speed``):
@@ -238,7 +239,7 @@ def set_norm(network: nn.Module, impl: str) -> None:
             m.norm_impl = impl
 
 
-# --- structure from a state dict ------------------------------------------------------------------
+# --- from a state dict ---------------------------------------------------------------------------
 
 def block_indices(sd: dict[str, torch.Tensor], prefix: str) -> list[int]:
     """The distinct ``i`` of the keys ``{prefix}.{i}.*``, in order."""
@@ -291,3 +292,20 @@ def infer_trunk(sd: dict[str, torch.Tensor], family: str, ends_in_upsampler: Cal
         if f"input_blocks.{first}.1.qkv.weight" in sd:
             attention_ds.append(2 ** level)
     return Trunk(num_res_blocks, levels, tuple(channel_mult), tuple(attention_ds), first_up)
+
+
+def assign_checkpoint(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], family: str,
+                      description: str) -> nn.Module:
+    """The network ``make()`` builds, holding the checkpoint's tensors, which must match it exactly
+    (``description`` says what was inferred, for the error)."""
+    with torch.device("meta"):
+        network = make()
+    try:
+        # assign=True adopts the checkpoint's tensors instead of initialising and copying them (550M weights in
+        # the largest ADM).
+        network.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{family} checkpoint does not match the inferred architecture ({description}): "
+                         f"{detail[:800]}") from err
+    return network
