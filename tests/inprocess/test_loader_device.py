@@ -103,9 +103,9 @@ def test_auto_and_cpu_experts_sample_what_two_auto_experts_sample(experts, monke
     handed = []
     original = poe.run_plan
 
-    def spy(plan, x, sigma, eps_fn, staged=None, device_of=None):
+    def spy(plan, x, sigma, eps_fn, staged=None, device_of=None, variances=None):
         handed.extend((call.expert.name, device_of(call.expert)) for call in plan.calls)
-        return original(plan, x, sigma, eps_fn, staged, device_of)
+        return original(plan, x, sigma, eps_fn, staged, device_of, variances)
     monkeypatch.setattr(poe, "run_plan", spy)
     seen = record_forwards(monkeypatch)
     got = sample(product(on_auto, on_cpu))
