@@ -239,8 +239,11 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
         evals = evaluations(steps, config, sigma_range)
         configs[f"product, w = {weight_label(w)}, plain, {evals} steps (equal evaluations)"] = Configuration(
             product(w), evals)
+        lo, hi = config.sigma_window
+        window = f"sigma >= {lo:g}" if math.isinf(hi) else f"{lo:g} <= sigma <= {hi:g}"
+        refresh = f", refresh {config.refresh:g}" if config.method == "uhmc" and config.refresh != 0.5 else ""
         configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} x {config.step_scale:g} sigma^2 "
-                f"per level, sigma >= {config.sigma_window[0]:g}"] = Configuration(product(w), steps, config)
+                f"per level, {window}{refresh}"] = Configuration(product(w), steps, config)
     return configs
 
 
@@ -404,7 +407,10 @@ def main(argv=None):
     p.add_argument("--corrector-scale", type=float, default=0.5,
                    help="the corrector's step as a multiple of sigma^2 (CorrectorConfig.step_scale)")
     p.add_argument("--corrector-sigma-min", type=float, default=0.05,
-                   help="correction runs at the levels sigma >= this (CorrectorConfig.sigma_window)")
+                   help="correction runs at the levels sigma_min <= sigma <= sigma_max (CorrectorConfig.sigma_window)")
+    p.add_argument("--corrector-sigma-max", type=float, default=math.inf, help="default: no upper limit")
+    p.add_argument("--corrector-refresh", type=float, default=0.5,
+                   help="U-HMC momentum refresh per step (CorrectorConfig.refresh)")
     p.add_argument("--corrected-weight", type=parse_weight, default=(4.0, 2.0, 2.0),
                    help="the product weight of the corrected rows, as in --weights")
     p.add_argument("--only-corrected", action="store_true",
@@ -417,7 +423,7 @@ def main(argv=None):
     if args.corrector != "none":
         corrected = (args.corrected_weight, correctors.CorrectorConfig(
             method=args.corrector, steps=args.corrector_steps, step_scale=args.corrector_scale,
-            sigma_window=(args.corrector_sigma_min, math.inf)))
+            sigma_window=(args.corrector_sigma_min, args.corrector_sigma_max), refresh=args.corrector_refresh))
     only, heading = None, "## Multimodal digits"
     if args.only_corrected:
         if corrected is None:
