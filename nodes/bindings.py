@@ -410,7 +410,7 @@ class PoEReliabilityFromVariance(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PoEReliabilityFromVariance",
-            display_name="Reliability From Variance (PoE, experimental)",
+            display_name="Reliability From Variance (PoE)",
             category=f"{CATEGORY}/bindings",
             description="EXPERIMENTAL. Each binding's share of the pooled null becomes, pixel by pixel, its "
                         "reliability divided by how unsure its expert's null is there (Var[x0 | x], read from the "
