@@ -137,7 +137,7 @@ class Expert:
     def predict(self, x: torch.Tensor, t: torch.Tensor,
                 condition: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(eps, variance values)`` in float32: the values are the learned-sigma half of the output
-        (in [-1, 1] where trained, IDDPM eq. 15), ``None`` for experts without one."""
+        (IDDPM eq. 15: -1 stands for beta~_t, 1 for beta_t), ``None`` for experts without one."""
         param = next(self.network.parameters(), None)
         dtype = param.dtype if param is not None else x.dtype
         device = param.device if param is not None else x.device

@@ -26,8 +26,9 @@ object with these fields:
     learned_sigma (`bool`, default false): the network also has a variance head (``variance.*``
         weights, :class:`VarianceHead`) and returns ``[prediction | variance values]``, IDDPM's
         learned-sigma output (Nichol & Dhariwal 2021, eq. 15); the expert's prediction is then
-        ``v_learned_sigma`` or ``eps_learned_sigma``. The shipped head was trained on the frozen network's features
-        (``tools/train_tiny.py --variance-head``), so the first half is the plain expert's output.
+        ``v_learned_sigma`` or ``eps_learned_sigma``. The shipped heads were trained on the frozen
+        networks' features (``tools/train_tiny.py --variance-head``), so the first half is exactly
+        the plain expert's output.
     resolution (`int`): canvas side, 32.
 """
 from __future__ import annotations
@@ -223,7 +224,9 @@ class TinyUNet(nn.Module):
         if self.variance is None:
             return out
         log_var = rearrange(self.variance(h, emb), "b (c p1 p2) h w -> b c (h p1) (w p2)", p1=p, p2=p)
-        return torch.cat([out, iddpm_values(log_var, t, self.alphas_cumprod).to(out.dtype)], dim=1)
+        # float32 even for an fp16 network: small variances sit within 1e-4 of -1 in these values,
+        # finer than fp16 resolves there.
+        return torch.cat([out.float(), iddpm_values(log_var, t, self.alphas_cumprod).float()], dim=1)
 
     @staticmethod
     def _run(layer: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
