@@ -291,7 +291,7 @@ class ForwardPlan:
     null_index: list[list[tuple[int, int]]]      # binding -> [(call, row), ...], empty if unused
     bindings: list[Binding]
     needs_null: bool
-    null_variance: bool = False                  # the null rows' calls also return Var[x0 | x]
+    variance_calls: frozenset[int] = frozenset()  # calls that also return Var[x0 | x] (their nulls need it)
 
 
 def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
@@ -319,8 +319,9 @@ def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
             null_index.append([(c, calls[c].row(n)) for n in b.null])
         else:
             null_index.append([])
-    null_variance = any(idx and b.reliability_from_variance for b, idx in zip(bindings, null_index))
-    return ForwardPlan(calls, cond_index, null_index, list(bindings), needs_null, null_variance)
+    variance_calls = frozenset(c for b, idx in zip(bindings, null_index) if b.reliability_from_variance
+                               for c, _ in idx)
+    return ForwardPlan(calls, cond_index, null_index, list(bindings), needs_null, variance_calls)
 
 
 def _stacked(call: ExpertCall, batch: int, device: torch.device, staged: dict | None) -> Condition:
@@ -345,15 +346,15 @@ def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: Ep
     ``staged`` is a dict the caller keeps for one sampling run (see :func:`_stacked`). ``device_of``
     names the device each expert runs on (``None``: all on ``x``'s): the expert gets ``x``, ``sigma``
     and its conditions there, and its prediction comes back to ``x``'s device for the rule. With
-    ``variances`` (a list) and ``plan.null_variance``, each call's Var[x0 | x] rows are appended to it
-    in the same layout as the predictions."""
+    ``variances`` (a list), the Var[x0 | x] rows of each call in ``plan.variance_calls`` are appended
+    to it in the same layout as the predictions (an empty list for the other calls)."""
     batch = x.shape[0]
     outputs = []
-    for call in plan.calls:
+    for i, call in enumerate(plan.calls):
+        if variances is not None:
+            variances.append([])
         if not call.rows:
             outputs.append([])
-            if variances is not None:
-                variances.append([])
             continue
         device = x.device if device_of is None else torch.device(device_of(call.expert))
         n = len(call.rows)
@@ -361,9 +362,9 @@ def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: Ep
         x_rows = x.to(device).repeat(n, *([1] * (x.ndim - 1)))
         sigma_rows = sigma.to(device).repeat(n) if sigma.ndim else sigma.to(device)
         stacked = _stacked(call, batch, device, staged)
-        if plan.null_variance and variances is not None:
+        if variances is not None and i in plan.variance_calls:
             pred, var = eps_fn(call.expert, x_rows, sigma_rows, stacked, with_variance=True)
-            variances.append(list(var.to(x.device).split(batch)))
+            variances[-1] = list(var.to(x.device).split(batch))
         else:
             pred = eps_fn(call.expert, x_rows, sigma_rows, stacked)
         outputs.append(list(pred.to(x.device).split(batch)))
@@ -423,7 +424,7 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
         if idx:
             null_preds.append(_row_mean(outs, idx))
             rel.append(b.reliability)
-            if plan.null_variance:
+            if b.reliability_from_variance:
                 null_vars.append(_row_mean(variances, idx))
     if null_vars:
         rel = precision_reliabilities(null_vars, rel)

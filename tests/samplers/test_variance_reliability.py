@@ -164,3 +164,24 @@ def test_reliability_from_variance_refuses_experts_without_a_variance():
         binding_lib.reliability_from_variance([Binding(Plain(), {}, 2.0, 1.0, ({},), label="cat")])
     assert str(err.value) == ("binding 0 (Plain-eps · cat · w=2 · a=1) supplies a null, but Plain-eps predicts no "
                               "variance (prediction 'eps'); set that binding's reliability to 0 or remove this node")
+
+
+def test_only_experts_whose_nulls_are_pooled_are_asked_for_a_variance():
+    """A binding with reliability 0 contributes no null, so its expert (which may have no variance
+    at all) runs as usual, while the pooled nulls' precisions still apply."""
+    from samplers import poe
+    from samplers.poe import Binding
+
+    class NoVariance(VarianceExpert):
+        def __call__(self, x, cond, with_variance=False):
+            assert not with_variance, "asked a variance of an expert whose null is not pooled"
+            return super().__call__(x, cond)
+
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    bindings = _bindings(True, 0.2, 0.8) + [Binding(NoVariance("C"), _cond(2, 1.0), 1.0, 0.0, (), label="C",
+                                                    reliability_from_variance=True)]
+    out, pooled = poe.product_prediction(x, torch.tensor(1.0), bindings, _eps_fn)
+    share_a = (1 / 0.2) / (1 / 0.2 + 3 / 0.8)
+    torch.testing.assert_close(pooled, share_a * (x * 0.5 + 0.5) + (1 - share_a) * (x * 0.5 - 0.25))
+    expected = 2 * (x * 0.5 + 1) + (x * 0.5 - 1) + (x * 0.5 + 2) - 3 * pooled
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
