@@ -179,10 +179,11 @@ class PoECorrector(io.ComfyNode):
             node_id="PoECorrector",
             display_name="MCMC Corrector (PoE)",
             category=f"{CATEGORY}/sampling",
-            description="MCMC correction of the product at every noise level (Du et al. 2023, 'Reduce, Reuse, "
-                        "Recycle'; Sjöberg et al. 2023). Summing scores is exact only at sigma = 0; the corrector "
-                        "pulls each level towards the product of the diffused experts. Each corrector step costs "
-                        "one product evaluation per level (U-HMC: one per leapfrog step).",
+            description="MCMC correction of the product at each noise level of its window (Du et al. 2023, "
+                        "'Reduce, Reuse, Recycle'; Sjöberg et al. 2023). Summing scores is exact only at sigma = 0; "
+                        "the corrector pulls each level towards the product of the diffused experts. Each corrector "
+                        "step costs one product evaluation per level (U-HMC: one per leapfrog step); the defaults "
+                        "add 6 per level from sigma 0.6 up.",
             inputs=[
                 io.Combo.Input("method", options=list(correctors.METHODS), default="uhmc",
                                tooltip="uhmc: underdamped Langevin / HMC without accept (exact on Gaussians); ula: "
