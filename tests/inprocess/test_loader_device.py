@@ -112,8 +112,7 @@ def test_auto_and_cpu_experts_sample_what_two_auto_experts_sample(experts, monke
     assert (got - want).abs().max().item() <= 1e-6 and want.abs().max() > 0.1
     assert set(handed) == {(on_auto.name, on_auto.patcher.load_device), (on_cpu.name, torch.device("cpu"))}
     assert len(seen) == 2 * 3  # two experts, three steps
-    for name, device, x_device, cond_devices, weights in seen:
-        assert x_device == device and cond_devices == {device} and weights == device, name
+    assert_each_forward_on_its_device(seen)
 
 
 def test_a_device_this_machine_lacks_is_refused_by_name(experts):
@@ -133,34 +132,36 @@ def exact_fp32(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices: experts on cuda:0 and cuda:1")
-def test_experts_on_two_gpus_sample_what_one_gpu_samples(experts, monkeypatch):
-    exact_fp32(monkeypatch)
-    want = sample(product(load(experts["class"], device="cuda:0")[0], load(experts["colour"], device="cuda:0")[0]))
-    first, _ = load(experts["class"], device="cuda:0")
-    second, summary = load(experts["colour"], device="cuda:1")
-    assert second.patcher.load_device == torch.device("cuda:1") and summary.endswith(" · on cuda:1")
-    seen = record_forwards(monkeypatch)
-    got = sample(product(first, second))
-    # Same kernels on two GPUs of one kind; a relative bound leaves room for two different models.
-    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
-    assert {(name, device) for name, device, *_ in seen} == {(first.name, torch.device("cuda:0")),
-                                                             (second.name, torch.device("cuda:1"))}
+def assert_each_forward_on_its_device(seen):
     for name, device, x_device, cond_devices, weights in seen:
         assert x_device == device and cond_devices == {device} and weights == device, name
+
+
+def sample_split(experts, monkeypatch, class_device, colour_device, rel_tol):
+    """Sample with the class expert on ``class_device`` and the colour expert on ``colour_device``,
+    and check it against both on cuda:0 and every forward against its own device. Returns the colour
+    expert's handle and loader summary."""
+    exact_fp32(monkeypatch)
+    want = sample(product(load(experts["class"], device="cuda:0")[0], load(experts["colour"], device="cuda:0")[0]))
+    first, _ = load(experts["class"], device=class_device)
+    second, summary = load(experts["colour"], device=colour_device)
+    seen = record_forwards(monkeypatch)
+    got = sample(product(first, second))
+    assert (got - want).abs().max().item() <= rel_tol * want.abs().max().item()
+    assert {(name, device) for name, device, *_ in seen} == {(first.name, torch.device(class_device)),
+                                                             (second.name, torch.device(colour_device))}
+    assert_each_forward_on_its_device(seen)
+    return second, summary
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices: experts on cuda:0 and cuda:1")
+def test_experts_on_two_gpus_sample_what_one_gpu_samples(experts, monkeypatch):
+    # Same kernels on two GPUs of one kind; a relative bound leaves room for two different models.
+    second, summary = sample_split(experts, monkeypatch, "cuda:0", "cuda:1", rel_tol=1e-5)
+    assert second.patcher.load_device == torch.device("cuda:1") and summary.endswith(" · on cuda:1")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA device beside the CPU")
 def test_an_expert_on_the_cpu_beside_one_on_the_gpu(experts, monkeypatch):
-    exact_fp32(monkeypatch)
-    want = sample(product(load(experts["class"], device="cuda:0")[0], load(experts["colour"], device="cuda:0")[0]))
-    on_gpu, _ = load(experts["class"], device="cuda:0")
-    on_cpu, _ = load(experts["colour"], device="cpu")
-    seen = record_forwards(monkeypatch)
-    got = sample(product(on_gpu, on_cpu))
     # The CPU's and the GPU's fp32 kernels round differently; three steps keep that near 1e-6.
-    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
-    assert {(name, device) for name, device, *_ in seen} == {(on_gpu.name, torch.device("cuda:0")),
-                                                             (on_cpu.name, torch.device("cpu"))}
-    for name, device, x_device, cond_devices, weights in seen:
-        assert x_device == device and cond_devices == {device} and weights == device, name
+    sample_split(experts, monkeypatch, "cuda:0", "cpu", rel_tol=1e-4)
