@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 from benchmarks import eval_digits as ev  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
-from samplers import bridge, resampling  # noqa: E402
+from samplers import resampling  # noqa: E402
 from samplers.poe import Binding, product_prediction  # noqa: E402
 from tools import digits  # noqa: E402
 
@@ -92,7 +92,7 @@ def run(n: int, split: str, steps: int, sampler: str, seed: int, weight: float, 
     experts = {m: e for m, e in ev.load_experts(models_dir).items() if m in ("class", "colour")}
     judges = ev.Judges()
     conds = ev.conditions({**experts, "layout": _NoLayout()}, target)
-    common = bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+    common = ev.common_range(experts)
     known, mask = target.images, known_mask(n)
     rows = [("real held-out canvases (judges' check)", judge(judges, target.images, target), 0.0, 0)]
     log(row(*rows[-1]))

@@ -207,17 +207,15 @@ def head_calibration(n: int = 256, seed: int = 5) -> list[str]:
 
 def _digit_row(spec):
     from benchmarks import eval_digits as ed
-    from tools import digits
 
     n, steps, seed, w, from_variance = spec
     torch.set_num_threads(1)
-    images, labels = digits.split("npm_heldout")
-    target = digits.make_canvases(images, labels, n, seed=1000 + seed)
+    target = ed.targets(n, "npm_heldout", seed)
     experts = ed.load_experts(ed.REPO / "models_tiny")
     conds = ed.conditions(experts, target)
-    common = bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
     t0 = time.time()
-    out = ed.sample(ed.product_bindings(experts, conds, w, from_variance), n, steps, "dpmpp_2m", seed, common)
+    out = ed.sample(ed.product_bindings(experts, conds, w, from_variance), n, steps, "dpmpp_2m", seed,
+                    ed.common_range(experts))
     rates = ed._rates(ed.Judges().score(out, target))
     name = f"product, w = {ed.weight_label(w)}, " + ("reliability from variance" if from_variance else "a = 1/3 each")
     return ed.Result(name, rates, time.time() - t0, steps)

@@ -166,6 +166,17 @@ def _hue(rgb: torch.Tensor) -> torch.Tensor:
 
 # --- sampling ------------------------------------------------------------------------------------
 
+def targets(n: int, split: str, seed: int) -> digits.Batch:
+    """The benchmark's ``n`` targets: canvases of held-out digits of ``split`` (seed ``1000 + seed``)."""
+    images, labels = digits.split(split)
+    return digits.make_canvases(images, labels, n, seed=1000 + seed)
+
+
+def common_range(experts: dict[str, Expert]) -> tuple[float, float]:
+    """The sigma range every expert can serve, which the samplers' schedules span."""
+    return bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+
+
 def load_experts(models_dir: Path) -> dict[str, Expert]:
     return {m: load_expert(str(models_dir / f"tiny_{m}.safetensors"), family="auto") for m in MODALITIES}
 
@@ -323,12 +334,11 @@ def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler
              only: tuple[str, ...] | None = None, log=print,
              corrected: tuple[float, correctors.CorrectorConfig] | None = None) -> tuple[list[Result], digits.Batch]:
     """Score every configuration on ``n`` targets from held-out canvases of ``split``."""
-    images, labels = digits.split(split)
-    target = digits.make_canvases(images, labels, n, seed=1000 + seed)
+    target = targets(n, split, seed)
     experts = load_experts(models_dir)
     judges = Judges()
     conds = conditions(experts, target)
-    common = bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+    common = common_range(experts)
     results = [Result("real held-out canvases (judges' check)", _rates(judges.score(target.images, target)), 0.0)]
     log(_row(results[0]))
     for name, config in configurations(experts, conds, steps, weights, corrected, common).items():
@@ -344,7 +354,7 @@ def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler
 
 def configuration_names(steps: int, weights, corrected, models_dir: Path = REPO / "models_tiny") -> list[str]:
     experts = load_experts(models_dir)
-    common = bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+    common = common_range(experts)
     dummy = {m: experts[m].null_condition for m in MODALITIES}
     return list(configurations(experts, dummy, steps, weights, corrected, common))
 
