@@ -138,9 +138,7 @@ class Expert:
                 condition: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(eps, variance values)`` in float32: the values are the learned-sigma half of the output
         (IDDPM eq. 15: -1 stands for beta~_t, 1 for beta_t), ``None`` for experts without one."""
-        param = next(self.network.parameters(), None)
-        dtype = param.dtype if param is not None else x.dtype
-        device = param.device if param is not None else x.device
+        dtype, device = compute_placement(self.network, x)
         cond = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
                 for k, v in condition.items()}
         t = t.to(device=device, dtype=torch.float32)
@@ -166,6 +164,16 @@ class Expert:
             accepted = ", ".join(self.modalities) or "none (it is unconditional)"
             raise ValueError(f"{self.name} does not take a {modality!r} condition; it accepts: {accepted}")
         return self.encoders[modality](*args, **kwargs)
+
+
+def compute_placement(network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device ``network`` computes in: its ``compute_dtype`` / ``compute_device``
+    attributes where set (weights stored in a dtype its layers cast from, such as fp8, or partly
+    left on another device), else its first weight's; ``x``'s for a network without weights."""
+    param = next(network.parameters(), None)
+    dtype = getattr(network, "compute_dtype", None) or (param.dtype if param is not None else x.dtype)
+    device = getattr(network, "compute_device", None) or (param.device if param is not None else x.device)
+    return dtype, torch.device(device)
 
 
 def check_image(image, what: str, channels: int, lo: float, hi: float, name: str) -> torch.Tensor:

@@ -89,12 +89,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from torch import nn
 
 from .expert import Condition, Expert, check_image
+from .ops import torch_ops
 from .schedules import alphas_cumprod_for
-from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample,
-                          assign_checkpoint, infer_trunk, timestep_embedding)
+from .unet_layers import UNetTrunk, assign_checkpoint, heads_for, infer_trunk
 
 IMAGE_CHANNELS = 3
 EMBED_DIM = 512
@@ -157,64 +156,32 @@ class FaceConfig:
 
 # --- the UNet -------------------------------------------------------------------------------------
 
-class FaceUNet(nn.Module):
+class FaceUNet(UNetTrunk):
     """The trunk shared by both face experts, with the checkpoints' key names.
 
     :meth:`reference_forward` takes the reference's full input; the experts' networks are the
     subclasses :class:`FaceMasksTextNet` and :class:`FaceSketchNet`, which take the 3-channel ``z``
-    and the conditions as keywords.
+    and the conditions as keywords. ``operations``: the layer namespace (``model_loaders.ops``).
     """
 
-    def __init__(self, config: FaceConfig):
-        super().__init__()
-        self.config = c = config
-        mc, tdim = c.model_channels, 4 * c.model_channels
-        self.time_embed = nn.Sequential(nn.Linear(mc, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+    def __init__(self, config: FaceConfig, operations=torch_ops):
+        c = config
+
+        def heads(ch: int, decoder: bool) -> int:
+            return heads_for(ch, c.num_head_channels, c.num_heads, c.num_heads_upsample, decoder, "face")
+
+        super().__init__(in_channels=c.in_channels, model_channels=c.model_channels, out_channels=c.out_channels,
+                         num_res_blocks=c.num_res_blocks, channel_mult=c.channel_mult, attention_ds=c.attention_ds,
+                         heads=heads, attention_order="legacy", use_scale_shift_norm=c.use_scale_shift_norm,
+                         resblock_updown=c.resblock_updown, embed_dim=c.embed_dim, operations=operations)
+        self.config = c
         if c.slot_channels:
-            self.input_blocks_convert = nn.Conv2d(c.slot_channels, IMAGE_CHANNELS, 3, padding=1)
-
-        def res(cin, cout, direction=None):
-            return ResBlock(cin, tdim, cout, c.use_scale_shift_norm, direction, c.embed_dim)
-
-        def attn(ch, heads):
-            return AttentionBlock(ch, ch // c.num_head_channels if c.num_head_channels != -1 else heads, "legacy")
-
-        ch = int(c.channel_mult[0] * mc)
-        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
-        chans, ds = [ch], 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                layers = [res(ch, int(mult * mc))]
-                ch = int(mult * mc)
-                if ds in c.attention_ds:
-                    layers.append(attn(ch, c.num_heads))
-                self.input_blocks.append(TimestepSequential(*layers))
-                chans.append(ch)
-            if level != len(c.channel_mult) - 1:
-                down = res(ch, ch, "down") if c.resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepSequential(down))
-                chans.append(ch)
-                ds *= 2
-        self.middle_block = TimestepSequential(res(ch, ch), attn(ch, c.num_heads), res(ch, ch))
-        heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
-        self.output_blocks = nn.ModuleList()
-        for level, mult in list(enumerate(c.channel_mult))[::-1]:
-            for i in range(c.num_res_blocks + 1):
-                layers = [res(ch + chans.pop(), int(mc * mult))]
-                ch = int(mc * mult)
-                if ds in c.attention_ds:
-                    layers.append(attn(ch, heads_up))
-                if level and i == c.num_res_blocks:
-                    layers.append(res(ch, ch, "up") if c.resblock_updown else Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
-                                 nn.Conv2d(int(c.channel_mult[0] * mc), c.out_channels, 3, padding=1))
+            self.input_blocks_convert = operations.Conv2d(c.slot_channels, IMAGE_CHANNELS, 3, padding=1)
 
     def reference_forward(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: the reference's input, ``[z, slot A, slot B]`` (9 channels) or ``[z, sketch]`` (6);
         ``embed``: B x 512 text embeddings (masks+text expert; zero rows or ``None`` for none)."""
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        emb = self.time_embedding(t, x.dtype)
         if self.config.slot_channels:
             z, slots = x[:, :IMAGE_CHANNELS], x[:, IMAGE_CHANNELS:]
             h = torch.cat([z, self.input_blocks_convert(slots)], dim=1)
@@ -232,15 +199,7 @@ class FaceUNet(nn.Module):
                 active = rearrange(active, "b -> b 1 1 1")
             else:
                 embed = active = None
-        cond = {"embed": embed, "active": active}
-        skips = []
-        for stage in self.input_blocks:
-            h = stage(h, emb, **cond)
-            skips.append(h)
-        h = self.middle_block(h, emb, **cond)
-        for stage in self.output_blocks:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, **cond)
-        return self.out(h)
+        return self.trunk(h, emb, embed=embed, active=active)
 
 
 def _batch(tensor: torch.Tensor, b: int) -> torch.Tensor:
@@ -332,7 +291,7 @@ def describe(config: FaceConfig) -> str:
             f"blocks, attention at ds {config.attention_ds} ({config.num_head_channels} channels per head)")
 
 
-def build_network(sd: dict[str, torch.Tensor], config: FaceConfig) -> FaceUNet:
+def build_network(sd: dict[str, torch.Tensor], config: FaceConfig, operations=torch_ops) -> FaceUNet:
     """The expert's network with the checkpoint's tensors, which must match the config exactly."""
     if config.num_head_channels != -1:
         widths = {int(m * config.model_channels) for m in config.channel_mult}
@@ -341,7 +300,7 @@ def build_network(sd: dict[str, torch.Tensor], config: FaceConfig) -> FaceUNet:
             raise ValueError(f"face checkpoint: num_head_channels {config.num_head_channels} does not divide the "
                              f"widths {odd}; set num_head_channels in the safetensors metadata")
     network_class = FaceMasksTextNet if config.kind == "latest" else FaceSketchNet
-    return assign_checkpoint(lambda: network_class(config), sd, "face", describe(config))
+    return assign_checkpoint(lambda: network_class(config, operations), sd, "face", describe(config))
 
 
 # --- detection ------------------------------------------------------------------------------------
