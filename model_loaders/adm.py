@@ -466,11 +466,12 @@ def _image_encoder(name: str, config: ADMConfig) -> Callable[..., Condition]:
     return encode
 
 
-def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None,
+          operations=torch_ops) -> Expert:
     """The expert of a guided-diffusion checkpoint; ``schedule`` overrides the training noise schedule."""
     config, published, sources = infer_config(sd, meta)
     schedule, sources["schedule"] = schedule_for(published, meta, schedule)
-    network = build_network(sd, config)
+    network = build_network(sd, config, operations)
     name = expert_name(config, published)
     class_names = None
     if config.num_classes is not None:

@@ -390,10 +390,11 @@ def _sketch_encoder(config: FaceConfig, name: str):
 
 # --- the expert -----------------------------------------------------------------------------------
 
-def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None,
+          operations=torch_ops) -> Expert:
     """The expert of a face checkpoint; ``schedule`` overrides the training noise schedule."""
     config = infer_config(sd, meta)
-    network = build_network(sd, config)
+    network = build_network(sd, config, operations)
     schedule = schedule or meta.get("noise_schedule") or "linear"
     name = NAMES[config.kind].format(size=config.image_size)
     size = config.image_size

@@ -395,10 +395,11 @@ def tokenize_with_warning(text: str, text_ctx: int = glide_tokenizer.DEFAULT_TEX
     return glide_tokenizer.tokenize(text, text_ctx)
 
 
-def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None,
+          operations=torch_ops) -> Expert:
     """The expert of a GLIDE checkpoint; ``schedule`` overrides the training noise schedule."""
     config = infer_config(sd, meta)
-    network = build_network(sd, config)
+    network = build_network(sd, config, operations)
     schedule = schedule_for(config, meta, schedule)
     name = expert_name(config)
     encoders, null = _conditioning(config, name)

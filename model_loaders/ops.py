@@ -84,11 +84,3 @@ def layer_norm32(width: int, operations=torch_ops, eps: float = 1e-5) -> nn.Modu
     """A float32-statistics LayerNorm of ``operations``."""
     return float32_norm(operations.LayerNorm)(width, eps=eps)
 
-
-def set_norm(network: nn.Module, impl: str) -> None:
-    """Every float32-statistics norm of ``network`` through ``impl``: ``"upcast"`` or ``"mixed"``."""
-    if impl not in NORM_IMPLS:
-        raise ValueError(f"norm implementation must be one of {NORM_IMPLS}, got {impl!r}")
-    for m in network.modules():
-        if hasattr(m, "norm_impl"):
-            m.norm_impl = impl

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .ops import NORM_IMPLS, group_norm32, set_norm, torch_ops  # noqa: F401  (set_norm: a lever)
+from .ops import NORM_IMPLS, group_norm32, torch_ops
 
 ATTENTION_ORDERS = ("new", "legacy")
 ATTENTION_IMPLS = ("sdpa", "math")
@@ -339,13 +339,23 @@ class UNetTrunk(nn.Module):
 
 # --- levers ---------------------------------------------------------------------------------------
 
+def _set_lever(network: nn.Module, attribute: str, impl: str, choices: tuple, what: str) -> None:
+    if impl not in choices:
+        raise ValueError(f"{what} implementation must be one of {choices}, got {impl!r}")
+    for m in network.modules():
+        if hasattr(m, attribute):
+            setattr(m, attribute, impl)
+
+
 def set_attention(network: nn.Module, impl: str) -> None:
     """Every attention of ``network`` (image and text) through ``impl``: ``"sdpa"`` or ``"math"``."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    for m in network.modules():
-        if hasattr(m, "attention_impl"):
-            m.attention_impl = impl
+    _set_lever(network, "attention_impl", impl, ATTENTION_IMPLS, "attention")
+
+
+def set_norm(network: nn.Module, impl: str) -> None:
+    """Every float32-statistics norm of ``network`` (``ops.float32_norm``: group norms, text layer
+    norms) through ``impl``: ``"upcast"`` or ``"mixed"`` (module docstring)."""
+    _set_lever(network, "norm_impl", impl, NORM_IMPLS, "norm")
 
 
 # --- from a state dict ---------------------------------------------------------------------------
