@@ -56,7 +56,10 @@ noise schedule. They come, in this order of precedence, from
 3. the published configuration that the shapes match (the table above, :data:`PUBLISHED`).
 
 A file that matches no published configuration and lacks the metadata for what the table would
-give is refused with a ``ValueError`` that lists what was read.
+give is refused with a ``ValueError`` that lists what was read and names the keys to set: loaders
+never guess. Two options keep guided-diffusion's script defaults, which every released model uses:
+``num_heads_upsample`` -1 (the decoder has ``num_heads``; it matters only with ``num_heads``) and
+``diffusion_steps`` 1000.
 
 Conditions
 ----------
@@ -353,8 +356,13 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[ADM
     head_channels, num_heads = heads
     small_size = None
     if s["in_channels"] == 2 * IMAGE_CHANNELS:
-        small_size = _meta_int(meta, "small_size") or (published.small_size if published and "resolution" not in meta
-                                                       else resolution // 4)
+        small_size = _meta_int(meta, "small_size")
+        if small_size is None and published is not None and resolution == published.resolution:
+            small_size = published.small_size
+        if small_size is None:
+            raise ValueError(f"ADM checkpoint: an upsampler to {resolution}px that is not a published one; the "
+                             f"low-resolution size it was trained on cannot be read from the weights. Set "
+                             f"small_size in the safetensors metadata.")
     levels = len(s["channel_mult"])
     if resolution % 2 ** (levels - 1):
         raise ValueError(f"ADM checkpoint: resolution {resolution} is not divisible by 2^{levels - 1} "

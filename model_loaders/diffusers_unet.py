@@ -28,8 +28,10 @@ Where the config comes from
   (resnets per down block), attention blocks (``attentions.*`` keys), ``in_channels`` /
   ``out_channels`` (``conv_in`` / ``conv_out``), ``num_class_embeds`` (``class_embedding``),
   ``resnet_time_scale_shift`` (``time_emb_proj`` twice the channels) and the mid block's attention.
-  What shapes cannot tell takes google/ddpm-*'s values: ``norm_num_groups`` 32, ``norm_eps`` 1e-6,
-  ``flip_sin_to_cos`` False, ``freq_shift`` 1, ``downsample_padding`` 0, one attention head;
+  What shapes cannot tell takes google/ddpm-*'s values (``norm_num_groups`` 32, ``norm_eps`` 1e-6,
+  ``flip_sin_to_cos`` False, ``freq_shift`` 1, ``downsample_padding`` 0, one attention head) only
+  for their published structures (:data:`GOOGLE_DDPM`); any other single file must carry its
+  ``config`` in the metadata, and is refused, naming that key, without it (loaders never guess).
   ``sample_size`` must come from the metadata (``sample_size`` or ``resolution``).
 - ``schedule`` (``linear`` / ``cosine``) overrides the schedule in every case.
 """
@@ -437,12 +439,27 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> UNet2DCon
     }
     if "mid_block.attentions.0.group_norm.weight" in sd:
         found["attn_norm_num_groups"] = 32
+    published = GOOGLE_DDPM.get((widths, found["layers_per_block"]))
+    if published is None:
+        raise ValueError(f"diffusers checkpoint: a single file without config ({', '.join(f'{k}={v}' for k, v in found.items())}) "
+                         "that matches none of google/ddpm-*'s published models, so its group-norm groups and eps, "
+                         "attention heads, time-embedding layout and downsampling padding cannot be read from the "
+                         "weights: put the model's config.json next to it (load the folder), or set 'config' (the "
+                         "text of its config.json) in the safetensors metadata")
     size = meta.get("sample_size", meta.get("resolution"))
     if size is None:
         raise ValueError(f"diffusers checkpoint: a single file without config ({', '.join(f'{k}={v}' for k, v in found.items())}); "
                          "its image size cannot be read from the weights: put the model's config.json next to it "
                          "(load the folder), or set 'sample_size' (or the whole 'config') in the safetensors metadata")
     return UNet2DConfig(sample_size=int(size), **found)
+
+
+# google/ddpm-*'s published structures (block_out_channels, layers_per_block) and names: the only
+# single files whose other options (UNet2DConfig's defaults, google/ddpm's values) are known.
+GOOGLE_DDPM = {
+    ((128, 256, 256, 256), 2): "google/ddpm-cifar10-32",
+    ((128, 128, 256, 256, 512, 512), 2): "google/ddpm-{celebahq,church,bedroom,cat}-256 (and ddpm-ema-*)",
+}
 
 
 # --- schedules ------------------------------------------------------------------------------------

@@ -64,9 +64,12 @@ the safetensors metadata (guided-diffusion's option names) or the released model
 - attention downsample rates: the levels whose residual blocks carry ``.1.qkv``.
 - ``use_scale_shift_norm``: ``emb_layers.1`` has twice the block's channels.
 - ``resblock_updown``: up/down-sampling by residual blocks, or by convolutions (``op`` / ``conv``).
-- ``num_head_channels`` / ``num_heads`` / ``num_heads_upsample``: metadata, else 64 / 4 / -1 (both
-  released models: ``num_head_channels=64``).
-- ``image_size``: metadata ``large_size`` or ``image_size``, else 256.
+- ``num_head_channels`` / ``num_heads``: metadata; else 64-channel heads for the released trunk
+  (192 channels x (1, 1, 2, 2, 4, 4), 2 res blocks, attention at ds 8, 16, 32); else the file is
+  refused, naming the key (loaders never guess). ``num_heads_upsample``: metadata, else -1
+  (guided-diffusion's default; it matters only with ``num_heads``).
+- ``image_size``: metadata ``large_size`` or ``image_size``, else 256, the only size the
+  reference code (``face_utils``) builds.
 - schedule: the ``schedule`` argument, else metadata ``noise_schedule``, else ``linear``;
   metadata ``diffusion_steps``, else 1000.
 
@@ -101,6 +104,9 @@ SLOTS = ("A", "B")
 SLOT_PARTS = {"A": "skin/face", "B": "hair"}  # face_utils/diff_test.py; see the module docstring
 NAMES = {"latest": "Face-{size} (masks+text)", "sketch": "Face-{size} sketch"}
 TRUNK_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.", "output_blocks.", "out.")
+# The released models' trunk (model_channels, num_res_blocks, channel_mult, attention_ds) and heads.
+RELEASED_TRUNK = (192, 2, (1, 1, 2, 2, 4, 4), (8, 16, 32))
+RELEASED_HEAD_CHANNELS = 64
 REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.0.in_layers.2.weight",
                  "out.2.weight")
 
@@ -271,6 +277,16 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None
                          f"take {expected_in} ([z, converted slots] or [z, sketch])")
 
     trunk = infer_trunk(sd, "face", _has_upsampler)
+    released = (mc, trunk.num_res_blocks, tuple(trunk.channel_mult), trunk.attention_ds) == RELEASED_TRUNK
+    if "num_head_channels" in meta or "num_heads" in meta:
+        head_channels = _meta_int(meta, "num_head_channels", -1)
+    elif released:
+        head_channels = RELEASED_HEAD_CHANNELS
+    else:
+        raise ValueError(f"face checkpoint: a {mc}-channel trunk with channel_mult {trunk.channel_mult} is not the "
+                         f"released one, whose heads have {RELEASED_HEAD_CHANNELS} channels, and the attention heads "
+                         f"cannot be read from the weights; set 'num_head_channels' (or 'num_heads') in the file's "
+                         f"safetensors metadata")
     mid_ch = int(sd["middle_block.0.in_layers.2.weight"].shape[0])
     scale_shift = int(sd["middle_block.0.emb_layers.1.weight"].shape[0]) == 2 * mid_ch
     resblock_updown = trunk.levels == 1 or f"input_blocks.{trunk.num_res_blocks + 1}.0.in_layers.0.weight" in sd
@@ -279,7 +295,7 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None
         in_channels=in_channels, slot_channels=slot_channels, embed_dim=embed_dim, model_channels=mc,
         out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=trunk.num_res_blocks,
         channel_mult=trunk.channel_mult, attention_ds=trunk.attention_ds,
-        num_head_channels=_meta_int(meta, "num_head_channels", 64), num_heads=_meta_int(meta, "num_heads", 4),
+        num_head_channels=head_channels, num_heads=_meta_int(meta, "num_heads", 4),
         num_heads_upsample=_meta_int(meta, "num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
         resblock_updown=resblock_updown,
     )
@@ -410,6 +426,7 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
         encoders=encoders, null_condition=null,
         info={"config": asdict(config), "schedule": schedule, "architecture": describe(config),
               "slots": dict(SLOT_PARTS) if config.kind == "latest" else None,
-              "num_head_channels_from": "metadata" if "num_head_channels" in meta else "released default (64)",
+              "num_head_channels_from": "metadata" if "num_head_channels" in meta or "num_heads" in meta
+              else "released configuration (64)",
               "params": sum(p.numel() for p in network.parameters())},
     )

@@ -38,12 +38,29 @@ from the safetensors metadata (GLIDE's own option names) or from GLIDE's publish
 - attention downsample rates: the levels whose residual blocks carry ``.1.qkv``.
 - ``use_scale_shift_norm``: ``emb_layers.1`` has twice the block's channels.
 - ``resblock_updown``: up/down-sampling by residual blocks, or by convolutions (``op`` / ``conv``).
-- ``num_head_channels``, ``num_heads``, ``num_heads_upsample``: metadata, else GLIDE's 64 / 1 / -1.
 - ``text_ctx``, ``xf_width``: ``positional_embedding``; ``xf_layers``: ``transformer.resblocks.*``;
   ``xf_final_ln``: ``final_ln.weight``; ``xf_padding``: ``padding_embedding``; vocabulary size:
-  ``token_embedding.weight``. ``xf_heads`` cannot be read from shapes: metadata ``xf_heads``,
-  else ``xf_width // 64`` (8 for the published 512-wide transformers).
-- ``image_size``: metadata, else GLIDE's size for the number of levels (4: 64, 5: 128, 6: 256).
+  ``token_embedding.weight``.
+
+Loaders never guess. What the shapes cannot tell comes from the metadata, else from what GLIDE's
+``model_creation.py`` fixes for the published checkpoints, else the file is refused with a
+message naming the metadata keys to set:
+
+======================================  ===================================================
+not in the shapes                       without metadata
+======================================  ===================================================
+``num_head_channels`` / ``num_heads``   64-channel heads for a 192-channel trunk of a preset
+                                        ``channel_mult``; else refused
+``num_heads_upsample``                  -1 (the decoder as ``num_heads``; only used with
+                                        ``num_heads``), GLIDE's default in every release
+``xf_heads``                            8 for the 512-wide, 16-layer text transformer; else
+                                        refused (``xf_width // 64`` would be a guess)
+``image_size``                          the size whose ``channel_mult`` preset the trunk has
+                                        (64: 1,2,3,4; 128: 1,1,2,3,4; 256: 1,1,2,2,4,4); else
+                                        refused
+schedule, ``diffusion_steps``           see below
+======================================  ===================================================
+
 - schedule: the ``schedule`` argument, else metadata ``noise_schedule``, else GLIDE's defaults
   (base: ``squaredcos_cap_v2`` = ``cosine``; upsampler: ``linear``); ``diffusion_steps``, else 1000.
 """
@@ -72,7 +89,14 @@ from .unet_layers import (
 IMAGE_CHANNELS = 3
 # Input channels of the first convolution for each (super_res, inpaint) variant.
 VARIANT_IN_CHANNELS = {(False, False): 3, (True, False): 6, (False, True): 7, (True, True): 10}
-SIZE_FOR_LEVELS = {4: 64, 5: 128, 6: 256}  # GLIDE's channel_mult presets, model_creation.py
+# GLIDE's channel_mult preset for each image size (model_creation.py): the size a trunk of that
+# multiplier was made for.
+SIZE_FOR_MULT = {(1, 2, 3, 4): 64, (1, 1, 2, 3, 4): 128, (1, 1, 2, 2, 4, 4): 256}
+# What model_creation.py fixes and shapes cannot tell: 64-channel image heads for the published
+# trunks (192 channels), 8 heads for the published text transformer (512 wide, 16 layers).
+PUBLISHED_MODEL_CHANNELS = 192
+PUBLISHED_HEAD_CHANNELS = 64
+PUBLISHED_TEXT = {(512, 16): 8}
 REQUIRED_KEYS = ("token_embedding.weight", "positional_embedding", "transformer_proj.weight",
                  "time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight")
 
@@ -329,19 +353,39 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None
                                                for i in (1, 2))
 
     text_ctx, xf_width = (int(s) for s in sd["positional_embedding"].shape)
-    xf_heads = _meta_int(meta, "xf_heads", max(1, xf_width // 64))
-    if xf_width % xf_heads:
+    xf_layers = count_blocks(sd, "transformer.resblocks")
+    published_trunk = mc == PUBLISHED_MODEL_CHANNELS and tuple(trunk.channel_mult) in SIZE_FOR_MULT
+    lacking = []
+    xf_heads = _meta_int(meta, "xf_heads", PUBLISHED_TEXT.get((xf_width, xf_layers), 0))
+    if not xf_heads:
+        lacking.append(f"'xf_heads' (the text transformer is {xf_width} wide and {xf_layers} deep; the published "
+                       f"one, 512 x 16, has 8 heads)")
+    elif xf_width % xf_heads:
         raise ValueError(f"GLIDE checkpoint: xf_width {xf_width} is not divisible by xf_heads {xf_heads}")
-    image_size = _meta_int(meta, "image_size", SIZE_FOR_LEVELS.get(trunk.levels, 256 if super_res else 64))
+    image_size = _meta_int(meta, "image_size", SIZE_FOR_MULT.get(tuple(trunk.channel_mult), 0))
+    if not image_size:
+        lacking.append(f"'image_size' (channel_mult {trunk.channel_mult} is none of GLIDE's presets)")
+    if "num_head_channels" in meta or "num_heads" in meta:
+        head_channels = _meta_int(meta, "num_head_channels", -1)
+    elif published_trunk:
+        head_channels = PUBLISHED_HEAD_CHANNELS
+    else:
+        head_channels = None
+        lacking.append(f"'num_head_channels' or 'num_heads' (a {mc}-channel trunk is not a published one, whose "
+                       f"heads have {PUBLISHED_HEAD_CHANNELS} channels)")
+    if lacking:
+        raise ValueError("GLIDE checkpoint: what the shapes cannot tell is neither in the file's safetensors "
+                         "metadata nor fixed by a published GLIDE configuration; set " + "; ".join(lacking)
+                         + " in the metadata")
 
     return GlideConfig(
         image_size=image_size, super_res=super_res, inpaint=inpaint, model_channels=mc,
         out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=trunk.num_res_blocks,
         channel_mult=trunk.channel_mult, attention_ds=trunk.attention_ds,
-        num_head_channels=_meta_int(meta, "num_head_channels", 64), num_heads=_meta_int(meta, "num_heads", 1),
+        num_head_channels=head_channels, num_heads=_meta_int(meta, "num_heads", 1),
         num_heads_upsample=_meta_int(meta, "num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
         resblock_updown=resblock_updown, text_ctx=text_ctx, xf_width=xf_width,
-        xf_layers=count_blocks(sd, "transformer.resblocks"), xf_heads=xf_heads,
+        xf_layers=xf_layers, xf_heads=xf_heads,
         xf_final_ln="final_ln.weight" in sd, xf_padding="padding_embedding" in sd,
         n_vocab=int(sd["token_embedding.weight"].shape[0]),
     )
@@ -410,7 +454,7 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
         prediction="eps_learned_sigma" if config.out_channels == 2 * IMAGE_CHANNELS else "eps",
         encoders=encoders, null_condition=null, null_for=blank_text, warners=_warners(config),
         info={"config": asdict(config), "schedule": schedule, "architecture": describe(config),
-              "xf_heads_from": "metadata" if "xf_heads" in meta else "xf_width // 64",
+              "xf_heads_from": "metadata" if "xf_heads" in meta else "published configuration",
               "params": sum(p.numel() for p in network.parameters())},
     )
 
