@@ -86,13 +86,20 @@ def load_expert(path: str, family: str = "auto", *, schedule: str | None = None,
     if os.path.isdir(path):
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-        expert = _family_module("diffusers").build_from_folder(path, schedule=schedule, operations=operations)
-        expert.info.setdefault("path", path)
+        expert = diffusers_expert_from_folder(path, schedule=schedule, operations=operations)
     else:
         sd, meta = read_checkpoint(path)
         expert = expert_from_state_dict(sd, meta, path, family, schedule=schedule, operations=operations)
     torch_dtype = _TORCH_DTYPES.get(dtype, torch.float32)
     expert.network.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
+    return expert
+
+
+def diffusers_expert_from_folder(path: str, *, schedule: str | None = None, operations=torch_ops,
+                                 read=load_state_dict) -> Expert:
+    """The :class:`Expert` of a diffusers model folder; ``read(file)`` reads its weights file."""
+    expert = _family_module("diffusers").build_from_folder(path, schedule=schedule, operations=operations, read=read)
+    expert.info.setdefault("path", path)
     return expert
 
 
@@ -120,5 +127,5 @@ def expert_from_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], pa
     return expert
 
 
-__all__ = ["Condition", "Expert", "FAMILIES", "DTYPES", "load_expert", "expert_from_state_dict", "read_checkpoint",
+__all__ = ["Condition", "Expert", "FAMILIES", "DTYPES", "load_expert", "expert_from_state_dict", "diffusers_expert_from_folder", "read_checkpoint",
            "detect_family", "load_state_dict", "alphas_cumprod_for"]

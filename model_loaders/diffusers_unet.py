@@ -338,7 +338,6 @@ class UNet2D(nn.Module):
     ``operations``: the layer namespace (``model_loaders.ops``)."""
 
     compute_dtype: torch.dtype | None = None  # as unet_layers.UNetTrunk's
-    compute_device: torch.device | None = None
 
     def __init__(self, config: UNet2DConfig, operations=torch_ops):
         super().__init__()

@@ -229,8 +229,7 @@ class GlideUNet(UNetTrunk):
         self.config = cfg
         self.transformer = TextTransformer(cfg.xf_width, cfg.xf_layers, cfg.xf_heads, operations)
         self.final_ln = layer_norm32(cfg.xf_width, operations) if cfg.xf_final_ln else None
-        self.token_embedding = operations.Embedding(cfg.n_vocab, cfg.xf_width,
-                                                    _weight=_init_normal(torch.empty(cfg.n_vocab, cfg.xf_width)))
+        self.token_embedding = operations.Embedding(cfg.n_vocab, cfg.xf_width)
         self.positional_embedding = nn.Parameter(_init_normal(torch.empty(cfg.text_ctx, cfg.xf_width), 0.01))
         if cfg.xf_padding:
             self.padding_embedding = nn.Parameter(_init_normal(torch.empty(cfg.text_ctx, cfg.xf_width), 0.01))

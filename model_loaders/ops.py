@@ -39,6 +39,11 @@ class torch_ops:
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
     class Embedding(nn.Embedding):
+        def reset_parameters(self) -> None:
+            # normal_ on the meta device (where loaders build) costs seconds on its first call.
+            if not self.weight.is_meta:
+                super().reset_parameters()
+
         def forward(self, tokens: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
             out = F.embedding(tokens, self.weight.to(tokens.device), self.padding_idx, self.max_norm,
                               self.norm_type, self.scale_grad_by_freq, self.sparse)

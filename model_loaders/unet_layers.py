@@ -314,10 +314,9 @@ class UNetTrunk(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch, operations=ops), nn.SiLU(),
                                  ops.Conv2d(widths[0], out_channels, 3, padding=1))
 
-    # The dtype and device the network computes in, where they are not its weights' (Expert.predict
-    # reads them): set by whoever stores the weights in fp8 or leaves some of them on another device.
+    # The dtype the network computes in where it is not its weights' (weights stored in fp8 and cast
+    # layer by layer); Expert.predict reads it.
     compute_dtype: torch.dtype | None = None
-    compute_device: torch.device | None = None
 
     def time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``time_embed`` of the sinusoidal embedding of ``t``, in ``dtype``."""
