@@ -1,4 +1,4 @@
-"""Native experts on ComfyUI's layers (``comfy.ops``), through ``samplers/comfy_loading.py``.
+"""Native experts on ComfyUI's layers (``comfy.ops``), through ``samplers/comfy/loading.py``.
 
 - ``comfy.ops.manual_cast`` with fp16 / bf16 / fp8_e4m3fn weights computed in fp32 equals the fp32
   network holding the same (rounded) weights: casting is exact, so the bound is the parity one.
@@ -15,20 +15,16 @@ import dataclasses
 import pytest
 import torch
 
+import comfy.model_management
+import comfy.ops
+import folder_paths
+
+from unite_and_conquer import model_loaders
+from unite_and_conquer.nodes import loaders
+from unite_and_conquer.samplers.comfy import loading as comfy_loading
+from unite_and_conquer.samplers.comfy import models as comfy_models
 from support.checkpoints import from_fixture, small_adm
-from support.comfy_harness import comfy_nodes, pack_module
 from support.small_models import one_thread  # noqa: F401  (autouse)
-
-comfy_nodes()
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.ops  # noqa: E402
-import folder_paths  # noqa: E402
-
-model_loaders = pack_module("model_loaders")
-comfy_loading = pack_module("samplers.comfy_loading")
-cb = pack_module("samplers.comfy_bridge")
-loaders = pack_module("nodes.loaders")
 
 TOL = 1e-4
 CPU = torch.device("cpu")
@@ -155,7 +151,7 @@ def test_a_weight_dtype_that_cannot_be_cast_falls_back_and_says_so(monkeypatch):
 @pytest.mark.parametrize("kind", ["adm", "glide"])
 def test_lowvram_partial_loading_loads_part_and_predicts_the_same(kind, files):
     expert, _ = load(files[kind], torch.float32)
-    handle = cb.wrap_expert(expert, "cpu")
+    handle = comfy_models.wrap_expert(expert, "cpu")
     x, t, cond = inputs(kind, expert)
     with torch.no_grad():
         want = expert.eps(x, t, cond)

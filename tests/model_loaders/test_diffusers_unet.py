@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import model_loaders
-from model_loaders.expert import v_to_eps
-from model_loaders.schedules import alphas_cumprod_at
-from model_loaders import diffusers_unet as du
+from unite_and_conquer import model_loaders
+from unite_and_conquer.model_loaders import diffusers_unet as du
+from unite_and_conquer.model_loaders.expert import v_to_eps
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_at
 from support import small_models
 from support.small_models import one_thread  # noqa: F401  (autouse)
 
@@ -287,7 +287,7 @@ def test_folder_errors_and_detection(tmp_path, monkeypatch):
                               "diffusion_pytorch_model.bin)")
     sd = ref.state_dict()
     assert du.detect(sd, {}, "diffusers") and not du.detect(sd, {}, "adm")
-    from model_loaders import adm
+    from unite_and_conquer.model_loaders import adm
 
     assert not adm.detect(sd, {}, "adm")
     monkeypatch.setitem(du.GOOGLE_DDPM, ((32, 64), 2), "google/ddpm-style test model")

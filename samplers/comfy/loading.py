@@ -1,11 +1,9 @@
 """Native experts built the way ComfyUI builds its own models: read by ComfyUI's checkpoint reader,
 their layers from ComfyUI's ``comfy.ops``.
 
-ComfyUI names used here (and nowhere else in the pack):
-
-- ``comfy.utils.load_torch_file`` (``safe_load``, ``return_metadata``)
-- ``comfy.ops.pick_operations``, ``comfy.ops.manual_cast``, and the layer classes' ``comfy_cast_weights``
-- ``comfy.model_management.unet_manual_cast`` (the compute dtype for a weight dtype on a device)
+ComfyUI names used here: ``comfy.utils.load_torch_file``, ``comfy.ops.pick_operations``,
+``comfy.ops.manual_cast`` (and its layers' ``comfy_cast_weights``),
+``comfy.model_management.unet_manual_cast`` (listed with the others in ``samplers/comfy``).
 
 ``model_loaders`` builds every network from an ``operations`` namespace. Given ComfyUI's, a
 ModelPatcher can cast, stream and partially load the expert's weights (``--lowvram``), and weights
@@ -23,7 +21,7 @@ import comfy.model_management
 import comfy.ops
 import comfy.utils
 
-from .. import model_loaders
+from ... import model_loaders
 
 log = logging.getLogger("unite_and_conquer")
 
