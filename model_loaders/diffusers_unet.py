@@ -41,8 +41,8 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from torch import nn
 
 from .expert import Condition, Expert, load_state_dict
 from .ops import group_norm32, torch_ops
+from .unet_layers import Upsample
 from .schedules import alphas_cumprod_for, alphas_cumprod_from_betas, cosine_betas
 
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -234,16 +235,6 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int, operations=torch_ops):
-        super().__init__()
-        self.conv = operations.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Nearest-neighbour upsampling in float32: bfloat16 interpolation is missing on some devices.
-        return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
-
-
 class DownBlock(nn.Module):
     """``DownBlock2D`` / ``AttnDownBlock2D``: resnets (each followed by attention) and a downsampler."""
 
@@ -290,7 +281,7 @@ class UpBlock(nn.Module):
                                                       operations=ops)
                                             for _ in range(n))
         if not last:
-            self.upsamplers = nn.ModuleList([Upsample2D(ch_out, ops)])
+            self.upsamplers = nn.ModuleList([Upsample(ch_out, ops)])  # nearest 2x, then conv
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):

@@ -77,6 +77,7 @@ from . import glide_tokenizer
 from .expert import Condition, Expert, check_image
 from .ops import layer_norm32, torch_ops
 from .schedules import alphas_cumprod_for
+from .text_encoders import PreNormBlock
 from .unet_layers import (
     UNetTrunk,
     assign_checkpoint,
@@ -129,25 +130,16 @@ class TextMLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x)))
 
 
-class TextBlock(nn.Module):
-    """Pre-LayerNorm transformer block (CLIP's ``ResidualAttentionBlock``)."""
-
-    def __init__(self, width: int, heads: int, operations=torch_ops):
-        super().__init__()
-        self.attn = TextAttention(width, heads, operations)
-        self.ln_1 = layer_norm32(width, operations)
-        self.mlp = TextMLP(width, operations)
-        self.ln_2 = layer_norm32(width, operations)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+def text_block(width: int, heads: int, operations=torch_ops) -> PreNormBlock:
+    """GLIDE's pre-LayerNorm text block (CLIP's, unmasked, GELU, float32 norms)."""
+    return PreNormBlock(TextAttention(width, heads, operations), layer_norm32(width, operations),
+                        TextMLP(width, operations), layer_norm32(width, operations))
 
 
 class TextTransformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, operations=torch_ops):
         super().__init__()
-        self.resblocks = nn.ModuleList(TextBlock(width, heads, operations) for _ in range(layers))
+        self.resblocks = nn.ModuleList(text_block(width, heads, operations) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:

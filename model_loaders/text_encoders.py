@@ -212,28 +212,33 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+class PreNormBlock(nn.Module):
+    """Pre-LayerNorm transformer block (CLIP's ``ResidualAttentionBlock``, GLIDE's text blocks):
+    ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
-    def __init__(self, width: int, heads: int, operations=torch_ops):
+    def __init__(self, attn: nn.Module, ln_1: nn.Module, mlp: nn.Module, ln_2: nn.Module):
         super().__init__()
-        self.ln_1 = operations.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads, operations)
-        self.ln_2 = operations.LayerNorm(width)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", operations.Linear(width, 4 * width))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", operations.Linear(4 * width, width))
+        self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
+def residual_attention_block(width: int, heads: int, operations=torch_ops) -> PreNormBlock:
+    """CLIP's block: causal attention, and an MLP with QuickGELU named ``c_fc`` / ``c_proj``."""
+    mlp = nn.Sequential()
+    mlp.add_module("c_fc", operations.Linear(width, 4 * width))
+    mlp.add_module("gelu", QuickGELU())
+    mlp.add_module("c_proj", operations.Linear(4 * width, width))
+    return PreNormBlock(CausalSelfAttention(width, heads, operations), operations.LayerNorm(width), mlp,
+                        operations.LayerNorm(width))
+
+
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, operations=torch_ops):
         super().__init__()
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, operations) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[residual_attention_block(width, heads, operations) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resblocks(x)

@@ -201,18 +201,24 @@ def test_single_file_of_a_published_structure_needs_its_size(tmp_path, monkeypat
     assert str(err.value).endswith("set 'sample_size' (or the whole 'config') in the safetensors metadata")
 
 
+CONSISTENCY = ("consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not "
+               "eps predictors, so they cannot join a product of experts")
+
+
+def refusal(path) -> str:
+    with pytest.raises(ValueError) as err:
+        model_loaders.load_expert(str(path))
+    return str(err.value)
+
+
 def test_consistency_models_are_refused(tmp_path):
     config = CONFIGS["no-attention"]
     ref = reference(config)
     folder = tmp_path / "diffusers-cd_tiny"
     ref.save_pretrained(str(folder))
     write_scheduler(folder, _class_name="CMStochasticIterativeScheduler")
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(folder))
-    assert str(err.value) == (
-        f"{folder / 'scheduler_config.json'}: a CMStochasticIterativeScheduler, so this is a consistency model; "
-        "consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not eps "
-        "predictors, so they cannot join a product of experts")
+    assert refusal(folder) == (f"{folder / 'scheduler_config.json'}: a CMStochasticIterativeScheduler, so this is "
+                               f"a consistency model; {CONSISTENCY}")
     # The CD UNets' own layout (residual up/down-sampling), with an ordinary scheduler config.
     cd = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32,
               down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
@@ -222,12 +228,8 @@ def test_consistency_models_are_refused(tmp_path):
     folder = tmp_path / "cd_layout"
     cd_ref.save_pretrained(str(folder))
     write_scheduler(folder)
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(folder))
-    assert str(err.value) == (
-        f"{folder / 'config.json'}: residual up/down-sampling blocks, the layout of OpenAI's consistency-model "
-        "UNets; consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not "
-        "eps predictors, so they cannot join a product of experts")
+    assert refusal(folder) == (f"{folder / 'config.json'}: residual up/down-sampling blocks, the layout of OpenAI's "
+                               f"consistency-model UNets; {CONSISTENCY}")
     single = tmp_path / "cd.safetensors"
     save_file({k: v.contiguous() for k, v in cd_ref.state_dict().items()}, str(single), metadata={"sample_size": "16"})
     with pytest.raises(ValueError, match=r"diffusers checkpoint: residual up/down-sampling blocks, the layout of "
