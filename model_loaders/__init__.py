@@ -17,6 +17,7 @@ import os
 import torch
 
 from .expert import Condition, Expert, load_state_dict
+from .ops import torch_ops
 from .schedules import alphas_cumprod_for
 
 # Detection order matters: the more specific layouts claim a file before the general ones.
@@ -69,7 +70,7 @@ def detect_family(sd: dict[str, torch.Tensor], meta: dict[str, str], path: str =
 
 
 def load_expert(path: str, family: str = "auto", *, schedule: str | None = None,
-                dtype: str = "fp32", device: str | torch.device = "cpu") -> Expert:
+                dtype: str = "fp32", device: str | torch.device = "cpu", operations=torch_ops) -> Expert:
     """Load a checkpoint (file, or diffusers folder) as an :class:`Expert`.
 
     Args:
@@ -80,33 +81,51 @@ def load_expert(path: str, family: str = "auto", *, schedule: str | None = None,
         dtype: ``fp32``, ``fp16``, ``bf16``, or ``auto`` (fp32; ComfyUI's loader node picks for
             the device instead).
         device: where the weights go.
+        operations: the layer namespace the network is built from (``model_loaders.ops``).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if os.path.isdir(path):
-        module = _family_module("diffusers")
-        expert = module.build_from_folder(path, schedule=schedule)
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        expert = diffusers_expert_from_folder(path, schedule=schedule, operations=operations)
     else:
         sd, meta = read_checkpoint(path)
-        if family == "auto":
-            family = detect_family(sd, meta, path)
-        module = _family_module(family)
-        if not module.detect(sd, meta, family):
-            raise ValueError(
-                f"{os.path.basename(path)}: this file is not a {family!r} checkpoint "
-                f"(first keys: {', '.join(list(sd)[:6])}). Try family 'auto'."
-            )
-        try:
-            expert = module.build(sd, meta, family, schedule=schedule)
-        except (ValueError, KeyError, RuntimeError) as err:
-            # Builders see tensors, not files: name the file here.
-            message = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
-            raise ValueError(f"{os.path.basename(path)}: {message}") from err
-    expert.info.setdefault("path", path)
+        expert = expert_from_state_dict(sd, meta, path, family, schedule=schedule, operations=operations)
     torch_dtype = _TORCH_DTYPES.get(dtype, torch.float32)
     expert.network.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
     return expert
 
 
-__all__ = ["Condition", "Expert", "FAMILIES", "DTYPES", "load_expert", "read_checkpoint",
+def diffusers_expert_from_folder(path: str, *, schedule: str | None = None, operations=torch_ops,
+                                 read=load_state_dict) -> Expert:
+    """The :class:`Expert` of a diffusers model folder; ``read(file)`` reads its weights file."""
+    expert = _family_module("diffusers").build_from_folder(path, schedule=schedule, operations=operations, read=read)
+    expert.info.setdefault("path", path)
+    return expert
+
+
+def expert_from_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], path: str, family: str = "auto", *,
+                           schedule: str | None = None, operations=torch_ops) -> Expert:
+    """The :class:`Expert` of a checkpoint already read (``path`` names it in errors); the weights keep
+    the state dict's dtype and device. Arguments as :func:`load_expert`'s."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family == "auto":
+        family = detect_family(sd, meta, path)
+    module = _family_module(family)
+    if not module.detect(sd, meta, family):
+        raise ValueError(
+            f"{os.path.basename(path)}: this file is not a {family!r} checkpoint "
+            f"(first keys: {', '.join(list(sd)[:6])}). Try family 'auto'."
+        )
+    try:
+        expert = module.build(sd, meta, family, schedule=schedule, operations=operations)
+    except (ValueError, KeyError, RuntimeError) as err:
+        # Builders see tensors, not files: name the file here.
+        message = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"{os.path.basename(path)}: {message}") from err
+    expert.info.setdefault("path", path)
+    return expert
+
+
+__all__ = ["Condition", "Expert", "FAMILIES", "DTYPES", "load_expert", "expert_from_state_dict", "diffusers_expert_from_folder", "read_checkpoint",
            "detect_family", "load_state_dict", "alphas_cumprod_for"]

@@ -56,7 +56,10 @@ noise schedule. They come, in this order of precedence, from
 3. the published configuration that the shapes match (the table above, :data:`PUBLISHED`).
 
 A file that matches no published configuration and lacks the metadata for what the table would
-give is refused with a ``ValueError`` that lists what was read.
+give is refused with a ``ValueError`` that lists what was read and names the keys to set: loaders
+never guess. Two options keep guided-diffusion's script defaults, which every released model uses:
+``num_heads_upsample`` -1 (the decoder has ``num_heads``; it matters only with ``num_heads``) and
+``diffusion_steps`` 1000.
 
 Conditions
 ----------
@@ -78,17 +81,22 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .expert import Condition, Expert
+from .ops import torch_ops
 from .schedules import SCHEDULES, alphas_cumprod_for
-from .unet_layers import (ATTENTION_ORDERS, AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential,
-                          Upsample, assign_checkpoint, infer_trunk, timestep_embedding)
+from .unet_layers import (
+    ATTENTION_ORDERS,
+    UNetTrunk,
+    assign_checkpoint,
+    heads_for,
+    infer_trunk,
+)
 
 IMAGE_CHANNELS = 3
 REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "input_blocks.1.0.emb_layers.1.weight",
@@ -153,15 +161,7 @@ class ADMConfig:
 
     def heads(self, channels: int, decoder: bool = False) -> int:
         """Attention heads of a block of ``channels`` channels, as guided-diffusion counts them."""
-        if self.num_head_channels != -1:
-            if channels % self.num_head_channels:
-                raise ValueError(f"ADM checkpoint: attention width {channels} is not divisible by "
-                                 f"num_head_channels {self.num_head_channels}")
-            return channels // self.num_head_channels
-        heads = self.num_heads_upsample if decoder and self.num_heads_upsample != -1 else self.num_heads
-        if channels % heads:
-            raise ValueError(f"ADM checkpoint: attention width {channels} is not divisible by num_heads {heads}")
-        return heads
+        return heads_for(channels, self.num_head_channels, self.num_heads, self.num_heads_upsample, decoder, "ADM")
 
 
 @dataclass(frozen=True)
@@ -207,67 +207,36 @@ PUBLISHED: dict[tuple, Published] = {
 
 # --- the UNet -------------------------------------------------------------------------------------
 
-class ADMUNet(nn.Module):
+class ADMUNet(UNetTrunk):
     """guided-diffusion's ``UNetModel`` (and ``SuperResModel`` when ``in_channels`` is 6).
 
     ``forward(x, t, y=None, low_res=None)`` returns exactly what the reference returns. ``t`` may be
     fractional. ``y`` is a LongTensor of class indices (B or 1 rows) or a float tensor of class
     probabilities (B or 1 x num_classes), which mixes the label embeddings (one-hot rows give the
     index's embedding exactly). ``low_res`` (B or 1 x 3 x h x w, in [-1, 1]) is an upsampler's input.
+    ``operations``: the layer namespace (``model_loaders.ops``).
     """
 
-    def __init__(self, config: ADMConfig):
-        super().__init__()
-        self.config = c = config
-        emb_ch = 4 * c.model_channels
-        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+    def __init__(self, config: ADMConfig, operations=torch_ops):
+        c = config
+        super().__init__(in_channels=c.in_channels, model_channels=c.model_channels, out_channels=c.out_channels,
+                         num_res_blocks=c.num_res_blocks, channel_mult=c.channel_mult, attention_ds=c.attention_ds,
+                         heads=c.heads, attention_order=c.attention_order,
+                         use_scale_shift_norm=c.use_scale_shift_norm, resblock_updown=c.resblock_updown,
+                         operations=operations)
+        self.config = c
         if c.num_classes is not None:
-            self.label_emb = nn.Embedding(c.num_classes, emb_ch)
-        widths = [int(m * c.model_channels) for m in c.channel_mult]
-        ch = widths[0]
-        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
-        skips, ds = [ch], 1
-        for level, width in enumerate(widths):
-            for _ in range(c.num_res_blocks):
-                self.input_blocks.append(self._block(ch, width, ds))
-                ch = width
-                skips.append(ch)
-            if level != len(widths) - 1:
-                down = ResBlock(ch, emb_ch, ch, c.use_scale_shift_norm, "down") if c.resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepSequential(down))
-                skips.append(ch)
-                ds *= 2
-        self.middle_block = TimestepSequential(
-            ResBlock(ch, emb_ch, ch, c.use_scale_shift_norm),
-            AttentionBlock(ch, c.heads(ch), c.attention_order),
-            ResBlock(ch, emb_ch, ch, c.use_scale_shift_norm),
-        )
-        self.output_blocks = nn.ModuleList()
-        for level, width in reversed(list(enumerate(widths))):
-            for i in range(c.num_res_blocks + 1):
-                block = self._block(ch + skips.pop(), width, ds, decoder=True)
-                ch = width
-                if level and i == c.num_res_blocks:
-                    block.append(ResBlock(ch, emb_ch, ch, c.use_scale_shift_norm, "up") if c.resblock_updown
-                                 else Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(block)
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(widths[0], c.out_channels, 3, padding=1))
+            self.label_emb = operations.Embedding(c.num_classes, 4 * c.model_channels)
 
-    def _block(self, ch_in: int, ch_out: int, ds: int, decoder: bool = False) -> TimestepSequential:
-        c = self.config
-        layers = [ResBlock(ch_in, 4 * c.model_channels, ch_out, c.use_scale_shift_norm)]
-        if ds in c.attention_ds:
-            layers.append(AttentionBlock(ch_out, c.heads(ch_out, decoder), c.attention_order))
-        return TimestepSequential(*layers)
-
-    def _label_embedding(self, y: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def _label_embedding(self, y: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor:
         if y is None:
             raise ValueError(f"this ADM model is class-conditional ({self.config.num_classes} classes): pass 'y'")
         if y.is_floating_point():
-            emb = y.to(self.label_emb.weight.dtype) @ self.label_emb.weight
+            # Every class's embedding through the layer (which may cast or fetch its weights), then the mix.
+            table = self.label_emb(torch.arange(self.config.num_classes, device=y.device), out_dtype=dtype)
+            emb = y.to(device=table.device, dtype=dtype) @ table
         else:
-            emb = self.label_emb(y.long().reshape(-1))
+            emb = self.label_emb(y.long().reshape(-1), out_dtype=dtype)
         return emb.expand(batch, -1) if emb.shape[0] == 1 else emb
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
@@ -276,10 +245,9 @@ class ADMUNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(batch)
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        emb = self.time_embedding(t, x.dtype)
         if self.config.num_classes is not None:
-            emb = emb + self._label_embedding(y, batch)
+            emb = emb + self._label_embedding(y, batch, x.dtype)
         elif y is not None:
             raise ValueError("this ADM model is unconditional: it takes no 'y'")
         h = x
@@ -289,14 +257,7 @@ class ADMUNet(nn.Module):
             # Interpolate in float32: half-precision bilinear is missing on some devices.
             up = F.interpolate(low_res.float(), x.shape[-2:], mode="bilinear", align_corners=False).to(x.dtype)
             h = torch.cat([x, up.expand(batch, -1, -1, -1)], dim=1)
-        skips = []
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        return self.trunk(h, emb)
 
 
 # --- config inference -----------------------------------------------------------------------------
@@ -395,8 +356,13 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[ADM
     head_channels, num_heads = heads
     small_size = None
     if s["in_channels"] == 2 * IMAGE_CHANNELS:
-        small_size = _meta_int(meta, "small_size") or (published.small_size if published and "resolution" not in meta
-                                                       else resolution // 4)
+        small_size = _meta_int(meta, "small_size")
+        if small_size is None and published is not None and resolution == published.resolution:
+            small_size = published.small_size
+        if small_size is None:
+            raise ValueError(f"ADM checkpoint: an upsampler to {resolution}px that is not a published one; the "
+                             f"low-resolution size it was trained on cannot be read from the weights. Set "
+                             f"small_size in the safetensors metadata.")
     levels = len(s["channel_mult"])
     if resolution % 2 ** (levels - 1):
         raise ValueError(f"ADM checkpoint: resolution {resolution} is not divisible by 2^{levels - 1} "
@@ -459,9 +425,9 @@ def load_class_names() -> list[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def build_network(sd: dict[str, torch.Tensor], config: ADMConfig) -> ADMUNet:
+def build_network(sd: dict[str, torch.Tensor], config: ADMConfig, operations=torch_ops) -> ADMUNet:
     """The network holding the checkpoint's tensors, which must match the config exactly."""
-    return assign_checkpoint(lambda: ADMUNet(config), sd, "ADM", describe(config))
+    return assign_checkpoint(lambda: ADMUNet(config, operations), sd, "ADM", describe(config))
 
 
 def _class_encoder(name: str, num_classes: int) -> Callable[[int], Condition]:
@@ -508,11 +474,12 @@ def _image_encoder(name: str, config: ADMConfig) -> Callable[..., Condition]:
     return encode
 
 
-def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None,
+          operations=torch_ops) -> Expert:
     """The expert of a guided-diffusion checkpoint; ``schedule`` overrides the training noise schedule."""
     config, published, sources = infer_config(sd, meta)
     schedule, sources["schedule"] = schedule_for(published, meta, schedule)
-    network = build_network(sd, config)
+    network = build_network(sd, config, operations)
     name = expert_name(config, published)
     class_names = None
     if config.num_classes is not None:

@@ -28,8 +28,10 @@ Where the config comes from
   (resnets per down block), attention blocks (``attentions.*`` keys), ``in_channels`` /
   ``out_channels`` (``conv_in`` / ``conv_out``), ``num_class_embeds`` (``class_embedding``),
   ``resnet_time_scale_shift`` (``time_emb_proj`` twice the channels) and the mid block's attention.
-  What shapes cannot tell takes google/ddpm-*'s values: ``norm_num_groups`` 32, ``norm_eps`` 1e-6,
-  ``flip_sin_to_cos`` False, ``freq_shift`` 1, ``downsample_padding`` 0, one attention head;
+  What shapes cannot tell takes google/ddpm-*'s values (``norm_num_groups`` 32, ``norm_eps`` 1e-6,
+  ``flip_sin_to_cos`` False, ``freq_shift`` 1, ``downsample_padding`` 0, one attention head) only
+  for their published structures (:data:`GOOGLE_DDPM`); any other single file must carry its
+  ``config`` in the metadata, and is refused, naming that key, without it (loaders never guess).
   ``sample_size`` must come from the metadata (``sample_size`` or ``resolution``).
 - ``schedule`` (``linear`` / ``cosine``) overrides the schedule in every case.
 """
@@ -39,6 +41,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -47,6 +50,8 @@ from einops import rearrange
 from torch import nn
 
 from .expert import Condition, Expert, load_state_dict
+from .ops import group_norm32, torch_ops
+from .unet_layers import Upsample
 from .schedules import alphas_cumprod_for, alphas_cumprod_from_betas, cosine_betas
 
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -154,16 +159,6 @@ def config_from_json(raw: dict, where: str) -> UNet2DConfig:
 
 # --- layers ---------------------------------------------------------------------------------------
 
-class GroupNormFP32(nn.GroupNorm):
-    """GroupNorm computed in float32, so that half-precision weights keep their statistics."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # contiguous(): on CPU the channels_last kernel loses precision when a group's mean is large
-        # (3e-5 against 5e-7 at mean 30), which the time-embedding offsets make common.
-        x32 = x.float().contiguous()
-        return F.group_norm(x32, self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> torch.Tensor:
     """diffusers' ``get_timestep_embedding``: ``[sin | cos]`` (``[cos | sin]`` flipped) of
@@ -177,16 +172,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
 
 
 class ResnetBlock2D(nn.Module):
-    def __init__(self, ch_in: int, ch_out: int, temb: int, cfg: UNet2DConfig, output_scale: float = 1.0):
+    def __init__(self, ch_in: int, ch_out: int, temb: int, cfg: UNet2DConfig, output_scale: float = 1.0,
+                 operations=torch_ops):
         super().__init__()
+        ops = operations
         self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
         self.output_scale = output_scale
-        self.norm1 = GroupNormFP32(cfg.norm_num_groups, ch_in, eps=cfg.norm_eps)
-        self.conv1 = nn.Conv2d(ch_in, ch_out, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, ch_out * (2 if self.scale_shift else 1))
-        self.norm2 = GroupNormFP32(cfg.norm_num_groups, ch_out, eps=cfg.norm_eps)
-        self.conv2 = nn.Conv2d(ch_out, ch_out, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else None
+        self.norm1 = group_norm32(ch_in, ops, cfg.norm_num_groups, cfg.norm_eps)
+        self.conv1 = ops.Conv2d(ch_in, ch_out, 3, padding=1)
+        self.time_emb_proj = ops.Linear(temb, ch_out * (2 if self.scale_shift else 1))
+        self.norm2 = group_norm32(ch_out, ops, cfg.norm_num_groups, cfg.norm_eps)
+        self.conv2 = ops.Conv2d(ch_out, ch_out, 3, padding=1)
+        self.conv_shortcut = ops.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -204,15 +201,17 @@ class ResnetBlock2D(nn.Module):
 class Attention(nn.Module):
     """diffusers' spatial self-attention block: optional GroupNorm, linear q/k/v, residual, rescale."""
 
-    def __init__(self, channels: int, head_dim: int | None, groups: int | None, eps: float, output_scale: float = 1.0):
+    def __init__(self, channels: int, head_dim: int | None, groups: int | None, eps: float, output_scale: float = 1.0,
+                 operations=torch_ops):
         super().__init__()
+        ops = operations
         self.heads = channels // head_dim if head_dim else 1
         self.output_scale = output_scale
-        self.group_norm = GroupNormFP32(groups, channels, eps=eps) if groups else None
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.group_norm = group_norm32(channels, ops, groups, eps) if groups else None
+        self.to_q = ops.Linear(channels, channels)
+        self.to_k = ops.Linear(channels, channels)
+        self.to_v = ops.Linear(channels, channels)
+        self.to_out = nn.ModuleList([ops.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.group_norm(x) if self.group_norm is not None else x
@@ -225,10 +224,10 @@ class Attention(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    def __init__(self, channels: int, padding: int):
+    def __init__(self, channels: int, padding: int, operations=torch_ops):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = operations.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:  # the TF-style asymmetric padding of the original DDPM
@@ -236,28 +235,21 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Nearest-neighbour upsampling in float32: bfloat16 interpolation is missing on some devices.
-        return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
-
-
 class DownBlock(nn.Module):
     """``DownBlock2D`` / ``AttnDownBlock2D``: resnets (each followed by attention) and a downsampler."""
 
-    def __init__(self, ch_in: int, ch_out: int, temb: int, cfg: UNet2DConfig, attention: bool, last: bool):
+    def __init__(self, ch_in: int, ch_out: int, temb: int, cfg: UNet2DConfig, attention: bool, last: bool,
+                 operations=torch_ops):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock2D(ch_in if i == 0 else ch_out, ch_out, temb, cfg)
+        ops = operations
+        self.resnets = nn.ModuleList(ResnetBlock2D(ch_in if i == 0 else ch_out, ch_out, temb, cfg, operations=ops)
                                      for i in range(cfg.layers_per_block))
         if attention:
-            self.attentions = nn.ModuleList(Attention(ch_out, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps)
+            self.attentions = nn.ModuleList(Attention(ch_out, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps,
+                                                      operations=ops)
                                             for _ in range(cfg.layers_per_block))
         if not last:
-            self.downsamplers = nn.ModuleList([Downsample2D(ch_out, cfg.downsample_padding)])
+            self.downsamplers = nn.ModuleList([Downsample2D(ch_out, cfg.downsample_padding, ops)])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
@@ -276,17 +268,20 @@ class UpBlock(nn.Module):
     """``UpBlock2D`` / ``AttnUpBlock2D``: resnets over [features | skip] (each followed by attention) and an upsampler."""
 
     def __init__(self, ch_in: int, ch_prev: int, ch_out: int, temb: int, cfg: UNet2DConfig, attention: bool,
-                 last: bool):
+                 last: bool, operations=torch_ops):
         super().__init__()
+        ops = operations
         n = cfg.layers_per_block + 1
         self.resnets = nn.ModuleList(
-            ResnetBlock2D((ch_prev if i == 0 else ch_out) + (ch_in if i == n - 1 else ch_out), ch_out, temb, cfg)
+            ResnetBlock2D((ch_prev if i == 0 else ch_out) + (ch_in if i == n - 1 else ch_out), ch_out, temb, cfg,
+                          operations=ops)
             for i in range(n))
         if attention:
-            self.attentions = nn.ModuleList(Attention(ch_out, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps)
+            self.attentions = nn.ModuleList(Attention(ch_out, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps,
+                                                      operations=ops)
                                             for _ in range(n))
         if not last:
-            self.upsamplers = nn.ModuleList([Upsample2D(ch_out)])
+            self.upsamplers = nn.ModuleList([Upsample(ch_out, ops)])  # nearest 2x, then conv
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
@@ -301,15 +296,16 @@ class UpBlock(nn.Module):
 class MidBlock(nn.Module):
     """``UNetMidBlock2D``: resnet, (attention), resnet."""
 
-    def __init__(self, ch: int, temb: int, cfg: UNet2DConfig):
+    def __init__(self, ch: int, temb: int, cfg: UNet2DConfig, operations=torch_ops):
         super().__init__()
         scale = cfg.mid_block_scale_factor
-        self.resnets = nn.ModuleList(ResnetBlock2D(ch, ch, temb, cfg, scale) for _ in range(2))
+        self.resnets = nn.ModuleList(ResnetBlock2D(ch, ch, temb, cfg, scale, operations) for _ in range(2))
         if cfg.add_attention:
             groups = cfg.attn_norm_num_groups
             if groups is None and cfg.resnet_time_scale_shift == "default":
                 groups = cfg.norm_num_groups
-            self.attentions = nn.ModuleList([Attention(ch, cfg.attention_head_dim, groups, cfg.norm_eps, scale)])
+            self.attentions = nn.ModuleList([Attention(ch, cfg.attention_head_dim, groups, cfg.norm_eps, scale,
+                                                       operations)])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb)
@@ -319,39 +315,43 @@ class MidBlock(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, ch_in: int, ch_out: int):
+    def __init__(self, ch_in: int, ch_out: int, operations=torch_ops):
         super().__init__()
-        self.linear_1 = nn.Linear(ch_in, ch_out)
-        self.linear_2 = nn.Linear(ch_out, ch_out)
+        self.linear_1 = operations.Linear(ch_in, ch_out)
+        self.linear_2 = operations.Linear(ch_out, ch_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
 class UNet2D(nn.Module):
-    """diffusers' ``UNet2DModel``; ``forward(x, t, y=None)`` returns the ``sample`` tensor."""
+    """diffusers' ``UNet2DModel``; ``forward(x, t, y=None)`` returns the ``sample`` tensor.
+    ``operations``: the layer namespace (``model_loaders.ops``)."""
 
-    def __init__(self, config: UNet2DConfig):
+    compute_dtype: torch.dtype | None = None  # as unet_layers.UNetTrunk's
+
+    def __init__(self, config: UNet2DConfig, operations=torch_ops):
         super().__init__()
         self.config = c = config
+        ops = operations
         widths = list(c.block_out_channels)
         temb = c.time_embedding_dim or 4 * widths[0]
-        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(widths[0], temb)
+        self.conv_in = ops.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(widths[0], temb, ops)
         if c.num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(c.num_class_embeds, temb)
+            self.class_embedding = ops.Embedding(c.num_class_embeds, temb)
         last = len(widths) - 1
         self.down_blocks = nn.ModuleList(
-            DownBlock(widths[max(i - 1, 0)], w, temb, c, c.down_block_types[i] == "AttnDownBlock2D", i == last)
+            DownBlock(widths[max(i - 1, 0)], w, temb, c, c.down_block_types[i] == "AttnDownBlock2D", i == last, ops)
             for i, w in enumerate(widths))
-        self.mid_block = MidBlock(widths[-1], temb, c) if c.mid_block_type else None
+        self.mid_block = MidBlock(widths[-1], temb, c, ops) if c.mid_block_type else None
         rev = widths[::-1]
         self.up_blocks = nn.ModuleList(
             UpBlock(rev[min(i + 1, last)], rev[max(i - 1, 0)], w, temb, c, c.up_block_types[i] == "AttnUpBlock2D",
-                    i == last)
+                    i == last, ops)
             for i, w in enumerate(rev))
-        self.conv_norm_out = GroupNormFP32(c.norm_num_groups, widths[0], eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(widths[0], c.out_channels, 3, padding=1)
+        self.conv_norm_out = group_norm32(widths[0], ops, c.norm_num_groups, c.norm_eps)
+        self.conv_out = ops.Conv2d(widths[0], c.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c, batch = self.config, x.shape[0]
@@ -360,11 +360,11 @@ class UNet2D(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(1).expand(batch) if t.numel() == 1 else t
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        emb = self.time_embedding(emb.to(self.conv_in.weight.dtype))
+        emb = self.time_embedding(emb.to(x.dtype))
         if c.num_class_embeds is not None:
             if y is None:
                 raise ValueError(f"this UNet2DModel is class-conditional ({c.num_class_embeds} classes): pass 'y'")
-            label = self.class_embedding(y.long().reshape(-1))
+            label = self.class_embedding(y.long().reshape(-1), out_dtype=x.dtype)
             emb = emb + (label.expand(batch, -1) if label.shape[0] == 1 else label)
         elif y is not None:
             raise ValueError("this UNet2DModel is unconditional: it takes no 'y'")
@@ -429,12 +429,27 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> UNet2DCon
     }
     if "mid_block.attentions.0.group_norm.weight" in sd:
         found["attn_norm_num_groups"] = 32
+    published = GOOGLE_DDPM.get((widths, found["layers_per_block"]))
+    if published is None:
+        raise ValueError(f"diffusers checkpoint: a single file without config ({', '.join(f'{k}={v}' for k, v in found.items())}) "
+                         "that matches none of google/ddpm-*'s published models, so its group-norm groups and eps, "
+                         "attention heads, time-embedding layout and downsampling padding cannot be read from the "
+                         "weights: put the model's config.json next to it (load the folder), or set 'config' (the "
+                         "text of its config.json) in the safetensors metadata")
     size = meta.get("sample_size", meta.get("resolution"))
     if size is None:
         raise ValueError(f"diffusers checkpoint: a single file without config ({', '.join(f'{k}={v}' for k, v in found.items())}); "
                          "its image size cannot be read from the weights: put the model's config.json next to it "
                          "(load the folder), or set 'sample_size' (or the whole 'config') in the safetensors metadata")
     return UNet2DConfig(sample_size=int(size), **found)
+
+
+# google/ddpm-*'s published structures (block_out_channels, layers_per_block) and names: the only
+# single files whose other options (UNet2DConfig's defaults, google/ddpm's values) are known.
+GOOGLE_DDPM = {
+    ((128, 256, 256, 256), 2): "google/ddpm-cifar10-32",
+    ((128, 128, 256, 256, 512, 512), 2): "google/ddpm-{celebahq,church,bedroom,cat}-256 (and ddpm-ema-*)",
+}
 
 
 # --- schedules ------------------------------------------------------------------------------------
@@ -493,9 +508,9 @@ def detect(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str) -> bo
         not any(".transformer_blocks." in k or "add_embedding" in k for k in sd)
 
 
-def build_network(sd: dict[str, torch.Tensor], config: UNet2DConfig, where: str) -> UNet2D:
+def build_network(sd: dict[str, torch.Tensor], config: UNet2DConfig, where: str, operations=torch_ops) -> UNet2D:
     with torch.device("meta"):
-        network = UNet2D(config)
+        network = UNet2D(config, operations)
     try:
         network.load_state_dict(rename_old_attention(sd), strict=True, assign=True)
     except RuntimeError as err:
@@ -540,7 +555,8 @@ def make_expert(network: UNet2D, name: str, alphas_cumprod: torch.Tensor, schedu
     )
 
 
-def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None,
+          operations=torch_ops) -> Expert:
     """The expert of a single diffusers weights file; ``schedule`` overrides the training schedule."""
     sd = rename_old_attention(sd)
     config = infer_config(sd, meta)
@@ -551,7 +567,7 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
         except json.JSONDecodeError as err:
             raise ValueError(f"diffusers checkpoint: metadata 'scheduler_config' is not JSON ({err})") from err
     acp, schedule_name = _schedule(sc, schedule, "diffusers checkpoint")
-    network = build_network(sd, config, "diffusers checkpoint")
+    network = build_network(sd, config, "diffusers checkpoint", operations)
     return make_expert(network, f"UNet2D-{config.sample_size}", acp, schedule_name,
                        {"config_from": "metadata" if "config" in meta else "keys (google/ddpm defaults)"},
                        scheduler_prediction(sc, "diffusers checkpoint"))
@@ -565,8 +581,10 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path}: not a readable JSON config ({err})") from err
 
 
-def build_from_folder(path: str, schedule: str | None = None) -> Expert:
-    """The expert of a diffusers model folder (or a pipeline folder with ``unet/``), see the module docstring."""
+def build_from_folder(path: str, schedule: str | None = None, operations=torch_ops,
+                      read: Callable[[str], dict[str, torch.Tensor]] = load_state_dict) -> Expert:
+    """The expert of a diffusers model folder (or a pipeline folder with ``unet/``), see the module
+    docstring; ``read`` reads the weights file (safely)."""
     folder = path.rstrip(os.sep)
     if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, "unet", "config.json")):
         folder = os.path.join(folder, "unet")
@@ -585,7 +603,7 @@ def build_from_folder(path: str, schedule: str | None = None) -> Expert:
     weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(folder, w))), None)
     if weights is None:
         raise ValueError(f"{path}: no weights in the folder (expected {' or '.join(WEIGHT_FILES)})")
-    network = build_network(load_state_dict(weights), config, weights)
+    network = build_network(read(weights), config, weights, operations)
     name = os.path.basename(os.path.dirname(folder) if os.path.basename(folder) == "unet" else folder)
     return make_expert(network, name, acp, schedule_name,
                        {"config_from": config_path, "scheduler_config": sc_path, "weights": weights},

@@ -134,13 +134,14 @@ class Expert:
         """The noise prediction in float32, casting inputs to the network's dtype and device."""
         return self.predict(x, t, condition)[0]
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor,
-                condition: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict(self, x: torch.Tensor, t: torch.Tensor, condition: Condition,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(eps, variance values)`` in float32: the values are the learned-sigma half of the output
-        (IDDPM eq. 15: -1 stands for beta~_t, 1 for beta_t), ``None`` for experts without one."""
-        param = next(self.network.parameters(), None)
-        dtype = param.dtype if param is not None else x.dtype
-        device = param.device if param is not None else x.device
+        (IDDPM eq. 15: -1 stands for beta~_t, 1 for beta_t), ``None`` for experts without one.
+        ``device``: where to compute, when the weights are not all there (a partially loaded network
+        whose layers fetch their weights); by default the weights' device."""
+        dtype, weights_device = compute_placement(self.network, x)
+        device = weights_device if device is None else device
         cond = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
                 for k, v in condition.items()}
         t = t.to(device=device, dtype=torch.float32)
@@ -166,6 +167,15 @@ class Expert:
             accepted = ", ".join(self.modalities) or "none (it is unconditional)"
             raise ValueError(f"{self.name} does not take a {modality!r} condition; it accepts: {accepted}")
         return self.encoders[modality](*args, **kwargs)
+
+
+def compute_placement(network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device ``network`` computes in: its ``compute_dtype`` attribute where set
+    (weights stored in a dtype its layers cast from, such as fp8), else its first weight's dtype;
+    its first weight's device; ``x``'s for a network without weights."""
+    param = next(network.parameters(), None)
+    dtype = getattr(network, "compute_dtype", None) or (param.dtype if param is not None else x.dtype)
+    return dtype, param.device if param is not None else x.device
 
 
 def check_image(image, what: str, channels: int, lo: float, hi: float, name: str) -> torch.Tensor:

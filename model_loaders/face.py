@@ -64,9 +64,12 @@ the safetensors metadata (guided-diffusion's option names) or the released model
 - attention downsample rates: the levels whose residual blocks carry ``.1.qkv``.
 - ``use_scale_shift_norm``: ``emb_layers.1`` has twice the block's channels.
 - ``resblock_updown``: up/down-sampling by residual blocks, or by convolutions (``op`` / ``conv``).
-- ``num_head_channels`` / ``num_heads`` / ``num_heads_upsample``: metadata, else 64 / 4 / -1 (both
-  released models: ``num_head_channels=64``).
-- ``image_size``: metadata ``large_size`` or ``image_size``, else 256.
+- ``num_head_channels`` / ``num_heads``: metadata; else 64-channel heads for the released trunk
+  (192 channels x (1, 1, 2, 2, 4, 4), 2 res blocks, attention at ds 8, 16, 32); else the file is
+  refused, naming the key (loaders never guess). ``num_heads_upsample``: metadata, else -1
+  (guided-diffusion's default; it matters only with ``num_heads``).
+- ``image_size``: metadata ``large_size`` or ``image_size``, else 256, the only size the
+  reference code (``face_utils``) builds.
 - schedule: the ``schedule`` argument, else metadata ``noise_schedule``, else ``linear``;
   metadata ``diffusion_steps``, else 1000.
 
@@ -89,12 +92,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from torch import nn
 
 from .expert import Condition, Expert, check_image
+from .ops import torch_ops
 from .schedules import alphas_cumprod_for
-from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample,
-                          assign_checkpoint, infer_trunk, timestep_embedding)
+from .unet_layers import UNetTrunk, assign_checkpoint, heads_for, infer_trunk
 
 IMAGE_CHANNELS = 3
 EMBED_DIM = 512
@@ -102,6 +104,9 @@ SLOTS = ("A", "B")
 SLOT_PARTS = {"A": "skin/face", "B": "hair"}  # face_utils/diff_test.py; see the module docstring
 NAMES = {"latest": "Face-{size} (masks+text)", "sketch": "Face-{size} sketch"}
 TRUNK_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.", "output_blocks.", "out.")
+# The released models' trunk (model_channels, num_res_blocks, channel_mult, attention_ds) and heads.
+RELEASED_TRUNK = (192, 2, (1, 1, 2, 2, 4, 4), (8, 16, 32))
+RELEASED_HEAD_CHANNELS = 64
 REQUIRED_KEYS = ("time_embed.0.weight", "input_blocks.0.0.weight", "middle_block.0.in_layers.2.weight",
                  "out.2.weight")
 
@@ -157,64 +162,32 @@ class FaceConfig:
 
 # --- the UNet -------------------------------------------------------------------------------------
 
-class FaceUNet(nn.Module):
+class FaceUNet(UNetTrunk):
     """The trunk shared by both face experts, with the checkpoints' key names.
 
     :meth:`reference_forward` takes the reference's full input; the experts' networks are the
     subclasses :class:`FaceMasksTextNet` and :class:`FaceSketchNet`, which take the 3-channel ``z``
-    and the conditions as keywords.
+    and the conditions as keywords. ``operations``: the layer namespace (``model_loaders.ops``).
     """
 
-    def __init__(self, config: FaceConfig):
-        super().__init__()
-        self.config = c = config
-        mc, tdim = c.model_channels, 4 * c.model_channels
-        self.time_embed = nn.Sequential(nn.Linear(mc, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+    def __init__(self, config: FaceConfig, operations=torch_ops):
+        c = config
+
+        def heads(ch: int, decoder: bool) -> int:
+            return heads_for(ch, c.num_head_channels, c.num_heads, c.num_heads_upsample, decoder, "face")
+
+        super().__init__(in_channels=c.in_channels, model_channels=c.model_channels, out_channels=c.out_channels,
+                         num_res_blocks=c.num_res_blocks, channel_mult=c.channel_mult, attention_ds=c.attention_ds,
+                         heads=heads, attention_order="legacy", use_scale_shift_norm=c.use_scale_shift_norm,
+                         resblock_updown=c.resblock_updown, embed_dim=c.embed_dim, operations=operations)
+        self.config = c
         if c.slot_channels:
-            self.input_blocks_convert = nn.Conv2d(c.slot_channels, IMAGE_CHANNELS, 3, padding=1)
-
-        def res(cin, cout, direction=None):
-            return ResBlock(cin, tdim, cout, c.use_scale_shift_norm, direction, c.embed_dim)
-
-        def attn(ch, heads):
-            return AttentionBlock(ch, ch // c.num_head_channels if c.num_head_channels != -1 else heads, "legacy")
-
-        ch = int(c.channel_mult[0] * mc)
-        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
-        chans, ds = [ch], 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                layers = [res(ch, int(mult * mc))]
-                ch = int(mult * mc)
-                if ds in c.attention_ds:
-                    layers.append(attn(ch, c.num_heads))
-                self.input_blocks.append(TimestepSequential(*layers))
-                chans.append(ch)
-            if level != len(c.channel_mult) - 1:
-                down = res(ch, ch, "down") if c.resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepSequential(down))
-                chans.append(ch)
-                ds *= 2
-        self.middle_block = TimestepSequential(res(ch, ch), attn(ch, c.num_heads), res(ch, ch))
-        heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
-        self.output_blocks = nn.ModuleList()
-        for level, mult in list(enumerate(c.channel_mult))[::-1]:
-            for i in range(c.num_res_blocks + 1):
-                layers = [res(ch + chans.pop(), int(mc * mult))]
-                ch = int(mc * mult)
-                if ds in c.attention_ds:
-                    layers.append(attn(ch, heads_up))
-                if level and i == c.num_res_blocks:
-                    layers.append(res(ch, ch, "up") if c.resblock_updown else Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
-                                 nn.Conv2d(int(c.channel_mult[0] * mc), c.out_channels, 3, padding=1))
+            self.input_blocks_convert = operations.Conv2d(c.slot_channels, IMAGE_CHANNELS, 3, padding=1)
 
     def reference_forward(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: the reference's input, ``[z, slot A, slot B]`` (9 channels) or ``[z, sketch]`` (6);
         ``embed``: B x 512 text embeddings (masks+text expert; zero rows or ``None`` for none)."""
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        emb = self.time_embedding(t, x.dtype)
         if self.config.slot_channels:
             z, slots = x[:, :IMAGE_CHANNELS], x[:, IMAGE_CHANNELS:]
             h = torch.cat([z, self.input_blocks_convert(slots)], dim=1)
@@ -232,15 +205,7 @@ class FaceUNet(nn.Module):
                 active = rearrange(active, "b -> b 1 1 1")
             else:
                 embed = active = None
-        cond = {"embed": embed, "active": active}
-        skips = []
-        for stage in self.input_blocks:
-            h = stage(h, emb, **cond)
-            skips.append(h)
-        h = self.middle_block(h, emb, **cond)
-        for stage in self.output_blocks:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, **cond)
-        return self.out(h)
+        return self.trunk(h, emb, embed=embed, active=active)
 
 
 def _batch(tensor: torch.Tensor, b: int) -> torch.Tensor:
@@ -312,6 +277,16 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None
                          f"take {expected_in} ([z, converted slots] or [z, sketch])")
 
     trunk = infer_trunk(sd, "face", _has_upsampler)
+    released = (mc, trunk.num_res_blocks, tuple(trunk.channel_mult), trunk.attention_ds) == RELEASED_TRUNK
+    if "num_head_channels" in meta or "num_heads" in meta:
+        head_channels = _meta_int(meta, "num_head_channels", -1)
+    elif released:
+        head_channels = RELEASED_HEAD_CHANNELS
+    else:
+        raise ValueError(f"face checkpoint: a {mc}-channel trunk with channel_mult {trunk.channel_mult} is not the "
+                         f"released one, whose heads have {RELEASED_HEAD_CHANNELS} channels, and the attention heads "
+                         f"cannot be read from the weights; set 'num_head_channels' (or 'num_heads') in the file's "
+                         f"safetensors metadata")
     mid_ch = int(sd["middle_block.0.in_layers.2.weight"].shape[0])
     scale_shift = int(sd["middle_block.0.emb_layers.1.weight"].shape[0]) == 2 * mid_ch
     resblock_updown = trunk.levels == 1 or f"input_blocks.{trunk.num_res_blocks + 1}.0.in_layers.0.weight" in sd
@@ -320,7 +295,7 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None
         in_channels=in_channels, slot_channels=slot_channels, embed_dim=embed_dim, model_channels=mc,
         out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=trunk.num_res_blocks,
         channel_mult=trunk.channel_mult, attention_ds=trunk.attention_ds,
-        num_head_channels=_meta_int(meta, "num_head_channels", 64), num_heads=_meta_int(meta, "num_heads", 4),
+        num_head_channels=head_channels, num_heads=_meta_int(meta, "num_heads", 4),
         num_heads_upsample=_meta_int(meta, "num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
         resblock_updown=resblock_updown,
     )
@@ -332,7 +307,7 @@ def describe(config: FaceConfig) -> str:
             f"blocks, attention at ds {config.attention_ds} ({config.num_head_channels} channels per head)")
 
 
-def build_network(sd: dict[str, torch.Tensor], config: FaceConfig) -> FaceUNet:
+def build_network(sd: dict[str, torch.Tensor], config: FaceConfig, operations=torch_ops) -> FaceUNet:
     """The expert's network with the checkpoint's tensors, which must match the config exactly."""
     if config.num_head_channels != -1:
         widths = {int(m * config.model_channels) for m in config.channel_mult}
@@ -341,7 +316,7 @@ def build_network(sd: dict[str, torch.Tensor], config: FaceConfig) -> FaceUNet:
             raise ValueError(f"face checkpoint: num_head_channels {config.num_head_channels} does not divide the "
                              f"widths {odd}; set num_head_channels in the safetensors metadata")
     network_class = FaceMasksTextNet if config.kind == "latest" else FaceSketchNet
-    return assign_checkpoint(lambda: network_class(config), sd, "face", describe(config))
+    return assign_checkpoint(lambda: network_class(config, operations), sd, "face", describe(config))
 
 
 # --- detection ------------------------------------------------------------------------------------
@@ -431,10 +406,11 @@ def _sketch_encoder(config: FaceConfig, name: str):
 
 # --- the expert -----------------------------------------------------------------------------------
 
-def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None,
+          operations=torch_ops) -> Expert:
     """The expert of a face checkpoint; ``schedule`` overrides the training noise schedule."""
     config = infer_config(sd, meta)
-    network = build_network(sd, config)
+    network = build_network(sd, config, operations)
     schedule = schedule or meta.get("noise_schedule") or "linear"
     name = NAMES[config.kind].format(size=config.image_size)
     size = config.image_size
@@ -450,6 +426,7 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
         encoders=encoders, null_condition=null,
         info={"config": asdict(config), "schedule": schedule, "architecture": describe(config),
               "slots": dict(SLOT_PARTS) if config.kind == "latest" else None,
-              "num_head_channels_from": "metadata" if "num_head_channels" in meta else "released default (64)",
+              "num_head_channels_from": "metadata" if "num_head_channels" in meta or "num_heads" in meta
+              else "released configuration (64)",
               "params": sum(p.numel() for p in network.parameters())},
     )

@@ -38,12 +38,29 @@ from the safetensors metadata (GLIDE's own option names) or from GLIDE's publish
 - attention downsample rates: the levels whose residual blocks carry ``.1.qkv``.
 - ``use_scale_shift_norm``: ``emb_layers.1`` has twice the block's channels.
 - ``resblock_updown``: up/down-sampling by residual blocks, or by convolutions (``op`` / ``conv``).
-- ``num_head_channels``, ``num_heads``, ``num_heads_upsample``: metadata, else GLIDE's 64 / 1 / -1.
 - ``text_ctx``, ``xf_width``: ``positional_embedding``; ``xf_layers``: ``transformer.resblocks.*``;
   ``xf_final_ln``: ``final_ln.weight``; ``xf_padding``: ``padding_embedding``; vocabulary size:
-  ``token_embedding.weight``. ``xf_heads`` cannot be read from shapes: metadata ``xf_heads``,
-  else ``xf_width // 64`` (8 for the published 512-wide transformers).
-- ``image_size``: metadata, else GLIDE's size for the number of levels (4: 64, 5: 128, 6: 256).
+  ``token_embedding.weight``.
+
+Loaders never guess. What the shapes cannot tell comes from the metadata, else from what GLIDE's
+``model_creation.py`` fixes for the published checkpoints, else the file is refused with a
+message naming the metadata keys to set:
+
+======================================  ===================================================
+not in the shapes                       without metadata
+======================================  ===================================================
+``num_head_channels`` / ``num_heads``   64-channel heads for a 192-channel trunk of a preset
+                                        ``channel_mult``; else refused
+``num_heads_upsample``                  -1 (the decoder as ``num_heads``; only used with
+                                        ``num_heads``), GLIDE's default in every release
+``xf_heads``                            8 for the 512-wide, 16-layer text transformer; else
+                                        refused (``xf_width // 64`` would be a guess)
+``image_size``                          the size whose ``channel_mult`` preset the trunk has
+                                        (64: 1,2,3,4; 128: 1,1,2,3,4; 256: 1,1,2,2,4,4); else
+                                        refused
+schedule, ``diffusion_steps``           see below
+======================================  ===================================================
+
 - schedule: the ``schedule`` argument, else metadata ``noise_schedule``, else GLIDE's defaults
   (base: ``squaredcos_cap_v2`` = ``cosine``; upsampler: ``linear``); ``diffusion_steps``, else 1000.
 """
@@ -58,33 +75,31 @@ from torch import nn
 
 from . import glide_tokenizer
 from .expert import Condition, Expert, check_image
+from .ops import layer_norm32, torch_ops
 from .schedules import alphas_cumprod_for
-from .unet_layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepSequential, Upsample, attention,
-                          assign_checkpoint, count_blocks, infer_trunk, timestep_embedding)
+from .text_encoders import PreNormBlock
+from .unet_layers import (
+    UNetTrunk,
+    assign_checkpoint,
+    attention,
+    count_blocks,
+    heads_for,
+    infer_trunk,
+)
 
 IMAGE_CHANNELS = 3
 # Input channels of the first convolution for each (super_res, inpaint) variant.
 VARIANT_IN_CHANNELS = {(False, False): 3, (True, False): 6, (False, True): 7, (True, True): 10}
-SIZE_FOR_LEVELS = {4: 64, 5: 128, 6: 256}  # GLIDE's channel_mult presets, model_creation.py
+# GLIDE's channel_mult preset for each image size (model_creation.py): the size a trunk of that
+# multiplier was made for.
+SIZE_FOR_MULT = {(1, 2, 3, 4): 64, (1, 1, 2, 3, 4): 128, (1, 1, 2, 2, 4, 4): 256}
+# What model_creation.py fixes and shapes cannot tell: 64-channel image heads for the published
+# trunks (192 channels), 8 heads for the published text transformer (512 wide, 16 layers).
+PUBLISHED_MODEL_CHANNELS = 192
+PUBLISHED_HEAD_CHANNELS = 64
+PUBLISHED_TEXT = {(512, 16): 8}
 REQUIRED_KEYS = ("token_embedding.weight", "positional_embedding", "transformer_proj.weight",
                  "time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight")
-
-
-# --- layers ---------------------------------------------------------------------------------------
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm with float32 statistics, as GLIDE's ``xf.LayerNorm``; ``norm_impl`` as the group
-    norms' (``unet_layers.set_norm``)."""
-
-    def __init__(self, width: int):
-        super().__init__(width)
-        self.norm_impl = "upcast"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm_impl == "mixed" and x.dtype in (torch.float16, torch.bfloat16):
-            return F.layer_norm(x, self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
 
 
 # --- text transformer -----------------------------------------------------------------------------
@@ -92,12 +107,12 @@ class LayerNorm32(nn.LayerNorm):
 class TextAttention(nn.Module):
     """Unmasked multi-head self-attention; ``c_qkv`` holds per head ``[q, k, v]``."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, operations=torch_ops):
         super().__init__()
         self.heads = heads
         self.attention_impl = "sdpa"
-        self.c_qkv = nn.Linear(width, 3 * width)
-        self.c_proj = nn.Linear(width, width)
+        self.c_qkv = operations.Linear(width, 3 * width)
+        self.c_proj = operations.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.c_qkv(x), "b t (n three d) -> three b n t d", n=self.heads, three=3)
@@ -106,34 +121,25 @@ class TextAttention(nn.Module):
 
 
 class TextMLP(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, operations=torch_ops):
         super().__init__()
-        self.c_fc = nn.Linear(width, 4 * width)
-        self.c_proj = nn.Linear(4 * width, width)
+        self.c_fc = operations.Linear(width, 4 * width)
+        self.c_proj = operations.Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x)))
 
 
-class TextBlock(nn.Module):
-    """Pre-LayerNorm transformer block (CLIP's ``ResidualAttentionBlock``)."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.attn = TextAttention(width, heads)
-        self.ln_1 = LayerNorm32(width)
-        self.mlp = TextMLP(width)
-        self.ln_2 = LayerNorm32(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+def text_block(width: int, heads: int, operations=torch_ops) -> PreNormBlock:
+    """GLIDE's pre-LayerNorm text block (CLIP's, unmasked, GELU, float32 norms)."""
+    return PreNormBlock(TextAttention(width, heads, operations), layer_norm32(width, operations),
+                        TextMLP(width, operations), layer_norm32(width, operations))
 
 
 class TextTransformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, operations=torch_ops):
         super().__init__()
-        self.resblocks = nn.ModuleList(TextBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(text_block(width, heads, operations) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -197,72 +203,43 @@ class GlideConfig:
         return VARIANT_IN_CHANNELS[(self.super_res, self.inpaint)]
 
 
-class GlideUNet(nn.Module):
-    """GLIDE's ``Text2ImUNet`` and its super-res / inpaint variants, with GLIDE's key names."""
+class GlideUNet(UNetTrunk):
+    """GLIDE's ``Text2ImUNet`` and its super-res / inpaint variants, with GLIDE's key names;
+    ``operations``: the layer namespace (``model_loaders.ops``)."""
 
-    def __init__(self, config: GlideConfig):
-        super().__init__()
-        self.config = cfg = config
-        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    def __init__(self, config: GlideConfig, operations=torch_ops):
+        cfg = config
 
-        def res(cin: int, cout: int, direction: str | None = None) -> ResBlock:
-            return ResBlock(cin, emb_dim, cout, cfg.use_scale_shift_norm, direction)
+        def heads(ch: int, decoder: bool) -> int:
+            return heads_for(ch, cfg.num_head_channels, cfg.num_heads, cfg.num_heads_upsample, decoder, "GLIDE")
 
-        def attn(ch: int, up: bool = False) -> AttentionBlock:
-            return AttentionBlock(ch, _num_heads(cfg, ch, up), "legacy", cfg.xf_width)
-
-        ch = int(cfg.channel_mult[0] * mc)
-        input_ch = ch
-        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
-        skips, ds = [ch], 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [res(ch, int(mult * mc))]
-                ch = int(mult * mc)
-                if ds in cfg.attention_ds:
-                    layers.append(attn(ch))
-                self.input_blocks.append(TimestepSequential(*layers))
-                skips.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                down = res(ch, ch, "down") if cfg.resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepSequential(down))
-                skips.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepSequential(res(ch, ch), attn(ch), res(ch, ch))
-
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = [res(ch + skips.pop(), int(mult * mc))]
-                ch = int(mult * mc)
-                if ds in cfg.attention_ds:
-                    layers.append(attn(ch, up=True))
-                if level and i == cfg.num_res_blocks:
-                    layers.append(res(ch, ch, "up") if cfg.resblock_updown else Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepSequential(*layers))
-
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
-
-        self.transformer = TextTransformer(cfg.xf_width, cfg.xf_layers, cfg.xf_heads)
-        self.final_ln = LayerNorm32(cfg.xf_width) if cfg.xf_final_ln else None
-        self.token_embedding = nn.Embedding(cfg.n_vocab, cfg.xf_width,
-                                            _weight=_init_normal(torch.empty(cfg.n_vocab, cfg.xf_width)))
+        super().__init__(in_channels=cfg.in_channels, model_channels=cfg.model_channels,
+                         out_channels=cfg.out_channels, num_res_blocks=cfg.num_res_blocks,
+                         channel_mult=cfg.channel_mult, attention_ds=cfg.attention_ds, heads=heads,
+                         attention_order="legacy", use_scale_shift_norm=cfg.use_scale_shift_norm,
+                         resblock_updown=cfg.resblock_updown, encoder_channels=cfg.xf_width, operations=operations)
+        self.config = cfg
+        self.transformer = TextTransformer(cfg.xf_width, cfg.xf_layers, cfg.xf_heads, operations)
+        self.final_ln = layer_norm32(cfg.xf_width, operations) if cfg.xf_final_ln else None
+        self.token_embedding = operations.Embedding(cfg.n_vocab, cfg.xf_width)
         self.positional_embedding = nn.Parameter(_init_normal(torch.empty(cfg.text_ctx, cfg.xf_width), 0.01))
         if cfg.xf_padding:
             self.padding_embedding = nn.Parameter(_init_normal(torch.empty(cfg.text_ctx, cfg.xf_width), 0.01))
-        self.transformer_proj = nn.Linear(cfg.xf_width, emb_dim)
+        self.transformer_proj = operations.Linear(cfg.xf_width, 4 * cfg.model_channels)
 
-    def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text's pooled projection (B x 4 model_channels) and token features (B x xf_width x ctx)."""
-        xf = self.token_embedding(tokens.long()) + self.positional_embedding[None]
+    def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor | None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's pooled projection (B x 4 model_channels) and token features (B x xf_width x ctx),
+        in ``dtype``."""
+        xf = self.token_embedding(tokens.long(), out_dtype=dtype)
+        # The embeddings are bare parameters, not layers: they follow the features' dtype and device.
+        xf = xf + self.positional_embedding.to(xf)[None]
         if self.config.xf_padding:
             if mask is None:
                 raise ValueError("GLIDE needs the token 'mask' with its 'tokens' (padded positions take "
                                  "the padding embedding); build both with glide_tokenizer.tokenize")
-            xf = torch.where(rearrange(mask.bool(), "b t -> b t 1"), xf, self.padding_embedding[None])
+            xf = torch.where(rearrange(mask.bool().to(xf.device), "b t -> b t 1"), xf,
+                             self.padding_embedding.to(xf)[None])
         xf = self.transformer(xf)
         if self.final_ln is not None:
             xf = self.final_ln(xf)
@@ -293,38 +270,21 @@ class GlideUNet(nn.Module):
         ``tokens`` (B x text_ctx) and ``mask`` (B x text_ctx, True on real tokens) come from
         :func:`glide_tokenizer.tokenize`; without ``tokens`` the prompt is empty (GLIDE's null).
         """
-        dtype = self.time_embed[0].weight.dtype
         if tokens is None:
             tokens, mask = (v.to(x.device).expand(x.shape[0], -1) for v in glide_tokenizer.empty_tokens(
                 self.config.text_ctx))
+        # GLIDE computes in its weights' dtype whatever the input's (its files mix fp16 and fp32).
+        dtype = self.compute_dtype or self.time_embed[0].weight.dtype
         h = self._network_input(x.to(dtype), low_res, inpaint_image, inpaint_mask)
-        emb = self.time_embed(timestep_embedding(t.to(x.device), self.config.model_channels).to(dtype))
-        xf_proj, xf_out = self.encode_text(tokens, mask)
-        emb = emb + xf_proj.to(emb.dtype)
-
-        hs = []
-        for block in self.input_blocks:
-            h = block(h, emb, xf_out)
-            hs.append(h)
-        h = self.middle_block(h, emb, xf_out)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, xf_out)
-        return self.out(h).to(x.dtype)
+        emb = self.time_embedding(t.to(x.device), dtype)
+        xf_proj, xf_out = self.encode_text(tokens, mask, dtype)
+        return self.trunk(h, emb + xf_proj.to(emb.dtype), xf_out).to(x.dtype)
 
 
 def _init_normal(weight: torch.Tensor, std: float = 1.0) -> torch.Tensor:
     # Checkpoints overwrite these; the init only matters for networks built from a config. It is
     # skipped on the meta device, where normal_ pulls in torch's slow reference ops (seconds).
     return weight if weight.is_meta else nn.init.normal_(weight, std=std)
-
-
-def _num_heads(cfg: GlideConfig, channels: int, up: bool) -> int:
-    if cfg.num_head_channels == -1:
-        return cfg.num_heads_upsample if up and cfg.num_heads_upsample != -1 else cfg.num_heads
-    if channels % cfg.num_head_channels:
-        raise ValueError(f"GLIDE checkpoint: attention width {channels} is not divisible by num_head_channels "
-                         f"{cfg.num_head_channels}; set 'num_head_channels' in the file's metadata")
-    return channels // cfg.num_head_channels
 
 
 # --- config inference -----------------------------------------------------------------------------
@@ -384,19 +344,39 @@ def infer_config(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None
                                                for i in (1, 2))
 
     text_ctx, xf_width = (int(s) for s in sd["positional_embedding"].shape)
-    xf_heads = _meta_int(meta, "xf_heads", max(1, xf_width // 64))
-    if xf_width % xf_heads:
+    xf_layers = count_blocks(sd, "transformer.resblocks")
+    published_trunk = mc == PUBLISHED_MODEL_CHANNELS and tuple(trunk.channel_mult) in SIZE_FOR_MULT
+    lacking = []
+    xf_heads = _meta_int(meta, "xf_heads", PUBLISHED_TEXT.get((xf_width, xf_layers), 0))
+    if not xf_heads:
+        lacking.append(f"'xf_heads' (the text transformer is {xf_width} wide and {xf_layers} deep; the published "
+                       f"one, 512 x 16, has 8 heads)")
+    elif xf_width % xf_heads:
         raise ValueError(f"GLIDE checkpoint: xf_width {xf_width} is not divisible by xf_heads {xf_heads}")
-    image_size = _meta_int(meta, "image_size", SIZE_FOR_LEVELS.get(trunk.levels, 256 if super_res else 64))
+    image_size = _meta_int(meta, "image_size", SIZE_FOR_MULT.get(tuple(trunk.channel_mult), 0))
+    if not image_size:
+        lacking.append(f"'image_size' (channel_mult {trunk.channel_mult} is none of GLIDE's presets)")
+    if "num_head_channels" in meta or "num_heads" in meta:
+        head_channels = _meta_int(meta, "num_head_channels", -1)
+    elif published_trunk:
+        head_channels = PUBLISHED_HEAD_CHANNELS
+    else:
+        head_channels = None
+        lacking.append(f"'num_head_channels' or 'num_heads' (a {mc}-channel trunk is not a published one, whose "
+                       f"heads have {PUBLISHED_HEAD_CHANNELS} channels)")
+    if lacking:
+        raise ValueError("GLIDE checkpoint: what the shapes cannot tell is neither in the file's safetensors "
+                         "metadata nor fixed by a published GLIDE configuration; set " + "; ".join(lacking)
+                         + " in the metadata")
 
     return GlideConfig(
         image_size=image_size, super_res=super_res, inpaint=inpaint, model_channels=mc,
         out_channels=int(sd["out.2.weight"].shape[0]), num_res_blocks=trunk.num_res_blocks,
         channel_mult=trunk.channel_mult, attention_ds=trunk.attention_ds,
-        num_head_channels=_meta_int(meta, "num_head_channels", 64), num_heads=_meta_int(meta, "num_heads", 1),
+        num_head_channels=head_channels, num_heads=_meta_int(meta, "num_heads", 1),
         num_heads_upsample=_meta_int(meta, "num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
         resblock_updown=resblock_updown, text_ctx=text_ctx, xf_width=xf_width,
-        xf_layers=count_blocks(sd, "transformer.resblocks"), xf_heads=xf_heads,
+        xf_layers=xf_layers, xf_heads=xf_heads,
         xf_final_ln="final_ln.weight" in sd, xf_padding="padding_embedding" in sd,
         n_vocab=int(sd["token_embedding.weight"].shape[0]),
     )
@@ -408,9 +388,9 @@ def schedule_for(config: GlideConfig, meta: dict[str, str], schedule: str | None
     return "cosine" if name == "squaredcos_cap_v2" else name
 
 
-def build_network(sd: dict[str, torch.Tensor], config: GlideConfig) -> GlideUNet:
+def build_network(sd: dict[str, torch.Tensor], config: GlideConfig, operations=torch_ops) -> GlideUNet:
     """The network with the checkpoint's tensors, which must match the config exactly."""
-    network = assign_checkpoint(lambda: GlideUNet(config), sd, "GLIDE", describe(config))
+    network = assign_checkpoint(lambda: GlideUNet(config, operations), sd, "GLIDE", describe(config))
     # Files saved after GLIDE's convert_to_fp16 mix fp16 and fp32 tensors; the forward wants one dtype.
     return network.to(sd["input_blocks.0.0.weight"].dtype)
 
@@ -450,10 +430,11 @@ def tokenize_with_warning(text: str, text_ctx: int = glide_tokenizer.DEFAULT_TEX
     return glide_tokenizer.tokenize(text, text_ctx)
 
 
-def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None,
+          operations=torch_ops) -> Expert:
     """The expert of a GLIDE checkpoint; ``schedule`` overrides the training noise schedule."""
     config = infer_config(sd, meta)
-    network = build_network(sd, config)
+    network = build_network(sd, config, operations)
     schedule = schedule_for(config, meta, schedule)
     name = expert_name(config)
     encoders, null = _conditioning(config, name)
@@ -464,7 +445,7 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
         prediction="eps_learned_sigma" if config.out_channels == 2 * IMAGE_CHANNELS else "eps",
         encoders=encoders, null_condition=null, null_for=blank_text, warners=_warners(config),
         info={"config": asdict(config), "schedule": schedule, "architecture": describe(config),
-              "xf_heads_from": "metadata" if "xf_heads" in meta else "xf_width // 64",
+              "xf_heads_from": "metadata" if "xf_heads" in meta else "published configuration",
               "params": sum(p.numel() for p in network.parameters())},
     )
 

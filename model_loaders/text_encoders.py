@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .ops import torch_ops
+
 CONTEXT = 77
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 ANCHOR = "token_embedding.weight"
@@ -190,15 +192,16 @@ def _read_vocab(source: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with ``nn.MultiheadAttention``'s packed parameters."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, operations=torch_ops):
         super().__init__()
         self.heads = heads
+        # Bare parameters in OpenAI's layout (nn.MultiheadAttention's), so they follow the features.
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = operations.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = F.linear(x, self.in_proj_weight.to(x), self.in_proj_bias.to(x))
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.heads)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(rearrange(a, "b h t d -> b t (h d)"))
@@ -209,28 +212,33 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+class PreNormBlock(nn.Module):
+    """Pre-LayerNorm transformer block (CLIP's ``ResidualAttentionBlock``, GLIDE's text blocks):
+    ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, attn: nn.Module, ln_1: nn.Module, mlp: nn.Module, ln_2: nn.Module):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+        self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
+def residual_attention_block(width: int, heads: int, operations=torch_ops) -> PreNormBlock:
+    """CLIP's block: causal attention, and an MLP with QuickGELU named ``c_fc`` / ``c_proj``."""
+    mlp = nn.Sequential()
+    mlp.add_module("c_fc", operations.Linear(width, 4 * width))
+    mlp.add_module("gelu", QuickGELU())
+    mlp.add_module("c_proj", operations.Linear(4 * width, width))
+    return PreNormBlock(CausalSelfAttention(width, heads, operations), operations.LayerNorm(width), mlp,
+                        operations.LayerNorm(width))
+
+
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, operations=torch_ops):
         super().__init__()
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[residual_attention_block(width, heads, operations) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resblocks(x)
@@ -246,22 +254,25 @@ class ClipTextTower(nn.Module):
         layers (`int`): transformer blocks, 12.
         heads (`int`): attention heads, 8.
         embed_dim (`int`): size of the projected embedding, 512.
+        operations: the layer namespace (``model_loaders.ops``).
     """
 
-    def __init__(self, vocab_size: int, context: int, width: int, layers: int, heads: int, embed_dim: int):
+    def __init__(self, vocab_size: int, context: int, width: int, layers: int, heads: int, embed_dim: int,
+                 operations=torch_ops):
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.token_embedding = operations.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context, width))
-        self.transformer = Transformer(width, layers, heads)
-        self.ln_final = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, operations)
+        self.ln_final = operations.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.token_embedding(tokens)
+        x = x + self.positional_embedding.to(x)
         x = self.ln_final(self.transformer(x))
         # The end-of-text token has the largest id, so argmax finds it (OpenAI's pooling).
         pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return pooled @ self.text_projection
+        return pooled @ self.text_projection.to(pooled)
 
 
 def _text_state(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -283,9 +294,9 @@ def _text_state(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tenso
 
 
 def build_tower(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None, name: str = "text encoder",
-                heads: int | None = None) -> ClipTextTower:
+                heads: int | None = None, operations=torch_ops) -> ClipTextTower:
     """The text tower of a CLIP/FaRL state dict (see the module docstring for what is read where;
-    ``heads`` overrides the metadata and the ``width // 64`` rule)."""
+    ``heads`` overrides the metadata and the ``width // 64`` rule; ``operations``: the layer namespace)."""
     meta = meta or {}
     sd = _text_state(sd, name)
     vocab_size, width = (int(s) for s in sd["token_embedding.weight"].shape)
@@ -294,7 +305,7 @@ def build_tower(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None,
     heads = int(heads or meta.get("heads") or meta.get("transformer_heads") or max(1, width // 64))
     if width % heads:
         raise ValueError(f"{name}: width {width} is not divisible by {heads} heads")
-    tower = ClipTextTower(vocab_size, context, width, layers, heads, int(sd["text_projection"].shape[1]))
+    tower = ClipTextTower(vocab_size, context, width, layers, heads, int(sd["text_projection"].shape[1]), operations)
     try:
         tower.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     except RuntimeError as err:

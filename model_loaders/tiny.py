@@ -43,6 +43,7 @@ from einops import rearrange
 from torch import nn
 
 from .expert import Condition, Expert
+from .ops import torch_ops
 from .schedules import alphas_cumprod_at, alphas_cumprod_for
 
 MODALITIES = ("class", "colour", "layout")
@@ -58,19 +59,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels // 4), channels)
+def norm(channels: int, operations=torch_ops) -> nn.GroupNorm:
+    return operations.GroupNorm(min(8, channels // 4), channels)
 
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time and condition embedding added in between."""
 
-    def __init__(self, cin: int, cout: int, emb: int):
+    def __init__(self, cin: int, cout: int, emb: int, operations=torch_ops):
         super().__init__()
-        self.in_layers = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
-        self.emb = nn.Linear(emb, cout)
-        self.out_layers = nn.Sequential(norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        ops = operations
+        self.in_layers = nn.Sequential(norm(cin, ops), nn.SiLU(), ops.Conv2d(cin, cout, 3, padding=1))
+        self.emb = ops.Linear(emb, cout)
+        self.out_layers = nn.Sequential(norm(cout, ops), nn.SiLU(), ops.Conv2d(cout, cout, 3, padding=1))
+        self.skip = ops.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x) + self.emb(emb)[:, :, None, None]
@@ -80,11 +82,11 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Single-head self-attention over the pixels of a small feature map."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=torch_ops):
         super().__init__()
-        self.norm = norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.norm = norm(channels, operations)
+        self.qkv = operations.Conv2d(channels, 3 * channels, 1)
+        self.proj = operations.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -104,10 +106,11 @@ class VarianceHead(nn.Module):
     that spans decades sits in the last thousandths of [-1, 1] and the loss had no usable slope.
     """
 
-    def __init__(self, channels: int, out_channels: int, emb: int):
+    def __init__(self, channels: int, out_channels: int, emb: int, operations=torch_ops):
         super().__init__()
-        self.block = ResBlock(channels, channels, emb)
-        self.out = nn.Sequential(norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.block = ResBlock(channels, channels, emb, operations)
+        self.out = nn.Sequential(norm(channels, operations), nn.SiLU(),
+                                 operations.Conv2d(channels, out_channels, 3, padding=1))
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.out(self.block(h, emb))
@@ -146,53 +149,56 @@ class TinyUNet(nn.Module):
             network four times cheaper, which is what lets it train and sample on a CPU.
         alphas_cumprod (`torch.Tensor`, *optional*): the schedule, needed with a variance head:
             the output is then ``[prediction | IDDPM variance values]`` (6 channels).
+        operations: the layer namespace (``model_loaders.ops``).
     """
 
     def __init__(self, modality: str, widths=(32, 64, 64), res_blocks: int = 1, attention: bool = True,
-                 vocabulary_size: int = 6, patch: int = 1, alphas_cumprod: torch.Tensor | None = None):
+                 vocabulary_size: int = 6, patch: int = 1, alphas_cumprod: torch.Tensor | None = None,
+                 operations=torch_ops):
         super().__init__()
+        ops = operations
         if modality not in MODALITIES:
             raise ValueError(f"unknown tiny modality {modality!r}; expected one of {MODALITIES}")
         self.modality = modality
         c0 = widths[0]
         emb = 4 * c0
         self.time_dim = c0
-        self.time_embed = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time_embed = nn.Sequential(ops.Linear(c0, emb), nn.SiLU(), ops.Linear(emb, emb))
         if modality == "class":
-            self.cond_embed = nn.Embedding(NUM_CLASSES + 1, emb)
+            self.cond_embed = ops.Embedding(NUM_CLASSES + 1, emb)
         elif modality == "colour":
-            self.cond_embed = nn.Embedding(vocabulary_size + 1, emb)
+            self.cond_embed = ops.Embedding(vocabulary_size + 1, emb)
         extra = 2 if modality == "layout" else 0
         self.patch = patch
-        self.conv_in = nn.Conv2d((3 + extra) * patch**2, c0, 3, padding=1)
+        self.conv_in = ops.Conv2d((3 + extra) * patch**2, c0, 3, padding=1)
 
         self.down = nn.ModuleList()
         skips, ch = [c0], c0
         for level, width in enumerate(widths):
             for _ in range(res_blocks):
-                self.down.append(ResBlock(ch, width, emb))
+                self.down.append(ResBlock(ch, width, emb, ops))
                 ch = width
                 skips.append(ch)
                 if attention and level == len(widths) - 1:
-                    self.down.append(Attention(ch))
+                    self.down.append(Attention(ch, ops))
             if level < len(widths) - 1:
-                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                self.down.append(ops.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb)] + ([Attention(ch)] if attention else []))
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb, ops)] + ([Attention(ch, ops)] if attention else []))
         self.up = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             for i in range(res_blocks + 1):
-                self.up.append(ResBlock(ch + skips.pop(), width, emb))
+                self.up.append(ResBlock(ch + skips.pop(), width, emb, ops))
                 ch = width
                 if attention and level == len(widths) - 1:
-                    self.up.append(Attention(ch))
+                    self.up.append(Attention(ch, ops))
             if level > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, 3 * patch**2, 3, padding=1))
+        self.out = nn.Sequential(norm(ch, ops), nn.SiLU(), ops.Conv2d(ch, 3 * patch**2, 3, padding=1))
         # A head of its own, not more channels of ``out``: it can be trained on frozen features and
         # added to a finished expert without changing its predictions. It sees the time and
         # condition embedding again, because the variance it stands for spans decades over t.
-        self.variance = VarianceHead(ch, 3 * patch**2, emb) if alphas_cumprod is not None else None
+        self.variance = VarianceHead(ch, 3 * patch**2, emb, ops) if alphas_cumprod is not None else None
         # A plain float64 attribute, not a buffer: casting the network to fp16 must not round the schedule.
         self.alphas_cumprod = alphas_cumprod.to(torch.float64) if alphas_cumprod is not None else None
 
@@ -200,9 +206,9 @@ class TinyUNet(nn.Module):
                 colour: torch.Tensor | None = None, layout: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.time_dim).to(x.dtype))
         if self.modality == "class":
-            emb = emb + self.cond_embed(_required(y, "y"))
+            emb = emb + self.cond_embed(_required(y, "y"), out_dtype=emb.dtype)
         elif self.modality == "colour":
-            emb = emb + self.cond_embed(_required(colour, "colour"))
+            emb = emb + self.cond_embed(_required(colour, "colour"), out_dtype=emb.dtype)
         else:
             layout = _required(layout, "layout").to(x.dtype)
             # A batch-1 map is shared by every image, as embeddings of batch-1 labels are.
@@ -258,11 +264,11 @@ def default_config(modality: str) -> dict[str, Any]:
     }
 
 
-def network_from_config(config: dict[str, Any]) -> TinyUNet:
+def network_from_config(config: dict[str, Any], operations=torch_ops) -> TinyUNet:
     table = alphas_cumprod_for(config["schedule"]) if config.get("learned_sigma") else None
     return TinyUNet(config["modality"], tuple(config["widths"]), int(config["res_blocks"]),
                     bool(config["attention"]), len(config.get("vocabulary") or []) or 6, int(config.get("patch", 1)),
-                    table)
+                    table, operations)
 
 
 def metadata_for(config: dict[str, Any]) -> dict[str, str]:
@@ -286,11 +292,13 @@ def read_config(meta: dict[str, str]) -> dict[str, Any]:
     return config
 
 
-def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None) -> Expert:
-    """The expert of a tiny checkpoint; ``schedule`` overrides the one in its metadata."""
+def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedule: str | None = None,
+          operations=torch_ops) -> Expert:
+    """The expert of a tiny checkpoint; ``schedule`` overrides the one in its metadata; ``operations``:
+    the layer namespace (``model_loaders.ops``)."""
     config = read_config(meta)
     schedule = schedule or config["schedule"]
-    network = network_from_config({**config, "schedule": schedule})
+    network = network_from_config({**config, "schedule": schedule}, operations)
     try:
         missing, unexpected = network.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     except RuntimeError as err:  # shape mismatches

@@ -19,23 +19,28 @@ are the expert's, see ``model_loaders.speed``):
   ``QKVAttention`` computes it.
 - norm ``"upcast"`` (default): group norms cast their input to float32, normalise, and cast back,
   as guided-diffusion's ``GroupNorm32``; ``"mixed"``: one group-norm kernel on the half-precision
-  input with float32 affine parameters, which accumulates its statistics in float32 itself
-  (fewer kernels and less memory traffic; same float32 statistics).
+  input, which accumulates its statistics in float32 itself (fewer kernels and less memory
+  traffic; same float32 statistics).
+
+Every layer with weights comes from the ``operations`` namespace a network is built with
+(``model_loaders.ops``; ComfyUI passes its ``comfy.ops``), as ComfyUI's own UNets take them.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .ops import NORM_IMPLS, group_norm32, torch_ops
+
 ATTENTION_ORDERS = ("new", "legacy")
 ATTENTION_IMPLS = ("sdpa", "math")
-NORM_IMPLS = ("upcast", "mixed")
 
 
 # --- functions ------------------------------------------------------------------------------------
@@ -73,25 +78,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sd
 
 # --- layers ---------------------------------------------------------------------------------------
 
-class GroupNorm32(nn.GroupNorm):
+def GroupNorm32(channels: int, groups: int = 32, operations=torch_ops) -> nn.Module:
     """GroupNorm with 32 groups and float32 statistics whatever the weights' dtype, as
     guided-diffusion's ``GroupNorm32`` (half-precision statistics over large groups lose too much)."""
-
-    def __init__(self, channels: int, groups: int = 32):
-        super().__init__(groups, channels)
-        self.norm_impl = "upcast"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        if self.norm_impl == "mixed" and x.dtype in (torch.float16, torch.bfloat16):
-            return F.group_norm(x, self.num_groups, w, b, self.eps)
-        x32 = x.float()
-        if x32.device.type == "cpu":
-            # The CPU channels_last kernel loses precision when a group's mean is large (3e-5 against
-            # 5e-7 at mean 30), which the time-embedding offsets make common.
-            x32 = x32.contiguous()
-        return F.group_norm(x32, self.num_groups, w, b, self.eps).to(x.dtype)
+    return group_norm32(channels, operations, groups)
 
 
 class ResBlock(nn.Module):
@@ -104,19 +94,21 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, scale_shift: bool,
-                 direction: str | None = None, embed_dim: int = 0):
+                 direction: str | None = None, embed_dim: int = 0, operations=torch_ops):
         super().__init__()
+        ops = operations
         film = out_channels * (2 if scale_shift else 1)
         self.scale_shift = scale_shift
         self.direction = direction
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, film))
-        self.cond_emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, film)) if embed_dim else None
+        self.in_layers = nn.Sequential(GroupNorm32(channels, operations=ops), nn.SiLU(),
+                                       ops.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, film))
+        self.cond_emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(embed_dim, film)) if embed_dim else None
         # Index 2 held dropout in training; kept as a placeholder so that out_layers.3 keeps its name.
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels, operations=ops), nn.SiLU(), nn.Identity(),
+                                        ops.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else ops.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, embed: torch.Tensor | None = None,
                 active: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,9 +139,9 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     """Strided 3x3 convolution (``resblock_updown=False``)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=torch_ops):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = operations.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -158,12 +150,30 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest 2x then a 3x3 convolution (``resblock_updown=False``)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=torch_ops):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = operations.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(resample(x, "up"))
+
+
+POINTWISE = ("qkv", "proj_out")
+
+
+def _pointwise_from_checkpoint(module, state_dict, prefix, *args) -> None:
+    # Checkpoints hold qkv and proj_out as 1-D convolutions (C' x C x 1); they run as 1x1 2-D ones.
+    for name in POINTWISE:
+        key = f"{prefix}{name}.weight"
+        if key in state_dict and state_dict[key].ndim == 3:
+            state_dict[key] = state_dict[key][..., None]
+
+
+def _pointwise_to_checkpoint(module, state_dict, prefix, *args) -> None:
+    for name in POINTWISE:
+        key = f"{prefix}{name}.weight"
+        if key in state_dict and state_dict[key].ndim == 4:
+            state_dict[key] = state_dict[key][..., 0]
 
 
 class AttentionBlock(nn.Module):
@@ -172,12 +182,13 @@ class AttentionBlock(nn.Module):
 
     ``order`` is the layout of ``qkv``'s rows: ``"new"`` (``QKVAttention``: ``[Q | K | V]``, then
     heads) or ``"legacy"`` (``QKVAttentionLegacy``, GLIDE, the face experts: heads, then ``[q, k, v]``
-    inside each head); ``encoder_kv`` holds ``[k, v]`` per head. ``qkv`` and ``proj_out`` stay 1-D
-    convolutions (their checkpoint shapes are ``C' x C x 1``) but run as 1x1 2-D convolutions, so
-    channels_last features reach the attention kernel without a reshuffle.
+    inside each head); ``encoder_kv`` holds ``[k, v]`` per head. ``qkv`` and ``proj_out`` are 1-D
+    convolutions in checkpoints (``C' x C x 1``) but 1x1 2-D convolutions here (state-dict hooks
+    convert both ways), so channels_last features reach the attention kernel without a reshuffle.
     """
 
-    def __init__(self, channels: int, heads: int, order: str = "legacy", encoder_channels: int | None = None):
+    def __init__(self, channels: int, heads: int, order: str = "legacy", encoder_channels: int | None = None,
+                 operations=torch_ops):
         super().__init__()
         if order not in ATTENTION_ORDERS:
             raise ValueError(f"attention_order must be one of {ATTENTION_ORDERS}, got {order!r}")
@@ -185,20 +196,21 @@ class AttentionBlock(nn.Module):
         self.attention_impl = "sdpa"
         self.pattern = "b (three h c) x y -> three b h (x y) c" if order == "new" else \
             "b (h three c) x y -> three b h (x y) c"
-        self.norm = GroupNorm32(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.norm = GroupNorm32(channels, operations=operations)
+        self.qkv = operations.Conv2d(channels, 3 * channels, 1)
         if encoder_channels:
-            self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
+            self.encoder_kv = operations.Conv1d(encoder_channels, 2 * channels, 1)
+        self.proj_out = operations.Conv2d(channels, channels, 1)
+        self._register_load_state_dict_pre_hook(_pointwise_from_checkpoint, with_module=True)
+        self._register_state_dict_hook(_pointwise_to_checkpoint)
 
     def forward(self, x: torch.Tensor, encoder_out: torch.Tensor | None = None) -> torch.Tensor:
-        qkv = F.conv2d(self.norm(x), self.qkv.weight[..., None], self.qkv.bias)
-        q, k, v = rearrange(qkv, self.pattern, three=3, h=self.heads)
+        q, k, v = rearrange(self.qkv(self.norm(x)), self.pattern, three=3, h=self.heads)
         if encoder_out is not None:
             ek, ev = rearrange(self.encoder_kv(encoder_out), "b (h two c) s -> two b h s c", h=self.heads, two=2)
             k, v = torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
         a = rearrange(attention(q, k, v, self.attention_impl), "b h (x y) c -> b (h c) x y", x=x.shape[2])
-        return x + F.conv2d(a, self.proj_out.weight[..., None], self.proj_out.bias)
+        return x + self.proj_out(a)
 
 
 class TimestepSequential(nn.Sequential):
@@ -218,25 +230,131 @@ class TimestepSequential(nn.Sequential):
         return x
 
 
+# --- the trunk ------------------------------------------------------------------------------------
+
+def heads_for(channels: int, num_head_channels: int, num_heads: int, num_heads_upsample: int = -1,
+              decoder: bool = False, family: str = "ADM") -> int:
+    """Attention heads of a block of ``channels`` channels, as guided-diffusion counts them:
+    ``channels // num_head_channels``, else ``num_heads`` (``num_heads_upsample`` on the way up)."""
+    if num_head_channels != -1:
+        if channels % num_head_channels:
+            raise ValueError(f"{family} checkpoint: attention width {channels} is not divisible by "
+                             f"num_head_channels {num_head_channels}; set 'num_head_channels' (or 'num_heads') "
+                             f"in the file's safetensors metadata")
+        return channels // num_head_channels
+    heads = num_heads_upsample if decoder and num_heads_upsample != -1 else num_heads
+    if channels % heads:
+        raise ValueError(f"{family} checkpoint: attention width {channels} is not divisible by num_heads {heads}")
+    return heads
+
+
+class UNetTrunk(nn.Module):
+    """guided-diffusion's UNet trunk with its key names: ``time_embed``, ``input_blocks``,
+    ``middle_block``, ``output_blocks`` and ``out``. ADM, GLIDE and the face experts subclass it
+    and add their own inputs (class embedding, text transformer, slot mixer).
+
+    Args:
+        in_channels, model_channels, out_channels, num_res_blocks, channel_mult, attention_ds:
+            guided-diffusion's options (``attention_ds`` are the downsampling rates with attention).
+        heads (`Callable[[int, bool], int]`): attention heads for a width, on the way up or not.
+        attention_order (`str`): ``qkv`` row layout, ``"new"`` or ``"legacy"``.
+        use_scale_shift_norm, resblock_updown (`bool`): guided-diffusion's options.
+        encoder_channels (`int`, *optional*): width of text features every attention block attends
+            to (GLIDE's ``encoder_kv``).
+        embed_dim (`int`): width of a condition embedding every residual block takes as a second
+            FiLM (the face experts' ``cond_emb_layers``); 0 for none.
+        operations: the layer namespace (``model_loaders.ops``).
+    """
+
+    def __init__(self, *, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
+                 channel_mult: tuple, attention_ds: tuple, heads: Callable[[int, bool], int],
+                 attention_order: str = "legacy", use_scale_shift_norm: bool = True, resblock_updown: bool = True,
+                 encoder_channels: int | None = None, embed_dim: int = 0, operations=torch_ops):
+        super().__init__()
+        ops = operations
+        emb_ch = 4 * model_channels
+        self.time_embed = nn.Sequential(ops.Linear(model_channels, emb_ch), nn.SiLU(), ops.Linear(emb_ch, emb_ch))
+
+        def res(cin: int, cout: int, direction: str | None = None) -> ResBlock:
+            return ResBlock(cin, emb_ch, cout, use_scale_shift_norm, direction, embed_dim, operations=ops)
+
+        def stage(cin: int, cout: int, ds: int, decoder: bool = False) -> TimestepSequential:
+            layers = [res(cin, cout)]
+            if ds in attention_ds:
+                layers.append(AttentionBlock(cout, heads(cout, decoder), attention_order, encoder_channels,
+                                             operations=ops))
+            return TimestepSequential(*layers)
+
+        widths = [int(m * model_channels) for m in channel_mult]
+        ch = widths[0]
+        self.input_blocks = nn.ModuleList([TimestepSequential(ops.Conv2d(in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1
+        for level, width in enumerate(widths):
+            for _ in range(num_res_blocks):
+                self.input_blocks.append(stage(ch, width, ds))
+                ch = width
+                skips.append(ch)
+            if level != len(widths) - 1:
+                down = res(ch, ch, "down") if resblock_updown else Downsample(ch, operations=ops)
+                self.input_blocks.append(TimestepSequential(down))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = TimestepSequential(
+            res(ch, ch), AttentionBlock(ch, heads(ch, False), attention_order, encoder_channels, operations=ops),
+            res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            for i in range(num_res_blocks + 1):
+                block = stage(ch + skips.pop(), width, ds, decoder=True)
+                ch = width
+                if level and i == num_res_blocks:
+                    block.append(res(ch, ch, "up") if resblock_updown else Upsample(ch, operations=ops))
+                    ds //= 2
+                self.output_blocks.append(block)
+        self.out = nn.Sequential(GroupNorm32(ch, operations=ops), nn.SiLU(),
+                                 ops.Conv2d(widths[0], out_channels, 3, padding=1))
+
+    # The dtype the network computes in where it is not its weights' (weights stored in fp8 and cast
+    # layer by layer); Expert.predict reads it.
+    compute_dtype: torch.dtype | None = None
+
+    def time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``time_embed`` of the sinusoidal embedding of ``t``, in ``dtype``."""
+        return self.time_embed(timestep_embedding(t, self.time_embed[0].in_features).to(dtype))
+
+    def trunk(self, h: torch.Tensor, emb: torch.Tensor, encoder_out: torch.Tensor | None = None,
+              embed: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet from its first convolution's input ``h`` to ``out``."""
+        cond = {"encoder_out": encoder_out, "embed": embed, "active": active}
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, **cond)
+            skips.append(h)
+        h = self.middle_block(h, emb, **cond)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, **cond)
+        return self.out(h)
+
+
 # --- levers ---------------------------------------------------------------------------------------
+
+def _set_lever(network: nn.Module, attribute: str, impl: str, choices: tuple, what: str) -> None:
+    if impl not in choices:
+        raise ValueError(f"{what} implementation must be one of {choices}, got {impl!r}")
+    for m in network.modules():
+        if hasattr(m, attribute):
+            setattr(m, attribute, impl)
+
 
 def set_attention(network: nn.Module, impl: str) -> None:
     """Every attention of ``network`` (image and text) through ``impl``: ``"sdpa"`` or ``"math"``."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    for m in network.modules():
-        if hasattr(m, "attention_impl"):
-            m.attention_impl = impl
+    _set_lever(network, "attention_impl", impl, ATTENTION_IMPLS, "attention")
 
 
 def set_norm(network: nn.Module, impl: str) -> None:
-    """Every float32-statistics norm of ``network`` (group norms, GLIDE's text layer norms) through
-    ``impl``: ``"upcast"`` or ``"mixed"`` (module docstring)."""
-    if impl not in NORM_IMPLS:
-        raise ValueError(f"norm implementation must be one of {NORM_IMPLS}, got {impl!r}")
-    for m in network.modules():
-        if hasattr(m, "norm_impl"):
-            m.norm_impl = impl
+    """Every float32-statistics norm of ``network`` (``ops.float32_norm``: group norms, text layer
+    norms) through ``impl``: ``"upcast"`` or ``"mixed"`` (module docstring)."""
+    _set_lever(network, "norm_impl", impl, NORM_IMPLS, "norm")
 
 
 # --- from a state dict ---------------------------------------------------------------------------

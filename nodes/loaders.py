@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from .. import model_loaders
 from ..model_loaders import speed
+from ..samplers.comfy import loading as comfy_loading
 from ..samplers.comfy import models as comfy_models
 from .common import CATEGORY, Expert, TextEncoder, check_choice, node_input
 
@@ -98,10 +99,10 @@ class PoEExpertLoader(io.ComfyNode):
                                  "set compile to off")
         with node_input(node, "expert_name"):
             path = expert_path(expert_name)
-            expert = model_loaders.load_expert(path, family=family,
-                                               schedule=None if schedule == "published" else schedule)
+            expert, notes = comfy_loading.load_expert(
+                path, family, None if schedule == "published" else schedule,
+                lambda n: comfy_models.inference_dtype(dtype, n, None if device == "auto" else load_device), load_device)
         n_params = sum(p.numel() for p in expert.network.parameters())
-        expert.network.to(comfy_models.inference_dtype(dtype, n_params, None if device == "auto" else load_device))
         speed.set_channels_last(expert, bool(channels_last))
         speed.compile_expert(expert, compile)
         handle = comfy_models.wrap_expert(expert, device)
@@ -111,6 +112,7 @@ class PoEExpertLoader(io.ComfyNode):
             summary += f" · on {load_device}"
         if compile != "off":
             summary += f" · torch.compile {compile} (compiles on its first prompt)"
+        summary += "".join(f" · {note}" for note in notes)
         return io.NodeOutput(handle, ui={"text": (summary,)})
 
 

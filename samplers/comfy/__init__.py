@@ -4,6 +4,8 @@ One job per module:
 
 - ``models``: each expert as a ComfyUI ``BaseModel`` in a ``ModelPatcher``, the product's
   weightless model, and the device and dtype policy of the loaders.
+- ``loading``: native experts read by ComfyUI's checkpoint reader and built on its layers
+  (``comfy.ops``), so ModelPatcher can cast, stream and partially load them.
 - ``guider``: the product as a ``CFGGuider`` subclass (``ProductGuider``) that overrides only
   ``predict_noise``.
 - ``sampling``: ComfyUI's sampler and scheduler lists, sigmas over the common range, and one
@@ -34,6 +36,9 @@ is checked against this list (``tests/test_layers.py`` fails on a name used but 
   comfy.samplers.SAMPLER_NAMES, comfy.samplers.SCHEDULER_NAMES
 - comfy.k_diffusion.sampling.BrownianTreeNoiseSampler
 - comfy.sample.prepare_noise, comfy.sampler_helpers.prepare_mask, comfy.utils.PROGRESS_BAR_ENABLED
+- comfy.utils.load_torch_file (``safe_load``, ``return_metadata``), comfy.ops.pick_operations,
+  comfy.ops.manual_cast (``GroupNorm``, ``LayerNorm``, ``Embedding``, ``comfy_cast_weights``),
+  comfy.model_management.unet_manual_cast
 - latent_preview.prepare_callback (progress bar and x0 previews)
 - model_options keys: ``transformer_options`` (``sample_sigmas``), ``sampler_post_cfg_function``
 """

@@ -71,6 +71,8 @@ class ExpertModel(comfy.model_base.BaseModel):
     def __init__(self, expert, device=None):
         super().__init__(_PixelConfig({"disable_unet_model_creation": True}), comfy.model_base.ModelType.EPS, device=device)
         self.expert = expert
+        # The dtype weights stored in fp8 (say) are cast to, which ComfyUI's memory estimates read.
+        self.manual_cast_dtype = getattr(expert.network, "compute_dtype", None)
         self.diffusion_model = _ExpertUNet(expert)
         self.model_sampling = ContinuousModelSampling(expert.alphas_cumprod)
 
@@ -78,7 +80,8 @@ class ExpertModel(comfy.model_base.BaseModel):
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x)
         timestep = self.model_sampling.timestep(sigma)
-        eps, values = self.expert.predict(xc, timestep, condition)
+        # x is on the patcher's load device; a partially loaded expert's layers fetch their weights there.
+        eps, values = self.expert.predict(xc, timestep, condition, device=x.device)
         sink = transformer_options.get(VARIANCE_SINK)
         if sink is not None:
             # The variance rides on transformer_options because apply_model returns one tensor.

@@ -146,7 +146,7 @@ def test_pipeline_layout_and_schedules(tmp_path):
     assert torch.equal(cosine.alphas_cumprod, model_loaders.alphas_cumprod_for("cosine"))
 
 
-def test_old_attention_key_names(tmp_path):
+def test_old_attention_key_names(tmp_path, monkeypatch):
     config = CONFIGS["attention"]
     ref = reference(config)
     new_names = {v: k for k, v in du.OLD_ATTENTION_NAMES.items()}
@@ -162,7 +162,9 @@ def test_old_attention_key_names(tmp_path):
     torch.save(sd, folder / "diffusion_pytorch_model.bin")
     expert = model_loaders.load_expert(str(folder))
     assert compare(expert, ref, config) <= TOL
-    # The same renamed keys in a single file, whose config is inferred from the keys.
+    # The same renamed keys in a single file, whose config is inferred from the keys (as for a
+    # published google/ddpm structure; this reduced one stands in for them).
+    monkeypatch.setitem(du.GOOGLE_DDPM, ((32, 64), 2), "google/ddpm-style test model")
     path = tmp_path / "old_single.safetensors"
     save_file(sd, str(path), metadata={"sample_size": "16"})
     single = model_loaders.load_expert(str(path), family="auto")
@@ -181,15 +183,31 @@ def test_single_file_config_from_keys_and_metadata(tmp_path):
     expert = model_loaders.load_expert(str(path))
     assert expert.name == "UNet2D-16" and expert.info["schedule"] == "squaredcos_cap_v2"
     assert compare(expert, ref, config) <= TOL
-    # Without metadata: the structure comes from the keys, the size is missing.
+    # Without metadata: the structure comes from the keys, but it is no published google/ddpm one, so
+    # its heads (8-channel here, one head for google/ddpm), groups and time embedding would be guesses.
     bare = tmp_path / "bare.safetensors"
-    save_file(sd, str(bare))
+    save_file(sd, str(bare), metadata={"sample_size": "16"})
     message = load_error(bare)
     assert "diffusers checkpoint: a single file without config (block_out_channels=(16, 32, 32), layers_per_block=1, " \
            "down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D')" in message
     assert "num_class_embeds=10, resnet_time_scale_shift='scale_shift'" not in message  # values are printed plainly
     assert "num_class_embeds=10, resnet_time_scale_shift=scale_shift" in message
-    assert message.endswith("set 'sample_size' (or the whole 'config') in the safetensors metadata")
+    assert "matches none of google/ddpm-*'s published models" in message
+    assert message.endswith("or set 'config' (the text of its config.json) in the safetensors metadata")
+
+
+def test_single_file_of_a_published_structure_needs_its_size(tmp_path, monkeypatch):
+    config = CONFIGS["no-attention"]
+    monkeypatch.setitem(du.GOOGLE_DDPM, ((32, 64), 2), "google/ddpm-style test model")
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in reference(config).state_dict().items()}, str(bare))
+    with pytest.raises(ValueError) as err:
+        model_loaders.load_expert(str(bare))
+    assert str(err.value).endswith("set 'sample_size' (or the whole 'config') in the safetensors metadata")
+
+
+CONSISTENCY = ("consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not "
+               "eps predictors, so they cannot join a product of experts")
 
 
 def test_consistency_models_are_refused(tmp_path):
@@ -198,10 +216,8 @@ def test_consistency_models_are_refused(tmp_path):
     folder = tmp_path / "diffusers-cd_tiny"
     ref.save_pretrained(str(folder))
     write_scheduler(folder, _class_name="CMStochasticIterativeScheduler")
-    assert load_error(folder) == (
-        f"{folder / 'scheduler_config.json'}: a CMStochasticIterativeScheduler, so this is a consistency model; "
-        "consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not eps "
-        "predictors, so they cannot join a product of experts")
+    assert load_error(folder) == (f"{folder / 'scheduler_config.json'}: a CMStochasticIterativeScheduler, so this is "
+                               f"a consistency model; {CONSISTENCY}")
     # The CD UNets' own layout (residual up/down-sampling), with an ordinary scheduler config.
     cd = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32,
               down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
@@ -211,10 +227,8 @@ def test_consistency_models_are_refused(tmp_path):
     folder = tmp_path / "cd_layout"
     cd_ref.save_pretrained(str(folder))
     write_scheduler(folder)
-    assert load_error(folder) == (
-        f"{folder / 'config.json'}: residual up/down-sampling blocks, the layout of OpenAI's consistency-model "
-        "UNets; consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not "
-        "eps predictors, so they cannot join a product of experts")
+    assert load_error(folder) == (f"{folder / 'config.json'}: residual up/down-sampling blocks, the layout of OpenAI's "
+                               f"consistency-model UNets; {CONSISTENCY}")
     single = tmp_path / "cd.safetensors"
     save_file({k: v.contiguous() for k, v in cd_ref.state_dict().items()}, str(single), metadata={"sample_size": "16"})
     with pytest.raises(ValueError, match=r"diffusers checkpoint: residual up/down-sampling blocks, the layout of "
@@ -257,7 +271,7 @@ def test_v_prediction_matches_diffusers_velocity(tmp_path):
         assert (expert.eps(x, tt, {}) - want).abs().max() <= TOL
 
 
-def test_folder_errors_and_detection(tmp_path):
+def test_folder_errors_and_detection(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert load_error(empty).startswith(f"{empty}: a folder without config.json")
@@ -272,6 +286,7 @@ def test_folder_errors_and_detection(tmp_path):
     from unite_and_conquer.model_loaders import adm
 
     assert not adm.detect(sd, {}, "adm")
+    monkeypatch.setitem(du.GOOGLE_DDPM, ((32, 64), 2), "google/ddpm-style test model")
     bad = {k: v for k, v in sd.items() if k != "up_blocks.0.resnets.1.conv2.bias"}
     path = tmp_path / "missing.safetensors"
     save_file({k: v.contiguous() for k, v in bad.items()}, str(path), metadata={"sample_size": "16"})

@@ -185,24 +185,41 @@ def test_mismatched_metadata_is_explained(base):
         glide.build(broken, meta, "glide")
 
 
-def test_pt_file_uses_glide_defaults(tmp_path):
-    """Without metadata, heads come from GLIDE's defaults: 64-channel heads, xf_width // 64 text heads."""
-    config = glide.GlideConfig(image_size=64, super_res=False, inpaint=False, model_channels=64, out_channels=6,
-                               num_res_blocks=1, channel_mult=(1, 2), attention_ds=(2,), num_head_channels=64,
+def test_unpublished_files_without_metadata_are_refused_naming_the_keys(tmp_path):
+    """A GLIDE-architecture inpainting file with 4 text heads at a width no published config has: its
+    heads cannot be read from the shapes (xf_width // 64 = 1 would be a guess), so without metadata
+    it is refused, naming the keys; with them it loads and gives the network's own output."""
+    config = glide.GlideConfig(image_size=64, super_res=False, inpaint=True, model_channels=64, out_channels=6,
+                               num_res_blocks=1, channel_mult=(1, 2), attention_ds=(2,), num_head_channels=32,
                                num_heads=1, num_heads_upsample=-1, use_scale_shift_norm=True, resblock_updown=True,
-                               text_ctx=16, xf_width=64, xf_layers=1, xf_heads=1, xf_final_ln=True, xf_padding=True)
+                               text_ctx=16, xf_width=64, xf_layers=1, xf_heads=4, xf_final_ln=True, xf_padding=True)
     torch.manual_seed(0)
-    sd = glide.GlideUNet(config).state_dict()
-    pt = model_loaders.load_expert(write_checkpoint(tmp_path / "m.pt", sd))
-    assert pt.info["config"] == dataclasses.asdict(config) and pt.info["xf_heads_from"] == "xf_width // 64"
-    assert pt.resolution == 64 and pt.info["schedule"] == "cosine"
-    x, t = small_input(0, size=8)
-    tokens, mask, _ = glide_tokenizer.tokenize(CORGI, 16)
+    net = glide.GlideUNet(config).eval()
+    sd = net.state_dict()
+    for name in ("m.pt", "m.safetensors"):
+        with pytest.raises(ValueError) as err:
+            model_loaders.load_expert(write_checkpoint(tmp_path / name, sd))
+        message = str(err.value)
+        assert message.startswith(f"{name}: GLIDE checkpoint: what the shapes cannot tell is neither in the file's "
+                                  "safetensors metadata nor fixed by a published GLIDE configuration; set 'xf_heads' "
+                                  "(the text transformer is 64 wide and 1 deep; the published one, 512 x 16, has 8 "
+                                  "heads); 'image_size' (channel_mult (1, 2) is none of GLIDE's presets); "
+                                  "'num_head_channels' or 'num_heads' (a 64-channel trunk is not a published one")
+        assert message.endswith(" in the metadata")
+    meta = {"xf_heads": "4", "image_size": "64", "num_head_channels": "32"}
+    e = model_loaders.load_expert(write_checkpoint(tmp_path / "meta.safetensors", sd, meta))
+    assert e.info["config"] == dataclasses.asdict(config) and e.info["xf_heads_from"] == "metadata"
+    assert (e.name, e.modalities) == ("GLIDE-inpaint-64", ["inpaint", "text"])
+    x, t = small_input(0, size=8, batch=2)
+    tokens, mask = (v.expand(2, -1) for v in glide_tokenizer.tokenize(CORGI, 16)[:2])
+    image, known = torch.rand(2, 3, 8, 8) * 2 - 1, (torch.rand(2, 1, 8, 8) > 0.5).float()
+    kwargs = dict(tokens=tokens, mask=mask, inpaint_image=image, inpaint_mask=known)
     with torch.no_grad():
-        out = pt(x, t, tokens=tokens, mask=mask)
-        # The network honours its heads: two text heads or 32-channel image heads give other outputs.
-        for other in (dataclasses.replace(config, xf_heads=2), dataclasses.replace(config, num_head_channels=32)):
-            assert (glide.build_network(sd, other)(x, t, tokens=tokens, mask=mask) - out).abs().max() > 1e-4
+        want = net(x, t, **kwargs)
+        assert (e(x, t, **kwargs) - want).abs().max().item() <= 1e-5
+        # The old guess, one text head, gives another output.
+        guessed = glide.build_network(sd, dataclasses.replace(config, xf_heads=1))
+        assert (guessed(x, t, **kwargs) - want).abs().max() > 1e-3
 
 
 # --- detection ----------------------------------------------------------------------------------
@@ -355,7 +372,8 @@ def test_mixed_precision_file_gets_one_dtype():
     torch.manual_seed(9)
     sd = glide.GlideUNet(small_config(super_res=False, inpaint=False)).state_dict()
     mixed = {k: v if k.startswith("time_embed") or "norm" in k else v.half() for k, v in sd.items()}
-    net = glide.build_network(mixed, glide.infer_config(mixed, {"num_head_channels": "32", "xf_heads": "1"}))
+    net = glide.build_network(mixed, glide.infer_config(mixed, {"num_head_channels": "32", "xf_heads": "1",
+                                                                      "image_size": "32"}))
     assert {p.dtype for p in net.parameters()} == {torch.float16}
     x, t = small_input(9, size=8)
     assert torch.isfinite(net(x, t)).all()
@@ -379,7 +397,7 @@ def test_upsample_inpaint_file_loads(tmp_path):
     config = small_config()
     sd = glide.GlideUNet(config).state_dict()
     path = write_checkpoint(tmp_path / "upsample_inpaint.safetensors", sd,
-                            {"image_size": "32", "num_head_channels": "32"})
+                            {"image_size": "32", "num_head_channels": "32", "xf_heads": "1"})
     e = model_loaders.load_expert(path)
     assert (e.name, e.family) == ("GLIDE-upsample-inpaint-32", "glide_upsample")
     assert e.modalities == ["image", "inpaint", "text"]

@@ -115,8 +115,9 @@ def test_mixed_norm_keeps_float32_statistics(dtype):
     g = torch.Generator().manual_seed(0)
     norm = unet_layers.GroupNorm32(64)
     with torch.no_grad():
-        norm.weight.copy_(1 + 0.2 * torch.randn(64, generator=g))
-        norm.bias.copy_(0.2 * torch.randn(64, generator=g))
+        # Affine parameters a half-precision network holds (the loader casts every weight to its dtype).
+        norm.weight.copy_((1 + 0.2 * torch.randn(64, generator=g)).to(dtype))
+        norm.bias.copy_((0.2 * torch.randn(64, generator=g)).to(dtype))
     x = (torch.randn(2, 64, 8, 8, generator=g) * 0.5 + 30).to(dtype)
     upcast = norm(x)
     norm.norm_impl = "mixed"
@@ -128,17 +129,30 @@ def test_mixed_norm_keeps_float32_statistics(dtype):
     assert (mixed.double() - exact).abs().max().item() <= ulp
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 @pytest.mark.parametrize("kind", ["adm", "glide"])
-def test_mixed_norm_network_matches_the_upcast_one(kind):
-    net, x, t, cond = build(kind)
-    net.to(torch.bfloat16)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_norm_network_matches_the_upcast_one(kind, seed):
+    """The tolerance is this network's own bf16 rounding error, measured here against fp32 on this
+    CPU: the two norm paths are two roundings of one computation, each within that error of the
+    exact result, so they lie within twice it of each other (and of fp32). A fixed bound fitted on
+    one CPU failed on another, whose kernels round differently."""
+    net, x, t, cond = build(kind, seed)
     expert = expert_of(net)
     with torch.no_grad():
-        want = expert.eps(x, t, cond)
+        exact = expert.eps(x, t, cond)
+        net.to(torch.bfloat16)
+        upcast = expert.eps(x, t, cond)
         speed.configure(expert, norm="mixed")
-        got = expert.eps(x, t, cond)
-    # bf16 networks round every layer; the two norm paths differ by that rounding only.
-    assert ((got - want).norm() / want.norm()).item() < 1e-2
+        mixed = expert.eps(x, t, cond)
+    rounding = relative_error(upcast, exact)
+    # The floor: bf16 keeps 8 bits, so one rounding is 2^-9 relative; more is layers compounding it.
+    assert torch.finfo(torch.bfloat16).eps / 2 <= rounding < 0.1
+    assert relative_error(mixed, upcast) <= 2 * rounding
+    assert relative_error(mixed, exact) <= 2 * rounding
 
 
 class CountingBackend:
@@ -205,18 +219,20 @@ def test_gpu_levers_match_fp32_eager(kind):
 
 
 @GPU
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
-def test_gpu_half_precision_levers(dtype, tol):
-    """Half-precision weights with every lever stay within the documented relative error of fp32."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_half_precision_levers(dtype):
+    """Half-precision weights with every lever stay within twice the plain half-precision network's
+    own rounding error of fp32 (measured on this GPU, as in the CPU test above)."""
     net, x, t, cond = build("glide")
     expert = expert_of(net.cuda())
     x, t, cond = x.cuda(), t.cuda(), {k: v.cuda() for k, v in cond.items()}
     with torch.no_grad():
         want = expert.eps(x, t, cond)
         net.to(dtype)
+        plain = expert.eps(x, t, cond)
         speed.configure(expert, channels_last=True, norm="mixed")
         got = expert.eps(x, t, cond)
-    assert ((got - want).norm() / want.norm()).item() < tol
+    assert relative_error(got, want) <= 2 * relative_error(plain, want)
 
 
 @GPU
