@@ -1,7 +1,7 @@
 """Known-region nodes: RePaint resampling for completions, and an image as a pixel latent."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..samplers import comfy_resampling
 from .common import CATEGORY, check_finite, image_to_pixels, node_input

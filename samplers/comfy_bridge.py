@@ -3,7 +3,8 @@
 Every ComfyUI name the pack relies on for sampling is used in this module, so an upgrade of
 ComfyUI is checked here and nowhere else:
 
-- ``comfy.model_base.BaseModel`` (+ ``_apply_model``, ``memory_required``), ``ModelType.EPS``
+- ``comfy.model_base.BaseModel`` (+ ``_apply_model``, ``memory_required``), ``ModelType.EPS``;
+  docs/comfyui_api.md compares each name with the newest upstream ComfyUI
 - ``comfy.supported_models_base.BASE`` and ``comfy.latent_formats.ChromaRadiance`` (pixel latents)
 - ``comfy.model_sampling.ModelSamplingDiscrete`` (``set_sigmas``, ``timestep``) and ``EPS``
 - ``comfy.model_patcher.ModelPatcher`` (``set_additional_models``)
@@ -111,9 +112,10 @@ class ExpertModel(comfy.model_base.BaseModel):
                         .to(x.device))
         return self.model_sampling.calculate_denoised(sigma, eps.to(x.device), x)
 
-    def memory_required(self, input_shape, cond_shapes={}):
+    def memory_required(self, input_shape, cond_shapes=None, **kwargs):
         # Activations of a pixel UNet scale with pixels x channels; 1 kB per pixel per image is a
-        # safe upper bound at the published widths in half precision.
+        # safe upper bound at the published widths in half precision. **kwargs takes what newer
+        # ComfyUI adds (memory_efficient_attention=...), which this bound does not need.
         return input_shape[0] * math.prod(input_shape[2:]) * 1024 * self.memory_usage_factor
 
 
@@ -127,8 +129,8 @@ class ProductModel(comfy.model_base.BaseModel):
         self.model_sampling = ContinuousModelSampling(alphas_cumprod)
         self._expert_models = list(expert_models)  # not submodules: their weights are theirs
 
-    def memory_required(self, input_shape, cond_shapes={}):
-        return sum(m.memory_required(input_shape) for m in self._expert_models)
+    def memory_required(self, input_shape, cond_shapes=None, **kwargs):
+        return sum(m.memory_required(input_shape, cond_shapes, **kwargs) for m in self._expert_models)
 
 
 @dataclass(eq=False)
