@@ -58,8 +58,9 @@ def cm_cli_install(comfy: Path, url: str, tmp: Path) -> str:
     empty = tmp / "no-wheels"
     empty.mkdir(exist_ok=True)
     blackhole = "http://127.0.0.1:9"
+    # COLUMNS: cm-cli prints through rich, which wraps long lines (the URL) at 80 columns without a terminal.
     env = dict(os.environ, COMFYUI_PATH=str(comfy), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty),
-               PIP_DISABLE_PIP_VERSION_CHECK="1", UV_OFFLINE="1", HTTP_PROXY=blackhole, HTTPS_PROXY=blackhole,
+               PIP_DISABLE_PIP_VERSION_CHECK="1", UV_OFFLINE="1", COLUMNS="400", TQDM_DISABLE="1", HTTP_PROXY=blackhole, HTTPS_PROXY=blackhole,
                http_proxy=blackhole, https_proxy=blackhole, NO_PROXY="", no_proxy="")
     run = subprocess.run([str(CM_CLI), "install", "--mode", "local", url], cwd=comfy, env=env,
                          capture_output=True, text=True, timeout=600)
