@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support.comfy_harness import comfy_nodes, pack_module, run_prompt
+from unite_and_conquer.nodes import bindings, loaders, sampling
+from support.comfy_harness import comfy_nodes, run_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / "workflows" / "api" / "tiny_custom_sampler.json"
 
 nodes = comfy_nodes()
-sampling = pack_module("nodes.sampling")
-bindings = pack_module("nodes.bindings")
-loaders = pack_module("nodes.loaders")
 
 STEPS, SEED, BATCH = 6, 7, 2
 

@@ -10,26 +10,26 @@ import inspect
 import pytest
 import torch
 
-from model_loaders.schedules import alphas_cumprod_for
+import comfy.samplers
+
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.samplers import poe
+from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
+from unite_and_conquer.samplers.comfy.correctors import with_corrector
+from unite_and_conquer.samplers.comfy.guider import ProductGuider
+from unite_and_conquer.samplers.comfy.intervals import IntervalKSampler
+from unite_and_conquer.samplers.comfy.models import wrap_expert
+from unite_and_conquer.samplers.correctors import CorrectorConfig
 from support.analytic import gaussian, gaussian_expert
-from support.comfy_harness import comfy_nodes, pack_module
-
-comfy_nodes()
-import comfy.samplers  # noqa: E402
-
-cb = pack_module("samplers.comfy_bridge")
-cc = pack_module("samplers.comfy_correctors")
-poe = pack_module("samplers.poe")
-correctors = pack_module("samplers.correctors")
 
 RES = 4
 
 
 def product_guider():
-    lin = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", RES))
-    cos = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", RES))
+    lin = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", RES))
+    cos = wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", RES))
     null = gaussian(0.0, 1.0)
-    return cb.PoEGuider([poe.Binding(lin, gaussian(1.0, 0.5), 1.0, 0.5, (null,)),
+    return ProductGuider([poe.Binding(lin, gaussian(1.0, 0.5), 1.0, 0.5, (null,)),
                          poe.Binding(cos, gaussian(-0.5, 0.8), 1.0, 0.5, (null,))])
 
 
@@ -79,10 +79,10 @@ def test_the_guider_offers_what_upstreams_ksampler_reads():
     base = comfy.samplers.sampler_object("euler")
     sampler = RecordingSampler(base.sampler_function, base.extra_options, base.inpaint_options)
     RecordingSampler.seen.clear()
-    sigmas = cb.compute_sigmas(guider, "euler", "karras", 4, 1.0)
-    out = cb.sample(guider, torch.zeros(2, 3, RES, RES), 0, sampler, sigmas, preview=False)
+    sigmas = comfy_sampling.compute_sigmas(guider, "euler", "karras", 4, 1.0)
+    out = comfy_sampling.sample(guider, torch.zeros(2, 3, RES, RES), 0, sampler, sigmas, preview=False)
     assert RecordingSampler.seen == [("ProductModel", 1.0)]
-    ref = cb.sample(guider, torch.zeros(2, 3, RES, RES), 0, "euler", sigmas, preview=False)
+    ref = comfy_sampling.sample(guider, torch.zeros(2, 3, RES, RES), 0, "euler", sigmas, preview=False)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -92,7 +92,7 @@ def test_interval_samplers_keep_the_ksampler_sample_signature():
     disable_pbar) positionally from CFGGuider.inner_sample."""
     upstream_order = ["model_wrap", "sigmas", "extra_args", "callback", "noise", "latent_image", "denoise_mask",
                       "disable_pbar"]
-    for cls in (comfy.samplers.KSAMPLER, cc.IntervalKSampler):
+    for cls in (comfy.samplers.KSAMPLER, IntervalKSampler):
         assert list(inspect.signature(cls.sample).parameters)[1:] == upstream_order, cls
 
 
@@ -111,16 +111,16 @@ def test_the_product_patcher_carries_no_conds_and_no_multigpu_clones():
 def test_corrected_sampler_runs_through_the_guider_with_upstreams_reads():
     guider = product_guider()
     base = comfy.samplers.sampler_object("euler")
-    sampler = cc.correct_sampler(base, correctors.CorrectorConfig(method="ula", steps=1, step_scale=0.1))
-    sigmas = cb.compute_sigmas(guider, "euler", "karras", 4, 1.0)
-    out = cb.sample(guider, torch.zeros(2, 3, RES, RES), 0, sampler, sigmas, preview=False)
+    sampler = with_corrector(base, CorrectorConfig(method="ula", steps=1, step_scale=0.1))
+    sigmas = comfy_sampling.compute_sigmas(guider, "euler", "karras", 4, 1.0)
+    out = comfy_sampling.sample(guider, torch.zeros(2, 3, RES, RES), 0, sampler, sigmas, preview=False)
     assert out.shape == (2, 3, RES, RES) and torch.isfinite(out).all()
     assert (type(guider.model_patcher.model).__name__, guider.cfg) == ("ProductModel", 1.0)
 
 
 def test_nodes_use_a_numbered_comfy_api():
     import pathlib
-    nodes_dir = pathlib.Path(cb.__file__).resolve().parents[1] / "nodes"
+    nodes_dir = pathlib.Path(poe.__file__).resolve().parents[1] / "nodes"
     imports = [line for f in sorted(nodes_dir.glob("*.py")) for line in f.read_text().splitlines()
                if line.startswith(("from comfy_api", "import comfy_api"))]
     assert imports and all(line.startswith("from comfy_api.v0_0_2 import ") for line in imports), imports
@@ -130,7 +130,7 @@ def test_nodes_use_a_numbered_comfy_api():
 def test_requires_comfyui_states_the_tested_range(version):
     import pathlib
     import tomllib
-    root = pathlib.Path(cb.__file__).resolve().parents[1]
+    root = pathlib.Path(poe.__file__).resolve().parents[1]
     spec = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"]
     assert spec == ">=0.3.75,<0.4", spec
     import comfyui_version
