@@ -59,6 +59,9 @@ def test_memory_required_takes_upstreams_keywords_and_gives_the_same_estimate():
         assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()), type(model).__name__
         assert model.memory_required([1, 3, RES, RES], cond_shapes={"c": [1]}, memory_efficient_attention=True,
                                      some_future_estimate=3) == model.memory_required([1, 3, RES, RES])
+        # Another upstream branch passes the run's model_options instead.
+        assert model.memory_required([1, 3, RES, RES], cond_shapes={}, model_options={"transformer_options": {}}) \
+            == model.memory_required([1, 3, RES, RES])
 
 
 class RecordingSampler(comfy.samplers.KSAMPLER):
