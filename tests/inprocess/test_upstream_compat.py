@@ -135,6 +135,6 @@ def test_requires_comfyui_states_the_tested_range(version):
     import tomllib
     root = pathlib.Path(poe.__file__).resolve().parents[1]
     spec = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"]
-    assert spec == ">=0.3.75,<0.4", spec
+    assert spec == ">=0.3.75,<0.4.0", spec
     import comfyui_version
     assert comfyui_version.__version__ == version
