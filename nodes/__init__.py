@@ -1,7 +1,7 @@
 """The pack's nodes, grouped by what they do: loaders, bindings, sampling."""
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindInpaint, PoEBindingSchedule, PoEBindPrior,
                        PoEBindSegmentation, PoEBindSketch, PoEBindText, PoEReliabilityFromVariance)

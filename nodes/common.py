@@ -6,7 +6,7 @@ import logging
 import math
 
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..samplers import poe
 from ..samplers.prepare import image_shape

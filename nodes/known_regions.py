@@ -1,10 +1,16 @@
-"""Known-region nodes: RePaint resampling for completions, and an image as a pixel latent."""
+"""Known-region nodes: RePaint resampling for completions, and the deprecated image-to-latent node."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+import logging
+
+from comfy_api.v0_0_2 import io
 
 from ..samplers.comfy.resampling import with_resampling
 from .common import CATEGORY, check_finite, image_to_pixels, node_input
+
+log = logging.getLogger("unite_and_conquer")
+STOCK_INSTEAD = ("use ComfyUI's VAEEncode with the pixel_space VAE (VAELoader \"pixel_space\") and, for a mask, "
+                 "SetLatentNoiseMask: they give the same LATENT")
 
 
 class PoEResample(io.ComfyNode):
@@ -41,11 +47,12 @@ class PoEImageToLatent(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PoEImageToLatent",
-            display_name="Image to Pixel Latent (PoE)",
+            display_name="Image to Pixel Latent (PoE, deprecated)",
             category=f"{CATEGORY}/sampling",
-            description="An IMAGE as the pixel LATENT the experts sample (B x 3 x H x W in [-1, 1]; the same as "
-                        "VAEEncode with the pixel_space VAE), with an optional MASK as its noise mask "
-                        "(1 = generate, 0 = keep), for completing the unmasked part with PoEKSampler.",
+            description="Deprecated: " + STOCK_INSTEAD + ". Kept so that older workflows still load and run: an "
+                        "IMAGE as the pixel LATENT (B x 3 x H x W in [-1, 1]) with an optional MASK as its noise "
+                        "mask (1 = generate, 0 = keep).",
+            is_deprecated=True,
             inputs=[
                 io.Image.Input("image", tooltip="The image to complete or refine, at the experts' resolution."),
                 io.Mask.Input("mask", optional=True, tooltip="Where to generate (1); the rest is kept exactly."),
@@ -56,6 +63,7 @@ class PoEImageToLatent(io.ComfyNode):
     @classmethod
     def execute(cls, image, mask=None) -> io.NodeOutput:
         node = "PoEImageToLatent"
+        log.warning("%s is deprecated: %s", node, STOCK_INSTEAD)
         check_finite(node, "image", image)
         out = {"samples": image_to_pixels(image).float()}
         if mask is not None:

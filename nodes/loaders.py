@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from .. import model_loaders
 from ..model_loaders import speed

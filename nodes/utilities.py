@@ -5,7 +5,7 @@ import dataclasses
 import math
 
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..samplers.nulls import with_reliability_share
 from .common import CATEGORY, Experts, check_choice, index_input, indexed_chain

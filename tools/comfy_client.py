@@ -38,8 +38,11 @@ class ExecutionError(RuntimeError):
 class ComfyServer:
     """``main.py --cpu --listen 127.0.0.1 --port <free>`` with its own output folder and log."""
 
-    def __init__(self, workdir: Path, python: str = sys.executable, extra_args: tuple[str, ...] = (), cpu: bool = True):
+    def __init__(self, workdir: Path, python: str = sys.executable, extra_args: tuple[str, ...] = (), cpu: bool = True,
+                 comfy_dir: Path = COMFY, pack_name: str = PACK_NAME):
         self.workdir = Path(workdir)
+        self.comfy_dir = Path(comfy_dir)
+        self.pack_name = pack_name
         self.python = python
         self.extra_args = list(extra_args)
         self.cpu = cpu
@@ -62,7 +65,7 @@ class ComfyServer:
             args.insert(2, "--cpu")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=COMFY, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(args, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -83,7 +86,7 @@ class ComfyServer:
 
     def import_failures(self) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(l for l in lines if "IMPORT FAILED" in l and PACK_NAME in l)
+        return "\n".join(l for l in lines if "IMPORT FAILED" in l and self.pack_name in l)
 
     def log_tail(self, n: int = 60) -> str:
         try:

@@ -69,3 +69,20 @@ if [ "${UAC_SKIP_TEST_DEPS:-0}" != 1 ] && ! { command -v chromium >/dev/null && 
     echo "warning: no apt-get as root; the frontend test needs chromium and chromedriver and will skip" >&2
   fi
 fi
+
+# --- Install-tier dependency (tests/install) -------------------------------------------------------
+# ComfyUI-Manager's CLI (cm-cli, PyPI comfyui-manager) in a venv of its own that sees .venv's packages
+# through a .pth file, so the Manager's requirements install happens in that venv and .venv stays as
+# it is. Its other dependencies (GitPython, rich, typer, ...) are ComfyUI's or the tests' already.
+cm_venv="$cache/cm-venv"
+cm_want="comfyui-manager==4.3"
+if [ "${UAC_SKIP_TEST_DEPS:-0}" != 1 ] && [ "$(cat "$cm_venv/.uac-installed" 2>/dev/null)" != "$cm_want" ]; then
+  { rm -rf "$cm_venv" \
+      && "$venv/bin/python" -m venv --system-site-packages --without-pip "$cm_venv" \
+      && "$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+           > "$cm_venv/lib/python3.11/site-packages/uac_shared_venv.pth" \
+      && "${pip[@]}" --python "$cm_venv/bin/python" install --no-deps "$cm_want" chardet nh3 PyGithub toml \
+           pynacl pyjwt \
+      && echo "$cm_want" > "$cm_venv/.uac-installed"; } \
+    || echo "warning: could not install $cm_want; the install tier (tests/install) will skip" >&2
+fi

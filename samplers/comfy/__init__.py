@@ -15,7 +15,8 @@ One job per module:
 - ``resampling``: RePaint resampling along a jump schedule (``with_resampling``).
 
 ComfyUI surface. Every ComfyUI name these modules use is listed here, so an upgrade of ComfyUI
-is checked against this list (``tests/test_layers.py`` fails on a name used but not listed):
+is checked against this list (``tests/test_layers.py`` fails on a name used but not listed);
+docs/comfyui_api.md compares each with the newest upstream ComfyUI:
 
 - comfy.model_base.BaseModel (``_apply_model``, ``memory_required``, ``model_sampling``,
   ``diffusion_model``, ``apply_model``), comfy.model_base.ModelType (``EPS``)

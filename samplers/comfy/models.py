@@ -91,9 +91,10 @@ class ExpertModel(comfy.model_base.BaseModel):
                         .to(x.device))
         return self.model_sampling.calculate_denoised(sigma, eps.to(x.device), x)
 
-    def memory_required(self, input_shape, cond_shapes={}):
+    def memory_required(self, input_shape, cond_shapes=None, **kwargs):
         # Activations of a pixel UNet scale with pixels x channels; 1 kB per pixel per image is a
-        # safe upper bound at the published widths in half precision.
+        # safe upper bound at the published widths in half precision. **kwargs takes what newer
+        # ComfyUI adds (memory_efficient_attention=...), which this bound does not need.
         return input_shape[0] * math.prod(input_shape[2:]) * 1024 * self.memory_usage_factor
 
 
@@ -107,8 +108,8 @@ class ProductModel(comfy.model_base.BaseModel):
         self.model_sampling = ContinuousModelSampling(alphas_cumprod)
         self._expert_models = list(expert_models)  # not submodules: their weights are theirs
 
-    def memory_required(self, input_shape, cond_shapes={}):
-        return sum(m.memory_required(input_shape) for m in self._expert_models)
+    def memory_required(self, input_shape, cond_shapes=None, **kwargs):
+        return sum(m.memory_required(input_shape, cond_shapes, **kwargs) for m in self._expert_models)
 
 
 @dataclass(eq=False)

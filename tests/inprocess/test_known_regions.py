@@ -218,6 +218,17 @@ def test_interrupt_stops_the_resampled_run():
         comfy.model_management.interrupt_current_processing(False)
 
 
+def stock_image_to_latent(image, mask=None):
+    """What replaces PoEImageToLatent: VAEEncode with the pixel_space VAE, then SetLatentNoiseMask."""
+    from support.comfy_harness import comfy_nodes
+    nodes = comfy_nodes()
+    vae, = nodes.NODE_CLASS_MAPPINGS["VAELoader"]().load_vae("pixel_space")
+    latent, = nodes.NODE_CLASS_MAPPINGS["VAEEncode"]().encode(vae, image)
+    if mask is not None:
+        latent, = nodes.NODE_CLASS_MAPPINGS["SetLatentNoiseMask"]().set_mask(latent, mask)
+    return latent
+
+
 def test_resample_node_and_image_to_latent_node():
     sampler, = known_regions.PoEResample.execute(sampler=comfy.samplers.sampler_object("euler"), jump_length=3,
                                                  count=4).args
@@ -227,9 +238,16 @@ def test_resample_node_and_image_to_latent_node():
     image = torch.rand(2, 8, 8, 3)
     mask = torch.zeros(2, 8, 8)
     mask[:, 4:] = 1
-    latent, = known_regions.PoEImageToLatent.execute(image=image, mask=mask).args
-    torch.testing.assert_close(latent["samples"], image.movedim(-1, 1) * 2 - 1)
+    latent = stock_image_to_latent(image, mask)
+    torch.testing.assert_close(latent["samples"], image.movedim(-1, 1) * 2 - 1, rtol=0, atol=0)
     assert latent["noise_mask"].shape == (2, 1, 8, 8) and torch.equal(latent["noise_mask"][:, 0], mask)
+    # The deprecated node still loads old workflows and gives exactly the stock nodes' LATENT.
+    old, = known_regions.PoEImageToLatent.execute(image=image, mask=mask).args
+    assert torch.equal(old["samples"], latent["samples"]) and torch.equal(old["noise_mask"], latent["noise_mask"])
+    assert torch.equal(known_regions.PoEImageToLatent.execute(image=image).args[0]["samples"],
+                       stock_image_to_latent(image)["samples"])
+    assert known_regions.PoEImageToLatent.define_schema().is_deprecated
+    assert "VAEEncode with the pixel_space VAE" in known_regions.PoEImageToLatent.define_schema().description
     with pytest.raises(ValueError, match=r"^PoEImageToLatent: input 'mask' is 4x4 but the image is 8x8"):
         known_regions.PoEImageToLatent.execute(image=image, mask=torch.ones(1, 4, 4))
 
