@@ -1,7 +1,7 @@
-"""Turn the API-format workflows (workflows/api/NAME.json) into the UI-format workflows the ComfyUI
-frontend loads and its template browser lists (workflows/NAME.json), with thumbnails.
+"""Turn the API-format workflows (example_workflows/api/NAME.json) into the UI-format workflows the ComfyUI
+frontend loads and its template browser lists (example_workflows/NAME.json), with thumbnails.
 
-    .venv/bin/python tools/workflow_ui.py            # write workflows/NAME.json (+ NAME.jpg where it runs)
+    .venv/bin/python tools/workflow_ui.py            # write example_workflows/NAME.json (+ NAME.jpg where it runs)
     .venv/bin/python tools/workflow_ui.py --check    # exit 1 if a UI workflow and its API copy disagree
 
 Both modes start a headless ComfyUI with the pack (tools/comfy_client.py) for its /object_info, which
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "workflows"
+WORKFLOWS = ROOT / "example_workflows"
 API_DIR = WORKFLOWS / "api"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
@@ -251,7 +251,7 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
         "last_node_id": note_id, "last_link_id": len(links),
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
         "extra": {"ds": {"scale": fit_scale(ui_nodes), "offset": [0, 0]},
-                  "info": {"name": name, "api_copy": f"workflows/api/{name}.json"}},
+                  "info": {"name": name, "api_copy": f"example_workflows/api/{name}.json"}},
         "version": 0.4,
     }
 
@@ -410,15 +410,15 @@ def generate(object_info: dict, server=None) -> None:
             print("  no thumbnail: the workflow saved no image")
             continue
         (WORKFLOWS / f"{name}.jpg").write_bytes(thumbnail(images[-1][1]))
-        print(f"wrote workflows/{name}.jpg")
+        print(f"wrote example_workflows/{name}.jpg")
 
 
 def check(object_info: dict) -> list[str]:
     problems = []
     api_names = {p.stem for p in api_workflows()}
     ui_names = {p.stem for p in WORKFLOWS.glob("*.json")}
-    problems += [f"workflows/{n}.json has no API copy in workflows/api/" for n in sorted(ui_names - api_names)]
-    problems += [f"workflows/api/{n}.json has no UI workflow workflows/{n}.json" for n in sorted(api_names - ui_names)]
+    problems += [f"example_workflows/{n}.json has no API copy in example_workflows/api/" for n in sorted(ui_names - api_names)]
+    problems += [f"example_workflows/api/{n}.json has no UI workflow example_workflows/{n}.json" for n in sorted(api_names - ui_names)]
     for name in sorted(api_names & ui_names):
         problems += [f"{name}: {p}" for p in compare(load_json(WORKFLOWS / f"{name}.json"),
                                                         load_json(API_DIR / f"{name}.json"), object_info)]

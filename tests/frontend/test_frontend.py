@@ -26,8 +26,8 @@ from comfy_client import ComfyServer, load_api_workflow  # noqa: E402
 import workflow_ui  # noqa: E402
 
 ARTIFACTS = REPO / "tests" / "artifacts"
-WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json"))
-DEMO = REPO / "workflows" / "tiny_demo.json"
+WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json"))
+DEMO = REPO / "example_workflows" / "tiny_demo.json"
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--window-size=1920,1200")
@@ -249,7 +249,7 @@ def test_workflow_loads_and_queues_as_its_api_copy(page, server, path):
     assert sorted(loaded) == sorted([n["id"], n["type"], n["title"], False] for n in ui["nodes"])
     # What the frontend would queue is exactly the API copy: same nodes, links and widget values.
     queued = page.execute_script("return app.graphToPrompt().then(p => p.output)")
-    api = load_api_workflow(REPO / "workflows" / "api" / path.name)
+    api = load_api_workflow(REPO / "example_workflows" / "api" / path.name)
     want = workflow_ui.normalise_api(api, server.get_json("/object_info"))
     assert sorted(queued) == sorted(want)
     for nid, node in want.items():
@@ -285,7 +285,7 @@ def test_tiny_demo_queued_from_the_ui_produces_an_image(page, server):
     """The pack's demo, queued with the Run button: the grid shows on its SaveImage node and is on disk."""
     from PIL import Image
 
-    api = load_api_workflow(REPO / "workflows" / "api" / "tiny_demo.json")
+    api = load_api_workflow(REPO / "example_workflows" / "api" / "tiny_demo.json")
     missing = workflow_ui.missing_files(api, server.get_json("/object_info"))
     if missing:
         pytest.xfail(f"the tiny experts are not in models_tiny/ yet: {', '.join(missing)}")

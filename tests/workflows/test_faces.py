@@ -42,7 +42,7 @@ def face_files(tmp_path_factory, fixtures_dir):
 def test_four_binding_face_workflow_runs_with_both_presets(face_files):
     import folder_paths
 
-    wf = json.loads((REPO / "workflows" / "api" / "faces.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "api" / "faces.json").read_text())
     names = {"model_latest.pt": "model_latest.safetensors", "model_sketch.pt": "model_sketch.safetensors"}
     for node in wf.values():
         inputs = node["inputs"]
@@ -72,7 +72,7 @@ def test_four_binding_face_workflow_runs_with_both_presets(face_files):
 
 def test_hair_expert_only_in_the_hair_region(face_files):
     """The 'bright pink hair' binding is spatial: its weight is 1.5 in the hair region, 0 elsewhere."""
-    wf = json.loads((REPO / "workflows" / "api" / "faces_hair_region.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "api" / "faces_hair_region.json").read_text())
     wf["1"]["inputs"]["expert_name"] = "model_latest.safetensors"
     wf["2"]["inputs"]["text_encoder_name"] = "farl_small.safetensors"
     wf["3"]["inputs"]["image"] = "uac_test_parsing.png"

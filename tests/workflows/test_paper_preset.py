@@ -31,7 +31,7 @@ def experts_dir(tmp_path_factory, fixtures_dir):
 def test_paper_class_text_preset_produces_a_256px_image(experts_dir, tmp_path):
     import folder_paths
 
-    wf = json.loads((REPO / "workflows" / "api" / "paper_class_text.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "api" / "paper_class_text.json").read_text())
     rename = {"64x64_diffusion.pt": "64x64_diffusion.safetensors", "base.pt": "base.safetensors",
               "upsample.pt": "upsample.safetensors"}
     for node in wf.values():
