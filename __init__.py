@@ -1,7 +1,8 @@
 """unite-and-conquer: product-of-experts sampling with pixel-space diffusion models, for ComfyUI.
 
 ComfyUI imports this file as the pack's entry point. It registers the ``models/experts`` folder
-(plus the pack's shipped tiny experts) and returns the nodes through ``comfy_entrypoint``.
+(plus the pack's shipped tiny experts), returns the nodes through ``comfy_entrypoint``, serves the web
+extension in ``web/js`` (``WEB_DIRECTORY``: node summaries, the class picker) and its route.
 """
 import os
 
@@ -24,6 +25,10 @@ def _register_expert_folders() -> None:
 _register_expert_folders()
 
 from .nodes import UniteAndConquerExtension  # noqa: E402  (needs the folder registered first)
+from .nodes import class_picker  # noqa: E402
+
+WEB_DIRECTORY = "./web"
+class_picker.register_routes()
 
 
 async def comfy_entrypoint() -> UniteAndConquerExtension:

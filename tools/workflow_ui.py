@@ -33,6 +33,25 @@ FILE_INPUTS = {("PoEExpertLoader", "expert_name"): "ComfyUI/models/experts/",
                ("PoETextEncoderLoader", "text_encoder_name"): "ComfyUI/models/text_encoders/",
                ("LoadImage", "image"): "ComfyUI/input/ (your own image)"}
 THUMB_WIDTH = 256
+# ComfyUI's model metadata for a loader node (``properties.models``: name, url, directory), which the
+# frontend's missing-models dialog offers when the file is not in the directory.
+MODEL_DIRECTORIES = {("PoEExpertLoader", "expert_name"): "experts",
+                     ("PoETextEncoderLoader", "text_encoder_name"): "text_encoders"}
+_OPENAI = "https://openaipublic.blob.core.windows.net/diffusion"
+_PACK_RAW = "https://raw.githubusercontent.com/unite-and-conquer/unite-and-conquer/main"
+MODEL_URLS = {
+    **{f: f"{_OPENAI}/jul-2021/{f}" for f in (
+        "64x64_diffusion.pt", "128x128_diffusion.pt", "256x256_diffusion.pt", "256x256_diffusion_uncond.pt",
+        "512x512_diffusion.pt", "64_256_upsampler.pt", "128_512_upsampler.pt", "lsun_bedroom.pt", "lsun_cat.pt",
+        "lsun_horse.pt", "lsun_horse_nodropout.pt")},
+    **{f: f"{_OPENAI}/dec-2021/{f}" for f in ("base.pt", "upsample.pt", "base_inpaint.pt", "upsample_inpaint.pt")},
+    # The face experts are linked from their authors' README (no direct file URL is published).
+    "model_latest.pt": "https://github.com/Nithin-GK/UniteandConquer",
+    "model_sketch.pt": "https://github.com/Nithin-GK/UniteandConquer",
+    "FaRL-Base-Patch16-LAIONFace20M-ep64.pth":
+        "https://github.com/FacePerceiver/FaRL/releases/download/pretrained_weights/FaRL-Base-Patch16-LAIONFace20M-ep64.pth",
+    **{f"tiny_{m}.safetensors": f"{_PACK_RAW}/models_tiny/tiny_{m}.safetensors" for m in ("class", "colour", "layout")},
+}
 
 # Layout, in canvas pixels.
 COL_GAP, ROW_GAP, MARGIN = 90, 50, 40
@@ -179,6 +198,26 @@ def files_note(api: dict) -> str:
     return "\n".join(lines)
 
 
+def model_links(node: dict) -> list[dict]:
+    """ComfyUI's ``properties.models`` entries for the files a loader node names."""
+    links = []
+    for (ctype, name), directory in MODEL_DIRECTORIES.items():
+        value = node["inputs"].get(name)
+        if node["class_type"] == ctype and isinstance(value, str):
+            base = value.replace("\\", "/").split("/")[-1]
+            if base in MODEL_URLS:  # tests/test_presentation.py checks that every shipped file has one
+                links.append({"name": value, "url": MODEL_URLS[base], "directory": directory})
+    return links
+
+
+def node_properties(node: dict) -> dict:
+    props = {"Node name for S&R": node["class_type"]}
+    models = model_links(node)
+    if models:
+        props["models"] = models
+    return props
+
+
 def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
     """The UI-format (LiteGraph) workflow for an API-format one."""
     ids = {nid: int(nid) for nid in api}
@@ -237,7 +276,7 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
             "flags": {}, "order": order[nid], "mode": 0,
             "inputs": nodes[nid]["inputs"], "outputs": outputs,
             "title": api[nid].get("_meta", {}).get("title", info.get("display_name", api[nid]["class_type"])),
-            "properties": {"Node name for S&R": api[nid]["class_type"]},
+            "properties": node_properties(api[nid]),
             "widgets_values": nodes[nid]["widgets_values"],
         })
     note_id = max(ids.values()) + 1
