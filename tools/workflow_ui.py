@@ -57,6 +57,8 @@ MODEL_URLS = {
 COL_GAP, ROW_GAP, MARGIN = 90, 50, 40
 NODE_WIDTH, NOTE_WIDTH = 330, 560
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H = 30, 22, 26, 80
+# Room for the run summary the pack's web extension shows under a node of the pack (web/js).
+SUMMARY_H = 90
 
 
 # --- node definitions ------------------------------------------------------------------------
@@ -228,7 +230,8 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
         sockets = [s for s in specs if not is_widget(s[1], s[2]) or is_link(node["inputs"].get(s[0]))]
         widgets = [s for s in specs if is_widget(s[1], s[2])]
         n_out = len(defs[nid]["output"])
-        sizes[nid] = [NODE_WIDTH, node_height(max(len(sockets), n_out), widgets)]
+        summary = SUMMARY_H if defs[nid].get("category", "").startswith("unite_and_conquer") else 0
+        sizes[nid] = [NODE_WIDTH, node_height(max(len(sockets), n_out), widgets) + summary]
     note_text = files_note(api)
     note_h = TITLE_H + 22 * (note_text.count("\n") + 2)
     pos = layout(api, sizes, top=MARGIN + note_h + ROW_GAP)
