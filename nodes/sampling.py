@@ -4,22 +4,27 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..samplers import binding as binding_lib
-from ..samplers import comfy_bridge, comfy_correctors, comfy_resampling, correctors, poe
-from .common import CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image
+from ..samplers import correctors, poe
+from ..samplers.comfy import sampling as comfy_sampling
+from ..samplers.comfy.correctors import with_corrector
+from ..samplers.comfy.guider import ProductGuider
+from ..samplers.comfy.resampling import with_resampling
+from ..samplers.describe import describe_corrector, describe_rule
+from .common import (CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image, sigma_window,
+                     sigma_window_inputs)
 
 Corrector = io.Custom("POE_CORRECTOR")
 
 
-def _guider(node: str, experts) -> comfy_bridge.PoEGuider:
+def _guider(node: str, experts) -> ProductGuider:
     if not experts:
         raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
     with node_input(node, "experts"):
-        return comfy_bridge.PoEGuider(experts)
+        return ProductGuider(experts)
 
 
 def _latent(node: str, guider, width, height, batch_size, latent_image):
-    resolution, channels = comfy_bridge.check_same_shape(guider.bindings, node)
+    resolution, channels = guider.product.resolution, guider.product.image_channels
     if latent_image is not None:
         samples = latent_image["samples"]
         if samples.ndim != 4 or tuple(samples.shape[1:]) != (channels, resolution, resolution):
@@ -50,10 +55,10 @@ class PoEKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed. The same seed and graph give the same image."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."),
-                io.Combo.Input("sampler_name", options=comfy_bridge.SAMPLER_NAMES, default="dpmpp_2m",
+                io.Combo.Input("sampler_name", options=comfy_sampling.SAMPLER_NAMES, default="dpmpp_2m",
                                tooltip="Any ComfyUI sampler. CFG++ variants use the pooled null as their "
                                        "unconditional prediction. 'ddim' is ComfyUI's DDIM (eta 0)."),
-                io.Combo.Input("scheduler", options=comfy_bridge.SCHEDULER_NAMES, default="karras",
+                io.Combo.Input("scheduler", options=comfy_sampling.SCHEDULER_NAMES, default="karras",
                                tooltip="Any ComfyUI scheduler, over the noise range every expert can serve."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1 samples from noise; below 1 refines latent_image (img2img)."),
@@ -90,8 +95,8 @@ class PoEKSampler(io.ComfyNode):
                 latent_image=None, noise_temperature=1.0, corrector=None, resample_count=1,
                 resample_jump=10) -> io.NodeOutput:
         node = "PoEKSampler"
-        check_choice(node, "sampler_name", sampler_name, comfy_bridge.SAMPLER_NAMES, "sampler")
-        check_choice(node, "scheduler", scheduler, comfy_bridge.SCHEDULER_NAMES, "scheduler")
+        check_choice(node, "sampler_name", sampler_name, comfy_sampling.SAMPLER_NAMES, "sampler")
+        check_choice(node, "scheduler", scheduler, comfy_sampling.SCHEDULER_NAMES, "scheduler")
         guider = _guider(node, experts)
         latent, noise_mask, _ = _latent(node, guider, width, height, batch_size, latent_image)
         with node_input(node, "experts"):
@@ -99,19 +104,19 @@ class PoEKSampler(io.ComfyNode):
         if latent_image is None and denoise < 1.0:
             raise ValueError(f"{node}: input 'denoise' is {denoise} but there is no latent_image to refine; "
                              "connect one or set denoise to 1")
-        sigmas = comfy_bridge.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
-        rule = binding_lib.describe_rule(guider.bindings)
-        sampler = comfy_bridge.sampler_object(sampler_name)
+        sigmas = comfy_sampling.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
+        rule = describe_rule(guider.bindings)
+        sampler = comfy_sampling.sampler_object(sampler_name)
         if corrector is not None:
             with node_input(node, "sampler_name" if corrector.method != "none" else "corrector"):
-                sampler = comfy_correctors.correct_sampler(sampler, corrector)
+                sampler = with_corrector(sampler, corrector)
             rule += f"\ncorrector: {describe_corrector(corrector)}"
         if resample_count > 1:
             with node_input(node, "resample_count"):
-                sampler = comfy_resampling.resampled_sampler(sampler, resample_jump, resample_count)
+                sampler = with_resampling(sampler, resample_jump, resample_count)
             rule += f"\nresampling: blocks of {resample_jump} step(s), each run {resample_count} times"
         log.info("%s: %s sampler, %s scheduler, %d steps\n%s", node, sampler_name, scheduler, steps, rule)
-        samples = comfy_bridge.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask,
+        samples = comfy_sampling.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask,
                                       noise_scale=noise_temperature)
         out = {"samples": samples}
         if noise_mask is not None:
@@ -135,7 +140,7 @@ class PoEGuider(io.ComfyNode):
     @classmethod
     def execute(cls, experts) -> io.NodeOutput:
         guider = _guider("PoEGuider", experts)
-        return io.NodeOutput(guider, ui={"text": (binding_lib.describe_rule(guider.bindings),)})
+        return io.NodeOutput(guider, ui={"text": (describe_rule(guider.bindings),)})
 
 
 class PoEScheduler(io.ComfyNode):
@@ -149,7 +154,7 @@ class PoEScheduler(io.ComfyNode):
                         "serve (the intersection of their training schedules).",
             inputs=[
                 Experts.Input("experts", tooltip="The chained bindings whose common noise range is used."),
-                io.Combo.Input("scheduler", options=comfy_bridge.SCHEDULER_NAMES, default="karras",
+                io.Combo.Input("scheduler", options=comfy_sampling.SCHEDULER_NAMES, default="karras",
                                tooltip="Any ComfyUI scheduler."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -160,16 +165,9 @@ class PoEScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, scheduler, steps, denoise) -> io.NodeOutput:
-        check_choice("PoEScheduler", "scheduler", scheduler, comfy_bridge.SCHEDULER_NAMES, "scheduler")
+        check_choice("PoEScheduler", "scheduler", scheduler, comfy_sampling.SCHEDULER_NAMES, "scheduler")
         guider = _guider("PoEScheduler", experts)
-        return io.NodeOutput(comfy_bridge.compute_sigmas(guider, "euler", scheduler, steps, denoise))
-
-
-def describe_corrector(c: correctors.CorrectorConfig) -> str:
-    lo, hi = c.sigma_window
-    cost = c.steps * (c.leapfrog_steps if c.method == "uhmc" else 1) + (c.steps if c.energy == "simpson" and c.method == "mala" else 0)
-    return (f"{c.method}, {c.steps} step(s) of {c.step_scale:g} sigma^2 per level for sigma in [{lo:g}, {hi:g}] "
-            f"(+{cost} product evaluation(s) per level)")
+        return io.NodeOutput(comfy_sampling.compute_sigmas(guider, "euler", scheduler, steps, denoise))
 
 
 class PoECorrector(io.ComfyNode):
@@ -182,8 +180,8 @@ class PoECorrector(io.ComfyNode):
             description="MCMC correction of the product at each noise level of its window (Du et al. 2023, "
                         "'Reduce, Reuse, Recycle'; Sjöberg et al. 2023). Summing scores is exact only at sigma = 0; "
                         "the corrector pulls each level towards the product of the diffused experts. Each corrector "
-                        "step costs one product evaluation per level (U-HMC: one per leapfrog step); the defaults "
-                        "add 6 per level from sigma 0.6 up.",
+                        "step costs one product evaluation per level (U-HMC: one per leapfrog step; MALA: one more "
+                        "per level). Defaults, and what they measured, are in BENCHMARKS.md.",
             inputs=[
                 io.Combo.Input("method", options=list(correctors.METHODS), default="uhmc",
                                tooltip="uhmc: underdamped Langevin / HMC without accept (exact on Gaussians); ula: "
@@ -192,17 +190,12 @@ class PoECorrector(io.ComfyNode):
                 io.Int.Input("steps", default=6, min=0, max=100,
                              tooltip="Corrector steps per noise level; each costs one product evaluation."),
                 io.Float.Input("step_scale", default=0.05, min=0.001, max=10.0, step=0.005,
-                               tooltip="Langevin step as a multiple of sigma^2. Small steps suit image experts: "
-                                       "on the tiny digits 6 x 0.05 from sigma 0.6 up met all three constraints "
-                                       "in 0.83 of samples (0.64 plain), 4 x 0.05 in 0.80, while 0.5, the best on "
-                                       "the analytic Gaussian product, halved the rate. See BENCHMARKS.md."),
-                io.Float.Input("sigma_min", default=0.6, min=0.0, max=1e5, step=0.01,
-                               tooltip="Correction runs for sigma_min <= sigma <= sigma_max (images in [-1, 1]). "
-                                       "Correcting only the high-noise levels, where shape and placement are "
-                                       "decided, worked best on the digits (screens: 0.85 from sigma 0.6 up, 0.76 "
-                                       "from 0.05 up); RRR also skips the lowest levels."),
-                io.Float.Input("sigma_max", default=1e5, min=0.0, max=1e5, step=0.01,
-                               tooltip="Upper end of the correction window (1e5 = no limit)."),
+                               tooltip="Langevin step as a multiple of sigma^2. Small steps suit image experts; "
+                                       "large ones mix faster but cost accuracy where the data has fine structure."),
+                *sigma_window_inputs(0.6, "Correction runs for sigma_min <= sigma <= sigma_max (images in [-1, 1]). "
+                                          "The high-noise levels decide shape and placement; RRR also skips the "
+                                          "lowest levels, where the summed score is nearly exact.",
+                                     "the correction window"),
                 io.Int.Input("leapfrog_steps", default=1, min=1, max=100, tooltip="U-HMC leapfrog steps per step."),
                 io.Float.Input("momentum_refresh", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="U-HMC partial momentum refresh per step; 1 = full refresh."),
@@ -219,7 +212,7 @@ class PoECorrector(io.ComfyNode):
         with node_input(node, "method"):
             config = correctors.CorrectorConfig(
                 method=method, steps=steps, step_scale=step_scale,
-                sigma_window=(sigma_min, float("inf") if sigma_max >= 1e5 else sigma_max),
+                sigma_window=sigma_window(sigma_min, sigma_max),
                 leapfrog_steps=leapfrog_steps, refresh=momentum_refresh)
         return io.NodeOutput(config, ui={"text": (describe_corrector(config),)})
 
@@ -242,4 +235,4 @@ class PoECorrectedSampler(io.ComfyNode):
     @classmethod
     def execute(cls, sampler, corrector) -> io.NodeOutput:
         with node_input("PoECorrectedSampler", "sampler"):
-            return io.NodeOutput(comfy_correctors.correct_sampler(sampler, corrector))
+            return io.NodeOutput(with_corrector(sampler, corrector))

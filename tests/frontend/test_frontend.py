@@ -117,7 +117,7 @@ def markup_expert(folder: Path) -> Path:
     prompt is accepted and echoed in the binding's summary."""
     from safetensors.torch import save_file
     import torch
-    from model_loaders import tiny
+    from unite_and_conquer.model_loaders import tiny
 
     config = tiny.default_config("colour")
     config["widths"] = [8, 16, 16]

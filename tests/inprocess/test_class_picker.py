@@ -5,15 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from model_loaders import labels as labels_lib
-from model_loaders import load_expert
 from support.checkpoints import small_adm
-from support.comfy_harness import pack_module
 from support.fuzz import write_tiny
+from unite_and_conquer.model_loaders import labels as labels_lib
+from unite_and_conquer.model_loaders import load_expert
+from unite_and_conquer.nodes import bindings, class_picker
 
 REPO = Path(__file__).resolve().parents[2]
-class_picker = pack_module("nodes.class_picker")
-bindings = pack_module("nodes.bindings")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,60 @@
+"""How a product and its corrector describe themselves: one line per binding, the rule in words and
+numbers, the corrector and its cost. Each statement comes from the function that owns the rule."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from .correctors import CorrectorConfig, evaluations_per_level
+from .poe import Binding, needs_pooled_null, normalise_reliabilities, total_weight, unwrap
+
+
+def _fmt(v: Any) -> str:
+    t = torch.as_tensor(v, dtype=torch.float32)
+    if t.numel() == 1:
+        return f"{float(t):.3g}"
+    return f"{float(t.min()):.3g}..{float(t.max()):.3g} (spatial)"
+
+
+def describe(binding: Binding, normalised_reliability: Any | None = None) -> str:
+    """One line, such as ``ADM-64 · class 292: tiger · w=5 · a=0.556``."""
+    e = unwrap(binding.expert)
+    parts = [e.name, binding.label or "unconditional", f"w={_fmt(binding.weight)}"]
+    a = binding.reliability if normalised_reliability is None else normalised_reliability
+    parts.append(f"a={_fmt(a)}")
+    lo, hi = binding.sigma_window
+    if lo > 0 or math.isfinite(hi):
+        parts.append(f"sigma in [{lo:.3g}, {hi:.3g}]")
+    return " · ".join(parts)
+
+
+def describe_rule(bindings: Sequence[Binding]) -> str:
+    """The combined rule the sampler is about to run, in words and numbers."""
+    rel = normalise_reliabilities([b.reliability for b in bindings])
+    lines = [f"product of {len(bindings)} binding(s) over "
+             f"{len({id(b.expert) for b in bindings})} expert(s): "
+             f"eps = sum_i w_i eps_i(x, c_i) - (sum_i w_i - 1) * sum_j a_j eps_j(x, null_j)",
+             f"sum of weights = {_fmt_total(total_weight(bindings))}"]
+    for i, (b, a) in enumerate(zip(bindings, rel), 1):
+        lines.append(f"  {i}. {describe(b, a)}")
+    if not needs_pooled_null(bindings):
+        lines.append("  (weights sum to 1: the pooled null cancels and no null forward runs)")
+    elif any(b.reliability_from_variance for b in bindings):
+        lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")
+    return "\n".join(lines)
+
+
+def _fmt_total(total: Any) -> str:
+    t = torch.as_tensor(total, dtype=torch.float64)
+    if t.numel() == 1:
+        return f"{float(t):.4g}"
+    return f"{float(t.min()):.4g}..{float(t.max()):.4g} per pixel"
+
+
+def describe_corrector(config: CorrectorConfig) -> str:
+    """One line, such as ``uhmc, 6 step(s) of 0.05 sigma^2 per level for sigma in [0.6, inf] (+6 ...)``."""
+    lo, hi = config.sigma_window
+    return (f"{config.method}, {config.steps} step(s) of {config.step_scale:g} sigma^2 per level for sigma in "
+            f"[{lo:g}, {hi:g}] (+{evaluations_per_level(config)} product evaluation(s) per level)")
