@@ -5,7 +5,8 @@ path. The pack's modules live under one package name, ``unite_and_conquer``, who
 first (ComfyUI, the tests, a benchmark script), so each module is loaded once. Run under any other
 name (ComfyUI's, or ``runpy.run_path`` from a script), this file registers that package and hands
 over to it. Importing the package runs no ComfyUI code; ``comfy_entrypoint`` registers the
-``models/experts`` folder (plus the pack's shipped tiny experts) and returns the nodes.
+``models/experts`` folder (plus the pack's shipped tiny experts) and the class-picker route, and returns
+the nodes. ``WEB_DIRECTORY`` serves the web extension in ``web/js`` (node summaries, the class picker).
 """
 import importlib.util
 import os
@@ -14,6 +15,7 @@ import sys
 PACKAGE = "unite_and_conquer"
 EXPERT_EXTENSIONS = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
 PACK_DIR = os.path.dirname(os.path.abspath(__file__))
+WEB_DIRECTORY = "./web"
 
 
 def _register_expert_folders() -> None:
@@ -31,6 +33,9 @@ def _register_expert_folders() -> None:
 async def comfy_entrypoint():
     _register_expert_folders()
     from .nodes import UniteAndConquerExtension  # the node schemas list the registered folder
+    from .nodes import class_picker
+
+    class_picker.register_routes()
 
     return UniteAndConquerExtension()
 

@@ -61,7 +61,7 @@ def run(workflow: Path, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workflow", default=str(REPO / "workflows" / "api" / "tiny_demo.json"))
+    ap.add_argument("--workflow", default=str(REPO / "example_workflows" / "api" / "tiny_demo.json"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
@@ -71,7 +71,7 @@ def main() -> None:
             f"torch {torch.__version__} (CPU). Date: {datetime.date.today()}.\n"
             f"Command: `.venv/bin/python benchmarks/bench_demo_cpu.py --write`\n\n"
             "The README's main job after set-up: a fresh `main.py --cpu` with the pack, then "
-            "`workflows/api/tiny_demo.json` (4 samplers x 4 images x 30 dpmpp_2m steps at 32 px: each expert "
+            "`example_workflows/api/tiny_demo.json` (4 samplers x 4 images x 30 dpmpp_2m steps at 32 px: each expert "
             "alone, then the product of the three).\n\n"
             "| figure | value |\n|---|---:|\n"
             f"| ComfyUI start-up until /system_stats answers | {r['startup']:.1f} s |\n"

@@ -425,6 +425,13 @@ def load_class_names() -> list[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
+def class_names_for(config: ADMConfig) -> list[str] | None:
+    """ImageNet's names for 1000 classes, the indices for any other count; None when unconditional."""
+    if config.num_classes is None:
+        return None
+    return load_class_names() if config.num_classes == 1000 else [str(i) for i in range(config.num_classes)]
+
+
 def build_network(sd: dict[str, torch.Tensor], config: ADMConfig, operations=torch_ops) -> ADMUNet:
     """The network holding the checkpoint's tensors, which must match the config exactly."""
     return assign_checkpoint(lambda: ADMUNet(config, operations), sd, "ADM", describe(config))
@@ -481,9 +488,7 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
     schedule, sources["schedule"] = schedule_for(published, meta, schedule)
     network = build_network(sd, config, operations)
     name = expert_name(config, published)
-    class_names = None
-    if config.num_classes is not None:
-        class_names = load_class_names() if config.num_classes == 1000 else [str(i) for i in range(config.num_classes)]
+    class_names = class_names_for(config)
     if config.is_upsampler:
         encoders = {"image": _image_encoder(name, config)}
         null, null_for = None, (lambda c: dict(c))  # the low-res image stays: it was never dropped in training

@@ -536,6 +536,12 @@ def _class_encoder(name: str, n: int):
     return encode
 
 
+def class_names_for(config: UNet2DConfig) -> list[str] | None:
+    """The indices as names (the hub's UNet2DModel configs name no classes); None when unconditional."""
+    n = config.num_class_embeds
+    return [str(i) for i in range(n)] if n else None
+
+
 def make_expert(network: UNet2D, name: str, alphas_cumprod: torch.Tensor, schedule_name: str, info: dict,
                 prediction: str = "eps") -> Expert:
     c = network.config
@@ -549,7 +555,7 @@ def make_expert(network: UNet2D, name: str, alphas_cumprod: torch.Tensor, schedu
         encoders={"class": _class_encoder(name, n)} if n else {},
         # Class embeddings without a documented dropout label: no trained null (the binding forms it).
         null_condition=None if n else {},
-        class_names=[str(i) for i in range(n)] if n else None,
+        class_names=class_names_for(c),
         info={"config": asdict(c), "architecture": describe(c), "schedule": schedule_name,
               "params": sum(p.numel() for p in network.parameters()), **info},
     )

@@ -1,37 +1,22 @@
 """Binding nodes: each attaches one condition of one expert to a product (a POE_EXPERTS chain)."""
 from __future__ import annotations
 
-import os
-
 from comfy_api.v0_0_2 import io
 
 from ..conditions import maps
 from ..samplers import poe
 from ..samplers.describe import describe, describe_rule
 from ..samplers.nulls import NULL_CHOICES, class_nulls, default_nulls, reliability_from_variance
+from . import class_picker
 from .common import (CATEGORY, NO_LIMIT, Expert, Experts, TextEncoder, chain, check_choice, check_finite, check_number,
                      check_unit_range, experts_input, image_to_pixels, index_input, indexed_chain, log, mask_inputs,
                      node_input, reliability_input, sigma_window, sigma_window_inputs, weight_input)
 
-_IMAGENET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_loaders", "imagenet_classes.txt")
-
-
 def imagenet_choices() -> list[str]:
-    if os.path.isfile(_IMAGENET):
-        with open(_IMAGENET, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
-        return [f"{i}: {n}" for i, n in enumerate(names)]
-    return [f"{i}" for i in range(1000)]
+    """The picker's entries before an expert is connected: ADM's ImageNet classes, the paper's class expert."""
+    from ..model_loaders import adm
 
-
-def parse_class(node: str, choice: str, index: int) -> int:
-    if index >= 0:
-        return index
-    head = str(choice).split(":", 1)[0].strip()
-    if not head.isdigit():
-        raise ValueError(f"{node}: input 'class': {str(choice)[:80]!r} is not 'index: name'; pick a class from the "
-                         "list, or set class_index")
-    return int(head)
+    return class_picker.labels(adm.load_class_names())
 
 
 def binding_schema(node_id: str, display_name: str, description: str, inputs: list, masked: bool = True) -> io.Schema:
@@ -81,10 +66,13 @@ class PoEBindClass(io.ComfyNode):
             [
                 Expert.Input("expert", tooltip="A class-conditional expert."),
                 io.Combo.Input("class", options=imagenet_choices(), default="292: tiger",
-                               tooltip="The class, as 'index: name' (ImageNet names). For experts with other "
-                                       "classes (digits), set class_index instead."),
+                               tooltip="The class, from the connected expert's own labels: 'index: name' for "
+                                       "named classes (ADM's ImageNet), the index alone otherwise (the digit "
+                                       "expert's '0'..'9'). The list follows the expert wired in; a label the "
+                                       "expert does not have is refused."),
                 io.Int.Input("class_index", default=-1, min=-1, max=100000,
-                             tooltip="Overrides the picker when >= 0: the class index for this expert."),
+                             tooltip="-1: the picker decides. An index >= 0 must agree with the picker (it is "
+                                     "checked, never a silent override)."),
                 weight_input(1.0),
                 reliability_input(1.0),
                 io.Combo.Input("null", options=list(NULL_CHOICES), default="class0 (paper)",
@@ -98,12 +86,22 @@ class PoEBindClass(io.ComfyNode):
             ])
 
     @classmethod
+    def validate_inputs(cls, **kwargs) -> bool | str:
+        # The class list follows the connected expert, so ComfyUI's check against the schema's static list
+        # must not run (a validate_inputs taking **kwargs turns it off); execute checks the label against the
+        # expert. That also turns off ComfyUI's min/max checks, which are redone here.
+        return class_picker.check_ranges(cls.define_schema(), kwargs)
+
+    @classmethod
     def execute(cls, expert, weight, reliability, null, null_k, class_index, experts=None, **inputs) -> io.NodeOutput:
         node = "PoEBindClass"
         check_choice(node, "null", null, NULL_CHOICES, "null choice")
-        index = parse_class(node, inputs.pop("class"), class_index)
         e = poe.unwrap(expert)
-        with node_input(node, "class" if class_index < 0 else "class_index"):
+        if "class" not in e.encoders:
+            with node_input(node, "expert"):
+                e.encode("class", 0)  # raises, naming the modalities this expert takes
+        index = class_picker.resolve(node, e, inputs.pop("class"), class_index)
+        with node_input(node, "class"):
             condition = e.encode("class", index)
         with node_input(node, "null"):
             nulls = class_nulls(e, null, null_k)

@@ -85,20 +85,31 @@ class PoEImageGrid(io.ComfyNode):
                 io.Int.Input("columns", default=0, min=0, max=64,
                              tooltip="Images per row; 0 = the batch size of each list item."),
                 io.Int.Input("padding", default=2, min=0, max=64, tooltip="Pixels between tiles (white)."),
+                io.String.Input("row_labels", default="", multiline=True, optional=True,
+                                tooltip="One label per line, drawn left of each row (as plain text); empty = no "
+                                        "labels."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE")],
         )
 
     @classmethod
-    def execute(cls, images, columns, padding) -> io.NodeOutput:
+    def execute(cls, images, columns, padding, row_labels=("",)) -> io.NodeOutput:
         node = "PoEImageGrid"
-        columns, padding = columns[0], padding[0]
+        columns, padding, row_labels = columns[0], padding[0], row_labels[0]
         sizes = {tuple(im.shape[1:]) for im in images}
         if len(sizes) != 1:
             raise ValueError(f"{node}: input 'images' mixes sizes {sorted(sizes)}; resize them to one size first")
         tiles = torch.cat(list(images))
         cols = columns or images[0].shape[0]
-        return io.NodeOutput(tile(tiles, cols, padding))
+        grid = tile(tiles, cols, padding)
+        labels = [line.strip() for line in str(row_labels).splitlines() if line.strip()]
+        if labels:
+            rows = -(-tiles.shape[0] // cols)
+            if len(labels) != rows:
+                raise ValueError(f"{node}: input 'row_labels' has {len(labels)} line(s) but the grid has {rows} "
+                                 "row(s); give one label per row, or none")
+            grid = label_rows(grid, labels, tiles.shape[1], padding)
+        return io.NodeOutput(grid)
 
 
 def tile(images: torch.Tensor, columns: int, padding: int) -> torch.Tensor:
@@ -111,3 +122,26 @@ def tile(images: torch.Tensor, columns: int, padding: int) -> torch.Tensor:
         y, x = r * (h + padding), q * (w + padding)
         grid[0, y:y + h, x:x + w] = images[i]
     return grid
+
+
+def label_rows(grid: torch.Tensor, labels: list[str], tile_h: int, padding: int) -> torch.Tensor:
+    """The grid with a white column on its left holding each row's label, centred on the row."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = max(10, min(24, tile_h // 6))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(measure.textbbox((0, 0), t, font=font)[2] for t in labels) + 2 * size
+    _, h, w, c = grid.shape
+    canvas = Image.new("RGB", (width, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(labels):
+        top, bottom = draw.textbbox((0, 0), text, font=font)[1::2]
+        y = r * (tile_h + padding) + (tile_h - (bottom - top)) // 2 - top
+        draw.text((size, y), text, fill="black", font=font)
+    strip = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None, ..., :c]
+    return torch.cat([strip, grid], dim=2)

@@ -215,5 +215,5 @@ def load_api_workflow(path: str | Path) -> dict:
     with open(path, encoding="utf-8") as f:
         wf = json.load(f)
     if "nodes" in wf and "links" in wf:
-        raise ValueError(f"{path} is a UI-format workflow; use its API-format copy in workflows/api/")
+        raise ValueError(f"{path} is a UI-format workflow; use its API-format copy in example_workflows/api/")
     return wf

@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 UAC_SKIP_TEST_DEPS="${UAC_SKIP_TEST_DEPS:-1}" bash tools/setup_env.sh
-exec .venv/bin/python tools/run_workflow.py workflows/api/tiny_demo.json --out output/demo "$@"
+exec .venv/bin/python tools/run_workflow.py example_workflows/api/tiny_demo.json --out output/demo "$@"

@@ -1,6 +1,6 @@
 """Run an API-format workflow on a fresh headless ComfyUI with the pack, and save its images.
 
-    .venv/bin/python tools/run_workflow.py workflows/api/tiny_demo.json --out output/demo
+    .venv/bin/python tools/run_workflow.py example_workflows/api/tiny_demo.json --out output/demo
 """
 from __future__ import annotations
 

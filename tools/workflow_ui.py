@@ -1,7 +1,7 @@
-"""Turn the API-format workflows (workflows/api/NAME.json) into the UI-format workflows the ComfyUI
-frontend loads and its template browser lists (workflows/NAME.json), with thumbnails.
+"""Turn the API-format workflows (example_workflows/api/NAME.json) into the UI-format workflows the ComfyUI
+frontend loads and its template browser lists (example_workflows/NAME.json), with thumbnails.
 
-    .venv/bin/python tools/workflow_ui.py            # write workflows/NAME.json (+ NAME.jpg where it runs)
+    .venv/bin/python tools/workflow_ui.py            # write example_workflows/NAME.json (+ NAME.jpg where it runs)
     .venv/bin/python tools/workflow_ui.py --check    # exit 1 if a UI workflow and its API copy disagree
 
 Both modes start a headless ComfyUI with the pack (tools/comfy_client.py) for its /object_info, which
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "workflows"
+WORKFLOWS = ROOT / "example_workflows"
 API_DIR = WORKFLOWS / "api"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
@@ -33,11 +33,32 @@ FILE_INPUTS = {("PoEExpertLoader", "expert_name"): "ComfyUI/models/experts/",
                ("PoETextEncoderLoader", "text_encoder_name"): "ComfyUI/models/text_encoders/",
                ("LoadImage", "image"): "ComfyUI/input/ (your own image)"}
 THUMB_WIDTH = 256
+# ComfyUI's model metadata for a loader node (``properties.models``: name, url, directory), which the
+# frontend's missing-models dialog offers when the file is not in the directory.
+MODEL_DIRECTORIES = {("PoEExpertLoader", "expert_name"): "experts",
+                     ("PoETextEncoderLoader", "text_encoder_name"): "text_encoders"}
+_OPENAI = "https://openaipublic.blob.core.windows.net/diffusion"
+_PACK_RAW = "https://raw.githubusercontent.com/unite-and-conquer/unite-and-conquer/main"
+MODEL_URLS = {
+    **{f: f"{_OPENAI}/jul-2021/{f}" for f in (
+        "64x64_diffusion.pt", "128x128_diffusion.pt", "256x256_diffusion.pt", "256x256_diffusion_uncond.pt",
+        "512x512_diffusion.pt", "64_256_upsampler.pt", "128_512_upsampler.pt", "lsun_bedroom.pt", "lsun_cat.pt",
+        "lsun_horse.pt", "lsun_horse_nodropout.pt")},
+    **{f: f"{_OPENAI}/dec-2021/{f}" for f in ("base.pt", "upsample.pt", "base_inpaint.pt", "upsample_inpaint.pt")},
+    # The face experts are linked from their authors' README (no direct file URL is published).
+    "model_latest.pt": "https://github.com/Nithin-GK/UniteandConquer",
+    "model_sketch.pt": "https://github.com/Nithin-GK/UniteandConquer",
+    "FaRL-Base-Patch16-LAIONFace20M-ep64.pth":
+        "https://github.com/FacePerceiver/FaRL/releases/download/pretrained_weights/FaRL-Base-Patch16-LAIONFace20M-ep64.pth",
+    **{f"tiny_{m}.safetensors": f"{_PACK_RAW}/models_tiny/tiny_{m}.safetensors" for m in ("class", "colour", "layout")},
+}
 
 # Layout, in canvas pixels.
 COL_GAP, ROW_GAP, MARGIN = 90, 50, 40
 NODE_WIDTH, NOTE_WIDTH = 330, 560
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H = 30, 22, 26, 80
+# Room for the run summary the pack's web extension shows under a node of the pack (web/js).
+SUMMARY_H = 90
 
 
 # --- node definitions ------------------------------------------------------------------------
@@ -179,6 +200,26 @@ def files_note(api: dict) -> str:
     return "\n".join(lines)
 
 
+def model_links(node: dict) -> list[dict]:
+    """ComfyUI's ``properties.models`` entries for the files a loader node names."""
+    links = []
+    for (ctype, name), directory in MODEL_DIRECTORIES.items():
+        value = node["inputs"].get(name)
+        if node["class_type"] == ctype and isinstance(value, str):
+            base = value.replace("\\", "/").split("/")[-1]
+            if base in MODEL_URLS:  # tests/test_presentation.py checks that every shipped file has one
+                links.append({"name": value, "url": MODEL_URLS[base], "directory": directory})
+    return links
+
+
+def node_properties(node: dict) -> dict:
+    props = {"Node name for S&R": node["class_type"]}
+    models = model_links(node)
+    if models:
+        props["models"] = models
+    return props
+
+
 def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
     """The UI-format (LiteGraph) workflow for an API-format one."""
     ids = {nid: int(nid) for nid in api}
@@ -189,7 +230,8 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
         sockets = [s for s in specs if not is_widget(s[1], s[2]) or is_link(node["inputs"].get(s[0]))]
         widgets = [s for s in specs if is_widget(s[1], s[2])]
         n_out = len(defs[nid]["output"])
-        sizes[nid] = [NODE_WIDTH, node_height(max(len(sockets), n_out), widgets)]
+        summary = SUMMARY_H if defs[nid].get("category", "").startswith("unite_and_conquer") else 0
+        sizes[nid] = [NODE_WIDTH, node_height(max(len(sockets), n_out), widgets) + summary]
     note_text = files_note(api)
     note_h = TITLE_H + 22 * (note_text.count("\n") + 2)
     pos = layout(api, sizes, top=MARGIN + note_h + ROW_GAP)
@@ -237,7 +279,7 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
             "flags": {}, "order": order[nid], "mode": 0,
             "inputs": nodes[nid]["inputs"], "outputs": outputs,
             "title": api[nid].get("_meta", {}).get("title", info.get("display_name", api[nid]["class_type"])),
-            "properties": {"Node name for S&R": api[nid]["class_type"]},
+            "properties": node_properties(api[nid]),
             "widgets_values": nodes[nid]["widgets_values"],
         })
     note_id = max(ids.values()) + 1
@@ -251,7 +293,7 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
         "last_node_id": note_id, "last_link_id": len(links),
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
         "extra": {"ds": {"scale": fit_scale(ui_nodes), "offset": [0, 0]},
-                  "info": {"name": name, "api_copy": f"workflows/api/{name}.json"}},
+                  "info": {"name": name, "api_copy": f"example_workflows/api/{name}.json"}},
         "version": 0.4,
     }
 
@@ -410,15 +452,15 @@ def generate(object_info: dict, server=None) -> None:
             print("  no thumbnail: the workflow saved no image")
             continue
         (WORKFLOWS / f"{name}.jpg").write_bytes(thumbnail(images[-1][1]))
-        print(f"wrote workflows/{name}.jpg")
+        print(f"wrote example_workflows/{name}.jpg")
 
 
 def check(object_info: dict) -> list[str]:
     problems = []
     api_names = {p.stem for p in api_workflows()}
     ui_names = {p.stem for p in WORKFLOWS.glob("*.json")}
-    problems += [f"workflows/{n}.json has no API copy in workflows/api/" for n in sorted(ui_names - api_names)]
-    problems += [f"workflows/api/{n}.json has no UI workflow workflows/{n}.json" for n in sorted(api_names - ui_names)]
+    problems += [f"example_workflows/{n}.json has no API copy in example_workflows/api/" for n in sorted(ui_names - api_names)]
+    problems += [f"example_workflows/api/{n}.json has no UI workflow example_workflows/{n}.json" for n in sorted(api_names - ui_names)]
     for name in sorted(api_names & ui_names):
         problems += [f"{name}: {p}" for p in compare(load_json(WORKFLOWS / f"{name}.json"),
                                                         load_json(API_DIR / f"{name}.json"), object_info)]

@@ -3,7 +3,7 @@
 PoEGuider + PoEScheduler + PoECorrectedSampler(KSamplerSelect) into SamplerCustomAdvanced must give
 exactly what PoEKSampler gives for the same seed, sampler, steps and corrector, and VAEDecode with the
 pixel_space VAE must turn that LATENT into the IMAGE (latent + 1) / 2 clamped, channels last. The
-shipped workflow workflows/api/tiny_custom_sampler.json is run here as a prompt, and by the server tier.
+shipped workflow example_workflows/api/tiny_custom_sampler.json is run here as a prompt, and by the server tier.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def load(name, device=None, dtype="fp32"):
 
 def product(class_handle, colour_handle):
     chain = bindings.PoEBindClass.execute(expert=class_handle, weight=2.0, reliability=1.0, null="trained", null_k=4,
-                                          class_index=3, experts=None, **{"class": "292: tiger"}).args[0]
+                                          class_index=-1, experts=None, **{"class": "3"}).args[0]
     return bindings.PoEBindText.execute(expert=colour_handle, text="red", weight=1.0, reliability=1.0,
                                         experts=chain).args[0]
 

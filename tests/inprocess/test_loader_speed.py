@@ -31,7 +31,7 @@ def load(name, **options):
 
 def sample(handle):
     chain = bindings.PoEBindClass.execute(expert=handle, weight=3.0, reliability=1.0, null="class0 (paper)", null_k=4,
-                                          class_index=3, experts=None, **{"class": "292: tiger"}).args[0]
+                                          class_index=-1, experts=None, **{"class": "3"}).args[0]
     out = sampling.PoEKSampler.execute(experts=chain, seed=0, steps=3, sampler_name="euler", scheduler="karras",
                                        denoise=1.0, width=0, height=0, batch_size=2, latent_image=None)
     return out.args[0]["samples"]

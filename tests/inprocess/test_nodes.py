@@ -7,6 +7,7 @@ import torch
 from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
 from unite_and_conquer.nodes import bindings as bindings_mod
 from unite_and_conquer.nodes import sampling, utilities
+from unite_and_conquer.samplers.poe import unwrap
 from unite_and_conquer.samplers.comfy.models import wrap_expert
 from support.analytic import gaussian, gaussian_expert, product_gaussian
 
@@ -20,9 +21,15 @@ def analytic(schedule="linear", name="gauss", resolution=8, classes=None):
     return wrap_expert(e)
 
 
+def picker(expert, k):
+    """The picker's label of class k of an expert (its index when the expert has no class names)."""
+    names = getattr(unwrap(expert), "class_names", None) or []
+    return f"{k}: {names[k]}" if k < len(names) and names[k] != str(k) else str(k)
+
+
 def bind_class(expert, k, weight=1.0, reliability=1.0, experts=None, **kw):
     out = bindings_mod.PoEBindClass.execute(expert=expert, weight=weight, reliability=reliability, null="trained",
-                                            null_k=4, class_index=k, experts=experts, **{"class": "0: a"}, **kw)
+                                            null_k=4, class_index=-1, experts=experts, **{"class": picker(expert, k)}, **kw)
     return out.args[0], out.ui["text"][0]
 
 
@@ -90,7 +97,7 @@ def test_mixed_resolutions_are_refused_when_chaining():
 
 def test_unknown_modality_and_class_errors():
     plain = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "Plain", 8))
-    with pytest.raises(ValueError, match=r"^PoEBindClass: input 'class_index': Plain does not take a 'class' "
+    with pytest.raises(ValueError, match=r"^PoEBindClass: input 'expert': Plain does not take a 'class' "
                                          r"condition; it accepts: gaussian$"):
         bind_class(plain, 1)
 

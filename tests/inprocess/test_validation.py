@@ -47,7 +47,7 @@ def tiny(tmp_path_factory):
             for m in ("class", "colour", "layout")}
 
 
-def bind_class(expert, index=1, choice="0: a", weight=1.0, reliability=1.0, null="trained", experts=None, **kw):
+def bind_class(expert, index=-1, choice="1: b", weight=1.0, reliability=1.0, null="trained", experts=None, **kw):
     return bindings.PoEBindClass.execute(expert=expert, weight=weight, reliability=reliability, null=null, null_k=4,
                                          class_index=index, experts=experts, **{"class": choice}, **kw)
 
@@ -90,14 +90,24 @@ def chain_of(expert=None):
 HANDLED = {
     # PoEBindClass
     "class_index out of range (tiny)": (
-        lambda t: bind_class(t["class"], index=50),
-        "PoEBindClass: input 'class_index': Tiny digits · class: the class must be an integer digit 0..9, got 50"),
+        lambda t: bind_class(t["class"], index=50, choice="1"),
+        "PoEBindClass: input 'class_index' is 50 but Tiny digits · class has 10 classes; set class_index to -1 to "
+        "use the picker"),
+    "class_index disagrees with the picker (tiny)": (
+        lambda t: bind_class(t["class"], index=3, choice="7"),
+        "PoEBindClass: input 'class_index' is 3 but the picker says '7' (class 7); set class_index to -1 to use "
+        "the picker, or pick '3'"),
+    "another expert's label (ImageNet name on the digit expert)": (
+        lambda t: bind_class(t["class"], choice="7: cock"),
+        "PoEBindClass: input 'class': '7: cock' is not a class of Tiny digits · class, whose 10 classes are: 0, 1, "
+        "2, 3, 4, 5, 6, 7, 8, 9. Pick one of them (the picker lists the connected expert's own classes)"),
     "class picker out of range (tiny)": (
-        lambda t: bind_class(t["class"], index=-1, choice="292: tiger"),
-        "PoEBindClass: input 'class': Tiny digits · class: the class must be an integer digit 0..9, got 292"),
+        lambda t: bind_class(t["class"], choice="292: tiger"),
+        "PoEBindClass: input 'class': '292: tiger' is not a class of Tiny digits · class, whose 10 classes are: 0, "
+        "1, 2, 3, 4, 5, 6, 7, 8, 9. Pick one of them (the picker lists the connected expert's own classes)"),
     "class on an expert without classes": (
-        lambda t: bind_class(t["colour"], index=1),
-        "PoEBindClass: input 'class_index': Tiny digits · colour does not take a 'class' condition; it accepts: "
+        lambda t: bind_class(t["colour"]),
+        "PoEBindClass: input 'expert': Tiny digits · colour does not take a 'class' condition; it accepts: "
         "colour, text"),
     "unknown null choice": (
         lambda t: bind_class(analytic(), null="sometimes"),
@@ -237,7 +247,7 @@ HANDLED = {
 
 def test_refusals_leave_the_upstream_chain_untouched(tiny):
     """A refused binding must not have appended itself to the (cached) chain it was given."""
-    chain = bind_class(tiny["class"], index=3).args[0]
+    chain = bind_class(tiny["class"], choice="3").args[0]
     with pytest.raises(ValueError):
         text(tiny["colour"], "purple", experts=chain)
     with pytest.raises(ValueError):
@@ -254,7 +264,8 @@ GAPS = {
         "PoEExpertLoader: input 'expert_name': nope.safetensors is not in models/experts"),
     "class picker not a number": (
         lambda t: bind_class(analytic(), index=-1, choice="tiger"),
-        "PoEBindClass: input 'class': 'tiger' is not 'index: name'"),
+        "PoEBindClass: input 'class': 'tiger' is not a class of gauss, whose 3 classes are: 0: a, 1: b, 2: c. "
+        "Pick one of them (the picker lists the connected expert's own classes)"),
     "NaN weight": (
         lambda t: bind_class(analytic(), weight=float("nan")),
         "PoEBindClass: input 'weight' is nan"),

@@ -17,7 +17,7 @@ PACK_NODES = {"PoEExpertLoader", "PoEBindClass", "PoEBindText", "PoEBindSegmenta
               "PoEReliabilitySweep", "PoEImageGrid", "PoECorrector", "PoECorrectedSampler",
               "PoETextEncoderLoader", "PoEResample", "PoEImageToLatent", "PoEBindInpaint",
               "PoEReliabilityFromVariance"}
-DEMO = REPO / "workflows" / "api" / "tiny_demo.json"
+DEMO = REPO / "example_workflows" / "api" / "tiny_demo.json"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_every_node_and_input_has_a_tooltip_or_description(server):
     assert not missing, f"inputs without a tooltip: {missing}"
 
 
-RUNNABLE = sorted(p for p in (REPO / "workflows" / "api").glob("tiny_*.json"))
+RUNNABLE = sorted(p for p in (REPO / "example_workflows" / "api").glob("tiny_*.json"))
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)

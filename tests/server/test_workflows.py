@@ -1,7 +1,7 @@
 """The shipped workflows against a real ComfyUI server with the pack.
 
-Every API copy (workflows/api/*.json) is checked input by input against /object_info and then by the
-server's own POST /prompt validation; the UI workflows (workflows/*.json) must stand for exactly their
+Every API copy (example_workflows/api/*.json) is checked input by input against /object_info and then by the
+server's own POST /prompt validation; the UI workflows (example_workflows/*.json) must stand for exactly their
 API copies, and the template browser must list them. The tiny demo's end-to-end run is in
 test_server.py; workflows whose checkpoints are not downloaded cannot run here.
 """
@@ -20,8 +20,8 @@ sys.path.insert(0, str(REPO / "tools"))
 from comfy_client import PACK_NAME, ComfyServer, load_api_workflow  # noqa: E402
 import workflow_ui  # noqa: E402
 
-API_WORKFLOWS = sorted((REPO / "workflows" / "api").glob("*.json"))
-UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+API_WORKFLOWS = sorted((REPO / "example_workflows" / "api").glob("*.json"))
+UI_WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 ids = [p.stem for p in API_WORKFLOWS]
 
 
@@ -130,7 +130,7 @@ def test_api_workflow_passes_the_servers_validation(path, server, object_info):
 
 def test_the_static_check_catches_what_the_server_would_refuse(object_info):
     """static_errors is not vacuous: a bad type, a bad link, a bad option and a missing input are caught."""
-    api = load_api_workflow(REPO / "workflows" / "api" / "tiny_demo.json")
+    api = load_api_workflow(REPO / "example_workflows" / "api" / "tiny_demo.json")
     sampler = next(k for k, v in api.items() if v["class_type"] == "PoEKSampler")
     grid = next(k for k, v in api.items() if v["class_type"] == "PoEImageGrid")
     api[sampler]["inputs"]["sampler_name"] = "no_such_sampler"
@@ -149,14 +149,14 @@ def test_the_static_check_catches_what_the_server_would_refuse(object_info):
 
 
 def test_every_api_workflow_has_a_ui_workflow_that_agrees(object_info):
-    assert API_WORKFLOWS, "no workflows in workflows/api/"
+    assert API_WORKFLOWS, "no workflows in example_workflows/api/"
     problems = workflow_ui.check(object_info)
     assert not problems, "\n".join(problems) + "\n(regenerate with: .venv/bin/python tools/workflow_ui.py)"
 
 
 def test_the_check_sees_a_changed_widget_and_a_dropped_link(object_info):
-    ui = json.loads((REPO / "workflows" / "tiny_demo.json").read_text(encoding="utf-8"))
-    api = load_api_workflow(REPO / "workflows" / "api" / "tiny_demo.json")
+    ui = json.loads((REPO / "example_workflows" / "tiny_demo.json").read_text(encoding="utf-8"))
+    api = load_api_workflow(REPO / "example_workflows" / "api" / "tiny_demo.json")
     assert workflow_ui.compare(ui, api, object_info) == []
     sampler = next(n for n in ui["nodes"] if n["type"] == "PoEKSampler")
     sampler["widgets_values"][2] = 31  # steps (after seed and its control value)
@@ -174,7 +174,7 @@ def test_ui_workflows_carry_titles_and_the_files_note():
     for path in UI_WORKFLOWS:
         ui = json.loads(path.read_text(encoding="utf-8"))
         assert ui["version"] == 0.4
-        api = load_api_workflow(REPO / "workflows" / "api" / path.name)
+        api = load_api_workflow(REPO / "example_workflows" / "api" / path.name)
         notes = [n for n in ui["nodes"] if n["type"] == "Note"]
         assert len(notes) == 1, path.name
         text = notes[0]["widgets_values"][0]
@@ -193,7 +193,7 @@ def test_template_browser_lists_the_ui_workflows_and_their_thumbnails(server, ob
     for path in UI_WORKFLOWS:
         status, body = server.request(f"/api/workflow_templates/{PACK_NAME}/{path.name}")
         assert status == 200 and json.loads(body) == json.loads(path.read_text(encoding="utf-8"))
-        runnable = not workflow_ui.missing_files(load_api_workflow(REPO / "workflows" / "api" / path.name),
+        runnable = not workflow_ui.missing_files(load_api_workflow(REPO / "example_workflows" / "api" / path.name),
                                                  object_info)
         thumb = path.with_suffix(".jpg")
         if runnable:

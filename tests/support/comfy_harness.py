@@ -71,9 +71,9 @@ def run_prompt(prompt: dict, executor=None):
 
 
 def api_workflow(name: str, changes: dict[str, dict] | None = None) -> dict:
-    """The shipped API-format workflow ``workflows/api/<name>``, with ``changes`` ({node id: {input:
+    """The shipped API-format workflow ``example_workflows/api/<name>``, with ``changes`` ({node id: {input:
     value}}) applied."""
-    wf = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "api" / name).read_text())
+    wf = json.loads((Path(__file__).resolve().parents[2] / "example_workflows" / "api" / name).read_text())
     for node, inputs in (changes or {}).items():
         wf[node]["inputs"].update(inputs)
     return wf

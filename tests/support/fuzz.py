@@ -88,7 +88,7 @@ def product_prompt(seed: int = 1, steps: int = 4, batch: int = 1, digit: int = 3
         "5": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 12, "height": 16}},
         "6": {"class_type": "MaskComposite", "inputs": {"destination": ["4", 0], "source": ["5", 0], "x": 10,
                                                         "y": 8, "operation": "add"}},
-        "7": {"class_type": "PoEBindClass", "inputs": {"expert": ["1", 0], "class": "0: tench", "class_index": digit,
+        "7": {"class_type": "PoEBindClass", "inputs": {"expert": ["1", 0], "class": str(digit), "class_index": -1,
                                                        "weight": 1.0, "reliability": 1.0, "null": "trained",
                                                        "null_k": 8}},
         "8": {"class_type": "PoEBindText", "inputs": {"expert": ["2", 0], "text": colour, "weight": 1.0,

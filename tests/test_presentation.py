@@ -1,0 +1,94 @@
+"""What a user sees before running anything: the template browser's workflows and thumbnails, the
+model links in every loader, the Registry icon, the demo's labelled grid, the web extension."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import workflow_ui  # noqa: E402
+
+EXAMPLES = REPO / "example_workflows"
+UI_WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
+
+
+def test_every_workflow_is_in_example_workflows_with_its_api_copy():
+    assert not (REPO / "workflows").exists(), "workflows/ moved to example_workflows/"
+    assert {p.stem for p in UI_WORKFLOWS} == {p.stem for p in (EXAMPLES / "api").glob("*.json")}
+    assert len(UI_WORKFLOWS) >= 9
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
+def test_every_loader_carries_comfys_model_metadata(path):
+    ui = json.loads(path.read_text(encoding="utf-8"))
+    types = {t for t, _ in workflow_ui.MODEL_DIRECTORIES}
+    loaders = [n for n in ui["nodes"] if n["type"] in types]
+    assert loaders, path.name
+    for node in loaders:
+        (ctype, name), directory = next(((k, d) for k, d in workflow_ui.MODEL_DIRECTORIES.items()
+                                         if k[0] == node["type"]))
+        value = node["widgets_values"][0]
+        models = node["properties"].get("models")
+        assert models == [{"name": value, "url": workflow_ui.MODEL_URLS[value.split("/")[-1]],
+                           "directory": directory}], (path.name, node["id"], models)
+        assert re.fullmatch(r"https://[\w.-]+/\S+", models[0]["url"]), models[0]["url"]
+
+
+def test_the_tiny_models_link_to_the_files_the_pack_ships():
+    for m in ("class", "colour", "layout"):
+        url = workflow_ui.MODEL_URLS[f"tiny_{m}.safetensors"]
+        assert url.endswith(f"/models_tiny/tiny_{m}.safetensors")
+        assert (REPO / "models_tiny" / f"tiny_{m}.safetensors").is_file()
+
+
+def test_the_registry_icon_is_shipped():
+    from PIL import Image
+
+    toml = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    url = re.search(r'^Icon = "([^"]+)"', toml, re.M).group(1)
+    rel = url.split("/main/", 1)[1]
+    assert rel == "docs/icon.png"
+    img = Image.open(REPO / rel)
+    assert img.format == "PNG" and img.size == (256, 256) and img.mode == "RGBA"
+    lo, hi = img.convert("L").getextrema()
+    assert hi - lo > 128
+
+
+def test_readme_shows_the_editor_and_the_output():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
+        assert (REPO / image).is_file(), image
+    assert "docs/demo_editor.png" in readme and "docs/demo_output.png" in readme
+
+
+def test_the_demo_writes_an_upscaled_labelled_grid():
+    api = json.loads((EXAMPLES / "api" / "tiny_demo.json").read_text(encoding="utf-8"))
+    scale = [n for n in api.values() if n["class_type"] == "ImageScale"]
+    assert len(scale) == 1 and scale[0]["inputs"]["upscale_method"] == "nearest-exact"
+    assert scale[0]["inputs"]["width"] == scale[0]["inputs"]["height"] == 128
+    grid = next(n for n in api.values() if n["class_type"] == "PoEImageGrid")
+    assert grid["inputs"]["row_labels"].splitlines() == ["class alone", "colour alone", "layout alone", "product"]
+
+
+def test_no_shipped_workflow_binds_a_label_its_expert_lacks():
+    """The digit expert's binding reads its own label ("7"), never an ImageNet name."""
+    for path in sorted((EXAMPLES / "api").glob("tiny_*.json")):
+        api = json.loads(path.read_text(encoding="utf-8"))
+        for node in api.values():
+            if node["class_type"] == "PoEBindClass":
+                assert re.fullmatch(r"[0-9]", node["inputs"]["class"]), (path.name, node["inputs"]["class"])
+                assert node["inputs"]["class_index"] == -1
+
+
+def test_the_web_extension_renders_summaries_as_text_only():
+    """Summaries echo prompts: the extension never hands them to an HTML parser."""
+    js = (REPO / "web" / "js" / "unite_and_conquer.js").read_text(encoding="utf-8")
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "DOMParser", "eval("):
+        assert sink not in js, sink
+    init = (REPO / "__init__.py").read_text(encoding="utf-8")
+    assert 'WEB_DIRECTORY = "./web"' in init
