@@ -40,7 +40,7 @@ import comfy.supported_models_base
 import comfy.utils
 import latent_preview
 
-from . import bridge, poe, variance_reliability
+from . import bridge, comfy_models, poe, variance_reliability
 
 log = logging.getLogger("unite_and_conquer")
 
@@ -195,9 +195,16 @@ def handles_of(bindings: Sequence[poe.Binding]) -> list[ExpertHandle]:
     return list(seen.values())
 
 
-def check_same_shape(bindings: Sequence[poe.Binding], node: str = "PoEKSampler") -> tuple[int, int]:
-    """All experts must share the image shape; a mismatch is an error, never a silent resize."""
-    handles = handles_of(bindings)
+def native_handles(bindings: Sequence[poe.Binding]) -> list[ExpertHandle]:
+    return [h for h in handles_of(bindings) if isinstance(h, ExpertHandle)]
+
+
+def check_same_shape(bindings: Sequence[poe.Binding], node: str = "PoEKSampler") -> tuple[int, int] | None:
+    """All native experts must share the image shape; a mismatch is an error, never a silent
+    resize. ``None`` when the product has only MODELs (any latent size)."""
+    handles = native_handles(bindings)
+    if not handles:
+        return None
     first = handles[0].expert
     for h in handles[1:]:
         e = h.expert
@@ -213,7 +220,9 @@ def check_same_shape(bindings: Sequence[poe.Binding], node: str = "PoEKSampler")
 def product_schedule(bindings: Sequence[poe.Binding]) -> torch.Tensor:
     """The product's alphas_cumprod: the first expert's shape of schedule, cut to the common range."""
     handles = handles_of(bindings)
-    tables = [h.expert.alphas_cumprod for h in handles]
+    # A MODEL's levels as a VP table (s^2 = (1 - ab) / ab), so both kinds share one range rule.
+    tables = [h.expert.alphas_cumprod if isinstance(h, ExpertHandle) else 1 / (1 + h.ve_sigmas() ** 2)
+              for h in handles]
     lo, hi = bridge.common_sigma_range(tables, [h.name for h in handles])
     return bridge.resample_table(tables[0], lo, hi)
 
@@ -263,18 +272,25 @@ class PoEGuider(comfy.samplers.CFGGuider):
     """
 
     def __init__(self, bindings: Sequence[poe.Binding]):
-        bindings = list(bindings)
+        bindings = comfy_models.resolve(bindings)
+        latent_format = comfy_models.latent_format_of(bindings)
         poe.validate_bindings(bindings)
         check_same_shape(bindings)
         self.bindings = bindings
         self.handles = handles_of(bindings)
+        self.model_experts = comfy_models.model_experts(bindings)
+        for m in self.model_experts:
+            m.frame  # refuses model samplings outside the VE and flow frames, before sampling
         schedule = product_schedule(bindings)
         poe.check_sigma_coverage(bindings, *bridge.sigma_range(schedule))
         product = ProductModel(schedule, [h.model for h in self.handles])
+        product.latent_format = latent_format
         patcher = comfy.model_patcher.ModelPatcher(
             product, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
-        patcher.set_additional_models("poe_experts", [h.patcher for h in self.handles])
+        # Every expert, MODEL and ControlNet loads with the product, once each (prepare_sampling).
+        extra = comfy_models.control_models(self.model_experts, patcher.model_dtype())
+        patcher.set_additional_models("poe_experts", [h.patcher for h in self.handles] + extra)
         super().__init__(patcher)
         self.inner_set_conds({})
         # Each expert's stacked conditions on its own device, built once (poe.product_prediction).
@@ -285,11 +301,15 @@ class PoEGuider(comfy.samplers.CFGGuider):
         ms = self.model_patcher.model.model_sampling
         return float(ms.sigma_min), float(ms.sigma_max)
 
-    def _eps_fn(self, model_options):
+    def _eps_fn(self, model_options, batch: int = 1):
         options = model_options.get("transformer_options", {})
 
         def eps_fn(handle: ExpertHandle, x, sigma, condition, with_variance: bool = False):
             comfy.model_management.throw_exception_if_processing_interrupted()
+            if isinstance(handle, comfy_models.ModelExpert):
+                if with_variance:
+                    raise ValueError(f"{handle.name} predicts no variance, so its reliability cannot come from it")
+                return handle.forward(x, sigma, condition, batch)
             if not with_variance:
                 return forward_in_chunks(handle, x, sigma, condition, options)
             sink: list[torch.Tensor] = []
@@ -297,10 +317,25 @@ class PoEGuider(comfy.samplers.CFGGuider):
             return denoised, torch.cat(sink)
         return eps_fn
 
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                     *args, **kwargs):
+        # MODEL experts prepare their conds for this run as CFGGuider does for its one model.
+        self._run_bindings = comfy_models.fit_spatial(self.bindings, noise.shape)
+        try:
+            for m in self.model_experts:
+                m.prepare(noise, latent_image, denoise_mask, seed, device, sigmas)
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                        disable_pbar, seed, *args, **kwargs)
+        finally:
+            for m in self.model_experts:
+                m.finish()
+            self._run_bindings = self.bindings
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         try:
             # Experts loaded on other devices get x there; their predictions come back to x's device.
-            denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options),
+            bindings = getattr(self, "_run_bindings", self.bindings)
+            denoised, pooled = poe.product_prediction(x, timestep, bindings, self._eps_fn(model_options, x.shape[0]),
                                                       self.staged, device_of=lambda h: h.device)
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
