@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindInpaint, PoEBindingSchedule, PoEBindPrior,
                        PoEBindSegmentation, PoEBindSketch, PoEBindText, PoEReliabilityFromVariance)
 from .known_regions import PoEImageToLatent, PoEResample
-from .model_bindings import PoEBindModel
+from .model_bindings import PoEBindModel, PoEEncodeCondition
 from .loaders import PoEExpertLoader, PoETextEncoderLoader
 from .sampling import PoECorrectedSampler, PoECorrector, PoEGuider, PoEKSampler, PoEScheduler
 from .utilities import PoEImageGrid, PoEReliabilitySweep
@@ -14,7 +14,7 @@ from .utilities import PoEImageGrid, PoEReliabilitySweep
 NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader, PoETextEncoderLoader,
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindInpaint, PoEBindPrior,
-    PoEBindModel, PoEBindingSchedule, PoEReliabilityFromVariance,
+    PoEBindModel, PoEEncodeCondition, PoEBindingSchedule, PoEReliabilityFromVariance,
     PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
     PoEReliabilitySweep, PoEImageGrid, PoEResample, PoEImageToLatent,
 ]

@@ -1,11 +1,12 @@
 """PoEBindModel: a ComfyUI MODEL with its CONDITIONINGs as one binding of a product."""
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
 from ..conditions import maps
 from ..samplers import binding as binding_lib
-from ..samplers import comfy_models, poe
+from ..samplers import comfy_bridge, comfy_models, poe
 from .common import (CATEGORY, Experts, check_number, check_unit_range, experts_input, log, mask_inputs, node_input,
                      reliability_input, weight_input)
 
@@ -72,3 +73,46 @@ class PoEBindModel(io.ComfyNode):
         text = binding_lib.describe(b)
         log.info("%s: %s", node, text)
         return io.NodeOutput(bindings, ui={"text": (text,)})
+
+
+class PoEEncodeCondition(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PoEEncodeCondition",
+            display_name="Binding To Conditioning (PoE)",
+            category=f"{CATEGORY}/bindings",
+            description="Turns one binding of a chain into ComfyUI's MODEL + positive/negative CONDITIONING, so the "
+                        "stock KSampler or CFGGuider samples that expert alone (cfg plays the binding's weight). Any "
+                        "PoEBind* node encodes the condition: class, text, segmentation, sketch, image. The negative "
+                        "is the binding's null (several conditions, such as 'mean of k random classes', are averaged "
+                        "by ComfyUI); it is empty when the binding has no null.",
+            inputs=[
+                Experts.Input("experts", tooltip="A chain; the chosen binding is converted."),
+                io.Int.Input("index", default=-1, min=-1000, max=1000,
+                             tooltip="Which binding of the chain: 0 is the first, -1 the last."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Conditioning.Output(display_name="positive"),
+                     io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, experts, index) -> io.NodeOutput:
+        node = "PoEEncodeCondition"
+        bindings = list(experts or [])
+        if not bindings:
+            raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
+        if not -len(bindings) <= index < len(bindings):
+            raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
+                             f"0..{len(bindings) - 1} or -1 for the last")
+        b = bindings[index]
+        if isinstance(b.expert, comfy_models.ModelSource):
+            model, positive = b.expert.patcher, b.condition["conditioning"]
+            negative = [c for n in b.null for c in n["conditioning"]]
+        else:
+            model = b.expert.patcher
+            positive = comfy_bridge.conditioning_of([b.condition])
+            negative = comfy_bridge.conditioning_of(b.null)
+        if any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in (b.weight, b.reliability)):
+            log.warning("%s: the binding's mask is not carried into the CONDITIONING", node)
+        return io.NodeOutput(model, positive, negative, ui={"text": (binding_lib.describe(b),)})

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
@@ -84,6 +85,9 @@ class _ExpertUNet(torch.nn.Module):
         return p.dtype if p is not None else torch.float32
 
 
+# CONDITIONING key of a native expert's condition (a dict of tensors), read by ExpertModel.extra_conds.
+CONDITION_KEY = "uac_condition"
+
 # transformer_options key of a list that ExpertModel appends Var[x0 | x] to (reliability from variance).
 VARIANCE_SINK = "uac_x0_variance"
 
@@ -110,6 +114,15 @@ class ExpertModel(comfy.model_base.BaseModel):
             sink.append(variance_reliability.x0_variance_from_values(values, self.expert.alphas_cumprod, timestep)
                         .to(x.device))
         return self.model_sampling.calculate_denoised(sigma, eps.to(x.device), x)
+
+    def extra_conds(self, **kwargs):
+        # A native condition rides in its CONDITIONING as a dict of tensors (conditioning_of); each
+        # becomes a per-row model input, batched and repeated by ComfyUI like any model cond.
+        out = super().extra_conds(**kwargs)
+        out.pop("c_crossattn", None)
+        for k, v in (kwargs.get(CONDITION_KEY) or {}).items():
+            out[k] = comfy.conds.CONDRegular(v)
+        return out
 
     def memory_required(self, input_shape, cond_shapes={}):
         # Activations of a pixel UNet scale with pixels x channels; 1 kB per pixel per image is a
@@ -186,6 +199,12 @@ def inference_dtype(choice: str, num_params: int = 0, device: torch.device | Non
                                              supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
 
 
+def conditioning_of(conditions) -> list:
+    """A native condition (or several, averaged by ComfyUI: a k-class null) as a CONDITIONING
+    for the expert's MODEL. The cross-attention slot holds a placeholder that ExpertModel drops."""
+    return [[torch.zeros(1, 1, 1), {CONDITION_KEY: dict(c)}] for c in conditions]
+
+
 # --- the product as a guider -------------------------------------------------------------------
 
 def handles_of(bindings: Sequence[poe.Binding]) -> list[ExpertHandle]:
@@ -218,12 +237,15 @@ def check_same_shape(bindings: Sequence[poe.Binding], node: str = "PoEKSampler")
 
 
 def product_schedule(bindings: Sequence[poe.Binding]) -> torch.Tensor:
-    """The product's alphas_cumprod: the first expert's shape of schedule, cut to the common range."""
+    """The product's alphas_cumprod: the first expert's own table when its range is the common one
+    (a lone expert samples on exactly its own levels), else its shape of schedule cut to that range."""
     handles = handles_of(bindings)
     # A MODEL's levels as a VP table (s^2 = (1 - ab) / ab), so both kinds share one range rule.
     tables = [h.expert.alphas_cumprod if isinstance(h, ExpertHandle) else 1 / (1 + h.ve_sigmas() ** 2)
               for h in handles]
     lo, hi = bridge.common_sigma_range(tables, [h.name for h in handles])
+    if bridge.sigma_range(tables[0]) == (lo, hi):
+        return tables[0]
     return bridge.resample_table(tables[0], lo, hi)
 
 
@@ -364,8 +386,10 @@ def compute_sigmas(guider: PoEGuider, sampler_name: str, scheduler: str, steps: 
 
 def clamp_sigmas(sigmas: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Keep custom schedules inside the range every expert can serve (0 stays 0: the last step)."""
-    inside = sigmas.clamp(lo, hi)
-    return torch.where(sigmas > 0, inside, sigmas)
+    # Schedulers compute in float64 and land within rounding of the ends; those stay as they are,
+    # so a lone expert runs on the very sigmas a stock sampler would.
+    outside = (sigmas < lo * (1 - 1e-5)) | (sigmas > hi * (1 + 1e-5))
+    return torch.where((sigmas > 0) & outside, sigmas.clamp(lo, hi), sigmas)
 
 
 def sample(guider: PoEGuider, latent: torch.Tensor, seed: int, sampler, sigmas: torch.Tensor,
