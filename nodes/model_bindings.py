@@ -5,8 +5,10 @@ import torch
 from comfy_api.latest import io
 
 from ..conditions import maps
-from ..samplers import binding as binding_lib
-from ..samplers import comfy_bridge, comfy_models, poe
+from ..samplers import poe
+from ..samplers.comfy import model_experts as comfy_models
+from ..samplers.comfy.models import conditioning_of
+from ..samplers.describe import describe
 from .common import (CATEGORY, Experts, check_number, check_unit_range, experts_input, log, mask_inputs, node_input,
                      reliability_input, weight_input)
 
@@ -70,7 +72,7 @@ class PoEBindModel(io.ComfyNode):
         bindings = list(experts or []) + [b]
         with node_input(node, "experts"):
             comfy_models.latent_format_of(bindings, node)
-        text = binding_lib.describe(b)
+        text = describe(b)
         log.info("%s: %s", node, text)
         return io.NodeOutput(bindings, ui={"text": (text,)})
 
@@ -111,8 +113,8 @@ class PoEEncodeCondition(io.ComfyNode):
             negative = [c for n in b.null for c in n["conditioning"]]
         else:
             model = b.expert.patcher
-            positive = comfy_bridge.conditioning_of([b.condition])
-            negative = comfy_bridge.conditioning_of(b.null)
+            positive = conditioning_of([b.condition])
+            negative = conditioning_of(b.null)
         if any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in (b.weight, b.reliability)):
             log.warning("%s: the binding's mask is not carried into the CONDITIONING", node)
-        return io.NodeOutput(model, positive, negative, ui={"text": (binding_lib.describe(b),)})
+        return io.NodeOutput(model, positive, negative, ui={"text": (describe(b),)})

@@ -7,18 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_loaders.schedules import alphas_cumprod_for
-from support.analytic import gaussian, gaussian_expert
-from support.comfy_harness import comfy_nodes, pack_module
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.samplers import poe
+from unite_and_conquer.samplers.comfy import model_experts as cm
+from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
+from unite_and_conquer.samplers.comfy.guider import ProductGuider
+from unite_and_conquer.samplers.comfy.models import wrap_expert
+from support.analytic import gaussian, gaussian_expert, product_gaussian
+import comfy.sample
+import comfy.samplers
+from support.tiny_comfy_models import text_conditioning, tiny_chroma_radiance, tiny_sd15
 
-comfy_nodes()
-import comfy.sample  # noqa: E402
-import comfy.samplers  # noqa: E402
-from support.tiny_comfy_models import text_conditioning, tiny_chroma_radiance, tiny_sd15  # noqa: E402
-
-cb = pack_module("samplers.comfy_bridge")
-cm = pack_module("samplers.comfy_models")
-poe = pack_module("samplers.poe")
 
 
 def stock_denoised(patcher, cond, x, sigma):
@@ -31,7 +30,7 @@ def stock_denoised(patcher, cond, x, sigma):
 
 
 def product_step(bindings, x, sigma):
-    return cb.PoEGuider(bindings).sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"),
+    return ProductGuider(bindings).sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"),
                                          torch.tensor([sigma, 0.0]), disable_pbar=True, seed=0)
 
 
@@ -56,13 +55,13 @@ def test_two_sd15_fine_tunes_compose_by_the_rule():
 
 def test_sd15_latent_out_follows_its_latent_format():
     m = tiny_sd15(0)
-    guider = cb.PoEGuider([bind(m, text_conditioning(1), None, 1.0, 0.0, "sd15")])
+    guider = ProductGuider([bind(m, text_conditioning(1), None, 1.0, 0.0, "sd15")])
     assert type(guider.model_patcher.model.latent_format).__name__ == "SD15"
 
 
 def test_chroma_radiance_mixes_with_a_native_pixel_expert():
     cr = tiny_chroma_radiance(0)
-    native = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "native", resolution=32))
+    native = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "native", resolution=32))
     pos, neg = text_conditioning(1, width=32, pooled=True), text_conditioning(2, width=32, pooled=True)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     sigma = 2.0
@@ -71,9 +70,9 @@ def test_chroma_radiance_mixes_with_a_native_pixel_expert():
     # The stock flow sampler starts at t * noise; the product's VE start s * x is that point for t = s / (1 + s).
     t = sigma / (1 + sigma)
     c, u = stock_denoised(cr, pos, x, t), stock_denoised(cr, neg, x, t)
-    nc = cb.PoEGuider([poe.Binding(native, gaussian(0.5, 0.3), 1.0, 0.0)]).sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"), torch.tensor([sigma, 0.0]),
+    nc = ProductGuider([poe.Binding(native, gaussian(0.5, 0.3), 1.0, 0.0)]).sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"), torch.tensor([sigma, 0.0]),
                      disable_pbar=True, seed=0)
-    nu = cb.PoEGuider([poe.Binding(native, gaussian(0.0, 1.0), 1.0, 0.0)]).sample(
+    nu = ProductGuider([poe.Binding(native, gaussian(0.0, 1.0), 1.0, 0.0)]).sample(
         x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"), torch.tensor([sigma, 0.0]),
         disable_pbar=True, seed=0)
     want = 1.0 * c + 1.5 * nc - 1.5 * (0.5 * u + 0.5 * nu)

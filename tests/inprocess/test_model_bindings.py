@@ -7,20 +7,19 @@ import math
 import pytest
 import torch
 
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.samplers import poe
+from unite_and_conquer.samplers.comfy import model_experts as cm
+from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
+from unite_and_conquer.samplers.comfy.guider import ProductGuider
+from unite_and_conquer.samplers.comfy.models import wrap_expert
 from support.analytic import gaussian, gaussian_expert, product_gaussian
-from support.comfy_harness import comfy_nodes, pack_module
+from unite_and_conquer.nodes import model_bindings as bind_nodes
+import comfy.latent_formats
+import comfy.samplers
+import comfy.sample
+from support.comfy_gaussians import conditioning, gaussian_model
 
-comfy_nodes()
-import comfy.latent_formats  # noqa: E402
-import comfy.samplers  # noqa: E402
-import comfy.sample  # noqa: E402
-from support.comfy_gaussians import conditioning, gaussian_model  # noqa: E402
-
-cb = pack_module("samplers.comfy_bridge")
-cm = pack_module("samplers.comfy_models")
-poe = pack_module("samplers.poe")
-bind_nodes = pack_module("nodes.model_bindings")
 
 NULL = conditioning(0.0, 1.0)
 
@@ -32,10 +31,10 @@ def model_binding(patcher, mu, var, weight=1.0, reliability=0.0, null=True, name
 
 
 def run(bindings, n=4096 * 3, sampler="dpmpp_2m", scheduler="simple", steps=50, seed=0, res=4):
-    guider = cb.PoEGuider(bindings)
-    sigmas = cb.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
+    guider = ProductGuider(bindings)
+    sigmas = comfy_sampling.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
     latent = torch.zeros(max(1, math.ceil(n / (3 * res * res))), 3, res, res)
-    return cb.sample(guider, latent, seed, sampler, sigmas, preview=False)
+    return comfy_sampling.sample(guider, latent, seed, sampler, sigmas, preview=False)
 
 
 @pytest.mark.parametrize("kind,shift", [("eps", 1.0), ("v", 1.0), ("flow", 1.0), ("flow", 3.0)])
@@ -46,7 +45,7 @@ def test_one_model_of_each_parameterisation_samples_its_own_law(kind, shift):
     out = run(b)
     # The probability-flow ODE of a Gaussian is affine: started from N(0, 1 + s^2) at the product's
     # s_max instead of the true N(mu, var + s^2), it ends at these moments.
-    s = cb.PoEGuider(b).sigma_range[1]
+    s = ProductGuider(b).sigma_range[1]
     r = math.sqrt(0.3 / (0.3 + s**2))
     assert out.mean().item() == pytest.approx(0.7 * (1 - r), abs=0.01)
     assert out.var().item() == pytest.approx((1 + s**2) * r**2, abs=0.02)
@@ -60,7 +59,7 @@ def test_mixed_parameterisations_match_the_native_product():
     models = [gaussian_model("eps"), gaussian_model("v"), gaussian_model("flow", 3.0)]
     mb = [model_binding(m, mu, v, w, 1.0) for m, (mu, v, w) in zip(models, parts)]
     ac = alphas_cumprod_for("linear")
-    natives = [cb.wrap_expert(gaussian_expert(ac, f"g{i}")) for i in range(3)]
+    natives = [wrap_expert(gaussian_expert(ac, f"g{i}")) for i in range(3)]
     nb = [poe.Binding(h, gaussian(mu, v), w, 1.0, (gaussian(0.0, 1.0),)) for h, (mu, v, w) in zip(natives, parts)]
     got, ref = run(mb), run(nb)
     assert got.mean().item() == pytest.approx(ref.mean().item(), abs=0.02)
@@ -72,12 +71,12 @@ def test_mixed_parameterisations_match_the_native_product():
 def test_models_mix_with_native_pixel_experts():
     """A flow MODEL and a native expert share one product: their calls happen on one x."""
     ac = alphas_cumprod_for("cosine")
-    h = cb.wrap_expert(gaussian_expert(ac, "native"))
+    h = wrap_expert(gaussian_expert(ac, "native"))
     flow = gaussian_model("flow", 2.0)
     b = [model_binding(flow, 1.0, 0.5, 1.0, 0.5), poe.Binding(h, gaussian(-0.5, 0.8), 1.0, 0.5, (gaussian(0.0, 1.0),))]
     got = run(b)
-    ref_h = cb.wrap_expert(gaussian_expert(ac, "native2"))
-    ref = run([poe.Binding(cb.wrap_expert(gaussian_expert(ac, "n1")), gaussian(1.0, 0.5), 1.0, 0.5, (gaussian(0.0, 1.0),)),
+    ref_h = wrap_expert(gaussian_expert(ac, "native2"))
+    ref = run([poe.Binding(wrap_expert(gaussian_expert(ac, "n1")), gaussian(1.0, 0.5), 1.0, 0.5, (gaussian(0.0, 1.0),)),
                poe.Binding(ref_h, gaussian(-0.5, 0.8), 1.0, 0.5, (gaussian(0.0, 1.0),))])
     assert got.mean().item() == pytest.approx(ref.mean().item(), abs=0.02)
     assert got.var().item() == pytest.approx(ref.var().item(), abs=0.02)
@@ -117,9 +116,9 @@ def _parity(sampler, scheduler, w=3.0, steps=4):
     latent = torch.zeros(2, 3, 4, 4)
     pos = conditioning(0.7, 0.3)
     ref = _stock(m, pos, NULL, w, sampler, scheduler, steps, latent, 3)
-    guider = cb.PoEGuider([model_binding(m, 0.7, 0.3, w, 1.0)])
-    sigmas = cb.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
-    got = cb.sample(guider, latent, 3, sampler, sigmas, preview=False)
+    guider = ProductGuider([model_binding(m, 0.7, 0.3, w, 1.0)])
+    sigmas = comfy_sampling.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
+    got = comfy_sampling.sample(guider, latent, 3, sampler, sigmas, preview=False)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -139,10 +138,10 @@ def test_mixed_latent_formats_are_refused_naming_both_bindings():
     sdxl = gaussian_model("eps", latent_format=comfy.latent_formats.SDXL)
     with pytest.raises(ValueError, match=r"binding 0 \(sd15 · N\(1, 0.5\)\) works on SD15 latents \(4 channels\) but "
                                          r"binding 1 \(sdxl · N\(0, 1\)\) works on SDXL latents \(4 channels\)"):
-        cb.PoEGuider([model_binding(sd15, 1, 0.5, name="sd15"), model_binding(sdxl, 0, 1, name="sdxl")])
-    h = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "native"))
+        ProductGuider([model_binding(sd15, 1, 0.5, name="sd15"), model_binding(sdxl, 0, 1, name="sdxl")])
+    h = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "native"))
     with pytest.raises(ValueError, match=r"binding 1 \(native\) works on pixels \(3 channels\)"):
-        cb.PoEGuider([model_binding(sd15, 1, 0.5, name="sd15"), poe.Binding(h, gaussian(0, 1), 1.0)])
+        ProductGuider([model_binding(sd15, 1, 0.5, name="sd15"), poe.Binding(h, gaussian(0, 1), 1.0)])
 
 
 def test_node_refuses_reliability_without_negative_and_chains():

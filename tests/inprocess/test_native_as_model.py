@@ -5,15 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.comfy_harness import comfy_nodes, pack_module
+import comfy.samplers
+
+from unite_and_conquer.nodes import bindings, loaders, model_bindings, sampling
+from support.comfy_harness import comfy_nodes
 
 nodes = comfy_nodes()
-import comfy.samplers  # noqa: E402
-
-loaders = pack_module("nodes.loaders")
-bindings = pack_module("nodes.bindings")
-model_bindings = pack_module("nodes.model_bindings")
-sampling = pack_module("nodes.sampling")
 
 W = 3.0
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from samplers import parameterization as par
+from unite_and_conquer.samplers import parameterization as par
 
 MU, VAR = 0.7, 0.3
 

@@ -8,12 +8,7 @@ the model's own ``model_options`` (patches, wrappers). The model never sees the 
 ``parameterization.to_model_frame`` hands it the common VE point at its own level (the flow map
 for CONST models), and its denoised prediction is already a common-frame x0.
 
-ComfyUI names used here (checked on 0.3.75 and 0.38.1): ``comfy.samplers.calc_cond_batch``,
-``process_conds``, ``preprocess_conds_hooks``, ``filter_registered_hooks_on_conds``;
-``comfy.sampler_helpers.convert_cond``, ``prepare_model_patcher``, ``get_additional_models``,
-``cleanup_models``; ``comfy.model_patcher.create_model_options_clone``; ``ModelPatcher.pre_run``,
-``cleanup``, ``restore_hook_patches``; ``comfy.model_sampling.EPS``/``CONST``;
-``comfy.latent_formats.ChromaRadiance``.
+The ComfyUI names it uses are listed in ``samplers/comfy/__init__.py``.
 """
 from __future__ import annotations
 
@@ -28,8 +23,8 @@ import comfy.model_sampling
 import comfy.sampler_helpers
 import comfy.samplers
 
-from . import parameterization as par
-from . import poe
+from .. import parameterization as par
+from .. import poe
 
 COND_KEY = "uac_conditioning"   # a MODEL binding's condition row: the index of its CONDITIONING
 
