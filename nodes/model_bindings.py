@@ -55,7 +55,7 @@ class PoEBindModel(io.ComfyNode):
         check_number(node, "weight", weight)
         check_number(node, "reliability", reliability)
         check_number(node, "mask_outside", mask_outside)
-        name = type(model.model).__name__
+        name = f"{type(model.model.model_config).__name__} MODEL"   # e.g. "SD15 MODEL"
         with node_input(node, "model"):
             comfy_models.model_frame(model, name)
         if negative is None and reliability > 0:

@@ -41,7 +41,8 @@ is checked against this list (``tests/test_layers.py`` fails on a name used but 
   comfy.sampler_helpers.get_additional_models, comfy.sampler_helpers.cleanup_models,
   comfy.model_patcher.create_model_options_clone (``ModelPatcher.pre_run``, ``cleanup``,
   ``restore_hook_patches``, ``get_model_object``, ``model_options``), comfy.conds.CONDRegular and
-  ``BaseModel.extra_conds`` (native conditions in a CONDITIONING), ``LatentFormat.latent_channels``
+  ``BaseModel.extra_conds`` (native conditions in a CONDITIONING), ``BaseModel.process_latent_in``,
+  ``BaseModel.latent_format`` (``latent_channels``)
 - comfy.sample.prepare_noise, comfy.sampler_helpers.prepare_mask, comfy.utils.PROGRESS_BAR_ENABLED
 - latent_preview.prepare_callback (progress bar and x0 previews)
 - model_options keys: ``transformer_options`` (``sample_sigmas``), ``sampler_post_cfg_function``

@@ -154,8 +154,12 @@ class ProductGuider(comfy.samplers.CFGGuider):
         # MODEL experts prepare their conds for this run as CFGGuider does for its one model.
         self._run_bindings = model_experts.fit_spatial(self.bindings, noise.shape)
         try:
+            # process_conds sees the latent as CFGGuider.inner_sample hands it over (inpainting models read it).
+            latent_in = latent_image
+            if latent_image is not None and torch.count_nonzero(latent_image) > 0:
+                latent_in = self.inner_model.process_latent_in(latent_image)
             for m in self.model_experts:
-                m.prepare(noise, latent_image, denoise_mask, seed, device, sigmas)
+                m.prepare(noise, latent_in, denoise_mask, seed, device, sigmas)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                                         disable_pbar, seed, *args, **kwargs)
         finally:

@@ -147,7 +147,7 @@ def test_mixed_latent_formats_are_refused_naming_both_bindings():
 def test_node_refuses_reliability_without_negative_and_chains():
     node = bind_nodes.PoEBindModel
     m = gaussian_model("eps")
-    with pytest.raises(ValueError, match="PoEBindModel: input 'reliability': BaseModel has no null"):
+    with pytest.raises(ValueError, match="PoEBindModel: input 'reliability': GaussianConfig MODEL has no null"):
         node.execute(m, conditioning(1, 0.5), 1.0, 0.5)
     out = node.execute(m, conditioning(1, 0.5), 2.0, 1.0, negative=NULL).result[0]
     out = node.execute(gaussian_model("flow", 3.0), conditioning(0, 1), 1.0, 0.0, experts=out).result[0]

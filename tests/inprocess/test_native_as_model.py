@@ -54,5 +54,6 @@ def test_the_expert_model_enters_a_product_through_bind_model(digit):
     handle, chain, model, positive, negative = digit
     via_model = model_bindings.PoEBindModel.execute(model, positive, W, 1.0, negative=negative).args[0]
     a = sampling.PoEKSampler.execute(chain, 1, 3, "euler", "karras", 1.0, 0, 0, 2).args[0]["samples"]
-    b = sampling.PoEKSampler.execute(via_model, 1, 3, "euler", "karras", 1.0, 0, 0, 2).args[0]["samples"]
+    res = handle.expert.resolution   # a product of MODELs only is told its size
+    b = sampling.PoEKSampler.execute(via_model, 1, 3, "euler", "karras", 1.0, res, res, 2).args[0]["samples"]
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

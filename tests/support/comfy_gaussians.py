@@ -59,14 +59,14 @@ class GaussianNet(torch.nn.Module):
 
 
 def _config(latent_format, sampling_settings):
-    class Config(comfy.supported_models_base.BASE):
+    class GaussianConfig(comfy.supported_models_base.BASE):
         unet_config = {"disable_unet_model_creation": True}
         unet_extra_config = {}
         memory_usage_factor = 1.0
 
-    Config.latent_format = latent_format
-    Config.sampling_settings = dict(sampling_settings)
-    return Config({"disable_unet_model_creation": True})
+    GaussianConfig.latent_format = latent_format
+    GaussianConfig.sampling_settings = dict(sampling_settings)
+    return GaussianConfig({"disable_unet_model_creation": True})
 
 
 def gaussian_model(kind: str, shift: float = 1.0, latent_format=comfy.latent_formats.ChromaRadiance,
