@@ -82,6 +82,14 @@ class ModelExpert:
     def latent_format(self):
         return self.patcher.model.latent_format
 
+    # What samplers/prepare.py reads of an expert: no native size, the levels as a VP table.
+    resolution = None
+    image_channels = None
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return 1 / (1 + self.ve_sigmas() ** 2)
+
     def index_of(self, conditioning) -> torch.Tensor:
         for i, c in enumerate(self.conditionings):
             if c is conditioning:
