@@ -6,6 +6,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindInpaint, PoEBindingSchedule, PoEBindPrior,
                        PoEBindSegmentation, PoEBindSketch, PoEBindText, PoEReliabilityFromVariance)
 from .known_regions import PoEImageToLatent, PoEResample
+from .model_bindings import PoEBindModel, PoEEncodeCondition
 from .loaders import PoEExpertLoader, PoETextEncoderLoader
 from .sampling import PoECorrectedSampler, PoECorrector, PoEGuider, PoEKSampler, PoEScheduler
 from .utilities import PoEImageGrid, PoEReliabilitySweep
@@ -13,7 +14,7 @@ from .utilities import PoEImageGrid, PoEReliabilitySweep
 NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader, PoETextEncoderLoader,
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindInpaint, PoEBindPrior,
-    PoEBindingSchedule, PoEReliabilityFromVariance,
+    PoEBindModel, PoEEncodeCondition, PoEBindingSchedule, PoEReliabilityFromVariance,
     PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
     PoEReliabilitySweep, PoEImageGrid, PoEResample, PoEImageToLatent,
 ]

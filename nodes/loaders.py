@@ -78,7 +78,10 @@ class PoEExpertLoader(io.ComfyNode):
                                        "to the big ones. The sampler moves the image to each expert and its "
                                        "prediction back: same results up to float rounding."),
             ],
-            outputs=[Expert.Output(display_name="expert")],
+            outputs=[Expert.Output(display_name="expert"),
+                     io.Model.Output(display_name="MODEL",
+                                     tooltip="The same expert as a ComfyUI MODEL, for the stock KSampler or CFGGuider "
+                                             "(conditions from Binding To Conditioning) or for Bind Model.")],
         )
 
     @classmethod
@@ -113,7 +116,7 @@ class PoEExpertLoader(io.ComfyNode):
         if compile != "off":
             summary += f" · torch.compile {compile} (compiles on its first prompt)"
         summary += "".join(f" · {note}" for note in notes)
-        return io.NodeOutput(handle, ui={"text": (summary,)})
+        return io.NodeOutput(handle, handle.patcher, ui={"text": (summary,)})
 
 
 class PoETextEncoderLoader(io.ComfyNode):

@@ -8,6 +8,7 @@ from ..samplers import correctors, poe
 from ..samplers.comfy import sampling as comfy_sampling
 from ..samplers.comfy.correctors import with_corrector
 from ..samplers.comfy.guider import ProductGuider
+from ..samplers.comfy.model_experts import is_pixel_space
 from ..samplers.comfy.resampling import with_resampling
 from ..samplers.describe import describe_corrector, describe_rule
 from .common import (CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image, sigma_window,
@@ -25,6 +26,8 @@ def _guider(node: str, experts) -> ProductGuider:
 
 def _latent(node: str, guider, width, height, batch_size, latent_image):
     resolution, channels = guider.product.resolution, guider.product.image_channels
+    if resolution is None:
+        return _model_latent(node, guider, width, height, batch_size, latent_image)
     if latent_image is not None:
         samples = latent_image["samples"]
         if samples.ndim != 4 or tuple(samples.shape[1:]) != (channels, resolution, resolution):
@@ -38,6 +41,35 @@ def _latent(node: str, guider, width, height, batch_size, latent_image):
             raise ValueError(f"{node}: input '{name}' is {v}, but the experts were trained at {resolution} px and "
                              f"pixel-space experts are not resized. Set {name} to {resolution} (or 0 for automatic).")
     return torch.zeros(batch_size, channels, resolution, resolution), None, None
+
+
+def _model_latent(node: str, guider, width, height, batch_size, latent_image):
+    """A product of MODELs only: the latent of their format, from latent_image or width x height."""
+    fmt = guider.model_patcher.model.latent_format
+    channels = fmt.latent_channels
+    if latent_image is not None:
+        samples = latent_image["samples"]
+        if samples.ndim != 4 or samples.shape[1] != channels:
+            raise ValueError(f"{node}: input 'latent_image' has shape {tuple(samples.shape)}, but the models work on "
+                             f"{type(fmt).__name__} latents with {channels} channels; encode the image with that "
+                             "family's VAE")
+        check_finite(node, "latent_image", samples)
+        return samples.float(), latent_image.get("noise_mask"), latent_image.get("batch_index")
+    if width == 0 or height == 0:
+        raise ValueError(f"{node}: inputs 'width' and 'height' must be set (a product of MODELs has no native size), "
+                         "or connect a latent_image")
+    down = 1 if is_pixel_space(fmt) else 8   # ComfyUI's image latents are 1/8 size
+    return torch.zeros(batch_size, channels, height // down, width // down), None, None
+
+
+def _image(guider, samples):
+    """The IMAGE output: the pixels, or for a latent product ComfyUI's latent-to-RGB preview."""
+    fmt = guider.model_patcher.model.latent_format
+    if is_pixel_space(fmt) or fmt.latent_rgb_factors is None:
+        return pixels_to_image(samples[:, :3])
+    factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
+    rgb = torch.einsum("bchw,cr->brhw", fmt.process_in(samples.float()), factors)
+    return pixels_to_image(rgb)
 
 
 class PoEKSampler(io.ComfyNode):
@@ -121,7 +153,7 @@ class PoEKSampler(io.ComfyNode):
         out = {"samples": samples}
         if noise_mask is not None:
             out["noise_mask"] = noise_mask
-        return io.NodeOutput(out, pixels_to_image(samples), rule, ui={"text": (rule,)})
+        return io.NodeOutput(out, _image(guider, samples), rule, ui={"text": (rule,)})
 
 
 class PoEGuider(io.ComfyNode):

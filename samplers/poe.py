@@ -243,20 +243,22 @@ def combine(cond_preds: Sequence[torch.Tensor], weights: Sequence[Scalar], null_
             reliabilities: Sequence[Scalar] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rule on predictions that are already computed. Returns (product, pooled null).
 
-    ``sum_i w_i eps_i - (sum_i w_i - 1) u`` is accumulated in place into one new tensor, one kernel
-    per term; scalar weights and reliabilities stay on the host as kernel arguments, so a step
-    copies nothing to the device and allocates nothing per binding.
+    Scalar weights and reliabilities stay on the host as kernel arguments, so a step copies
+    nothing to the device.
     """
     pooled = None
     if null_preds:
         pooled = _weighted_sum(normalise_reliabilities(reliabilities), null_preds)
     if not cond_preds:
         return torch.zeros_like(pooled), pooled
-    out = _weighted_sum(weights, cond_preds)
-    if pooled is not None:
-        w = [_scalar(v) for v in weights]
-        total_w = sum(w) if None not in w else sum(torch.as_tensor(v, dtype=torch.float32) for v in weights)
-        _add_scaled(out, 1 - total_w, pooled)
+    if pooled is None:
+        return _weighted_sum(weights, cond_preds), None
+    # The second form, u + sum_i w_i (eps_i - u): one binding is then classifier-free guidance in
+    # the order of ComfyUI's cfg_function, so it matches the stock sampler to the last bit (steps
+    # such as Heun's from sigma 2e4 amplify any rounding difference).
+    out = pooled + _scaled(weights[0], cond_preds[0] - pooled)
+    for coef, p in zip(weights[1:], cond_preds[1:]):
+        out += _scaled(coef, p - pooled)
     return out, pooled
 
 

@@ -21,15 +21,16 @@ class PreparedProduct:
     Args:
         bindings (`tuple[Binding, ...]`): the bindings, in chain order.
         experts (`tuple`): each distinct expert (or handle) once, in order of first use.
-        resolution (`int`), image_channels (`int`): the image shape all experts share.
+        resolution (`int`), image_channels (`int`): the image shape all experts share (``None`` for a
+            product of ComfyUI MODELs only, whose latent size is the sampler's choice).
         alphas_cumprod (`torch.Tensor`): the product's schedule, the first expert's cut to the
             common sigma range (``noise_levels.resample_table``), which ComfyUI's schedulers read.
         sigma_range (`tuple[float, float]`): that common range, (sigma_min, sigma_max).
     """
     bindings: tuple[Binding, ...]
     experts: tuple[Any, ...]
-    resolution: int
-    image_channels: int
+    resolution: int | None
+    image_channels: int | None
     alphas_cumprod: torch.Tensor
     sigma_range: tuple[float, float]
 
@@ -47,8 +48,12 @@ def image_shape(expert: Any) -> tuple[int, int]:
     return e.resolution, e.image_channels
 
 
-def check_same_shape(experts: Sequence[Any]) -> tuple[int, int]:
-    """All experts must share the image shape; a mismatch is an error, never a silent resize."""
+def check_same_shape(experts: Sequence[Any]) -> tuple[int | None, int | None]:
+    """All experts with a native size must share the image shape; a mismatch is an error, never a
+    silent resize. ``(None, None)`` when no expert has one (ComfyUI MODELs take any latent size)."""
+    experts = [e for e in experts if unwrap(e).resolution is not None]
+    if not experts:
+        return None, None
     first = unwrap(experts[0])
     for other in experts[1:]:
         e = unwrap(other)
@@ -62,9 +67,12 @@ def check_same_shape(experts: Sequence[Any]) -> tuple[int, int]:
 
 
 def product_schedule(experts: Sequence[Any]) -> torch.Tensor:
-    """The product's alphas_cumprod: the first expert's shape of schedule, cut to the common range."""
+    """The product's alphas_cumprod: the first expert's own table when its range is the common one,
+    else its shape of schedule cut to the common range."""
     tables = [unwrap(e).alphas_cumprod for e in experts]
     lo, hi = noise_levels.common_sigma_range(tables, [unwrap(e).name for e in experts])
+    if noise_levels.sigma_range(tables[0]) == (lo, hi):
+        return tables[0]   # a lone expert samples on exactly its own levels, as a stock sampler would
     return noise_levels.resample_table(tables[0], lo, hi)
 
 

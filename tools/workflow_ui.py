@@ -31,7 +31,10 @@ NOTE_TYPES = {"Note", "MarkdownNote"}
 # (node type, input) pairs that name a file, and the folder it goes in.
 FILE_INPUTS = {("PoEExpertLoader", "expert_name"): "ComfyUI/models/experts/",
                ("PoETextEncoderLoader", "text_encoder_name"): "ComfyUI/models/text_encoders/",
-               ("LoadImage", "image"): "ComfyUI/input/ (your own image)"}
+               ("LoadImage", "image"): "ComfyUI/input/ (your own image)",
+               ("CheckpointLoaderSimple", "ckpt_name"): "ComfyUI/models/checkpoints/",
+               ("UNETLoader", "unet_name"): "ComfyUI/models/diffusion_models/",
+               ("CLIPLoader", "clip_name"): "ComfyUI/models/text_encoders/"}
 THUMB_WIDTH = 256
 # ComfyUI's model metadata for a loader node (``properties.models``: name, url, directory), which the
 # frontend's missing-models dialog offers when the file is not in the directory.

@@ -6,6 +6,8 @@ One job per module:
   weightless model, and the device and dtype policy of the loaders.
 - ``loading``: native experts read by ComfyUI's checkpoint reader and built on its layers
   (``comfy.ops``), so ModelPatcher can cast, stream and partially load them.
+- ``model_experts``: any ComfyUI MODEL as an expert (PoEBindModel): its conds prepared and evaluated
+  the way ComfyUI's guider does, at its own noise level (``parameterization``).
 - ``guider``: the product as a ``CFGGuider`` subclass (``ProductGuider``) that overrides only
   ``predict_noise``.
 - ``sampling``: ComfyUI's sampler and scheduler lists, sigmas over the common range, and one
@@ -36,6 +38,14 @@ docs/comfyui_api.md compares each with the newest upstream ComfyUI:
   comfy.samplers.KSamplerX0Inpaint (``latent_image``, ``noise``), comfy.samplers.sampler_object,
   comfy.samplers.SAMPLER_NAMES, comfy.samplers.SCHEDULER_NAMES
 - comfy.k_diffusion.sampling.BrownianTreeNoiseSampler
+- MODEL experts: comfy.samplers.calc_cond_batch, comfy.samplers.process_conds,
+  comfy.samplers.preprocess_conds_hooks, comfy.samplers.filter_registered_hooks_on_conds,
+  comfy.sampler_helpers.convert_cond, comfy.sampler_helpers.prepare_model_patcher,
+  comfy.sampler_helpers.get_additional_models, comfy.sampler_helpers.cleanup_models,
+  comfy.model_patcher.create_model_options_clone (``ModelPatcher.pre_run``, ``cleanup``,
+  ``restore_hook_patches``, ``get_model_object``, ``model_options``), comfy.conds.CONDRegular and
+  ``BaseModel.extra_conds`` (native conditions in a CONDITIONING), ``BaseModel.process_latent_in``,
+  ``BaseModel.latent_format`` (``latent_channels``)
 - comfy.sample.prepare_noise, comfy.sampler_helpers.prepare_mask, comfy.utils.PROGRESS_BAR_ENABLED
 - comfy.utils.load_torch_file (``safe_load``, ``return_metadata``), comfy.ops.pick_operations,
   comfy.ops.manual_cast (``GroupNorm``, ``LayerNorm``, ``Embedding``, ``comfy_cast_weights``),

@@ -12,6 +12,7 @@ import comfy.samplers
 
 from .. import poe
 from ..prepare import prepare
+from . import model_experts
 from .models import VARIANCE_SINK, ExpertHandle, ProductModel
 
 log = logging.getLogger("unite_and_conquer")
@@ -62,14 +63,22 @@ class ProductGuider(comfy.samplers.CFGGuider):
     """
 
     def __init__(self, bindings: Sequence[poe.Binding]):
+        bindings = model_experts.resolve(bindings)
+        latent_format = model_experts.latent_format_of(bindings)
+        self.model_experts = model_experts.model_experts(bindings)
+        for m in self.model_experts:
+            m.frame  # refuses model samplings outside the VE and flow frames, before sampling
         self.product = prepare(bindings)
         self.bindings = list(self.product.bindings)
         self.handles: list[ExpertHandle] = list(self.product.experts)
         product = ProductModel(self.product.alphas_cumprod, [h.model for h in self.handles])
+        product.latent_format = latent_format
         patcher = comfy.model_patcher.ModelPatcher(
             product, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
-        patcher.set_additional_models("poe_experts", [h.patcher for h in self.handles])
+        # Every expert, MODEL and ControlNet loads with the product, once each (prepare_sampling).
+        extra = model_experts.control_models(self.model_experts, patcher.model_dtype())
+        patcher.set_additional_models("poe_experts", [h.patcher for h in self.handles] + extra)
         super().__init__(patcher)
         self.inner_set_conds({})
         # Each expert's stacked conditions on its own device, built once (poe.product_prediction).
@@ -80,11 +89,15 @@ class ProductGuider(comfy.samplers.CFGGuider):
         ms = self.model_patcher.model.model_sampling
         return float(ms.sigma_min), float(ms.sigma_max)
 
-    def _eps_fn(self, model_options):
+    def _eps_fn(self, model_options, batch: int = 1):
         options = model_options.get("transformer_options", {})
 
         def eps_fn(handle: ExpertHandle, x, sigma, condition, with_variance: bool = False):
             comfy.model_management.throw_exception_if_processing_interrupted()
+            if isinstance(handle, model_experts.ModelExpert):
+                if with_variance:
+                    raise ValueError(f"{handle.name} predicts no variance, so its reliability cannot come from it")
+                return handle.forward(x, sigma, condition, batch)
             if not with_variance:
                 return forward_in_chunks(handle, x, sigma, condition, options)
             sink: list[torch.Tensor] = []
@@ -92,10 +105,29 @@ class ProductGuider(comfy.samplers.CFGGuider):
             return denoised, torch.cat(sink)
         return eps_fn
 
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                     *args, **kwargs):
+        # MODEL experts prepare their conds for this run as CFGGuider does for its one model.
+        self._run_bindings = model_experts.fit_spatial(self.bindings, noise.shape)
+        try:
+            # process_conds sees the latent as CFGGuider.inner_sample hands it over (inpainting models read it).
+            latent_in = latent_image
+            if latent_image is not None and torch.count_nonzero(latent_image) > 0:
+                latent_in = self.inner_model.process_latent_in(latent_image)
+            for m in self.model_experts:
+                m.prepare(noise, latent_in, denoise_mask, seed, device, sigmas)
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                        disable_pbar, seed, *args, **kwargs)
+        finally:
+            for m in self.model_experts:
+                m.finish()
+            self._run_bindings = self.bindings
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         try:
             # Experts loaded on other devices get x there; their predictions come back to x's device.
-            denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options),
+            bindings = getattr(self, "_run_bindings", self.bindings)
+            denoised, pooled = poe.product_prediction(x, timestep, bindings, self._eps_fn(model_options, x.shape[0]),
                                                       self.staged, device_of=lambda h: h.device)
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
@@ -61,6 +62,16 @@ class _ExpertUNet(torch.nn.Module):
         return p.dtype if p is not None else torch.float32
 
 
+# CONDITIONING key of a native expert's condition (a dict of tensors), read by ExpertModel.extra_conds.
+CONDITION_KEY = "uac_condition"
+
+
+def conditioning_of(conditions) -> list:
+    """A native condition (or several, averaged by ComfyUI: a k-class null) as a CONDITIONING
+    for the expert's MODEL. The cross-attention slot holds a placeholder that ExpertModel drops."""
+    return [[torch.zeros(1, 1, 1), {CONDITION_KEY: dict(c)}] for c in conditions]
+
+
 # transformer_options key of a list that ExpertModel appends Var[x0 | x] to (reliability from variance).
 VARIANCE_SINK = "uac_x0_variance"
 
@@ -90,6 +101,15 @@ class ExpertModel(comfy.model_base.BaseModel):
             sink.append(variance_reliability.x0_variance_from_values(values, self.expert.alphas_cumprod, timestep)
                         .to(x.device))
         return self.model_sampling.calculate_denoised(sigma, eps.to(x.device), x)
+
+    def extra_conds(self, **kwargs):
+        # A native condition rides in its CONDITIONING as a dict of tensors (conditioning_of); each
+        # becomes a per-row model input, batched and repeated by ComfyUI like any model cond.
+        out = super().extra_conds(**kwargs)
+        out.pop("c_crossattn", None)
+        for k, v in (kwargs.get(CONDITION_KEY) or {}).items():
+            out[k] = comfy.conds.CONDRegular(v)
+        return out
 
     def memory_required(self, input_shape, cond_shapes=None, **kwargs):
         # Activations of a pixel UNet scale with pixels x channels; 1 kB per pixel per image is a

@@ -27,8 +27,10 @@ def compute_sigmas(guider: ProductGuider, sampler_name: str, scheduler: str, ste
 
 def clamp_sigmas(sigmas: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Keep custom schedules inside the range every expert can serve (0 stays 0: the last step)."""
-    inside = sigmas.clamp(lo, hi)
-    return torch.where(sigmas > 0, inside, sigmas)
+    # Schedulers compute in float64 and land within rounding of the ends; those stay as they are,
+    # so a lone expert runs on the very sigmas a stock sampler would.
+    outside = (sigmas < lo * (1 - 1e-5)) | (sigmas > hi * (1 + 1e-5))
+    return torch.where((sigmas > 0) & outside, sigmas.clamp(lo, hi), sigmas)
 
 
 def sample(guider: ProductGuider, latent: torch.Tensor, seed: int, sampler, sigmas: torch.Tensor,

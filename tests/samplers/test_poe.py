@@ -49,7 +49,7 @@ def test_one_expert_bound_twice_is_classifier_free_guidance(s):
     out, _ = poe.product_prediction(X, SIGMA, bindings, eps_fn)
     eps_c = e(X, SIGMA, {"c": torch.tensor([3.0, 3.0])})
     eps_u = e(X, SIGMA, {"c": torch.tensor([-1.0, -1.0])})
-    torch.testing.assert_close(out, (1 + s) * eps_c - s * eps_u, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, (1 + s) * eps_c - s * eps_u, atol=1e-6, rtol=1e-6)
 
 
 def test_one_batched_forward_per_expert_with_shared_null():
@@ -219,7 +219,8 @@ def test_in_place_combination_equals_the_previous_formula(weights, reliabilities
     before = [p.clone() for p in PREDS]
     got, got_pooled = poe.combine(cond, weights, null, reliabilities)
     want, want_pooled = previous_combine(cond, weights, null, reliabilities)
-    assert (got - want).abs().max().item() <= 1e-6
+    # Float32 rounding of values up to ~10: the rule is evaluated as u + sum w_i (eps_i - u).
+    assert (got - want).abs().max().item() <= 1e-6 * max(1.0, want.abs().max().item())
     assert (got_pooled is None) == (want_pooled is None)
     if want_pooled is not None:
         assert (got_pooled - want_pooled).abs().max().item() <= 1e-6
