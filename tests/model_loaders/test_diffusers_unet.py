@@ -201,23 +201,25 @@ def test_single_file_of_a_published_structure_needs_its_size(tmp_path, monkeypat
     monkeypatch.setitem(du.GOOGLE_DDPM, ((32, 64), 2), "google/ddpm-style test model")
     bare = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in reference(config).state_dict().items()}, str(bare))
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(bare))
-    assert str(err.value).endswith("set 'sample_size' (or the whole 'config') in the safetensors metadata")
+    assert load_error(bare).endswith("set 'sample_size' (or the whole 'config') in the safetensors metadata")
 
 
 CONSISTENCY = ("consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not "
                "eps predictors, so they cannot join a product of experts")
 
 
+def saved_folder(tmp_path, name: str, **scheduler):
+    """A diffusers folder of the no-attention reference with a scheduler config of ``scheduler``'s fields."""
+    folder = tmp_path / name
+    reference(CONFIGS["no-attention"]).save_pretrained(str(folder))
+    write_scheduler(folder, **scheduler)
+    return folder
+
+
 def test_consistency_models_are_refused(tmp_path):
-    config = CONFIGS["no-attention"]
-    ref = reference(config)
-    folder = tmp_path / "diffusers-cd_tiny"
-    ref.save_pretrained(str(folder))
-    write_scheduler(folder, _class_name="CMStochasticIterativeScheduler")
+    folder = saved_folder(tmp_path, "diffusers-cd_tiny", _class_name="CMStochasticIterativeScheduler")
     assert load_error(folder) == (f"{folder / 'scheduler_config.json'}: a CMStochasticIterativeScheduler, so this is "
-                               f"a consistency model; {CONSISTENCY}")
+                                  f"a consistency model; {CONSISTENCY}")
     # The CD UNets' own layout (residual up/down-sampling), with an ordinary scheduler config.
     cd = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32,
               down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
@@ -227,8 +229,8 @@ def test_consistency_models_are_refused(tmp_path):
     folder = tmp_path / "cd_layout"
     cd_ref.save_pretrained(str(folder))
     write_scheduler(folder)
-    assert load_error(folder) == (f"{folder / 'config.json'}: residual up/down-sampling blocks, the layout of OpenAI's "
-                               f"consistency-model UNets; {CONSISTENCY}")
+    assert load_error(folder) == (f"{folder / 'config.json'}: residual up/down-sampling blocks, the layout of "
+                                  f"OpenAI's consistency-model UNets; {CONSISTENCY}")
     single = tmp_path / "cd.safetensors"
     save_file({k: v.contiguous() for k, v in cd_ref.state_dict().items()}, str(single), metadata={"sample_size": "16"})
     with pytest.raises(ValueError, match=r"diffusers checkpoint: residual up/down-sampling blocks, the layout of "
@@ -237,10 +239,7 @@ def test_consistency_models_are_refused(tmp_path):
 
 
 def test_sample_prediction_is_refused(tmp_path):
-    ref = reference(CONFIGS["no-attention"])
-    folder = tmp_path / "m"
-    ref.save_pretrained(str(folder))
-    write_scheduler(folder, prediction_type="sample")
+    folder = saved_folder(tmp_path, "m", prediction_type="sample")
     assert load_error(folder, schedule="linear") == (
         f"{folder / 'scheduler_config.json'}: prediction_type 'sample'; only eps- and v-prediction "
         "(prediction_type 'epsilon' or 'v_prediction') experts can join the product")
