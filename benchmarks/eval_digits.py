@@ -27,6 +27,7 @@ sigma range.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -268,57 +269,79 @@ def eps_fn(expert: Expert, x: torch.Tensor, sigma: torch.Tensor, cond, with_vari
     return eps, variance_reliability.x0_variance_from_values(values, expert.alphas_cumprod, t)
 
 
-def k_sampler(name: str):
-    from comfy.cli_args import args
+def comfy_modules():
+    """ComfyUI (CPU when there is no GPU) with the pack loaded, and the pack's ``comfy_bridge``,
+    ``comfy_correctors`` and ``poe`` as ComfyUI imported them: the modules the nodes run."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from support.comfy_harness import comfy_nodes, pack_module
 
-    if not torch.cuda.is_available():
-        args.cpu = True  # comfy.model_management picks a device at import time
-    import comfy.k_diffusion.sampling as k
+    comfy_nodes()
+    return pack_module("samplers.comfy_bridge"), pack_module("samplers.comfy_correctors"), pack_module("samplers.poe")
 
-    fn = getattr(k, f"sample_{name}", None)
-    if fn is None:
-        raise ValueError(f"unknown k-diffusion sampler {name!r}")
-    return fn, k.get_sigmas_karras
+
+def guider_for(bindings: list[Binding]):
+    """The node path's ``PoEGuider`` over ``bindings``; each distinct expert is wrapped once, so two
+    bindings of one expert still share a forward."""
+    cb, _, pack_poe = comfy_modules()
+    handles: dict[int, object] = {}
+    wrapped = []
+    for b in bindings:
+        handle = handles.setdefault(id(b.expert), cb.wrap_expert(b.expert))
+        wrapped.append(pack_poe.Binding(**{f.name: getattr(b, f.name) for f in dataclasses.fields(b)} | {"expert": handle}))
+    return cb.PoEGuider(wrapped)
+
+
+def sampler_for(sampler: str, corrector: correctors.CorrectorConfig | None):
+    """ComfyUI's sampler ``sampler``, wrapped in ``CorrectedKSampler`` when ``corrector`` is given,
+    as PoEKSampler builds it."""
+    import comfy.samplers
+
+    _, cc, _ = comfy_modules()
+    base = comfy.samplers.sampler_object(sampler)
+    if corrector is None:
+        return base
+    pack_config = cc.CorrectorConfig(**{f.name: getattr(corrector, f.name) for f in dataclasses.fields(corrector)})
+    return cc.correct_sampler(base, pack_config)
 
 
 @torch.no_grad()
-def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int, sigma_range,
-           corrector: correctors.CorrectorConfig | None = None) -> torch.Tensor:
-    """``n`` images from the product of ``bindings``; with ``corrector``, corrected at every level.
-
-    Corrected sampling is predictor-corrector, as the pack's PoECorrectedSampler runs it: at each
-    level the corrector moves x at that sigma, then the sampler takes its step to the next level
-    (a multistep sampler therefore restarts at every level, as it does inside ComfyUI).
-    """
-    fn, karras = k_sampler(sampler)
-    lo, hi = sigma_range
-    sigmas = karras(steps, lo, hi)
-
-    def model(x, sigma, **_):
-        eps, _pooled = product_prediction(x, sigma, bindings, eps_fn)
-        return x - sigma.reshape(-1, 1, 1, 1) * eps
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g) * sigmas[0]
-    torch.manual_seed(seed)  # ancestral samplers draw their own noise
-    if corrector is None:
-        return fn(model, x, sigmas, disable=True).clamp(-1, 1)
-    state, corrector_noise = {}, torch.Generator().manual_seed(seed + 1)
-    for i in range(steps):
-        x = correctors.correct(model, x, float(sigmas[i]), corrector, corrector_noise, state)
-        x = fn(model, x, sigmas[i:i + 2], disable=True)
-    return x.clamp(-1, 1)
+def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int, sigma_range=None,
+           corrector: correctors.CorrectorConfig | None = None, batch: int = 250) -> torch.Tensor:
+    """``n`` images from the product of ``bindings`` through the node path: ``PoEGuider`` with
+    ComfyUI's sampler and Karras schedule over the experts' common range, corrected by
+    ``CorrectedKSampler`` when ``corrector`` is given. ``sigma_range`` is unused (the guider owns
+    the common range). Sampled in batches of ``batch``; conditions with a batch dimension of ``n``
+    are sliced to match."""
+    cb, _, _ = comfy_modules()
+    out = []
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        part = [dataclasses.replace(b, condition=_rows_of(b.condition, start, stop, n)) for b in bindings]
+        guider = guider_for(part)
+        sigmas = cb.compute_sigmas(guider, sampler, "karras", steps, 1.0)
+        noise = torch.randn(stop - start, 3, 32, 32, generator=torch.Generator().manual_seed(seed * 1_000_003 + start))
+        torch.manual_seed(seed + start)  # ancestral samplers draw their own noise
+        out.append(guider.sample(noise, torch.zeros_like(noise), sampler_for(sampler, corrector), sigmas,
+                                 disable_pbar=True, seed=seed + start).clamp(-1, 1))
+    return torch.cat(out)
 
 
-def evaluations(steps: int, corrector: correctors.CorrectorConfig | None, sigma_range) -> int:
-    """Product evaluations per image of :func:`sample` (one per level for one-evaluation samplers)."""
+def _rows_of(condition: dict, start: int, stop: int, n: int) -> dict:
+    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.shape[0] == n and n > 1 else v
+            for k, v in condition.items()}
+
+
+def evaluations(steps: int, corrector: correctors.CorrectorConfig | None, sigma_range=None) -> int:
+    """Product evaluations per image of :func:`sample`: one per step (one-evaluation samplers) plus
+    the corrector's at each level it corrects (``correctors.run_evaluations``)."""
     if corrector is None:
         return steps
-    lo, hi = sigma_range
-    _, karras = k_sampler("euler")
-    levels = [float(s) for s in karras(steps, lo, hi)[:-1]]
-    return steps + sum(correctors.evaluations_per_level(corrector) for s in levels
-                       if correctors.in_window(s, corrector))
+    cb, _, _ = comfy_modules()
+    experts = load_experts(REPO / "models_tiny")
+    guider = guider_for([Binding(e, e.null_condition, 1 / len(experts), 0.0, label=m) for m, e in experts.items()])
+    return correctors.run_evaluations(cb.compute_sigmas(guider, "euler", "karras", steps, 1.0), corrector)
 
 
 @dataclass

@@ -145,6 +145,8 @@ class CorrectedKSampler(IntervalKSampler):
     def __init__(self, base: comfy.samplers.KSAMPLER, config: CorrectorConfig):
         super().__init__(base.sampler_function, base.extra_options, base.inpaint_options)
         self.config = config
+        # What the corrector did in the latest run (correctors.CorrectorReport), for the node's summary.
+        self.last_report = correctors.CorrectorReport()
 
     def walk(self, model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar):
         """Sampler intervals with corrector levels between them; returns the final ``x``."""
@@ -154,7 +156,8 @@ class CorrectedKSampler(IntervalKSampler):
         options = dict(self.extra_options)
         if total > 0 and "noise_sampler" not in options and _takes_noise_sampler(self.sampler_function):
             options["noise_sampler"] = _ClampedNoiseSampler(x, sigmas, derived_seed(seed, 1))
-        state: dict = {}
+        state: dict = {"report": correctors.CorrectorReport()}
+        self.last_report = state["report"]
         for i in tqdm(range(total), disable=disable_pbar):
             comfy.model_management.throw_exception_if_processing_interrupted()
             step_callback = None
