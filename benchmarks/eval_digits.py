@@ -281,6 +281,14 @@ def comfy_modules():
     return pack_module("samplers.comfy_bridge"), pack_module("samplers.comfy_correctors"), pack_module("samplers.poe")
 
 
+def pack_module(name: str):
+    """A module of the pack as ComfyUI imported it."""
+    comfy_modules()
+    from support.comfy_harness import pack_module as find
+
+    return find(name)
+
+
 def guider_for(bindings: list[Binding]):
     """The node path's ``PoEGuider`` over ``bindings``; each distinct expert is wrapped once, so two
     bindings of one expert still share a forward."""

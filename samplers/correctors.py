@@ -44,7 +44,7 @@ class CorrectorConfig:
         method (`str`, defaults to ``"uhmc"``): ``"ula"`` (unadjusted Langevin), ``"uhmc"``
             (underdamped Langevin / HMC without accept-reject, RRR's U-HMC), ``"mala"``
             (Metropolis-adjusted Langevin with Sjöberg et al.'s line-integral energy) or ``"none"``.
-        steps (`int`, defaults to 2): corrector steps per noise level. ULA and MALA: one product
+        steps (`int`, defaults to 4): corrector steps per noise level. ULA and MALA: one product
             evaluation each; U-HMC: ``leapfrog_steps`` evaluations each.
         step_scale (`float`, defaults to 0.5): c in the ``"sigma2"`` rule's Langevin step
             ``epsilon = c * sigma^2``; U-HMC's leapfrog step is ``h = sqrt(2 epsilon)``, the step for
@@ -61,13 +61,13 @@ class CorrectorConfig:
             ``v <- sqrt(1 - refresh) v + sqrt(refresh) z``; 1 is a full refresh (plain HMC
             without accept), small values keep momentum (underdamped Langevin). The mass is the
             identity: a scalar mass is only a rescaling of the step.
-        step_rule (`str`, defaults to ``"sigma2"``): how the Langevin step epsilon is sized.
+        step_rule (`str`, defaults to ``"snr"``): how the Langevin step epsilon is sized.
             ``"sigma2"``: ``epsilon = step_scale * sigma^2``, one constant for every product.
             ``"snr"``: per image, from a target signal-to-noise ratio r = ``snr`` (Song et al. 2021,
             Alg. 5): ``epsilon = 2 (r ||z|| / ||grad log pi_sigma(x)||)^2`` with ``||z||^2`` the
             dimension, so the step follows the product's own spread (for a Gaussian of variance V
             it is 2 r^2 V) instead of the noise level; ``step_scale`` is then unused.
-        snr (`float`, defaults to 0.5): the target signal-to-noise ratio of ``"snr"``.
+        snr (`float`, defaults to 0.2): the target signal-to-noise ratio of ``"snr"``.
         energy (`str`, defaults to ``"trapezoid"``): MALA's estimate of log pi(x') - log pi(x) by
             the line integral of the score from x to x' (Sjöberg et al. 2023, eq. 12):
             ``"trapezoid"`` reuses the two scores MALA needs anyway (exact for Gaussian targets),
@@ -75,14 +75,14 @@ class CorrectorConfig:
     """
 
     method: str = "uhmc"
-    steps: int = 2
+    steps: int = 4
     step_scale: float = 0.5
     sigma_window: tuple[float, float] = (0.05, math.inf)
     leapfrog_steps: int = 1
     refresh: float = 0.5
     energy: str = "trapezoid"
-    step_rule: str = "sigma2"
-    snr: float = 0.5
+    step_rule: str = "snr"
+    snr: float = 0.2
 
     def __post_init__(self):
         if self.step_rule not in STEP_RULES:
