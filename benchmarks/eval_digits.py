@@ -254,7 +254,8 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
         lo, hi = config.sigma_window
         window = f"sigma >= {lo:g}" if math.isinf(hi) else f"{lo:g} <= sigma <= {hi:g}"
         refresh = f", refresh {config.refresh:g}" if config.method == "uhmc" and config.refresh != 0.5 else ""
-        configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} x {config.step_scale:g} sigma^2 "
+        step = f"SNR r = {config.snr:g}" if config.step_rule == "snr" else f"{config.step_scale:g} sigma^2"
+        configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} x {step} "
                 f"per level, {window}{refresh}"] = Configuration(product(w), steps, config)
     return configs
 
@@ -442,15 +443,19 @@ def main(argv=None):
                    help="product weights, comma separated; each one number for every binding or class/colour/layout")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="configurations sampled in parallel processes")
-    p.add_argument("--corrector", default="uhmc", choices=correctors.METHODS,
-                   help="MCMC corrector of the corrected rows ('none': no corrected rows)")
-    p.add_argument("--corrector-steps", type=int, default=2, help="corrector steps per noise level")
-    p.add_argument("--corrector-scale", type=float, default=0.5,
-                   help="the corrector's step as a multiple of sigma^2 (CorrectorConfig.step_scale)")
-    p.add_argument("--corrector-sigma-min", type=float, default=0.05,
+    d = correctors.CorrectorConfig()
+    p.add_argument("--corrector", default=d.method, choices=correctors.METHODS,
+                   help="MCMC corrector of the corrected rows ('none': no corrected rows); defaults: CorrectorConfig()'s")
+    p.add_argument("--corrector-steps", type=int, default=d.steps, help="corrector steps per noise level")
+    p.add_argument("--corrector-step-rule", default=d.step_rule, choices=correctors.STEP_RULES,
+                   help="how each corrector step is sized (CorrectorConfig.step_rule)")
+    p.add_argument("--corrector-snr", type=float, default=d.snr, help="target signal-to-noise ratio of the snr rule")
+    p.add_argument("--corrector-scale", type=float, default=d.step_scale,
+                   help="the sigma2 rule's step as a multiple of sigma^2 (CorrectorConfig.step_scale)")
+    p.add_argument("--corrector-sigma-min", type=float, default=d.sigma_window[0],
                    help="correction runs at the levels sigma_min <= sigma <= sigma_max (CorrectorConfig.sigma_window)")
     p.add_argument("--corrector-sigma-max", type=float, default=math.inf, help="default: no upper limit")
-    p.add_argument("--corrector-refresh", type=float, default=0.5,
+    p.add_argument("--corrector-refresh", type=float, default=d.refresh,
                    help="U-HMC momentum refresh per step (CorrectorConfig.refresh)")
     p.add_argument("--corrected-weight", type=parse_weight, default=(4.0, 2.0, 2.0),
                    help="the product weight of the corrected rows, as in --weights")
@@ -464,7 +469,8 @@ def main(argv=None):
     if args.corrector != "none":
         corrected = (args.corrected_weight, correctors.CorrectorConfig(
             method=args.corrector, steps=args.corrector_steps, step_scale=args.corrector_scale,
-            sigma_window=(args.corrector_sigma_min, args.corrector_sigma_max), refresh=args.corrector_refresh))
+            sigma_window=(args.corrector_sigma_min, args.corrector_sigma_max), refresh=args.corrector_refresh,
+            step_rule=args.corrector_step_rule, snr=args.corrector_snr))
     only, heading = None, "## Multimodal digits"
     if args.only_corrected:
         if corrected is None:
@@ -472,7 +478,7 @@ def main(argv=None):
         weights = (args.corrected_weight,)
         prefix = f"product, w = {weight_label(args.corrected_weight)}"
         only = tuple(name for name in configuration_names(args.steps, weights, corrected) if name.startswith(prefix))
-        heading = "## Multimodal digits: MCMC-corrected"
+        heading = "## Multimodal digits: MCMC-corrected through the node path"
     t0 = time.time()
     if args.jobs > 1:
         results = evaluate_parallel(args.jobs, args.n, args.split, args.steps, args.sampler, args.seed, weights,
