@@ -8,26 +8,18 @@ cosine schedules. Unite and Conquer eq. 10 at sigma = 0 makes the product
     prod_i N(m_i, v_i)^w_i / prod_j N(mn_j, vn_j)^((sum w - 1) a_j),    a normalised,
 
 a Gaussian per pixel with precision ``sum w_i / v_i - (W - 1) sum a_j / vn_j``. Sampling goes
-through the node path: ``PoEGuider`` with ComfyUI's samplers and ``CorrectedKSampler``.
+through the node path: ``ProductGuider`` with ComfyUI's samplers and ``CorrectedKSampler``.
 W2 is between the per-pixel Gaussian fitted to the samples and the closed form,
 ``sqrt(sum_d (m_d - m*_d)^2 + (s_d - s*_d)^2)``; :func:`noise_floor` is its value for exact samples.
 """
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (str(REPO / ".cache" / "ComfyUI"), str(REPO), str(REPO / "tests")):
-    if p not in sys.path:
-        sys.path.insert(0 if p.endswith("ComfyUI") else len(sys.path), p)
-
-import model_loaders  # noqa: E402,F401  (bind the pack's packages before ComfyUI's comfy/ shadows them)
-import samplers  # noqa: E402,F401
 
 SHAPE = (3, 4, 4)
 
@@ -85,19 +77,25 @@ CASES = (
 )
 
 
+def comfy_modules():
+    """ComfyUI with the pack loaded, and the pack's ``samplers.comfy`` modules (``eval_digits.comfy_modules``)."""
+    from unite_and_conquer.benchmarks.eval_digits import comfy_modules as load
+
+    return load()
+
+
 def bindings(case: Case):
-    """The case's bindings, through the pack modules ComfyUI loaded."""
-    from support.analytic import gaussian_expert
-    from support.comfy_harness import pack_module
+    """The case's bindings, each expert wrapped as the loader nodes wrap theirs."""
+    from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+    from unite_and_conquer.samplers.poe import Binding
+    from unite_and_conquer.tests.support.analytic import gaussian_expert
 
-    from model_loaders.schedules import alphas_cumprod_for
-
-    cb, poe = pack_module("samplers.comfy_bridge"), pack_module("samplers.poe")
+    models = comfy_modules()[0]
     out = []
     for i, (part, (m, v, mn, vn)) in enumerate(zip(case.parts, case.parameters())):
-        handle = cb.wrap_expert(gaussian_expert(alphas_cumprod_for(part.schedule), f"gauss-{part.schedule}-{i}", 4))
-        out.append(poe.Binding(handle, {"mu": m, "var": v}, part.weight, part.reliability,
-                               ({"mu": mn, "var": vn},), label=f"expert {i}"))
+        handle = models.wrap_expert(gaussian_expert(alphas_cumprod_for(part.schedule), f"gauss-{part.schedule}-{i}", 4))
+        out.append(Binding(handle, {"mu": m, "var": v}, part.weight, part.reliability, ({"mu": mn, "var": vn},),
+                           label=f"expert {i}"))
     return out
 
 
@@ -127,21 +125,16 @@ class Run:
 
 def run(case: Case, sampler: str, steps: int, corrector=None, samples: int = 4096, seed: int = 0,
         scheduler: str = "karras") -> Run:
-    """Sample ``case`` through PoEGuider (plain when ``corrector`` is None, else through
+    """Sample ``case`` through ProductGuider (plain when ``corrector`` is None, else through
     ``CorrectedKSampler``) and score it against the closed form."""
-    from support.comfy_harness import comfy_nodes, pack_module
-
-    comfy_nodes()
-    import comfy.samplers
-
-    cb, cc = pack_module("samplers.comfy_bridge"), pack_module("samplers.comfy_correctors")
+    _, guiders, sampling, comfy_correctors = comfy_modules()
     bs = bindings(case)
-    guider = cb.PoEGuider(bs)
-    sigmas = cb.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
+    guider = guiders.ProductGuider(bs)
+    sigmas = sampling.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
     latent = torch.zeros(samples, *SHAPE)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    base = comfy.samplers.sampler_object(sampler)
-    chosen = base if corrector is None else cc.correct_sampler(base, corrector)
+    base = sampling.sampler_object(sampler)
+    chosen = base if corrector is None else comfy_correctors.with_corrector(base, corrector)
     network = bs[0].expert.expert.network
     out = guider.sample(noise, latent, chosen, sigmas, disable_pbar=True, seed=seed)
     mean, var = case.closed_form()

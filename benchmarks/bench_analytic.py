@@ -16,17 +16,20 @@ import argparse
 import datetime
 import math
 import os
+import runpy
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import analytic_cases as cases  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
+
 import torch  # noqa: E402
 
-from report import cpu_name, write_section  # noqa: E402
-
-from samplers.correctors import CorrectorConfig  # noqa: E402
+from unite_and_conquer.benchmarks import analytic_cases as cases  # noqa: E402
+from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.samplers.correctors import CorrectorConfig  # noqa: E402
 
 HEADING = "## Analytic products: corrector step rules"
 OLD_NODE = CorrectorConfig(steps=6, step_scale=0.05, sigma_window=(0.6, math.inf), step_rule="sigma2")

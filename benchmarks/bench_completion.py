@@ -15,7 +15,7 @@ judge whether the new ink has the canvas's colour. Configurations:
 
 Sampling is PoEKSampler's: ``PoEGuider`` with ComfyUI's sampler, the known image as the latent and
 the generated half as its noise mask (ComfyUI's ``KSamplerX0Inpaint`` keeps the known pixels), and
-RePaint through ``samplers/comfy_resampling.py``.
+RePaint through ``samplers/comfy/resampling.py``.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import platform
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -30,13 +31,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-from benchmarks import eval_digits as ev  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
-from samplers import resampling  # noqa: E402
-from samplers.poe import Binding  # noqa: E402
-from tools import digits  # noqa: E402
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
+from unite_and_conquer.benchmarks import eval_digits as ev  # noqa: E402
+from unite_and_conquer.benchmarks.report import write_section  # noqa: E402
+from unite_and_conquer.samplers import resampling  # noqa: E402
+from unite_and_conquer.samplers.poe import Binding  # noqa: E402
+from unite_and_conquer.tools import digits  # noqa: E402
 
 HALF = digits.SIZE // 2
 HEADING = "## Digit completion (known top half)"
@@ -66,19 +67,19 @@ def complete(bindings, known: torch.Tensor, mask: torch.Tensor, steps: int, samp
     """Completions through the node path: PoEKSampler's ``comfy_bridge.sample`` with the known image
     as ``latent_image`` and ``mask`` as its noise mask, RePaint through ``comfy_resampling`` when
     ``count > 1``. ``sigma_range`` is unused (the guider owns the common range)."""
-    cb, _, _ = ev.comfy_modules()
-    rs = ev.pack_module("samplers.comfy_resampling")
+    _, _, sampling, _ = ev.comfy_modules()
+    from unite_and_conquer.samplers.comfy.resampling import with_resampling
     n, out = len(known), []
     for start in range(0, n, batch):
         stop = min(n, start + batch)
         part = [dataclasses.replace(b, condition=ev._rows_of(b.condition, start, stop, n)) for b in bindings]
         guider = ev.guider_for(part)
-        sigmas = cb.compute_sigmas(guider, sampler, "karras", steps, 1.0)
+        sigmas = sampling.compute_sigmas(guider, sampler, "karras", steps, 1.0)
         chosen = ev.sampler_for(sampler, None)
         if count > 1:
-            chosen = rs.resampled_sampler(chosen, jump, count)
+            chosen = with_resampling(chosen, jump, count)
         torch.manual_seed(seed + start)  # ancestral samplers draw their own noise
-        out.append(cb.sample(guider, known[start:stop], seed + start, chosen, sigmas, noise_mask=mask[start:stop],
+        out.append(sampling.sample(guider, known[start:stop], seed + start, chosen, sigmas, noise_mask=mask[start:stop],
                              preview=False).clamp(-1, 1))
     return torch.cat(out)
 

@@ -28,6 +28,7 @@ import argparse
 import datetime
 import math
 import platform
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -35,10 +36,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
-from samplers import bridge, variance_reliability as vr  # noqa: E402
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for  # noqa: E402
+from unite_and_conquer.samplers import noise_levels, variance_reliability as vr  # noqa: E402
 
 PRIOR_VAR = 0.5
 CONDS = {"A": (0.8, 0.2), "B": (-0.4, 0.3)}
@@ -62,7 +63,7 @@ class LearnedSigmaGaussian:
     def __call__(self, x, t, mu, var):
         self.calls += 1
         coef = vr.step_coefficients(self.alphas_cumprod, t)
-        sigma = bridge.sigma_from_timestep(t.double(), self.alphas_cumprod)
+        sigma = noise_levels.sigma_from_timestep(t.double(), self.alphas_cumprod)
         ab = (1 / (1 + sigma**2)).view(-1, 1, 1, 1)
         var, mu = var.double(), mu.double()
         eps = (1 - ab).sqrt() * (x.double() - ab.sqrt() * mu) / (ab * var + 1 - ab)
@@ -95,20 +96,22 @@ def poe_closed_form(parts, null_var):
 def sample(wrong_var: float, precision: bool, n: int = 256, steps: int = 40, seed: int = 0) -> torch.Tensor:
     """n images of the analytic product through the node path: PoEGuider with ComfyUI's Euler over
     Karras sigmas of the experts' common range."""
-    from benchmarks import eval_digits as ed
+    from unite_and_conquer.benchmarks import eval_digits as ed
 
-    cb, _, pack_poe = ed.comfy_modules()
-    from support.analytic import learned_sigma_gaussian_expert
+    models, guiders, sampling, _ = ed.comfy_modules()
+    from unite_and_conquer.samplers.poe import Binding
+    from unite_and_conquer.tests.support.analytic import learned_sigma_gaussian_expert
+
     nulls = {"A": halves(PRIOR_VAR, wrong_var), "B": halves(wrong_var, PRIOR_VAR)}
     bindings = []
     for k, schedule in (("A", "linear"), ("B", "cosine")):
-        handle = cb.wrap_expert(learned_sigma_gaussian_expert(alphas_cumprod_for(schedule), f"gauss-{k}", RES))
+        handle = models.wrap_expert(learned_sigma_gaussian_expert(alphas_cumprod_for(schedule), f"gauss-{k}", RES))
         m, var = CONDS[k]
-        bindings.append(pack_poe.Binding(handle, {"mu": halves(m, m), "var": halves(var, var)},
-                                         1.0, 0.5, ({"mu": halves(0.0, 0.0), "var": nulls[k]},), label=k,
-                                         reliability_from_variance=precision))
-    guider = cb.PoEGuider(bindings)
-    sigmas = cb.compute_sigmas(guider, "euler", "karras", steps, 1.0)
+        bindings.append(Binding(handle, {"mu": halves(m, m), "var": halves(var, var)}, 1.0, 0.5,
+                                ({"mu": halves(0.0, 0.0), "var": nulls[k]},), label=k,
+                                reliability_from_variance=precision))
+    guider = guiders.ProductGuider(bindings)
+    sigmas = sampling.compute_sigmas(guider, "euler", "karras", steps, 1.0)
     noise = torch.randn(n, 3, RES, RES, generator=torch.Generator().manual_seed(seed))
     return guider.sample(noise, torch.zeros_like(noise), ed.sampler_for("euler", None), sigmas, disable_pbar=True,
                          seed=seed)
@@ -172,8 +175,8 @@ def head_calibration(n: int = 256, seed: int = 5) -> list[str]:
     """Table rows: per expert and t, the actual mean squared error of its x0 on held-out canvases
     (its own condition, and its null), the mean Var[x0 | x_t] its head reports, and the Pearson
     correlation of the two over pixels."""
-    from benchmarks import eval_digits as ed
-    from tools import digits
+    from unite_and_conquer.benchmarks import eval_digits as ed
+    from unite_and_conquer.tools import digits
 
     experts = ed.load_experts(ed.REPO / "models_tiny")
     images, labels = digits.split("npm_heldout")
@@ -198,7 +201,7 @@ def head_calibration(n: int = 256, seed: int = 5) -> list[str]:
 
 
 def _digit_row(spec):
-    from benchmarks import eval_digits as ed
+    from unite_and_conquer.benchmarks import eval_digits as ed
 
     n, steps, seed, w, from_variance = spec
     torch.set_num_threads(1)
@@ -216,9 +219,9 @@ def _digit_row(spec):
 def digits_section(n: int, steps: int, weights, jobs: int, command: str) -> str:
     from concurrent.futures import ProcessPoolExecutor
 
-    from benchmarks import eval_digits as ed
-    from benchmarks.report import cpu_name
-    from tools import digits
+    from unite_and_conquer.benchmarks import eval_digits as ed
+    from unite_and_conquer.benchmarks.report import cpu_name
+    from unite_and_conquer.tools import digits
 
     t0 = time.time()
     digits.split("npm_heldout")  # fetch npm's package once, before the workers race for it
@@ -273,7 +276,7 @@ def digits_reading(results) -> str:
 
 
 def main(argv=None):
-    from benchmarks.eval_digits import parse_weight
+    from unite_and_conquer.benchmarks.eval_digits import parse_weight
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["all", "analytic", "digits"], default="all")
@@ -294,7 +297,7 @@ def main(argv=None):
     for heading, body in sections:
         print(f"{heading}\n\n{body}")
         if not args.no_write:
-            from benchmarks.report import write_section
+            from unite_and_conquer.benchmarks.report import write_section
 
             write_section(heading, body)
 

@@ -18,20 +18,22 @@ mixture), and the product of experts (Unite and Conquer eq. 10) with weight w on
 or one weight per binding (``4/2/2`` is class 4, colour 2, layout 2), and reliabilities 1/3, so
 the pooled null is the mean of the three trained nulls. With ``--corrector`` two more rows: the
 product MCMC-corrected at every level (``samplers/correctors.py``, predictor-corrector), and the
-plain product with as many steps as the corrected one has product evaluations. Sampling uses
-``samplers.poe.product_prediction`` through the schedule bridge (each expert at its own
-continuous timestep: the class and layout experts use a cosine schedule, the colour expert a
-linear one) and a k-diffusion sampler from ComfyUI, with Karras sigmas over the experts' common
-sigma range.
+plain product with as many steps as the corrected one has product evaluations. Sampling is the
+nodes' own path: ``ProductGuider`` (each expert at its own continuous timestep: the class and
+layout experts use a cosine schedule, the colour expert a linear one) with ComfyUI's sampler and
+Karras schedule over the experts' common range, corrected by ``CorrectedKSampler``, which corrects
+after each step at the level reached (``sigmas[1:]``), as PoEKSampler and PoECorrectedSampler do.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import datetime
 import math
 import os
 import platform
+import runpy
 import sys
 import time
 from dataclasses import dataclass
@@ -42,15 +44,14 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY = REPO / ".cache" / "ComfyUI"
-for p in (str(COMFY), str(REPO)):
-    if p not in sys.path:
-        sys.path.insert(0 if p == str(COMFY) else len(sys.path), p)
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
 
-from benchmarks.report import cpu_name, write_section  # noqa: E402
-from model_loaders import Expert, load_expert  # noqa: E402
-from samplers import bridge, correctors, variance_reliability  # noqa: E402
-from samplers.poe import Binding, product_prediction  # noqa: E402
-from tools import digits  # noqa: E402
+from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.model_loaders import Expert, load_expert  # noqa: E402
+from unite_and_conquer.samplers import correctors, noise_levels  # noqa: E402
+from unite_and_conquer.samplers.poe import Binding  # noqa: E402
+from unite_and_conquer.tools import digits  # noqa: E402
 
 MODALITIES = ("class", "colour", "layout")
 CONSTRAINTS = ("class", "colour", "layout")
@@ -175,7 +176,7 @@ def targets(n: int, split: str, seed: int) -> digits.Batch:
 
 def common_range(experts: dict[str, Expert]) -> tuple[float, float]:
     """The sigma range every expert can serve, which the samplers' schedules span."""
-    return bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+    return noise_levels.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
 
 
 def load_experts(models_dir: Path) -> dict[str, Expert]:
@@ -260,59 +261,36 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
     return configs
 
 
-def eps_fn(expert: Expert, x: torch.Tensor, sigma: torch.Tensor, cond, with_variance: bool = False):
-    """One expert's eps at the common noise level, through the schedule bridge; with
-    ``with_variance``, also its Var[x0 | x] from its learned variance (poe.EpsFn)."""
-    t = bridge.timestep_from_sigma(sigma, expert.alphas_cumprod).float()
-    eps, values = expert.predict(bridge.scale_input(x, sigma), t, cond)
-    if not with_variance:
-        return eps
-    return eps, variance_reliability.x0_variance_from_values(values, expert.alphas_cumprod, t)
-
-
 def comfy_modules():
-    """ComfyUI (CPU when there is no GPU) with the pack loaded, and the pack's ``comfy_bridge``,
-    ``comfy_correctors`` and ``poe`` as ComfyUI imported them: the modules the nodes run."""
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.append(tests)
-    from support.comfy_harness import comfy_nodes, pack_module
+    """ComfyUI (CPU when there is no GPU) with the pack loaded, and the pack's ``samplers.comfy``
+    modules ``models``, ``guider``, ``sampling`` and ``correctors``: the code the nodes run."""
+    if str(COMFY) not in sys.path and importlib.util.find_spec("comfy") is None:
+        sys.path.insert(0, str(COMFY))  # a script run outside ComfyUI uses the checkout's copy
+    from unite_and_conquer.tests.support.comfy_harness import comfy_nodes
 
     comfy_nodes()
-    return pack_module("samplers.comfy_bridge"), pack_module("samplers.comfy_correctors"), pack_module("samplers.poe")
+    from unite_and_conquer.samplers.comfy import correctors as comfy_correctors
+    from unite_and_conquer.samplers.comfy import guider, models, sampling
 
-
-def pack_module(name: str):
-    """A module of the pack as ComfyUI imported it."""
-    comfy_modules()
-    from support.comfy_harness import pack_module as find
-
-    return find(name)
+    return models, guider, sampling, comfy_correctors
 
 
 def guider_for(bindings: list[Binding]):
-    """The node path's ``PoEGuider`` over ``bindings``; each distinct expert is wrapped once, so two
-    bindings of one expert still share a forward."""
-    cb, _, pack_poe = comfy_modules()
+    """The node path's ``ProductGuider`` over ``bindings``; each distinct expert is wrapped once, so
+    two bindings of one expert still share a forward."""
+    models, guider, _, _ = comfy_modules()
     handles: dict[int, object] = {}
-    wrapped = []
-    for b in bindings:
-        handle = handles.setdefault(id(b.expert), cb.wrap_expert(b.expert))
-        wrapped.append(pack_poe.Binding(**{f.name: getattr(b, f.name) for f in dataclasses.fields(b)} | {"expert": handle}))
-    return cb.PoEGuider(wrapped)
+    wrapped = [dataclasses.replace(b, expert=handles.setdefault(id(b.expert), models.wrap_expert(b.expert)))
+               for b in bindings]
+    return guider.ProductGuider(wrapped)
 
 
 def sampler_for(sampler: str, corrector: correctors.CorrectorConfig | None):
-    """ComfyUI's sampler ``sampler``, wrapped in ``CorrectedKSampler`` when ``corrector`` is given,
-    as PoEKSampler builds it."""
-    import comfy.samplers
-
-    _, cc, _ = comfy_modules()
-    base = comfy.samplers.sampler_object(sampler)
-    if corrector is None:
-        return base
-    pack_config = cc.CorrectorConfig(**{f.name: getattr(corrector, f.name) for f in dataclasses.fields(corrector)})
-    return cc.correct_sampler(base, pack_config)
+    """ComfyUI's sampler ``sampler``, with ``corrector`` between intervals when it is given
+    (``CorrectedKSampler``), as PoEKSampler builds it."""
+    _, _, sampling, comfy_correctors = comfy_modules()
+    base = sampling.sampler_object(sampler)
+    return base if corrector is None else comfy_correctors.with_corrector(base, corrector)
 
 
 @torch.no_grad()
@@ -323,13 +301,13 @@ def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int,
     ``CorrectedKSampler`` when ``corrector`` is given. ``sigma_range`` is unused (the guider owns
     the common range). Sampled in batches of ``batch``; conditions with a batch dimension of ``n``
     are sliced to match."""
-    cb, _, _ = comfy_modules()
+    _, _, sampling, _ = comfy_modules()
     out = []
     for start in range(0, n, batch):
         stop = min(n, start + batch)
         part = [dataclasses.replace(b, condition=_rows_of(b.condition, start, stop, n)) for b in bindings]
         guider = guider_for(part)
-        sigmas = cb.compute_sigmas(guider, sampler, "karras", steps, 1.0)
+        sigmas = sampling.compute_sigmas(guider, sampler, "karras", steps, 1.0)
         noise = torch.randn(stop - start, 3, 32, 32, generator=torch.Generator().manual_seed(seed * 1_000_003 + start))
         torch.manual_seed(seed + start)  # ancestral samplers draw their own noise
         out.append(guider.sample(noise, torch.zeros_like(noise), sampler_for(sampler, corrector), sigmas,
@@ -347,10 +325,10 @@ def evaluations(steps: int, corrector: correctors.CorrectorConfig | None, sigma_
     the corrector's at each level it corrects (``correctors.run_evaluations``)."""
     if corrector is None:
         return steps
-    cb, _, _ = comfy_modules()
+    _, _, sampling, _ = comfy_modules()
     experts = load_experts(REPO / "models_tiny")
     guider = guider_for([Binding(e, e.null_condition, 1 / len(experts), 0.0, label=m) for m, e in experts.items()])
-    return correctors.run_evaluations(cb.compute_sigmas(guider, "euler", "karras", steps, 1.0), corrector)
+    return correctors.run_evaluations(sampling.compute_sigmas(guider, "euler", "karras", steps, 1.0), corrector)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from samplers import correctors as C
+from unite_and_conquer.samplers import correctors as C
 
 N = 4096
 
@@ -133,7 +133,7 @@ def test_mala_acceptance_is_reported_and_high_for_small_steps():
     ({"energy": "midpoint"}, "unknown energy rule 'midpoint'; expected one of ('trapezoid', 'simpson')"),
     ({"step_scale": 0.0}, "corrector step_scale must be > 0, got 0.0"),
     ({"refresh": 0.0}, "momentum refresh must be in (0, 1], got 0.0"),
-    ({"leapfrog_steps": 0}, "corrector steps must be >= 0 and leapfrog steps >= 1, got 2 and 0"),
+    ({"leapfrog_steps": 0}, "corrector steps must be >= 0 and leapfrog steps >= 1, got 4 and 0"),
     ({"sigma_window": (2.0, 1.0)}, "corrector sigma window must have 0 <= lo <= hi, got (2.0, 1.0)"),
     ({"step_rule": "fixed"}, "unknown corrector step rule 'fixed'; expected one of ('sigma2', 'snr')"),
     ({"snr": 0.0}, "corrector snr must be > 0, got 0.0"),
