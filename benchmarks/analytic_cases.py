@@ -127,6 +127,8 @@ def run(case: Case, sampler: str, steps: int, corrector=None, samples: int = 409
         scheduler: str = "karras") -> Run:
     """Sample ``case`` through ProductGuider (plain when ``corrector`` is None, else through
     ``CorrectedKSampler``) and score it against the closed form."""
+    from unite_and_conquer.samplers import poe
+
     _, guiders, sampling, comfy_correctors = comfy_modules()
     bs = bindings(case)
     guider = guiders.ProductGuider(bs)
@@ -135,7 +137,7 @@ def run(case: Case, sampler: str, steps: int, corrector=None, samples: int = 409
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     base = sampling.sampler_object(sampler)
     chosen = base if corrector is None else comfy_correctors.with_corrector(base, corrector)
-    network = bs[0].expert.expert.network
+    network = poe.unwrap(bs[0].expert).network
     out = guider.sample(noise, latent, chosen, sigmas, disable_pbar=True, seed=seed)
     mean, var = case.closed_form()
     report = getattr(chosen, "last_report", None)

@@ -7,10 +7,11 @@ from comfy_api.latest import io
 from ..samplers import correctors, poe
 from ..samplers.comfy import sampling as comfy_sampling
 from ..samplers.comfy.correctors import with_corrector
-from ..samplers.comfy.guider import ProductGuider, check_same_shape
+from ..samplers.comfy.guider import ProductGuider
 from ..samplers.comfy.resampling import with_resampling
-from ..samplers.describe import describe_rule
-from .common import CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image
+from ..samplers.describe import describe_corrector, describe_rule
+from .common import (CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image, sigma_window,
+                     sigma_window_inputs)
 
 Corrector = io.Custom("POE_CORRECTOR")
 
@@ -23,7 +24,7 @@ def _guider(node: str, experts) -> ProductGuider:
 
 
 def _latent(node: str, guider, width, height, batch_size, latent_image):
-    resolution, channels = check_same_shape(guider.bindings, node)
+    resolution, channels = guider.product.resolution, guider.product.image_channels
     if latent_image is not None:
         samples = latent_image["samples"]
         if samples.ndim != 4 or tuple(samples.shape[1:]) != (channels, resolution, resolution):
@@ -174,16 +175,6 @@ class PoEScheduler(io.ComfyNode):
         return io.NodeOutput(comfy_sampling.compute_sigmas(guider, "euler", scheduler, steps, denoise))
 
 
-def describe_corrector(c: correctors.CorrectorConfig) -> str:
-    lo, hi = c.sigma_window
-    if c.step_rule == "snr":
-        step = f"steps sized for signal-to-noise {c.snr:g}"
-    else:
-        step = f"steps of {c.step_scale:g} sigma^2"
-    return (f"{c.method}, {c.steps} {step} per level for sigma in [{lo:g}, {hi:g}] "
-            f"(+{correctors.evaluations_per_level(c)} product evaluation(s) per level)")
-
-
 class PoECorrector(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -209,12 +200,10 @@ class PoECorrector(io.ComfyNode):
                 io.Float.Input("step_scale", default=d.step_scale, min=0.001, max=10.0, step=0.005,
                                tooltip="With step_rule sigma2: the Langevin step as a multiple of sigma^2, one "
                                        "constant for every product. Unused with step_rule snr."),
-                io.Float.Input("sigma_min", default=d.sigma_window[0], min=0.0, max=1e5, step=0.01,
-                               tooltip="Correction runs for sigma_min <= sigma <= sigma_max (images in [-1, 1]); "
-                                       "never at sigma = 0. RRR skips the lowest levels, where the summed score is "
-                                       "already nearly exact."),
-                io.Float.Input("sigma_max", default=1e5, min=0.0, max=1e5, step=0.01,
-                               tooltip="Upper end of the correction window (1e5 = no limit)."),
+                *sigma_window_inputs(d.sigma_window[0], "Correction runs for sigma_min <= sigma <= sigma_max (images "
+                                                        "in [-1, 1]); never at sigma = 0. RRR skips the lowest levels, "
+                                                        "where the summed score is nearly exact.",
+                                     "the correction window"),
                 io.Int.Input("leapfrog_steps", default=d.leapfrog_steps, min=1, max=100,
                              tooltip="U-HMC leapfrog steps per step."),
                 io.Float.Input("momentum_refresh", default=d.refresh, min=0.01, max=1.0, step=0.01,
@@ -244,7 +233,7 @@ class PoECorrector(io.ComfyNode):
         with node_input(node, "snr" if not snr > 0 else "method"):
             config = correctors.CorrectorConfig(
                 method=method, steps=steps, step_scale=step_scale,
-                sigma_window=(sigma_min, float("inf") if sigma_max >= 1e5 else sigma_max),
+                sigma_window=sigma_window(sigma_min, sigma_max),
                 leapfrog_steps=leapfrog_steps, refresh=momentum_refresh, step_rule=step_rule, snr=snr)
         return io.NodeOutput(config, ui={"text": (describe_corrector(config),)})
 

@@ -1,4 +1,5 @@
-"""How a product describes itself: one line per binding, and the rule it runs in words and numbers."""
+"""How a product and its corrector describe themselves: one line per binding, the rule in words and
+numbers, the corrector and its cost. Each statement comes from the function that owns the rule."""
 from __future__ import annotations
 
 import math
@@ -6,12 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .poe import Binding, normalise_reliabilities
-
-
-def unwrap(expert: Any) -> Any:
-    """The expert itself, from an expert or a handle that carries one as ``.expert``."""
-    return getattr(expert, "expert", expert)
+from .correctors import CorrectorConfig, evaluations_per_level
+from .poe import Binding, needs_pooled_null, normalise_reliabilities, total_weight, unwrap
 
 
 def _fmt(v: Any) -> str:
@@ -36,15 +33,32 @@ def describe(binding: Binding, normalised_reliability: Any | None = None) -> str
 def describe_rule(bindings: Sequence[Binding]) -> str:
     """The combined rule the sampler is about to run, in words and numbers."""
     rel = normalise_reliabilities([b.reliability for b in bindings])
-    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float32).mean() for b in bindings)
     lines = [f"product of {len(bindings)} binding(s) over "
              f"{len({id(b.expert) for b in bindings})} expert(s): "
              f"eps = sum_i w_i eps_i(x, c_i) - (sum_i w_i - 1) * sum_j a_j eps_j(x, null_j)",
-             f"sum of weights = {float(total_w):.4g}"]
+             f"sum of weights = {_fmt_total(total_weight(bindings))}"]
     for i, (b, a) in enumerate(zip(bindings, rel), 1):
         lines.append(f"  {i}. {describe(b, a)}")
-    if math.isclose(float(total_w), 1.0):
+    if not needs_pooled_null(bindings):
         lines.append("  (weights sum to 1: the pooled null cancels and no null forward runs)")
     elif any(b.reliability_from_variance for b in bindings):
         lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")
     return "\n".join(lines)
+
+
+def _fmt_total(total: Any) -> str:
+    t = torch.as_tensor(total, dtype=torch.float64)
+    if t.numel() == 1:
+        return f"{float(t):.4g}"
+    return f"{float(t.min()):.4g}..{float(t.max()):.4g} per pixel"
+
+
+def describe_corrector(config: CorrectorConfig) -> str:
+    """One line, such as ``uhmc, 4 steps sized for signal-to-noise 0.2 per level for sigma in [0.05, inf] (+4 ...)``."""
+    lo, hi = config.sigma_window
+    if config.step_rule == "snr":
+        step = f"steps sized for signal-to-noise {config.snr:g}"
+    else:
+        step = f"steps of {config.step_scale:g} sigma^2"
+    return (f"{config.method}, {config.steps} {step} per level for sigma in [{lo:g}, {hi:g}] "
+            f"(+{evaluations_per_level(config)} product evaluation(s) per level)")

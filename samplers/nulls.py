@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .describe import describe, unwrap
-from .poe import Binding, Condition
+from .describe import describe
+from .poe import Binding, Condition, unwrap
 
 NULL_CHOICES = ("trained", "class0 (paper)", "mean of k random classes", "none")
 

@@ -102,6 +102,11 @@ def at_sigma(bindings: Sequence[Binding], sigma: float) -> list[Binding]:
     return out
 
 
+def unwrap(expert: Any) -> Any:
+    """The expert itself, from an expert or a handle that carries one as ``.expert`` (ComfyUI's)."""
+    return getattr(expert, "expert", expert)
+
+
 def _expert_name(expert: Any) -> str:
     if isinstance(expert, str):
         return expert
@@ -110,6 +115,18 @@ def _expert_name(expert: Any) -> str:
 
 def _is_zero(v: Scalar) -> bool:
     return bool((torch.as_tensor(v) == 0).all())
+
+
+def total_weight(bindings: Sequence[Binding]) -> torch.Tensor:
+    """sum_i w_i, per pixel where a weight is spatial (float64)."""
+    return sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
+
+
+def needs_pooled_null(bindings: Sequence[Binding]) -> bool:
+    """Whether the rule uses the pooled null: its coefficient ``1 - sum_i w_i`` is non-zero at some
+    pixel. Masked weights count per pixel, so 1.5 on one half and 0.5 on the other need it."""
+    total = torch.as_tensor(total_weight(bindings))
+    return not bool(torch.isclose(total, torch.ones_like(total)).all())
 
 
 def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) -> None:
@@ -135,16 +152,15 @@ def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) 
         off = next(b for b in with_null if not b.reliability_from_variance)
         raise ValueError(f"{off.label or _expert_name(off.expert)}: reliability from variance is on for some bindings "
                          "and off for this one; apply it to the whole chain, after its last binding")
-    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
     no_null = all(_is_zero(b.reliability) for b in bindings)
     if no_null and any(torch.as_tensor(b.weight).lt(0).any() for b in bindings):
         negated = next(b for b in bindings if torch.as_tensor(b.weight).lt(0).any())
         raise ValueError(f"{negated.label or _expert_name(negated.expert)}: a negative weight (negation) pushes away "
                          "from the pooled null, but every reliability is 0: give at least one binding with a null "
                          "a reliability > 0")
-    if no_null and not bool(torch.isclose(total_w, torch.tensor(1.0, dtype=torch.float64)).all()):
+    if no_null and needs_pooled_null(bindings):
         raise ValueError(
-            f"the weights sum to {float(torch.as_tensor(total_w).mean()):.4g}, not 1, so the rule needs a "
+            f"the weights sum to {float(torch.as_tensor(total_weight(bindings)).mean()):.4g}, not 1, so the rule needs a "
             "pooled null, but every reliability is 0: give at least one binding with a null a reliability > 0"
         )
 
@@ -297,11 +313,10 @@ class ForwardPlan:
 def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
     """Group the rows of all bindings by expert, so each expert runs one forward per step.
 
-    Nulls are requested only when the rule uses the pooled null (sum of weights != 1 somewhere)
-    and only for bindings whose reliability is non-zero.
+    Nulls are requested only when the rule uses the pooled null (:func:`needs_pooled_null`) and
+    only for bindings whose reliability is non-zero.
     """
-    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
-    needs_null = not bool(torch.isclose(torch.as_tensor(total_w), torch.tensor(1.0, dtype=torch.float64)).all())
+    needs_null = needs_pooled_null(bindings)
     calls: list[ExpertCall] = []
     by_expert: dict[int, int] = {}
 
@@ -437,8 +452,7 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
         return pooled, pooled
     out, pooled = combine(cond_preds, weights, null_preds, rel)
     if pooled is None and plan.needs_null:
-        total_w = sum(torch.as_tensor(b.weight, dtype=torch.float32) for b in active)
-        raise ValueError(f"the weights sum to {float(total_w.mean()):.4g} at sigma={s:.4g} but no active binding "
+        raise ValueError(f"the weights sum to {float(torch.as_tensor(total_weight(active)).mean()):.4g} at sigma={s:.4g} but no active binding "
                          "supplies a null with reliability > 0")
     _check_finite([out] if pooled is None else [out, pooled], plan, outs, s)
     return out, pooled
