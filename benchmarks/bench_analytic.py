@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=4096, help="images of 3 x 4 x 4 per run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", nargs="+", help="only the rows with these labels (default: all)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -74,6 +75,8 @@ def main(argv=None) -> None:
     lines = head + ["| exact samples (noise floor) | - | - | - | - | " + " | ".join(f"{f:.3f}" for f in floors) + " |"]
     print("\n".join(lines), flush=True)
     for label, sampler, steps, config in ROWS:
+        if args.rows and label not in args.rows:
+            continue
         runs = [cases.run(c, sampler, steps, config, args.samples, args.seed) for c in cases.CASES]
         lines.append(f"| {label} | {sampler} | {steps} | {describe(config)} | {runs[0].evaluations} | "
                      + " | ".join(f"{r.w2:.3f}" for r in runs) + " |")
