@@ -9,9 +9,9 @@ from ..conditions import maps
 from ..samplers import poe
 from ..samplers.describe import describe, describe_rule
 from ..samplers.nulls import NULL_CHOICES, class_nulls, default_nulls, reliability_from_variance
-from .common import (CATEGORY, NO_LIMIT, Expert, Experts, TextEncoder, chain, check_choice, check_finite,
-                     check_number, check_unit_range, experts_input, image_to_pixels, log, mask_inputs, node_input,
-                     reliability_input, sigma_window, sigma_window_inputs, weight_input)
+from .common import (CATEGORY, NO_LIMIT, Expert, Experts, TextEncoder, chain, check_choice, check_finite, check_number,
+                     check_unit_range, experts_input, image_to_pixels, index_input, indexed_chain, log, mask_inputs,
+                     node_input, reliability_input, sigma_window, sigma_window_inputs, weight_input)
 
 _IMAGENET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_loaders", "imagenet_classes.txt")
 
@@ -318,8 +318,7 @@ class PoEBindingSchedule(io.ComfyNode):
                         "Outside its window a binding costs no forward pass.",
             inputs=[
                 Experts.Input("experts", tooltip="The chain whose binding gets the window and ramp."),
-                io.Int.Input("index", default=-1, min=-1000, max=1000,
-                             tooltip="Which binding of the chain: 0 is the first, -1 the last."),
+                index_input(),
                 *sigma_window_inputs(0.0, "The binding is active for sigma_min <= sigma <= sigma_max.", "the window"),
                 io.Float.Input("reliability_at_high_noise", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Multiplier of the reliability at sigma >= ramp_sigma_high."),
@@ -345,12 +344,7 @@ class PoEBindingSchedule(io.ComfyNode):
                             ("reliability_at_low_noise", reliability_at_low_noise),
                             ("ramp_sigma_high", ramp_sigma_high), ("ramp_sigma_low", ramp_sigma_low)):
             check_number(node, name, value)
-        bindings = list(experts)
-        if not bindings:
-            raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
-        if not -len(bindings) <= index < len(bindings):
-            raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
-                             f"0..{len(bindings) - 1} or -1 for the last")
+        bindings = indexed_chain(node, experts, index)
         if sigma_min >= sigma_max:
             raise ValueError(f"{node}: input 'sigma_min' ({sigma_min}) must be below sigma_max ({sigma_max})")
         if ramp_sigma_low >= ramp_sigma_high:

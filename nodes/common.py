@@ -126,6 +126,22 @@ def sigma_window(sigma_min: float, sigma_max: float) -> tuple[float, float]:
     return sigma_min, math.inf if sigma_max >= NO_LIMIT else sigma_max
 
 
+def index_input() -> io.Input:
+    return io.Int.Input("index", default=-1, min=-1000, max=1000,
+                        tooltip="Which binding of the chain: 0 is the first, -1 the last.")
+
+
+def indexed_chain(node: str, experts, index: int) -> list[poe.Binding]:
+    """A copy of the chain ``experts``, refused when it is empty or has no binding at ``index``."""
+    bindings = list(experts or [])
+    if not bindings:
+        raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
+    if not -len(bindings) <= index < len(bindings):
+        raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
+                         f"0..{len(bindings) - 1} or -1 for the last")
+    return bindings
+
+
 def experts_input() -> io.Input:
     return Experts.Input("experts", optional=True,
                          tooltip="Bindings to chain: this node appends its binding to them.")
