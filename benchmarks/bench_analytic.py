@@ -1,167 +1,103 @@
-"""Analytic Gaussian product: plain sampling vs MCMC-corrected sampling, against the closed form.
+"""Analytic products: plain vs MCMC-corrected sampling, and the corrector's step rules, against the closed form.
 
-Two analytic Gaussian experts with different schedules (N(1, 0.5) on the linear schedule,
-N(-0.5, 0.8) on the cosine one, N(0, 1) nulls, w = (1, 1), a = (0.5, 0.5)), sampled through
-ComfyUI in process (CPU). Summing diffused scores is biased (RRR, Du et al. 2023); the correctors
-target the product of the diffused experts at each level. Rows compare equal expert evaluations
-(plain with N (1 + k) steps vs corrected with N steps and k corrector evaluations per level) and
-equal steps.
+The cases of ``benchmarks/analytic_cases.py`` (per-pixel Gaussian experts over 3 x 4 x 4, a
+different null per expert, weights above 1, two or three experts on the linear and cosine
+schedules), each sampled through the node path (``PoEGuider`` with ComfyUI's samplers and
+``CorrectedKSampler``) and scored by W2 against the closed form.
 
-    cd /work/main && .venv/bin/python benchmarks/bench_analytic.py [--write] [--samples 65536]
+    .venv/bin/python benchmarks/bench_analytic.py [--samples 4096] [--write]
 
-``--write`` replaces the section "## Analytic Gaussian product: plain vs MCMC-corrected" of
-BENCHMARKS.md (and nothing else).
+``--write`` replaces the section "## Analytic products: corrector step rules" of BENCHMARKS.md
+(and nothing else).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import math
+import os
 import runpy
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / ".cache" / "ComfyUI"))
 if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
     runpy.run_path(str(REPO / "__init__.py"))
 
 import torch  # noqa: E402
 
+from unite_and_conquer.benchmarks import analytic_cases as cases  # noqa: E402
 from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
-from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for  # noqa: E402
-from unite_and_conquer.samplers import poe  # noqa: E402
 from unite_and_conquer.samplers.correctors import CorrectorConfig  # noqa: E402
-from unite_and_conquer.tests.support.analytic import gaussian, gaussian_expert, product_gaussian  # noqa: E402
-from unite_and_conquer.tests.support.comfy_harness import comfy_nodes  # noqa: E402
 
-comfy_nodes()  # ComfyUI on this machine's device, with the pack loaded, before its samplers are used
-import comfy.samplers  # noqa: E402
+HEADING = "## Analytic products: corrector step rules"
+OLD_NODE = CorrectorConfig(steps=6, step_scale=0.05, sigma_window=(0.6, math.inf), step_rule="sigma2")
+OLD_LIBRARY = CorrectorConfig(steps=2, step_scale=0.5, sigma_window=(0.05, math.inf), step_rule="sigma2")
 
-from unite_and_conquer.samplers.comfy.correctors import with_corrector  # noqa: E402
-from unite_and_conquer.samplers.comfy.guider import ProductGuider  # noqa: E402
-from unite_and_conquer.samplers.comfy.models import wrap_expert  # noqa: E402
-from unite_and_conquer.samplers.comfy.sampling import compute_sigmas  # noqa: E402
-
-HEADING = "## Analytic Gaussian product: plain vs MCMC-corrected"
-PARTS = [(1.0, 0.5), (-0.5, 0.8)]
-
-
-@dataclass
-class Result:
-    label: str
-    sampler: str
-    steps: int
-    config: object | None
-    mean: float
-    var: float
-    evals: int
-    seconds: float
-
-    @property
-    def target(self) -> tuple[float, float]:
-        return product_gaussian([(m, v, 1.0) for m, v in PARTS])
-
-    @property
-    def mean_err(self) -> float:
-        return self.mean - self.target[0]
-
-    @property
-    def var_err(self) -> float:
-        return self.var - self.target[1]
-
-    @property
-    def w2(self) -> float:
-        """W2 between 1-D Gaussians: sqrt((m1 - m2)^2 + (s1 - s2)^2)."""
-        m, v = self.target
-        return math.sqrt((self.mean - m) ** 2 + (math.sqrt(self.var) - math.sqrt(v)) ** 2)
+# (label, sampler, steps, corrector): every corrected row costs at most 200 product evaluations.
+ROWS = [
+    ("plain", "dpmpp_2m", 30, None),
+    ("plain", "euler", 200, None),
+    ("plain", "euler_ancestral", 200, None),
+    ("former node default", "euler", 30, OLD_NODE),
+    ("former library default", "euler", 60, OLD_LIBRARY),
+    ("sigma^2 steps", "euler", 40, CorrectorConfig(steps=4, step_scale=0.3, step_rule="sigma2")),
+    ("SNR steps, r = 0.15", "euler", 40, CorrectorConfig(steps=4, snr=0.15, step_rule="snr")),
+    ("default (SNR steps)", "euler", 40, CorrectorConfig()),
+    ("SNR steps, r = 0.25", "euler", 40, CorrectorConfig(steps=4, snr=0.25, step_rule="snr")),
+    ("default, second-order predictor", "heun", 30, CorrectorConfig()),
+    ("ULA, SNR steps", "euler", 40, CorrectorConfig(method="ula", steps=4, snr=0.16, step_rule="snr")),
+    ("MALA, SNR steps", "euler", 40, CorrectorConfig(method="mala", steps=3, snr=0.3, step_rule="snr")),
+]
 
 
-def product_bindings(resolution: int = 4):
-    lin = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", resolution))
-    cos = wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", resolution))
-    null = gaussian(0.0, 1.0)
-    return [poe.Binding(h, gaussian(m, v), 1.0, 0.5, (null,), label=f"N({m}, {v})")
-            for h, (m, v) in zip((lin, cos), PARTS)]
+def describe(c: CorrectorConfig | None) -> str:
+    if c is None:
+        return "-"
+    step = f"SNR r = {c.snr:g}" if c.step_rule == "snr" else f"{c.step_scale:g} sigma^2"
+    lo, hi = c.sigma_window
+    return f"{c.method} {c.steps} x {step}, sigma in [{lo:g}, {hi:g}]"
 
 
-def run(sampler: str, steps: int, config=None, samples: int = 65536, seed: int = 0, scheduler: str = "karras",
-        resolution: int = 4, label: str = "") -> Result:
-    """Sample the product (plain when ``config`` is None); returns its statistics and its cost."""
-    bindings = product_bindings(resolution)
-    guider = ProductGuider(bindings)
-    sigmas = compute_sigmas(guider, sampler, scheduler, steps, 1.0)
-    batch = max(1, math.ceil(samples / (resolution * resolution * 3)))
-    latent = torch.zeros(batch, 3, resolution, resolution)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    base = comfy.samplers.sampler_object(sampler)
-    chosen = base if config is None else with_corrector(base, config)
-    network = poe.unwrap(bindings[0].expert).network
-    start = time.perf_counter()
-    out = guider.sample(noise, latent, chosen, sigmas, disable_pbar=True, seed=seed)
-    seconds = time.perf_counter() - start
-    return Result(label or (config.method if config else "plain"), sampler, steps, config,
-                  out.mean().item(), out.var().item(), network.calls, seconds)
-
-
-def table(results: list[Result]) -> str:
-    lines = ["| run | sampler | steps | corrector | evaluations | mean error | variance error | W2 |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
-    for r in results:
-        c = r.config
-        corr = "-" if c is None else (f"{c.method}, k={c.steps}, c={c.step_scale:g}, window "
-                                      f"[{c.sigma_window[0]:g}, {c.sigma_window[1]:g}]"
-                                      + (f", refresh {c.refresh:g}" if c.method == "uhmc" else ""))
-        lines.append(f"| {r.label} | {r.sampler} | {r.steps} | {corr} | {r.evals} | {r.mean_err:+.4f} | "
-                     f"{r.var_err:+.4f} | {r.w2:.4f} |")
-    return "\n".join(lines)
-
-
-def suite(samples: int, steps: int = 30, ks: tuple[int, ...] = (2, 4)) -> list[Result]:
-    """Per sampler: plain at ``steps``; each corrector with k steps per level at ``steps``; plain
-    with as many steps as each corrected run has evaluations."""
-    C = CorrectorConfig
-    results = []
-    for sampler in ("euler", "dpmpp_2m"):
-        results.append(run(sampler, steps, None, samples, label="plain"))
-        corrected = [run(sampler, steps, C(method=method, steps=k), samples, label=f"{method}, k={k}")
-                     for k in ks for method in ("ula", "uhmc", "mala")]
-        for evals in sorted({r.evals for r in corrected}):
-            results.append(run(sampler, evals, None, samples, label=f"plain, {evals} steps (equal evaluations)"))
-        results.extend(corrected)
-    return results
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=65536, help="scalar samples per run (pixels x images)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--k", type=int, nargs="+", default=[2, 4], help="corrector steps per level")
+    parser.add_argument("--samples", type=int, default=4096, help="images of 3 x 4 x 4 per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", nargs="+", help="only the rows with these labels (default: all)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
-    args = parser.parse_args()
-    results = suite(args.samples, args.steps, tuple(args.k))
-    m, v = results[0].target
-    command = "cd /work/main && .venv/bin/python benchmarks/bench_analytic.py " + " ".join(sys.argv[1:])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    head = ["| run | sampler | steps | corrector | evaluations | " + " | ".join(c.name for c in cases.CASES) + " |",
+            "|---|---|---:|---|---:|" + "---:|" * len(cases.CASES)]
+    floors = [cases.noise_floor(c, args.samples, args.seed) for c in cases.CASES]
+    lines = head + ["| exact samples (noise floor) | - | - | - | - | " + " | ".join(f"{f:.3f}" for f in floors) + " |"]
+    print("\n".join(lines), flush=True)
+    for label, sampler, steps, config in ROWS:
+        if args.rows and label not in args.rows:
+            continue
+        runs = [cases.run(c, sampler, steps, config, args.samples, args.seed) for c in cases.CASES]
+        lines.append(f"| {label} | {sampler} | {steps} | {describe(config)} | {runs[0].evaluations} | "
+                     + " | ".join(f"{r.w2:.3f}" for r in runs) + " |")
+        print(lines[-1], flush=True)
+    command = "python benchmarks/bench_analytic.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} CPU threads, torch "
-        f"{torch.__version__} (CPU). Date: {datetime.date.today().isoformat()}.",
-        f"Command: `{command.strip()}`",
+        "Products of Gaussian experts with a closed form (`benchmarks/analytic_cases.py`): per-pixel means and "
+        "variances over 3 x 4 x 4, a different null per expert, weights above 1, two or three experts on the "
+        "linear and cosine schedules. Sampled through PoEGuider with ComfyUI's samplers and CorrectedKSampler "
+        "(the node path), Karras schedule; W2 between the per-pixel Gaussian fitted to the samples and the closed "
+        "form, summed over the 48 pixels. Evaluations are product evaluations per sample.",
         "",
-        f"Two Gaussian experts N(1, 0.5) (linear schedule) and N(-0.5, 0.8) (cosine schedule), N(0, 1) nulls, "
-        f"w = (1, 1), a = (0.5, 0.5); closed-form product N({m:.4f}, {v:.4f}). {args.samples} scalar samples per "
-        "run, karras schedule, seed 0. Evaluations are product evaluations per sample (one forward per expert "
-        "each). W2 = sqrt((m - m*)^2 + (s - s*)^2); the sampling noise of W2 at this size is about 0.005. "
-        "Corrected dpmpp_2m equals corrected euler: with correction on, a multistep sampler restarts at each "
-        "interval, and its first-order step (DPM-Solver++(1), i.e. DDIM) is the Euler step in this space. "
-        "Plain sampling stays near W2 0.08 however many steps it takes (the summed-score bias). U-HMC removes "
-        "most of the mean error; its remaining variance deficit is the first-order steps' contraction between "
-        "levels, which ULA's known over-dispersion happens to offset here.",
+        f"- command: `{command.strip()}`",
+        f"- samples: {args.samples} per run, seed {args.seed}",
+        f"- machine: {cpu_name()} ({os.cpu_count()} cores, shared), 1 torch thread, torch {torch.__version__}",
+        f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
         "",
-        table(results),
+        *lines,
+        "",
     ])
-    print(body)
+    print(f"{HEADING}\n\n{body}")
     if args.write:
         write_section(HEADING, body)
 

@@ -13,13 +13,14 @@ judge whether the new ink has the canvas's colour. Configurations:
 - the same with RePaint resampling (``samplers.resampling``; jump length J, count R), which costs
   R times the evaluations.
 
-Known pixels are handled as ComfyUI's inpainting wrapper does (``KSamplerX0Inpaint``): at each
-evaluation the known pixels of ``x`` are replaced by the known image noised with one fixed noise to
-the current level, and the prediction there by the known image.
+Sampling is PoEKSampler's: ``PoEGuider`` with ComfyUI's sampler, the known image as the latent and
+the generated half as its noise mask (ComfyUI's ``KSamplerX0Inpaint`` keeps the known pixels), and
+RePaint through ``samplers/comfy/resampling.py``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import runpy
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ if not __package__:  # run as a script: the pack's __init__.py registers the pac
 from unite_and_conquer.benchmarks import eval_digits as ev  # noqa: E402
 from unite_and_conquer.benchmarks.report import publish, run_facts  # noqa: E402
 from unite_and_conquer.samplers import resampling  # noqa: E402
-from unite_and_conquer.samplers.poe import Binding, product_prediction  # noqa: E402
+from unite_and_conquer.samplers.poe import Binding  # noqa: E402
 from unite_and_conquer.tools import digits  # noqa: E402
 
 HALF = digits.SIZE // 2
@@ -58,29 +59,26 @@ def configurations(experts, conds, weight: float) -> dict[str, list[Binding]]:
 
 
 @torch.no_grad()
-def complete(bindings, known: torch.Tensor, mask: torch.Tensor, steps: int, sampler: str, seed: int, sigma_range,
-             jump: int = 1, count: int = 1) -> torch.Tensor:
-    fn, karras = ev.k_sampler(sampler)
-    lo, hi = sigma_range
-    sigmas = karras(steps, lo, hi)
-    g = torch.Generator().manual_seed(seed)
-    fixed_noise = torch.randn(known.shape, generator=g)
-
-    def model(x, sigma, **_):
-        s = sigma.reshape(-1, 1, 1, 1)
-        x = x * mask + (known + s * fixed_noise) * (1 - mask)
-        eps, _pooled = product_prediction(x, sigma, bindings, ev.eps_fn)
-        return (x - s * eps) * mask + known * (1 - mask)
-
-    x = known + torch.randn(known.shape, generator=g) * sigmas[0]
-    torch.manual_seed(seed)  # ancestral samplers draw their own noise
-    moves = resampling.jump_schedule(steps, jump, count)
-    for a, b in resampling.segments(moves, jump):
-        if b < a:
-            x = resampling.renoise(x, float(sigmas[a]), float(sigmas[b]), torch.randn(x.shape, generator=g))
-        else:
-            x = fn(model, x, sigmas[a:b + 1], disable=True)
-    return (x * mask + known * (1 - mask)).clamp(-1, 1)
+def complete(bindings, known: torch.Tensor, mask: torch.Tensor, steps: int, sampler: str, seed: int, sigma_range=None,
+             jump: int = 1, count: int = 1, batch: int = 150) -> torch.Tensor:
+    """Completions through the node path: PoEKSampler's ``comfy_bridge.sample`` with the known image
+    as ``latent_image`` and ``mask`` as its noise mask, RePaint through ``comfy_resampling`` when
+    ``count > 1``. ``sigma_range`` is unused (the guider owns the common range)."""
+    _, _, sampling, _ = ev.comfy_modules()
+    from unite_and_conquer.samplers.comfy.resampling import with_resampling
+    n, out = len(known), []
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        part = [dataclasses.replace(b, condition=ev._rows_of(b.condition, start, stop, n)) for b in bindings]
+        guider = ev.guider_for(part)
+        sigmas = sampling.compute_sigmas(guider, sampler, "karras", steps, 1.0)
+        chosen = ev.sampler_for(sampler, None)
+        if count > 1:
+            chosen = with_resampling(chosen, jump, count)
+        torch.manual_seed(seed + start)  # ancestral samplers draw their own noise
+        out.append(sampling.sample(guider, known[start:stop], seed + start, chosen, sigmas, noise_mask=mask[start:stop],
+                             preview=False).clamp(-1, 1))
+    return torch.cat(out)
 
 
 def run(n: int, split: str, steps: int, sampler: str, seed: int, weight: float, jump: int, count: int,

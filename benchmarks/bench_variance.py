@@ -19,7 +19,8 @@ p_A(x | c) = N(0.8, 0.2) and p_B(x | c) = N(-0.4, 0.3) everywhere. Each expert's
 prior on its own half of the image and wrong on the other half: over-dispersed N(0, 1) (a prior
 that knows little there) or over-confident N(0, 0.1). The pooled null ``u`` mixes the nulls with
 uniform reliabilities (1/2, 1/2) or with ``samplers.variance_reliability``'s per-pixel precisions.
-Sampling: Euler in VE space over Karras sigmas, each expert at its own continuous timestep.
+Sampling: PoEGuider with ComfyUI's Euler over Karras sigmas (the node path), each expert at its own
+continuous timestep.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
     runpy.run_path(str(REPO / "__init__.py"))
 from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for  # noqa: E402
-from unite_and_conquer.samplers import noise_levels, poe, variance_reliability as vr  # noqa: E402
+from unite_and_conquer.samplers import noise_levels, variance_reliability as vr  # noqa: E402
 
 PRIOR_VAR = 0.5
 CONDS = {"A": (0.8, 0.2), "B": (-0.4, 0.3)}
@@ -93,34 +94,27 @@ def poe_closed_form(parts, null_var):
 
 @torch.no_grad()
 def sample(wrong_var: float, precision: bool, n: int = 256, steps: int = 40, seed: int = 0) -> torch.Tensor:
-    tables = {"A": alphas_cumprod_for("linear"), "B": alphas_cumprod_for("cosine")}
-    experts = {k: LearnedSigmaGaussian(t) for k, t in tables.items()}
+    """n images of the analytic product through the node path: PoEGuider with ComfyUI's Euler over
+    Karras sigmas of the experts' common range."""
+    from unite_and_conquer.benchmarks import eval_digits as ed
+
+    models, guiders, sampling, _ = ed.comfy_modules()
+    from unite_and_conquer.samplers.poe import Binding
+    from unite_and_conquer.tests.support.analytic import learned_sigma_gaussian_expert
+
     nulls = {"A": halves(PRIOR_VAR, wrong_var), "B": halves(wrong_var, PRIOR_VAR)}
-    lo, hi = noise_levels.common_sigma_range(list(tables.values()))
-    rho = 7.0
-    ramp = torch.linspace(0, 1, steps)
-    sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    sigmas = torch.cat([sigmas, torch.zeros(1)]).double()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, RES, RES, generator=g, dtype=torch.float64) * sigmas[0]
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        cond, null, v_null, ts = [], [], [], []
-        for k, e in experts.items():
-            t = noise_levels.timestep_from_sigma(s.view(1), tables[k]).expand(n)
-            xin = noise_levels.scale_input(x, s)
-            m, var = CONDS[k]
-            cond.append(e(xin, t, torch.full((1, 3, 1, 1), m), torch.full((1, 3, 1, 1), var))[:, :3].double())
-            out = e(xin, t, torch.zeros(1, 3, 1, 1), nulls[k])
-            null.append(out[:, :3].double())
-            v_null.append(out[:, 3:])
-            ts.append(t)
-        if precision:
-            rel = vr.reliabilities_from_outputs(v_null, list(tables.values()), ts)
-        else:
-            rel = [0.5, 0.5]
-        eps, _ = poe.combine(cond, [1.0, 1.0], null, rel)
-        x = x + eps * (s_next - s)   # Euler on dx/dsigma = eps (Karras et al. 2022, Alg. 2)
-    return x
+    bindings = []
+    for k, schedule in (("A", "linear"), ("B", "cosine")):
+        handle = models.wrap_expert(learned_sigma_gaussian_expert(alphas_cumprod_for(schedule), f"gauss-{k}", RES))
+        m, var = CONDS[k]
+        bindings.append(Binding(handle, {"mu": halves(m, m), "var": halves(var, var)}, 1.0, 0.5,
+                                ({"mu": halves(0.0, 0.0), "var": nulls[k]},), label=k,
+                                reliability_from_variance=precision))
+    guider = guiders.ProductGuider(bindings)
+    sigmas = sampling.compute_sigmas(guider, "euler", "karras", steps, 1.0)
+    noise = torch.randn(n, 3, RES, RES, generator=torch.Generator().manual_seed(seed))
+    return guider.sample(noise, torch.zeros_like(noise), ed.sampler_for("euler", None), sigmas, disable_pbar=True,
+                         seed=seed)
 
 
 def w2(samples: torch.Tensor) -> tuple[float, float]:

@@ -18,15 +18,16 @@ mixture), and the product of experts (Unite and Conquer eq. 10) with weight w on
 or one weight per binding (``4/2/2`` is class 4, colour 2, layout 2), and reliabilities 1/3, so
 the pooled null is the mean of the three trained nulls. With ``--corrector`` two more rows: the
 product MCMC-corrected at every level (``samplers/correctors.py``, predictor-corrector), and the
-plain product with as many steps as the corrected one has product evaluations. Sampling uses
-``samplers.poe.product_prediction`` through the schedule bridge (each expert at its own
-continuous timestep: the class and layout experts use a cosine schedule, the colour expert a
-linear one) and a k-diffusion sampler from ComfyUI, with Karras sigmas over the experts' common
-sigma range.
+plain product with as many steps as the corrected one has product evaluations. Sampling is the
+nodes' own path: ``ProductGuider`` (each expert at its own continuous timestep: the class and
+layout experts use a cosine schedule, the colour expert a linear one) with ComfyUI's sampler and
+Karras schedule over the experts' common range, corrected by ``CorrectedKSampler``, which corrects
+after each step at the level reached (``sigmas[1:]``), as PoEKSampler and PoECorrectedSampler do.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import runpy
@@ -45,8 +46,8 @@ if not __package__:  # run as a script: the pack's __init__.py registers the pac
 
 from unite_and_conquer.benchmarks.report import publish, run_facts  # noqa: E402
 from unite_and_conquer.model_loaders import Expert, load_expert  # noqa: E402
-from unite_and_conquer.samplers import correctors, noise_levels, variance_reliability  # noqa: E402
-from unite_and_conquer.samplers.poe import Binding, product_prediction  # noqa: E402
+from unite_and_conquer.samplers import correctors, noise_levels  # noqa: E402
+from unite_and_conquer.samplers.poe import Binding  # noqa: E402
 from unite_and_conquer.tools import digits  # noqa: E402
 
 MODALITIES = ("class", "colour", "layout")
@@ -251,74 +252,80 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
         lo, hi = config.sigma_window
         window = f"sigma >= {lo:g}" if math.isinf(hi) else f"{lo:g} <= sigma <= {hi:g}"
         refresh = f", refresh {config.refresh:g}" if config.method == "uhmc" and config.refresh != 0.5 else ""
-        configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} x {config.step_scale:g} sigma^2 "
+        step = f"SNR r = {config.snr:g}" if config.step_rule == "snr" else f"{config.step_scale:g} sigma^2"
+        configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} x {step} "
                 f"per level, {window}{refresh}"] = Configuration(product(w), steps, config)
     return configs
 
 
-def eps_fn(expert: Expert, x: torch.Tensor, sigma: torch.Tensor, cond, with_variance: bool = False):
-    """One expert's eps at the common noise level, through the schedule bridge; with
-    ``with_variance``, also its Var[x0 | x] from its learned variance (poe.EpsFn)."""
-    t = noise_levels.timestep_from_sigma(sigma, expert.alphas_cumprod).float()
-    eps, values = expert.predict(noise_levels.scale_input(x, sigma), t, cond)
-    if not with_variance:
-        return eps
-    return eps, variance_reliability.x0_variance_from_values(values, expert.alphas_cumprod, t)
-
-
-def k_sampler(name: str):
+def comfy_modules():
+    """ComfyUI (CPU when there is no GPU) with the pack loaded, and the pack's ``samplers.comfy``
+    modules ``models``, ``guider``, ``sampling`` and ``correctors``: the code the nodes run."""
     if str(COMFY) not in sys.path and importlib.util.find_spec("comfy") is None:
         sys.path.insert(0, str(COMFY))  # a script run outside ComfyUI uses the checkout's copy
-    from comfy.cli_args import args
+    from unite_and_conquer.tests.support.comfy_harness import comfy_nodes
 
-    if not torch.cuda.is_available():
-        args.cpu = True  # comfy.model_management picks a device at import time
-    import comfy.k_diffusion.sampling as k
+    comfy_nodes()
+    from unite_and_conquer.samplers.comfy import correctors as comfy_correctors
+    from unite_and_conquer.samplers.comfy import guider, models, sampling
 
-    fn = getattr(k, f"sample_{name}", None)
-    if fn is None:
-        raise ValueError(f"unknown k-diffusion sampler {name!r}")
-    return fn, k.get_sigmas_karras
+    return models, guider, sampling, comfy_correctors
+
+
+def guider_for(bindings: list[Binding]):
+    """The node path's ``ProductGuider`` over ``bindings``; each distinct expert is wrapped once, so
+    two bindings of one expert still share a forward."""
+    models, guider, _, _ = comfy_modules()
+    handles: dict[int, object] = {}
+    wrapped = [dataclasses.replace(b, expert=handles.setdefault(id(b.expert), models.wrap_expert(b.expert)))
+               for b in bindings]
+    return guider.ProductGuider(wrapped)
+
+
+def sampler_for(sampler: str, corrector: correctors.CorrectorConfig | None):
+    """ComfyUI's sampler ``sampler``, with ``corrector`` between intervals when it is given
+    (``CorrectedKSampler``), as PoEKSampler builds it."""
+    _, _, sampling, comfy_correctors = comfy_modules()
+    base = sampling.sampler_object(sampler)
+    return base if corrector is None else comfy_correctors.with_corrector(base, corrector)
 
 
 @torch.no_grad()
-def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int, sigma_range,
-           corrector: correctors.CorrectorConfig | None = None) -> torch.Tensor:
-    """``n`` images from the product of ``bindings``; with ``corrector``, corrected at every level.
-
-    Corrected sampling is predictor-corrector, as the pack's PoECorrectedSampler runs it: at each
-    level the corrector moves x at that sigma, then the sampler takes its step to the next level
-    (a multistep sampler therefore restarts at every level, as it does inside ComfyUI).
-    """
-    fn, karras = k_sampler(sampler)
-    lo, hi = sigma_range
-    sigmas = karras(steps, lo, hi)
-
-    def model(x, sigma, **_):
-        eps, _pooled = product_prediction(x, sigma, bindings, eps_fn)
-        return x - sigma.reshape(-1, 1, 1, 1) * eps
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g) * sigmas[0]
-    torch.manual_seed(seed)  # ancestral samplers draw their own noise
-    if corrector is None:
-        return fn(model, x, sigmas, disable=True).clamp(-1, 1)
-    state, corrector_noise = {}, torch.Generator().manual_seed(seed + 1)
-    for i in range(steps):
-        x = correctors.correct(model, x, float(sigmas[i]), corrector, corrector_noise, state)
-        x = fn(model, x, sigmas[i:i + 2], disable=True)
-    return x.clamp(-1, 1)
+def sample(bindings: list[Binding], n: int, steps: int, sampler: str, seed: int, sigma_range=None,
+           corrector: correctors.CorrectorConfig | None = None, batch: int = 250) -> torch.Tensor:
+    """``n`` images from the product of ``bindings`` through the node path: ``PoEGuider`` with
+    ComfyUI's sampler and Karras schedule over the experts' common range, corrected by
+    ``CorrectedKSampler`` when ``corrector`` is given. ``sigma_range`` is unused (the guider owns
+    the common range). Sampled in batches of ``batch``; conditions with a batch dimension of ``n``
+    are sliced to match."""
+    _, _, sampling, _ = comfy_modules()
+    out = []
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        part = [dataclasses.replace(b, condition=_rows_of(b.condition, start, stop, n)) for b in bindings]
+        guider = guider_for(part)
+        sigmas = sampling.compute_sigmas(guider, sampler, "karras", steps, 1.0)
+        noise = torch.randn(stop - start, 3, 32, 32, generator=torch.Generator().manual_seed(seed * 1_000_003 + start))
+        torch.manual_seed(seed + start)  # ancestral samplers draw their own noise
+        out.append(guider.sample(noise, torch.zeros_like(noise), sampler_for(sampler, corrector), sigmas,
+                                 disable_pbar=True, seed=seed + start).clamp(-1, 1))
+    return torch.cat(out)
 
 
-def evaluations(steps: int, corrector: correctors.CorrectorConfig | None, sigma_range) -> int:
-    """Product evaluations per image of :func:`sample` (one per level for one-evaluation samplers)."""
+def _rows_of(condition: dict, start: int, stop: int, n: int) -> dict:
+    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.shape[0] == n and n > 1 else v
+            for k, v in condition.items()}
+
+
+def evaluations(steps: int, corrector: correctors.CorrectorConfig | None, sigma_range=None) -> int:
+    """Product evaluations per image of :func:`sample`: one per step (one-evaluation samplers) plus
+    the corrector's at each level it corrects (``correctors.run_evaluations``)."""
     if corrector is None:
         return steps
-    lo, hi = sigma_range
-    _, karras = k_sampler("euler")
-    levels = [float(s) for s in karras(steps, lo, hi)[:-1]]
-    return steps + sum(correctors.evaluations_per_level(corrector) for s in levels
-                       if correctors.in_window(s, corrector))
+    _, _, sampling, _ = comfy_modules()
+    experts = load_experts(REPO / "models_tiny")
+    guider = guider_for([Binding(e, e.null_condition, 1 / len(experts), 0.0, label=m) for m, e in experts.items()])
+    return correctors.run_evaluations(sampling.compute_sigmas(guider, "euler", "karras", steps, 1.0), corrector)
 
 
 @dataclass
@@ -411,15 +418,19 @@ def main(argv=None):
                    help="product weights, comma separated; each one number for every binding or class/colour/layout")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="configurations sampled in parallel processes")
-    p.add_argument("--corrector", default="uhmc", choices=correctors.METHODS,
-                   help="MCMC corrector of the corrected rows ('none': no corrected rows)")
-    p.add_argument("--corrector-steps", type=int, default=2, help="corrector steps per noise level")
-    p.add_argument("--corrector-scale", type=float, default=0.5,
-                   help="the corrector's step as a multiple of sigma^2 (CorrectorConfig.step_scale)")
-    p.add_argument("--corrector-sigma-min", type=float, default=0.05,
+    d = correctors.CorrectorConfig()
+    p.add_argument("--corrector", default=d.method, choices=correctors.METHODS,
+                   help="MCMC corrector of the corrected rows ('none': no corrected rows); defaults: CorrectorConfig()'s")
+    p.add_argument("--corrector-steps", type=int, default=d.steps, help="corrector steps per noise level")
+    p.add_argument("--corrector-step-rule", default=d.step_rule, choices=correctors.STEP_RULES,
+                   help="how each corrector step is sized (CorrectorConfig.step_rule)")
+    p.add_argument("--corrector-snr", type=float, default=d.snr, help="target signal-to-noise ratio of the snr rule")
+    p.add_argument("--corrector-scale", type=float, default=d.step_scale,
+                   help="the sigma2 rule's step as a multiple of sigma^2 (CorrectorConfig.step_scale)")
+    p.add_argument("--corrector-sigma-min", type=float, default=d.sigma_window[0],
                    help="correction runs at the levels sigma_min <= sigma <= sigma_max (CorrectorConfig.sigma_window)")
     p.add_argument("--corrector-sigma-max", type=float, default=math.inf, help="default: no upper limit")
-    p.add_argument("--corrector-refresh", type=float, default=0.5,
+    p.add_argument("--corrector-refresh", type=float, default=d.refresh,
                    help="U-HMC momentum refresh per step (CorrectorConfig.refresh)")
     p.add_argument("--corrected-weight", type=parse_weight, default=(4.0, 2.0, 2.0),
                    help="the product weight of the corrected rows, as in --weights")
@@ -433,7 +444,8 @@ def main(argv=None):
     if args.corrector != "none":
         corrected = (args.corrected_weight, correctors.CorrectorConfig(
             method=args.corrector, steps=args.corrector_steps, step_scale=args.corrector_scale,
-            sigma_window=(args.corrector_sigma_min, args.corrector_sigma_max), refresh=args.corrector_refresh))
+            sigma_window=(args.corrector_sigma_min, args.corrector_sigma_max), refresh=args.corrector_refresh,
+            step_rule=args.corrector_step_rule, snr=args.corrector_snr))
     only, heading = None, "## Multimodal digits"
     if args.only_corrected:
         if corrected is None:
@@ -441,7 +453,7 @@ def main(argv=None):
         weights = (args.corrected_weight,)
         prefix = f"product, w = {weight_label(args.corrected_weight)}"
         only = tuple(name for name in configuration_names(args.steps, weights, corrected) if name.startswith(prefix))
-        heading = "## Multimodal digits: MCMC-corrected"
+        heading = "## Multimodal digits: MCMC-corrected through the node path"
     t0 = time.time()
     if args.jobs > 1:
         results = evaluate_parallel(args.jobs, args.n, args.split, args.steps, args.sampler, args.seed, weights,

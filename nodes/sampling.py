@@ -139,9 +139,10 @@ class PoEKSampler(io.ComfyNode):
         sigmas = comfy_sampling.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
         rule = describe_rule(guider.bindings)
         sampler = comfy_sampling.sampler_object(sampler_name)
+        corrected = None
         if corrector is not None:
             with node_input(node, "sampler_name" if corrector.method != "none" else "corrector"):
-                sampler = with_corrector(sampler, corrector)
+                sampler = corrected = with_corrector(sampler, corrector)
             rule += f"\ncorrector: {describe_corrector(corrector)}"
         if resample_count > 1:
             with node_input(node, "resample_count"):
@@ -150,6 +151,10 @@ class PoEKSampler(io.ComfyNode):
         log.info("%s: %s sampler, %s scheduler, %d steps\n%s", node, sampler_name, scheduler, steps, rule)
         samples = comfy_sampling.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask,
                                       noise_scale=noise_temperature)
+        report = getattr(corrected, "last_report", None)
+        if report is not None:
+            rule += f"\ncorrector did: {report.summary()}"
+            log.info("%s: corrector did: %s", node, report.summary())
         out = {"samples": samples}
         if noise_mask is not None:
             out["noise_mask"] = noise_mask
@@ -205,6 +210,7 @@ class PoEScheduler(io.ComfyNode):
 class PoECorrector(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        d = correctors.CorrectorConfig()  # the node's defaults are the library's: one default
         return io.Schema(
             node_id="PoECorrector",
             display_name="MCMC Corrector (PoE)",
@@ -212,40 +218,55 @@ class PoECorrector(io.ComfyNode):
             description="MCMC correction of the product at each noise level of its window (Du et al. 2023, "
                         "'Reduce, Reuse, Recycle'; Sjöberg et al. 2023). Summing scores is exact only at sigma = 0; "
                         "the corrector pulls each level towards the product of the diffused experts. Each corrector "
-                        "step costs one product evaluation per level (U-HMC: one per leapfrog step; MALA: one more "
-                        "per level). Defaults, and what they measured, are in BENCHMARKS.md.",
+                        "step costs one product evaluation per level (U-HMC: one per leapfrog step). By default "
+                        "each step is sized from the product's own score (a target signal-to-noise ratio), so one "
+                        "setting adapts to sharp and broad products; PoEKSampler's rule output reports the steps "
+                        "taken. See BENCHMARKS.md for how the defaults were chosen.",
             inputs=[
-                io.Combo.Input("method", options=list(correctors.METHODS), default="uhmc",
+                io.Combo.Input("method", options=list(correctors.METHODS), default=d.method,
                                tooltip="uhmc: underdamped Langevin / HMC without accept (exact on Gaussians); ula: "
                                        "unadjusted Langevin; mala: Langevin with a Metropolis-Hastings accept using "
                                        "the score line-integral energy; none: off."),
-                io.Int.Input("steps", default=6, min=0, max=100,
+                io.Int.Input("steps", default=d.steps, min=0, max=100,
                              tooltip="Corrector steps per noise level; each costs one product evaluation."),
-                io.Float.Input("step_scale", default=0.05, min=0.001, max=10.0, step=0.005,
-                               tooltip="Langevin step as a multiple of sigma^2. Small steps suit image experts; "
-                                       "large ones mix faster but cost accuracy where the data has fine structure."),
-                *sigma_window_inputs(0.6, "Correction runs for sigma_min <= sigma <= sigma_max (images in [-1, 1]). "
-                                          "The high-noise levels decide shape and placement; RRR also skips the "
-                                          "lowest levels, where the summed score is nearly exact.",
+                io.Float.Input("step_scale", default=d.step_scale, min=0.001, max=10.0, step=0.005,
+                               tooltip="With step_rule sigma2: the Langevin step as a multiple of sigma^2, one "
+                                       "constant for every product. Unused with step_rule snr."),
+                *sigma_window_inputs(d.sigma_window[0], "Correction runs for sigma_min <= sigma <= sigma_max (images "
+                                                        "in [-1, 1]); never at sigma = 0. RRR skips the lowest levels, "
+                                                        "where the summed score is nearly exact.",
                                      "the correction window"),
-                io.Int.Input("leapfrog_steps", default=1, min=1, max=100, tooltip="U-HMC leapfrog steps per step."),
-                io.Float.Input("momentum_refresh", default=0.5, min=0.01, max=1.0, step=0.01,
+                io.Int.Input("leapfrog_steps", default=d.leapfrog_steps, min=1, max=100,
+                             tooltip="U-HMC leapfrog steps per step."),
+                io.Float.Input("momentum_refresh", default=d.refresh, min=0.01, max=1.0, step=0.01,
                                tooltip="U-HMC partial momentum refresh per step; 1 = full refresh."),
+                io.Combo.Input("step_rule", options=list(correctors.STEP_RULES), default=d.step_rule, optional=True,
+                               tooltip="snr: each step sized per image from the product's score for a target "
+                                       "signal-to-noise ratio (Song et al. 2021), so it follows the product's own "
+                                       "spread; sigma2: step_scale x sigma^2 at every level."),
+                io.Float.Input("snr", default=d.snr, min=0.001, max=2.0, step=0.005, optional=True,
+                               tooltip="The target signal-to-noise ratio of step_rule snr: larger moves further per "
+                                       "step, smaller is more accurate per step."),
             ],
             outputs=[Corrector.Output(display_name="corrector")],
         )
 
     @classmethod
-    def execute(cls, method, steps, step_scale, sigma_min, sigma_max, leapfrog_steps, momentum_refresh) -> io.NodeOutput:
+    def execute(cls, method, steps, step_scale, sigma_min, sigma_max, leapfrog_steps, momentum_refresh,
+                step_rule=None, snr=None) -> io.NodeOutput:
         node = "PoECorrector"
+        d = correctors.CorrectorConfig()
+        step_rule = d.step_rule if step_rule is None else step_rule
+        snr = d.snr if snr is None else snr
         check_choice(node, "method", method, correctors.METHODS, "method")
+        check_choice(node, "step_rule", step_rule, correctors.STEP_RULES, "step rule")
         if sigma_min > sigma_max:
             raise ValueError(f"{node}: input 'sigma_min' ({sigma_min}) is above sigma_max ({sigma_max})")
-        with node_input(node, "method"):
+        with node_input(node, "snr" if not snr > 0 else "method"):
             config = correctors.CorrectorConfig(
                 method=method, steps=steps, step_scale=step_scale,
                 sigma_window=sigma_window(sigma_min, sigma_max),
-                leapfrog_steps=leapfrog_steps, refresh=momentum_refresh)
+                leapfrog_steps=leapfrog_steps, refresh=momentum_refresh, step_rule=step_rule, snr=snr)
         return io.NodeOutput(config, ui={"text": (describe_corrector(config),)})
 
 

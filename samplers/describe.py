@@ -54,7 +54,11 @@ def _fmt_total(total: Any) -> str:
 
 
 def describe_corrector(config: CorrectorConfig) -> str:
-    """One line, such as ``uhmc, 6 step(s) of 0.05 sigma^2 per level for sigma in [0.6, inf] (+6 ...)``."""
+    """One line, such as ``uhmc, 4 steps sized for signal-to-noise 0.2 per level for sigma in [0.05, inf] (+4 ...)``."""
     lo, hi = config.sigma_window
-    return (f"{config.method}, {config.steps} step(s) of {config.step_scale:g} sigma^2 per level for sigma in "
-            f"[{lo:g}, {hi:g}] (+{evaluations_per_level(config)} product evaluation(s) per level)")
+    if config.step_rule == "snr":
+        step = f"steps sized for signal-to-noise {config.snr:g}"
+    else:
+        step = f"steps of {config.step_scale:g} sigma^2"
+    return (f"{config.method}, {config.steps} {step} per level for sigma in [{lo:g}, {hi:g}] "
+            f"(+{evaluations_per_level(config)} product evaluation(s) per level)")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import comfy.model_management
 import comfy.samplers
 
-from ..correctors import CorrectorConfig, correct, in_window
+from ..correctors import CorrectorConfig, CorrectorReport, correct, in_window
 from .intervals import (CORRECTOR_STREAM, SAMPLER_NOISE_STREAM, ClampedNoiseSampler, IntervalKSampler,
                         check_splittable, derived_seed, stream_generator, takes_noise_sampler, ve_view)
 
@@ -60,6 +60,8 @@ class CorrectedKSampler(IntervalKSampler):
     def __init__(self, base: comfy.samplers.KSAMPLER, config: CorrectorConfig):
         super().__init__(base.sampler_function, base.extra_options, base.inpaint_options)
         self.config = config
+        # What the corrector did in the latest run (correctors.CorrectorReport), for the node's summary.
+        self.last_report = CorrectorReport()
 
     def walk(self, model_k, model_sampling, x, sigmas, extra_args, callback, disable_pbar):
         """Sampler intervals with corrector levels between them; returns the final ``x``."""
@@ -69,7 +71,8 @@ class CorrectedKSampler(IntervalKSampler):
         options = dict(self.extra_options)
         if total > 0 and "noise_sampler" not in options and takes_noise_sampler(self.sampler_function):
             options["noise_sampler"] = ClampedNoiseSampler(x, sigmas, derived_seed(seed, SAMPLER_NOISE_STREAM))
-        state: dict = {}
+        state: dict = {"report": CorrectorReport()}
+        self.last_report = state["report"]
         for i in tqdm(range(total), disable=disable_pbar):
             comfy.model_management.throw_exception_if_processing_interrupted()
             x = self.run_interval(self.sampler_function, model_k, x, sigmas[i:i + 2], extra_args, callback, i, total,

@@ -109,21 +109,16 @@ def test_product_beats_every_single_expert():
     assert rates[product]["all"] >= max(5 * best_single, MIN_ALL), rates
 
 
-CI_CORRECTOR = dict(method="uhmc", steps=4, step_scale=0.05, sigma_window=(0.6, float("inf")))
-
-
 def test_correction_beats_plain_sampling_at_equal_evaluations():
-    """Issue #7 on the digits, CI version: the product at CI_WEIGHT corrected with U-HMC (4 steps of
-    0.05 sigma^2 per level, sigma >= 0.6; the PoECorrector node takes 6, which costs more) against the plain product
-    given as many steps as the corrected one has product evaluations. 300 samples, seed 0.
-
-    Observed when this was written: 0.737 corrected against 0.610 plain at 48 evaluations (and 0.627
-    for the plain product at 12 steps); on 1000 samples with 30 steps, 4 steps gave 0.797 vs 0.595 and the
-    node's 6 steps 0.830 vs 0.596 (BENCHMARKS.md)."""
+    """Issues #7 and #17 on the digits, CI version: the product at CI_WEIGHT corrected with the one
+    default corrector (``CorrectorConfig()``, which PoECorrector also defaults to) through the node path
+    (ProductGuider and CorrectedKSampler), against the plain product given as many steps as the
+    corrected one has product evaluations. 300 samples, seed 0, CI_STEPS steps; BENCHMARKS.md has the
+    measured rates."""
     from unite_and_conquer.samplers import correctors
 
     torch.set_num_threads(1)
-    config = correctors.CorrectorConfig(**CI_CORRECTOR)
+    config = correctors.CorrectorConfig()
     names = [n for n in ev.configuration_names(CI_STEPS, (CI_WEIGHT,), (CI_WEIGHT, config))
              if "equal evaluations" in n or "uhmc" in n]
     assert len(names) == 2, names

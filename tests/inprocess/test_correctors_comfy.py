@@ -61,7 +61,7 @@ def test_correction_moves_samples_closer_to_the_closed_form(method):
     """Measured at n = 16384 (seed 0, euler, 30 karras steps): plain W2 0.124; corrected with
     k = 2: ULA 0.034, U-HMC 0.055, MALA (c = 1) 0.049. The bench compares at equal evaluations."""
     plain, _, _ = sample(None, n=16384)
-    config = Config(method=method, steps=2, step_scale=1.0 if method == "mala" else 0.5)
+    config = Config(method=method, steps=2, step_scale=1.0 if method == "mala" else 0.5, step_rule="sigma2")
     corrected, _, _ = sample(config, n=16384)
     assert w2(plain) > 0.1
     assert w2(corrected) < 0.6 * w2(plain), (w2(corrected), w2(plain))

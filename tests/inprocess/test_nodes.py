@@ -1,6 +1,8 @@
 """Tier (b): the node classes themselves, with analytic experts: outputs, summaries and errors."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -200,21 +202,51 @@ def test_img2img_with_denoise_below_one_stays_near_the_input():
     assert full.mean().item() == pytest.approx(1.0, abs=0.1)
 
 
-def test_corrector_option_runs_and_reports_its_cost():
+def test_corrector_option_runs_and_reports_its_cost_and_what_it_did():
     e1, e2 = analytic("linear", "A"), analytic("cosine", "B")
     chain, _ = bind_class(e2, 2, experts=bind_class(e1, 0)[0])
     config, = sampling.PoECorrector.execute(method="uhmc", steps=2, step_scale=0.5, sigma_min=0.05, sigma_max=1e5,
-                                            leapfrog_steps=1, momentum_refresh=0.5).args
+                                            leapfrog_steps=1, momentum_refresh=0.5, step_rule="sigma2").args
     calls = e1.expert.network
     before = calls.calls
     out = sampling.PoEKSampler.execute(experts=chain, seed=0, steps=6, sampler_name="euler", scheduler="karras",
-                                       denoise=1.0, width=0, height=0, batch_size=2, corrector=config).args
-    assert out[2].endswith("corrector: uhmc, 2 step(s) of 0.5 sigma^2 per level for sigma in [0.05, inf] "
-                           "(+2 product evaluation(s) per level)")
-    assert calls.calls - before > 6   # predictor steps plus corrector evaluations
+                                       denoise=1.0, width=0, height=0, batch_size=2, corrector=config)
+    rule = out.args[2]
+    levels = rule.count("\n")  # the summary's own lines are checked below
+    assert "\ncorrector: uhmc, 2 steps of 0.5 sigma^2 per level for sigma in [0.05, inf] " \
+           "(+2 product evaluation(s) per level)\ncorrector did: corrected " in rule, rule
+    done = int(rule.split("corrector did: corrected ")[1].split(" ")[0])
+    assert rule.endswith(f"corrected {done} level(s), {2 * done} step(s); epsilon / sigma^2 mean 0.5 (min 0.5, max 0.5)")
+    assert out.ui["text"] == (rule,) and levels >= 2
+    assert calls.calls - before == 6 + 2 * done   # predictor steps plus corrector evaluations
     with pytest.raises(ValueError, match=r"^PoEKSampler: input 'sampler_name': dpm_adaptive chooses its own steps"):
         sampling.PoEKSampler.execute(experts=chain, seed=0, steps=6, sampler_name="dpm_adaptive", scheduler="karras",
                                      denoise=1.0, width=0, height=0, batch_size=2, corrector=config)
+
+
+def test_corrector_defaults_are_the_librarys_and_report_adaptive_steps():
+    """PoECorrector's defaults are CorrectorConfig()'s; with SNR steps the summary shows the steps taken,
+    and MALA's shows its acceptance."""
+    schema = sampling.PoECorrector.define_schema()
+    defaults = {i.id: i.default for i in schema.inputs}
+    d = sampling.correctors.CorrectorConfig()
+    assert (defaults["method"], defaults["steps"], defaults["step_scale"], defaults["sigma_min"], defaults["step_rule"],
+            defaults["snr"], defaults["leapfrog_steps"], defaults["momentum_refresh"]) == (
+        d.method, d.steps, d.step_scale, d.sigma_window[0], d.step_rule, d.snr, d.leapfrog_steps, d.refresh)
+    config, = sampling.PoECorrector.execute(**{k: v for k, v in defaults.items()}).args
+    assert config == d
+    e1, e2 = analytic("linear", "A"), analytic("cosine", "B")
+    chain, _ = bind_class(e2, 2, experts=bind_class(e1, 0)[0])
+    rule = sampling.PoEKSampler.execute(experts=chain, seed=0, steps=6, sampler_name="euler", scheduler="karras",
+                                        denoise=1.0, width=0, height=0, batch_size=2, corrector=config).args[2]
+    did = rule.split("corrector did: ")[1]
+    mean, lo, hi = map(float, re.search(r"mean (\S+) \(min (\S+), max (\S+)\)$", did).groups())
+    assert 0 < lo < mean < hi   # the steps follow the product, not one constant
+    mala, = sampling.PoECorrector.execute(**{**defaults, "method": "mala"}).args
+    rule = sampling.PoEKSampler.execute(experts=chain, seed=0, steps=6, sampler_name="euler", scheduler="karras",
+                                        denoise=1.0, width=0, height=0, batch_size=2, corrector=mala).args[2]
+    acceptance = float(rule.rsplit("; mean acceptance ", 1)[1])
+    assert 0 < acceptance <= 1
 
 
 def test_resampling_option_keeps_known_pixels_and_reports_itself():

@@ -25,6 +25,7 @@ def start(sigma, seed=0):
 
 
 def config(method, **kw):
+    kw.setdefault("step_rule", "sigma2")
     return C.CorrectorConfig(method=method, sigma_window=(0.0, math.inf), **kw)
 
 
@@ -132,10 +133,78 @@ def test_mala_acceptance_is_reported_and_high_for_small_steps():
     ({"energy": "midpoint"}, "unknown energy rule 'midpoint'; expected one of ('trapezoid', 'simpson')"),
     ({"step_scale": 0.0}, "corrector step_scale must be > 0, got 0.0"),
     ({"refresh": 0.0}, "momentum refresh must be in (0, 1], got 0.0"),
-    ({"leapfrog_steps": 0}, "corrector steps must be >= 0 and leapfrog steps >= 1, got 2 and 0"),
+    ({"leapfrog_steps": 0}, "corrector steps must be >= 0 and leapfrog steps >= 1, got 4 and 0"),
     ({"sigma_window": (2.0, 1.0)}, "corrector sigma window must have 0 <= lo <= hi, got (2.0, 1.0)"),
+    ({"step_rule": "fixed"}, "unknown corrector step rule 'fixed'; expected one of ('sigma2', 'snr')"),
+    ({"snr": 0.0}, "corrector snr must be > 0, got 0.0"),
 ])
 def test_config_errors(kw, message):
     with pytest.raises(ValueError) as err:
         C.CorrectorConfig(**kw)
     assert str(err.value) == message
+
+
+def wide_start(v, n=512, seed=0):
+    """n images of 3 x 8 x 8 from N(0, v): the score's norm then pins down v."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g) * math.sqrt(v), g
+
+
+@pytest.mark.parametrize("v", [0.05, 1.0, 9.0])
+def test_snr_step_follows_the_targets_spread(v):
+    """For N(0, V) the score is -x / V, so 2 (r ||z|| / ||score||)^2 = 2 r^2 V up to the spread of ||x||^2."""
+    x, _ = wide_start(v)
+    eps = C.snr_step(-x / v, C.CorrectorConfig(snr=0.3))
+    assert eps.shape == (512, 1, 1, 1)
+    torch.testing.assert_close(eps.mean(), torch.tensor(2 * 0.3**2 * v), rtol=0.02, atol=0)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 3.0])
+def test_snr_uhmc_keeps_the_marginal_and_reports_its_steps(sigma):
+    """U-HMC with SNR-sized steps on N(0, 1 + sigma^2): the marginal stays (3 x 8 x 8 per image, so the
+    per-image step barely depends on the state), and the report gives epsilon / sigma^2 = 2 r^2 (1 + sigma^2) / sigma^2."""
+    v = 1 + sigma**2
+    x, g = wide_start(v)
+    state = {}
+    cfg = config("uhmc", steps=20, step_rule="snr", snr=0.3)
+    y = C.correct(gaussian_denoise, x, sigma, cfg, g, state)
+    n = y.numel()
+    assert abs(y.mean().item()) < 4 * math.sqrt(v / n) * 8  # pixels of one image are independent here
+    assert abs(y.var().item() - v) < 0.03 * v, (y.var().item(), v)
+    assert (y - x).std() > 0.3 * math.sqrt(v)
+    report = state["report"]
+    assert report.levels == 1 and len(report.relative_steps) == 20
+    # The first step is sized for pure noise (no score yet); the others from the score.
+    assert report.relative_steps[0] == pytest.approx(2 * 0.3**2)
+    assert sum(report.relative_steps[1:]) / 19 == pytest.approx(2 * 0.3**2 * v / sigma**2, rel=0.05)
+    assert "corrected 1 level(s), 20 step(s); epsilon / sigma^2 mean" in report.summary()
+
+
+def test_snr_mala_keeps_the_marginal_and_reports_acceptance():
+    v = 2.0
+    x, g = wide_start(v)
+    state = {}
+    y = C.correct(gaussian_denoise, x, 1.0, config("mala", steps=10, step_rule="snr", snr=0.1), g, state)
+    assert abs(y.var().item() - v) < 0.03 * v
+    report = state["report"]
+    assert len(report.acceptance) == 1 and report.acceptance[0] > 0.5
+    assert report.summary().endswith(f"; mean acceptance {report.acceptance[0]:.2f}")
+
+
+def test_report_of_fixed_steps_and_of_no_level():
+    state = {}
+    cfg = C.CorrectorConfig(method="ula", steps=3, step_scale=0.25, step_rule="sigma2", sigma_window=(0.5, 2.0))
+    for sigma in (3.0, 1.0, 0.7, 0.2):
+        C.correct(gaussian_denoise, torch.randn(4, 3, 2, 2), sigma, cfg, torch.Generator().manual_seed(0), state)
+    assert state["report"].summary() == ("corrected 2 level(s), 6 step(s); epsilon / sigma^2 mean 0.25 "
+                                         "(min 0.25, max 0.25)")
+    assert C.CorrectorReport().summary() == "corrected no level (none in the window)"
+
+
+def test_run_evaluations_counts_the_levels_after_each_step():
+    """CorrectedKSampler corrects after each step at sigmas[1:] (never at sigma_max, never at 0)."""
+    cfg = C.CorrectorConfig(method="uhmc", steps=3, sigma_window=(0.5, 5.0))
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 0.5, 0.1, 0.0])
+    assert C.run_evaluations(sigmas, cfg) == 5 + 3 * 3
+    assert C.run_evaluations(sigmas, cfg, per_step=2) == 10 + 9
+    assert C.run_evaluations(sigmas, C.CorrectorConfig(method="none")) == 5

@@ -77,6 +77,10 @@ def test_the_corrector_description_states_what_a_level_evaluates(config, cost):
 
 
 def test_the_corrector_description_names_method_steps_and_window():
-    config = correctors.CorrectorConfig(method="mala", steps=3, step_scale=0.05, sigma_window=(0.6, float("inf")))
-    assert describe_corrector(config) == ("mala, 3 step(s) of 0.05 sigma^2 per level for sigma in [0.6, inf] "
+    config = correctors.CorrectorConfig(method="mala", steps=3, step_scale=0.05, sigma_window=(0.6, float("inf")),
+                                        step_rule="sigma2")
+    assert describe_corrector(config) == ("mala, 3 steps of 0.05 sigma^2 per level for sigma in [0.6, inf] "
                                           "(+4 product evaluation(s) per level)")
+    assert describe_corrector(correctors.CorrectorConfig()) == (
+        "uhmc, 4 steps sized for signal-to-noise 0.2 per level for sigma in [0.05, inf] "
+        "(+4 product evaluation(s) per level)")
