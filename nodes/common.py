@@ -74,11 +74,15 @@ def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str) -
     if bindings:
         first = getattr(bindings[0].expert, "expert", None)
         new = getattr(binding.expert, "expert", None)
-        if first is not None and new is not None and (first.resolution, first.image_channels) != (new.resolution, new.image_channels):
+        # A smaller expert may join when its size divides the other's: it then runs on the pooled canvas.
+        if first is not None and new is not None and (
+                first.image_channels != new.image_channels
+                or max(first.resolution, new.resolution) % min(first.resolution, new.resolution)):
             raise ValueError(
                 f"{node}: input 'expert': {new.name} makes {new.resolution}px images with {new.image_channels} "
                 f"channels but the chained experts ({first.name}) make {first.resolution}px with "
-                f"{first.image_channels}. All experts of a product share one image shape.")
+                f"{first.image_channels}. Experts of a product share the channels, and their sizes must be integer "
+                "multiples of one another (a smaller expert runs on the pooled canvas).")
     bindings.append(binding)
     return bindings
 

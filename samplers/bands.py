@@ -319,3 +319,30 @@ def describe(band: Band | None, factor: int, resolution: int | None = None) -> s
     if band is not None and not band.all_pass:
         parts.append(band.describe() + (" on its own grid" if factor > 1 else ""))
     return " · ".join(parts)
+
+
+MODES = ("low-pass", "high-pass", "band-pass", "ramp down", "ramp up", "bands")
+
+
+def band_from_choice(mode: str, cutoff: float, cutoff_high: float, transition: float, edges: str = "",
+                     values: str = "") -> Band:
+    """A node's choice as a :class:`Band`: ``mode`` from :data:`MODES`; ``bands`` reads comma-separated
+    ``edges`` and one more comma-separated ``values``."""
+    if mode == "low-pass":
+        return low_pass(cutoff, transition)
+    if mode == "high-pass":
+        return high_pass(cutoff, transition)
+    if mode == "band-pass":
+        if cutoff_high <= cutoff:
+            raise ValueError(f"a band-pass needs cutoff_high above cutoff, got {cutoff_high} <= {cutoff}")
+        return band_pass(cutoff, cutoff_high, transition)
+    if mode in ("ramp down", "ramp up"):
+        return ramp(cutoff, cutoff_high, rising=mode == "ramp up")
+    if mode == "bands":
+        def numbers(text, what):
+            try:
+                return [float(t) for t in text.replace(";", ",").split(",") if t.strip()]
+            except ValueError:
+                raise ValueError(f"band {what} must be numbers separated by commas, got {text!r}") from None
+        return bands(numbers(edges, "edges"), numbers(values, "weights"), transition)
+    raise ValueError(f"unknown band mode {mode!r}; pick one of: {', '.join(MODES)}")

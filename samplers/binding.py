@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import bands
 from .poe import Binding, Condition
 
 NULL_CHOICES = ("trained", "class0 (paper)", "mean of k random classes", "none")
@@ -71,6 +72,34 @@ def reliability_from_variance(bindings: Sequence[Binding]) -> list[Binding]:
     return [replace(b, reliability_from_variance=True) for b in bindings]
 
 
+def with_resolution_factors(bindings: Sequence[Binding], node: str = "PoEKSampler",
+                            canvas: int | None = None) -> tuple[list[Binding], int | None]:
+    """The bindings with each expert's resolution factor k = canvas / its resolution, and the canvas
+    side (default: the largest expert's). Experts without a fixed resolution (ComfyUI MODELs) take
+    the canvas (k = 1); sizes that are not an integer multiple, or latent experts below the canvas, are
+    refused. Returns (bindings, canvas), canvas ``None`` when no expert has a fixed resolution."""
+    sizes = [getattr(unwrap(b.expert), "resolution", None) for b in bindings]
+    known = [s for s in sizes if s]
+    if not known:
+        return list(bindings), canvas
+    canvas = canvas or max(known)
+    out = []
+    for i, (b, size) in enumerate(zip(bindings, sizes), 1):
+        if not size:
+            out.append(b)
+            continue
+        e = unwrap(b.expert)
+        if size > canvas:
+            raise ValueError(f"{node}: input 'experts': binding {i} ({e.name}) makes {size}px images, larger than the "
+                             f"{canvas}px canvas; sample at {size}px or more, a multiple of every expert's size")
+        k = bands.resolution_factor((canvas, canvas), (size, size), f"{node}: input 'experts': binding {i} ({e.name})")
+        if k > 1 and getattr(e, "latent", False):
+            raise ValueError(f"{node}: input 'experts': binding {i} ({e.name}) works in a latent space, which does not "
+                             "pool like pixels, so it cannot serve a larger canvas; use it at its own size")
+        out.append(b if k == b.resolution_factor else replace(b, resolution_factor=k))
+    return out, canvas
+
+
 def _fmt(v: Any) -> str:
     t = torch.as_tensor(v, dtype=torch.float32)
     if t.numel() == 1:
@@ -87,6 +116,9 @@ def describe(binding: Binding, normalised_reliability: Any | None = None) -> str
     lo, hi = binding.sigma_window
     if lo > 0 or math.isfinite(hi):
         parts.append(f"sigma in [{lo:.3g}, {hi:.3g}]")
+    banded = bands.describe(binding.band, binding.resolution_factor, getattr(e, "resolution", None))
+    if banded:
+        parts.append(banded)
     return " · ".join(parts)
 
 
@@ -102,7 +134,15 @@ def describe_rule(bindings: Sequence[Binding]) -> str:
              f"sum of weights = {float(total_w):.4g}"]
     for i, (b, a) in enumerate(zip(bindings, rel), 1):
         lines.append(f"  {i}. {describe(b, a)}")
-    if math.isclose(float(total_w), 1.0):
+    if any(b.banded for b in bindings):
+        lines.append("  bands: eps = u + sum_i w_i F_i(eps_i - u), F_i each binding's band (DCT) or, for an expert "
+                     "at 1/k of the canvas, its prediction on the k x k pooled image at sigma/k lifted into the "
+                     "piecewise-constant images; the pooled null u mixes, per band, the nulls defined there")
+        costs = sorted({(getattr(unwrap(b.expert), "name", "?"), b.resolution_factor) for b in bindings
+                        if b.resolution_factor > 1})
+        for name, k in costs:
+            lines.append(f"  cost: {name} runs on 1/{k * k} of the canvas's pixels (its own size)")
+    elif math.isclose(float(total_w), 1.0):
         lines.append("  (weights sum to 1: the pooled null cancels and no null forward runs)")
     elif any(b.reliability_from_variance for b in bindings):
         lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")

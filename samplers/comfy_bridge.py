@@ -40,6 +40,7 @@ import comfy.supported_models_base
 import comfy.utils
 import latent_preview
 
+from . import binding as binding_lib
 from . import bridge, poe, variance_reliability
 
 log = logging.getLogger("unite_and_conquer")
@@ -196,26 +197,33 @@ def handles_of(bindings: Sequence[poe.Binding]) -> list[ExpertHandle]:
 
 
 def check_same_shape(bindings: Sequence[poe.Binding], node: str = "PoEKSampler") -> tuple[int, int]:
-    """All experts must share the image shape; a mismatch is an error, never a silent resize."""
+    """The canvas (the largest expert's side) and the channels. Experts share the channels; a smaller
+    expert must divide the canvas (it then runs on the pooled image, ``bands``); anything else is
+    an error, never a silent resize."""
     handles = handles_of(bindings)
     first = handles[0].expert
+    canvas = max(h.expert.resolution for h in handles)
     for h in handles[1:]:
         e = h.expert
-        if (e.resolution, e.image_channels) != (first.resolution, first.image_channels):
+        if e.image_channels != first.image_channels or canvas % e.resolution:
             raise ValueError(
                 f"{node}: input 'experts' mixes image shapes: {first.name} is {first.resolution}px with "
                 f"{first.image_channels} channels but {e.name} is {e.resolution}px with {e.image_channels}. "
-                "All experts of one product must share the image shape; sample at one resolution and use "
+                "Experts of one product share the channels, and each expert's size must divide the largest "
+                f"({canvas}px) so that it runs on the pooled canvas; otherwise sample at one resolution and use "
                 "an upsampler stage (PoEBindImage) to change it.")
-    return first.resolution, first.image_channels
+    return canvas, first.image_channels
 
 
 def product_schedule(bindings: Sequence[poe.Binding]) -> torch.Tensor:
     """The product's alphas_cumprod: the first expert's shape of schedule, cut to the common range."""
     handles = handles_of(bindings)
+    factor = {id(b.expert): b.resolution_factor for b in bindings}
     tables = [h.expert.alphas_cumprod for h in handles]
-    lo, hi = bridge.common_sigma_range(tables, [h.name for h in handles])
-    return bridge.resample_table(tables[0], lo, hi)
+    factors = [factor[id(h)] for h in handles]
+    lo, hi = bridge.common_sigma_range(tables, [h.name for h in handles], factors)
+    # The shape of schedule of a canvas-sized expert: a smaller one's table stops short of k times its range.
+    return bridge.resample_table(tables[factors.index(min(factors))], lo, hi)
 
 
 def _step_of(sigma: float, model_options: dict) -> str:
@@ -263,7 +271,7 @@ class PoEGuider(comfy.samplers.CFGGuider):
     """
 
     def __init__(self, bindings: Sequence[poe.Binding]):
-        bindings = list(bindings)
+        bindings, _ = binding_lib.with_resolution_factors(list(bindings), "PoEGuider")
         poe.validate_bindings(bindings)
         check_same_shape(bindings)
         self.bindings = bindings
@@ -301,7 +309,8 @@ class PoEGuider(comfy.samplers.CFGGuider):
         try:
             # Experts loaded on other devices get x there; their predictions come back to x's device.
             denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options),
-                                                      self.staged, device_of=lambda h: h.device)
+                                                      self.staged, device_of=lambda h: h.device,
+                                                      prediction="denoised")
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
         # CFG++ samplers read the unconditional prediction here: the product's is the pooled null.
