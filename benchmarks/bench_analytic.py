@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import math
+import runpy
 import sys
 import time
 from dataclasses import dataclass
@@ -25,21 +25,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / ".cache" / "ComfyUI"))
-sys.path.append(str(REPO))
-sys.path.append(str(REPO / "tests"))
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
 
-import model_loaders  # noqa: E402,F401  (bind the pack's packages before ComfyUI's comfy/ shadows them)
-import samplers  # noqa: E402,F401
 import torch  # noqa: E402
 
-from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
-from support.analytic import gaussian, gaussian_expert, product_gaussian  # noqa: E402
-from support.comfy_harness import comfy_nodes, pack_module  # noqa: E402
+from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for  # noqa: E402
+from unite_and_conquer.samplers import poe  # noqa: E402
+from unite_and_conquer.samplers.correctors import CorrectorConfig  # noqa: E402
+from unite_and_conquer.tests.support.analytic import gaussian, gaussian_expert, product_gaussian  # noqa: E402
+from unite_and_conquer.tests.support.comfy_harness import comfy_nodes  # noqa: E402
 
-from report import cpu_name, write_section  # noqa: E402
-
-comfy_nodes()
+comfy_nodes()  # ComfyUI on this machine's device, with the pack loaded, before its samplers are used
 import comfy.samplers  # noqa: E402
+
+from unite_and_conquer.samplers.comfy.correctors import with_corrector  # noqa: E402
+from unite_and_conquer.samplers.comfy.guider import ProductGuider  # noqa: E402
+from unite_and_conquer.samplers.comfy.models import wrap_expert  # noqa: E402
+from unite_and_conquer.samplers.comfy.sampling import compute_sigmas  # noqa: E402
 
 HEADING = "## Analytic Gaussian product: plain vs MCMC-corrected"
 PARTS = [(1.0, 0.5), (-0.5, 0.8)]
@@ -75,17 +79,9 @@ class Result:
         return math.sqrt((self.mean - m) ** 2 + (math.sqrt(self.var) - math.sqrt(v)) ** 2)
 
 
-def pack_import(name: str):
-    """A pack module under the package name ComfyUI gave the pack, imported if no node uses it yet."""
-    cb = pack_module("samplers.comfy_bridge")
-    root = cb.__name__.rsplit(".samplers.comfy_bridge", 1)[0]
-    return importlib.import_module(f"{root}.{name}")
-
-
 def product_bindings(resolution: int = 4):
-    cb, poe = pack_module("samplers.comfy_bridge"), pack_module("samplers.poe")
-    lin = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", resolution))
-    cos = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", resolution))
+    lin = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", resolution))
+    cos = wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", resolution))
     null = gaussian(0.0, 1.0)
     return [poe.Binding(h, gaussian(m, v), 1.0, 0.5, (null,), label=f"N({m}, {v})")
             for h, (m, v) in zip((lin, cos), PARTS)]
@@ -94,15 +90,14 @@ def product_bindings(resolution: int = 4):
 def run(sampler: str, steps: int, config=None, samples: int = 65536, seed: int = 0, scheduler: str = "karras",
         resolution: int = 4, label: str = "") -> Result:
     """Sample the product (plain when ``config`` is None); returns its statistics and its cost."""
-    cb, cc = pack_module("samplers.comfy_bridge"), pack_import("samplers.comfy_correctors")
     bindings = product_bindings(resolution)
-    guider = cb.PoEGuider(bindings)
-    sigmas = cb.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
+    guider = ProductGuider(bindings)
+    sigmas = compute_sigmas(guider, sampler, scheduler, steps, 1.0)
     batch = max(1, math.ceil(samples / (resolution * resolution * 3)))
     latent = torch.zeros(batch, 3, resolution, resolution)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     base = comfy.samplers.sampler_object(sampler)
-    chosen = base if config is None else cc.correct_sampler(base, config)
+    chosen = base if config is None else with_corrector(base, config)
     network = bindings[0].expert.expert.network
     start = time.perf_counter()
     out = guider.sample(noise, latent, chosen, sigmas, disable_pbar=True, seed=seed)
@@ -127,7 +122,7 @@ def table(results: list[Result]) -> str:
 def suite(samples: int, steps: int = 30, ks: tuple[int, ...] = (2, 4)) -> list[Result]:
     """Per sampler: plain at ``steps``; each corrector with k steps per level at ``steps``; plain
     with as many steps as each corrected run has evaluations."""
-    C = pack_import("samplers.comfy_correctors").CorrectorConfig
+    C = CorrectorConfig
     results = []
     for sampler in ("euler", "dpmpp_2m"):
         results.append(run(sampler, steps, None, samples, label="plain"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -29,13 +30,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-from benchmarks import eval_digits as ev  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
-from samplers import resampling  # noqa: E402
-from samplers.poe import Binding, product_prediction  # noqa: E402
-from tools import digits  # noqa: E402
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
+from unite_and_conquer.benchmarks import eval_digits as ev  # noqa: E402
+from unite_and_conquer.benchmarks.report import write_section  # noqa: E402
+from unite_and_conquer.samplers import resampling  # noqa: E402
+from unite_and_conquer.samplers.poe import Binding, product_prediction  # noqa: E402
+from unite_and_conquer.tools import digits  # noqa: E402
 
 HALF = digits.SIZE // 2
 HEADING = "## Digit completion (known top half)"

@@ -19,8 +19,8 @@ so each expert runs its condition and its null: 2B rows each.
   tensor ops.
 - **Mode B, the pack's default path**: ``samplers.poe.product_prediction`` with its one batched
   forward per expert, conditions staged on the device once per run (the ``staged`` dict that
-  ``comfy_bridge.PoEGuider`` keeps), the in-place combination, and each expert called as
-  ``comfy_bridge.ExpertModel`` calls it (VP input scaling, continuous timestep interpolated on the
+  ``ProductGuider`` keeps), the in-place combination, and each expert called as
+  ``samplers.comfy.models.ExpertModel`` calls it (VP input scaling, continuous timestep interpolated on the
   device, ``Expert.eps``, denoised output) but without ComfyUI. Weights in the dtype the loader's
   ``auto`` gives on that device (ComfyUI's rule: fp16 on a CUDA GPU, fp32 on a CPU), SDPA attention.
 - **Levers**, one at a time on top of B: bf16 (or fp16) weights, channels_last, the reference's
@@ -62,6 +62,7 @@ import argparse
 import datetime
 import gc
 import statistics
+import runpy
 import sys
 import time
 import traceback
@@ -71,13 +72,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
 
-from benchmarks.report import cpu_name, write_section  # noqa: E402
-from model_loaders import Expert, adm, glide, glide_tokenizer, speed  # noqa: E402
-from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
-from samplers import bridge, poe  # noqa: E402
+from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.model_loaders import Expert, adm, glide, glide_tokenizer, speed  # noqa: E402
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for  # noqa: E402
+from unite_and_conquer.samplers import noise_levels, poe  # noqa: E402
 
 HEADING = "## Product step: ADM-64 x GLIDE base"
 WEIGHTS = (3.0, 3.0)
@@ -146,17 +147,17 @@ def conditions(text_ctx: int) -> tuple[dict, dict, dict, dict]:
 
 
 class Denoiser:
-    """One expert as ``comfy_bridge.ExpertModel`` calls it, without ComfyUI: the VP input
+    """One expert as ``samplers.comfy.models.ExpertModel`` calls it, without ComfyUI: the VP input
     ``x / sqrt(1 + sigma^2)``, the expert's continuous timestep for ``sigma`` (interpolated in log
     sigma on the device, as ``ContinuousModelSampling.timestep``), its eps, the denoised image."""
 
     def __init__(self, expert: Expert, device: torch.device):
         self.expert = expert
-        self.log_sigmas = bridge.sigmas_from_alphas_cumprod(expert.alphas_cumprod).log().float().to(device)
+        self.log_sigmas = noise_levels.sigmas_from_alphas_cumprod(expert.alphas_cumprod).log().float().to(device)
         self.steps = torch.arange(len(self.log_sigmas), dtype=torch.float32, device=device)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return bridge._interp(sigma.float().log(), self.log_sigmas, self.steps)
+        return noise_levels._interp(sigma.float().log(), self.log_sigmas, self.steps)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, condition: dict) -> torch.Tensor:
         s = sigma.reshape(-1, 1, 1, 1)

@@ -27,6 +27,7 @@ import argparse
 import datetime
 import math
 import platform
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -34,10 +35,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
-from samplers import bridge, poe, variance_reliability as vr  # noqa: E402
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for  # noqa: E402
+from unite_and_conquer.samplers import noise_levels, poe, variance_reliability as vr  # noqa: E402
 
 PRIOR_VAR = 0.5
 CONDS = {"A": (0.8, 0.2), "B": (-0.4, 0.3)}
@@ -61,7 +62,7 @@ class LearnedSigmaGaussian:
     def __call__(self, x, t, mu, var):
         self.calls += 1
         coef = vr.step_coefficients(self.alphas_cumprod, t)
-        sigma = bridge.sigma_from_timestep(t.double(), self.alphas_cumprod)
+        sigma = noise_levels.sigma_from_timestep(t.double(), self.alphas_cumprod)
         ab = (1 / (1 + sigma**2)).view(-1, 1, 1, 1)
         var, mu = var.double(), mu.double()
         eps = (1 - ab).sqrt() * (x.double() - ab.sqrt() * mu) / (ab * var + 1 - ab)
@@ -95,7 +96,7 @@ def sample(wrong_var: float, precision: bool, n: int = 256, steps: int = 40, see
     tables = {"A": alphas_cumprod_for("linear"), "B": alphas_cumprod_for("cosine")}
     experts = {k: LearnedSigmaGaussian(t) for k, t in tables.items()}
     nulls = {"A": halves(PRIOR_VAR, wrong_var), "B": halves(wrong_var, PRIOR_VAR)}
-    lo, hi = bridge.common_sigma_range(list(tables.values()))
+    lo, hi = noise_levels.common_sigma_range(list(tables.values()))
     rho = 7.0
     ramp = torch.linspace(0, 1, steps)
     sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
@@ -105,8 +106,8 @@ def sample(wrong_var: float, precision: bool, n: int = 256, steps: int = 40, see
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         cond, null, v_null, ts = [], [], [], []
         for k, e in experts.items():
-            t = bridge.timestep_from_sigma(s.view(1), tables[k]).expand(n)
-            xin = bridge.scale_input(x, s)
+            t = noise_levels.timestep_from_sigma(s.view(1), tables[k]).expand(n)
+            xin = noise_levels.scale_input(x, s)
             m, var = CONDS[k]
             cond.append(e(xin, t, torch.full((1, 3, 1, 1), m), torch.full((1, 3, 1, 1), var))[:, :3].double())
             out = e(xin, t, torch.zeros(1, 3, 1, 1), nulls[k])
@@ -180,8 +181,8 @@ def head_calibration(n: int = 256, seed: int = 5) -> list[str]:
     """Table rows: per expert and t, the actual mean squared error of its x0 on held-out canvases
     (its own condition, and its null), the mean Var[x0 | x_t] its head reports, and the Pearson
     correlation of the two over pixels."""
-    from benchmarks import eval_digits as ed
-    from tools import digits
+    from unite_and_conquer.benchmarks import eval_digits as ed
+    from unite_and_conquer.tools import digits
 
     experts = ed.load_experts(ed.REPO / "models_tiny")
     images, labels = digits.split("npm_heldout")
@@ -206,7 +207,7 @@ def head_calibration(n: int = 256, seed: int = 5) -> list[str]:
 
 
 def _digit_row(spec):
-    from benchmarks import eval_digits as ed
+    from unite_and_conquer.benchmarks import eval_digits as ed
 
     n, steps, seed, w, from_variance = spec
     torch.set_num_threads(1)
@@ -224,9 +225,9 @@ def _digit_row(spec):
 def digits_section(n: int, steps: int, weights, jobs: int, command: str) -> str:
     from concurrent.futures import ProcessPoolExecutor
 
-    from benchmarks import eval_digits as ed
-    from benchmarks.report import cpu_name
-    from tools import digits
+    from unite_and_conquer.benchmarks import eval_digits as ed
+    from unite_and_conquer.benchmarks.report import cpu_name
+    from unite_and_conquer.tools import digits
 
     t0 = time.time()
     digits.split("npm_heldout")  # fetch npm's package once, before the workers race for it
@@ -281,7 +282,7 @@ def digits_reading(results) -> str:
 
 
 def main(argv=None):
-    from benchmarks.eval_digits import parse_weight
+    from unite_and_conquer.benchmarks.eval_digits import parse_weight
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["all", "analytic", "digits"], default="all")
@@ -302,7 +303,7 @@ def main(argv=None):
     for heading, body in sections:
         print(f"{heading}\n\n{body}")
         if not args.no_write:
-            from benchmarks.report import write_section
+            from unite_and_conquer.benchmarks.report import write_section
 
             write_section(heading, body)
 

@@ -27,10 +27,12 @@ sigma range.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import datetime
 import math
 import os
 import platform
+import runpy
 import sys
 import time
 from dataclasses import dataclass
@@ -41,15 +43,14 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY = REPO / ".cache" / "ComfyUI"
-for p in (str(COMFY), str(REPO)):
-    if p not in sys.path:
-        sys.path.insert(0 if p == str(COMFY) else len(sys.path), p)
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
 
-from benchmarks.report import cpu_name, write_section  # noqa: E402
-from model_loaders import Expert, load_expert  # noqa: E402
-from samplers import bridge, correctors, variance_reliability  # noqa: E402
-from samplers.poe import Binding, product_prediction  # noqa: E402
-from tools import digits  # noqa: E402
+from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.model_loaders import Expert, load_expert  # noqa: E402
+from unite_and_conquer.samplers import correctors, noise_levels, variance_reliability  # noqa: E402
+from unite_and_conquer.samplers.poe import Binding, product_prediction  # noqa: E402
+from unite_and_conquer.tools import digits  # noqa: E402
 
 MODALITIES = ("class", "colour", "layout")
 CONSTRAINTS = ("class", "colour", "layout")
@@ -174,7 +175,7 @@ def targets(n: int, split: str, seed: int) -> digits.Batch:
 
 def common_range(experts: dict[str, Expert]) -> tuple[float, float]:
     """The sigma range every expert can serve, which the samplers' schedules span."""
-    return bridge.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
+    return noise_levels.common_sigma_range([e.alphas_cumprod for e in experts.values()], list(experts))
 
 
 def load_experts(models_dir: Path) -> dict[str, Expert]:
@@ -261,14 +262,16 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
 def eps_fn(expert: Expert, x: torch.Tensor, sigma: torch.Tensor, cond, with_variance: bool = False):
     """One expert's eps at the common noise level, through the schedule bridge; with
     ``with_variance``, also its Var[x0 | x] from its learned variance (poe.EpsFn)."""
-    t = bridge.timestep_from_sigma(sigma, expert.alphas_cumprod).float()
-    eps, values = expert.predict(bridge.scale_input(x, sigma), t, cond)
+    t = noise_levels.timestep_from_sigma(sigma, expert.alphas_cumprod).float()
+    eps, values = expert.predict(noise_levels.scale_input(x, sigma), t, cond)
     if not with_variance:
         return eps
     return eps, variance_reliability.x0_variance_from_values(values, expert.alphas_cumprod, t)
 
 
 def k_sampler(name: str):
+    if str(COMFY) not in sys.path and importlib.util.find_spec("comfy") is None:
+        sys.path.insert(0, str(COMFY))  # a script run outside ComfyUI uses the checkout's copy
     from comfy.cli_args import args
 
     if not torch.cuda.is_available():

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import importlib.util
 import platform
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -24,31 +26,29 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY = REPO / ".cache" / "ComfyUI"
-for p in (str(COMFY), str(REPO), str(REPO / "tests")):
-    if p not in sys.path:
-        sys.path.insert(0 if p == str(COMFY) else len(sys.path), p)
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
 
-import model_loaders  # noqa: E402,F401  (bound before ComfyUI puts comfy/ first on sys.path)
-import samplers  # noqa: E402,F401
-from benchmarks import eval_digits as ed  # noqa: E402
-from benchmarks.report import cpu_name, write_section  # noqa: E402
-from model_loaders import load_expert  # noqa: E402
-from samplers.poe import Binding  # noqa: E402
+from unite_and_conquer.benchmarks import eval_digits as ed  # noqa: E402
+from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.model_loaders import load_expert  # noqa: E402
+from unite_and_conquer.samplers.poe import Binding  # noqa: E402
 
 HEADING = "## Multimodal digits: a 16 px class expert on the 32 px canvas"
 
 
 def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, chunk: int = 250):
-    from support.comfy_harness import pack_module
+    from unite_and_conquer.samplers.comfy import guider as comfy_guider
+    from unite_and_conquer.samplers.comfy import models as comfy_models
+    from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
 
-    cb = pack_module("samplers.comfy_bridge")
     target = ed.targets(n, split, seed)
     experts = ed.load_experts(REPO / "models_tiny")
     conds = ed.conditions(experts, target)
     small = load_expert(str(class16), family="auto")
     ws = ed.per_modality(weight)
-    handles = {m: cb.wrap_expert(e) for m, e in experts.items()}
-    handles["class16"] = cb.wrap_expert(small)
+    handles = {m: comfy_models.wrap_expert(e) for m, e in experts.items()}
+    handles["class16"] = comfy_models.wrap_expert(small)
     judges = ed.Judges()
     rows = {"class 32 px, colour 32 px, layout 32 px": ("class", "colour", "layout"),
             "class 16 px (k = 2), colour 32 px, layout 32 px": ("class16", "colour", "layout")}
@@ -65,10 +65,10 @@ def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path
                 cond = {k: v[start:stop] for k, v in conds[m].items()}
                 bindings.append(Binding(handles[key], cond, ws[m], 1 / 3, null=(handles[key].expert.null_condition,),
                                         label=m))
-            guider = cb.PoEGuider(bindings)
-            sigmas = cb.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0)
+            guider = comfy_guider.ProductGuider(bindings)
+            sigmas = comfy_sampling.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0)
             latent = torch.zeros(stop - start, 3, 32, 32)
-            images.append(cb.sample(guider, latent, seed * 1000 + start, "dpmpp_2m", sigmas, preview=False).clamp(-1, 1))
+            images.append(comfy_sampling.sample(guider, latent, seed * 1000 + start, "dpmpp_2m", sigmas, preview=False).clamp(-1, 1))
         results.append(ed.Result(name, ed._rates(judges.score(torch.cat(images), target)), time.time() - t0, steps))
         print(ed._row(results[-1]), flush=True)
     return results
@@ -86,9 +86,11 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from support.comfy_harness import comfy_nodes
+    if str(COMFY) not in sys.path and importlib.util.find_spec("comfy") is None:
+        sys.path.insert(0, str(COMFY))  # a script run outside ComfyUI uses the checkout's copy
+    from comfy.cli_args import args as comfy_args
 
-    comfy_nodes()
+    comfy_args.cpu = comfy_args.cpu or not torch.cuda.is_available()
     t0 = time.time()
     results = sample_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16))
     base, low = results[1].rates["all"], results[2].rates["all"]

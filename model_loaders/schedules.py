@@ -1,7 +1,7 @@
 """Training noise schedules of the experts, as cumulative products of alphas.
 
 Every expert carries its own ``alphas_cumprod`` table (T entries, float64). The sampler never
-assumes two experts share one: ``samplers/bridge.py`` maps a common noise level sigma to each
+assumes two experts share one: ``samplers/noise_levels.py`` maps a common noise level sigma to each
 expert's own continuous timestep.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def alphas_cumprod_for(name: str, num_timesteps: int = 1000) -> torch.Tensor:
 def alphas_cumprod_at(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """alpha_bar at continuous timesteps ``t``, interpolated in log sigma between the table's entries.
 
-    Log sigma is the quantity the schedule bridge interpolates (``samplers/bridge.py``), so a network
+    Log sigma is the quantity ``noise_levels`` interpolates (``samplers/noise_levels.py``), so a network
     told ``t`` sees the same noise level the sampler meant. Returns float64, clamped to the table.
     """
     table = alphas_cumprod.to(torch.float64)

@@ -242,7 +242,7 @@ def _required(v: torch.Tensor | None, name: str) -> torch.Tensor:
 # --- config and loading --------------------------------------------------------------------------
 
 def default_config(modality: str) -> dict[str, Any]:
-    """The shipped experts' config; the schedules differ on purpose, to exercise the bridge."""
+    """The shipped experts' config; the schedules differ on purpose, to exercise the noise-level mapping."""
     return {
         "modality": modality,
         "widths": [16, 32, 64],

@@ -5,8 +5,8 @@ import dataclasses
 
 from comfy_api.latest import io
 
-from ..samplers import binding as binding_lib
 from ..samplers import bands
+from ..samplers.describe import describe
 from .common import CATEGORY, Experts, check_choice, check_number, node_input
 
 
@@ -64,4 +64,4 @@ class PoEBandWeights(io.ComfyNode):
         with node_input(node, what):
             band = bands.band_from_choice(mode, cutoff, cutoff_high, transition, band_edges, band_weights)
         bindings[index] = dataclasses.replace(bindings[index], band=band)
-        return io.NodeOutput(bindings, ui={"text": (binding_lib.describe(bindings[index]),)})
+        return io.NodeOutput(bindings, ui={"text": (describe(bindings[index]),)})

@@ -7,8 +7,9 @@ import torch
 from comfy_api.latest import io
 
 from ..conditions import maps
-from ..samplers import binding as binding_lib
 from ..samplers import poe
+from ..samplers.nulls import NULL_CHOICES, class_nulls, default_nulls, reliability_from_variance
+from ..samplers.describe import describe, describe_rule
 from .common import (CATEGORY, Expert, Experts, TextEncoder, chain, check_choice, check_finite, check_number,
                      check_unit_range, experts_input, image_to_pixels, log, mask_inputs, node_input,
                      reliability_input, weight_input)
@@ -34,7 +35,7 @@ def parse_class(node: str, choice: str, index: int) -> int:
     return int(head)
 
 
-def _finish(node: str, expert, condition, nulls, weight, reliability, label, experts, mask=None, mask_feather=0,
+def chain_binding(node: str, expert, condition, nulls, weight, reliability, label, experts, mask=None, mask_feather=0,
             mask_invert=False, mask_outside=0.0, warnings=()) -> io.NodeOutput:
     """Validate, apply the optional spatial mask, chain, and show what was bound."""
     warnings = list(warnings)
@@ -57,7 +58,7 @@ def _finish(node: str, expert, condition, nulls, weight, reliability, label, exp
     bindings = chain(experts, b, node)
     for w in warnings:
         log.warning("%s: %s", node, w)
-    return io.NodeOutput(bindings, ui={"text": ("\n".join([binding_lib.describe(b), *warnings]),)})
+    return io.NodeOutput(bindings, ui={"text": ("\n".join([describe(b), *warnings]),)})
 
 
 class PoEBindClass(io.ComfyNode):
@@ -78,7 +79,7 @@ class PoEBindClass(io.ComfyNode):
                              tooltip="Overrides the picker when >= 0: the class index for this expert."),
                 weight_input(1.0),
                 reliability_input(1.0),
-                io.Combo.Input("null", options=list(binding_lib.NULL_CHOICES), default="class0 (paper)",
+                io.Combo.Input("null", options=list(NULL_CHOICES), default="class0 (paper)",
                                tooltip="How the unconditional prediction is formed. ADM class models were never "
                                        "trained without a label: 'class0 (paper)' uses class 0 as the released code "
                                        "does; 'mean of k random classes' averages k classes (k forwards, unbiased); "
@@ -96,16 +97,16 @@ class PoEBindClass(io.ComfyNode):
     def execute(cls, expert, weight, reliability, null, null_k, class_index, experts=None, mask=None, mask_feather=0,
                 mask_invert=False, mask_outside=0.0, **kw) -> io.NodeOutput:
         node = "PoEBindClass"
-        check_choice(node, "null", null, binding_lib.NULL_CHOICES, "null choice")
+        check_choice(node, "null", null, NULL_CHOICES, "null choice")
         index = parse_class(node, kw["class"], class_index)
         e = expert.expert
         with node_input(node, "class" if class_index < 0 else "class_index"):
             condition = e.encode("class", index)
         with node_input(node, "null"):
-            nulls = binding_lib.class_nulls(e, null, null_k)
+            nulls = class_nulls(e, null, null_k)
         name = e.class_names[index] if e.class_names and index < len(e.class_names) else ""
         label = f"class {index}" + (f": {name}" if name and name != str(index) else "")
-        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
                        mask, mask_feather, mask_invert, mask_outside)
 
 
@@ -151,9 +152,9 @@ class PoEBindText(io.ComfyNode):
                 condition = e.encode("text", text)
                 warning = e.warning("text", text)
                 warnings += [warning] if warning else []
-        nulls = binding_lib.default_nulls(expert, condition)
+        nulls = default_nulls(expert, condition)
         short = text if len(text) <= 40 else text[:37] + "..."
-        return _finish(node, expert, condition, nulls, weight, reliability, f'"{short}"', experts,
+        return chain_binding(node, expert, condition, nulls, weight, reliability, f'"{short}"', experts,
                        mask, mask_feather, mask_invert, mask_outside, warnings)
 
 
@@ -186,7 +187,7 @@ class PoEBindPrior(io.ComfyNode):
         if null is None:
             raise ValueError(f"{node}: input 'expert': {e.name} has no trained null condition, so it cannot act as a "
                              "prior. Use an unconditional model or one trained with condition dropout.")
-        return _finish(node, expert, null, (null,), weight, reliability, "prior (unconditional)", experts,
+        return chain_binding(node, expert, null, (null,), weight, reliability, "prior (unconditional)", experts,
                        mask, mask_feather, mask_invert, mask_outside)
 
 
@@ -247,9 +248,9 @@ class PoEBindSegmentation(io.ComfyNode):
         m, note = maps.fit_to(m, e.resolution, "map")
         with node_input(node, "slot" if SLOTS[slot] else "expert"):
             condition = e.encode("segmentation", m, slot=SLOTS[slot])
-        nulls = binding_lib.default_nulls(expert, condition)
+        nulls = default_nulls(expert, condition)
         label = f"map ({source}{', slot ' + slot if SLOTS[slot] else ''}, {float(m.mean()):.0%} covered)"
-        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
                        mask, mask_feather, mask_invert, mask_outside, [note] if note else [])
 
 
@@ -298,9 +299,9 @@ class PoEBindSketch(io.ComfyNode):
                 (rgb.mean(dim=1, keepdim=True) > 0.5).float().expand(-1, 3, -1, -1) * 2 - 1
         with node_input(node, "expert"):
             condition = e.encode("sketch", sketch)
-        nulls = binding_lib.default_nulls(expert, condition)
+        nulls = default_nulls(expert, condition)
         label = f"sketch ({edges}, {float((sketch[:, :1] > 0).float().mean()):.1%} edge pixels)"
-        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
                        mask, mask_feather, mask_invert, mask_outside, [note] if note else [])
 
 
@@ -338,9 +339,9 @@ class PoEBindImage(io.ComfyNode):
         with node_input(node, "image"):
             condition = e.encode("image", low_res, text=text) if text.strip() else e.encode("image", low_res)
         warning = e.warning("image", low_res, text=text) if text.strip() else None
-        nulls = binding_lib.default_nulls(expert, condition)
+        nulls = default_nulls(expert, condition)
         label = f"low-res {low_res.shape[-1]}x{low_res.shape[-2]}" + (f' + "{text[:30]}"' if text.strip() else "")
-        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
                        mask, mask_feather, mask_invert, mask_outside, [warning] if warning else [])
 
 
@@ -402,7 +403,7 @@ class PoEBindingSchedule(io.ComfyNode):
             ramp = (ramp_sigma_high, reliability_at_high_noise, ramp_sigma_low, reliability_at_low_noise)
         window = (sigma_min, float("inf") if sigma_max >= 1e5 else sigma_max)
         bindings[index] = dataclasses.replace(bindings[index], sigma_window=window, reliability_ramp=ramp)
-        return io.NodeOutput(bindings, ui={"text": (binding_lib.describe(bindings[index]),)})
+        return io.NodeOutput(bindings, ui={"text": (describe(bindings[index]),)})
 
 
 class PoEReliabilityFromVariance(io.ComfyNode):
@@ -430,8 +431,8 @@ class PoEReliabilityFromVariance(io.ComfyNode):
         if not bindings:
             raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
         with node_input(node, "experts"):
-            bindings = binding_lib.reliability_from_variance(bindings)
-        return io.NodeOutput(bindings, ui={"text": (binding_lib.describe_rule(bindings),)})
+            bindings = reliability_from_variance(bindings)
+        return io.NodeOutput(bindings, ui={"text": (describe_rule(bindings),)})
 
 
 class PoEBindInpaint(io.ComfyNode):
@@ -474,7 +475,7 @@ class PoEBindInpaint(io.ComfyNode):
         with node_input(node, "image"):
             condition = e.encode("inpaint", image_to_pixels(image.float()), keep, **kwargs)
         warning = e.warning("inpaint", text=text) if text.strip() else None
-        nulls = binding_lib.default_nulls(expert, condition)
+        nulls = default_nulls(expert, condition)
         label = f"inpaint {float(mask.mean()):.0%} of the image" + (f' + "{text[:30]}"' if text.strip() else "")
-        return _finish(node, expert, condition, nulls, weight, reliability, label, experts,
+        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
                        warnings=[warning] if warning else [])

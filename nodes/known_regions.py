@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..samplers import comfy_resampling
+from ..samplers.comfy.resampling import with_resampling
 from .common import CATEGORY, check_finite, image_to_pixels, node_input
 
 
@@ -33,7 +33,7 @@ class PoEResample(io.ComfyNode):
     @classmethod
     def execute(cls, sampler, jump_length, count) -> io.NodeOutput:
         with node_input("PoEResample", "sampler"):
-            return io.NodeOutput(comfy_resampling.resampled_sampler(sampler, jump_length, count))
+            return io.NodeOutput(with_resampling(sampler, jump_length, count))
 
 
 class PoEImageToLatent(io.ComfyNode):

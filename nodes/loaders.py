@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from .. import model_loaders
 from ..model_loaders import speed
-from ..samplers import comfy_bridge
+from ..samplers.comfy import models as comfy_models
 from .common import CATEGORY, Expert, TextEncoder, check_choice, node_input
 
 SCHEDULE_CHOICES = ("published", "linear", "cosine")
@@ -57,7 +57,7 @@ class PoEExpertLoader(io.ComfyNode):
                 io.Boolean.Input("channels_last", default=False, optional=True,
                                  tooltip="Keep weights and activations in the channels_last (NHWC) layout, which GPU "
                                          "convolution kernels read directly. Same results up to float rounding."),
-                io.Combo.Input("device", options=comfy_bridge.device_choices(), default="auto", optional=True,
+                io.Combo.Input("device", options=comfy_models.device_choices(), default="auto", optional=True,
                                tooltip="Where this expert runs. 'auto' is ComfyUI's device (its GPU, or the CPU "
                                        "with --cpu). With several GPUs, put two big experts on different ones "
                                        "(cuda:0, cuda:1): each GPU holds one set of weights and both forwards run "
@@ -77,8 +77,8 @@ class PoEExpertLoader(io.ComfyNode):
         check_choice(node, "schedule", schedule, SCHEDULE_CHOICES, "schedule")
         check_choice(node, "compile", compile, speed.COMPILE_MODES, "compile mode")
         # A workflow saved on a machine with more GPUs names devices this one lacks.
-        check_choice(node, "device", device, comfy_bridge.device_choices(), "device")
-        load_device, _ = comfy_bridge.expert_devices(device)
+        check_choice(node, "device", device, comfy_models.device_choices(), "device")
+        load_device, _ = comfy_models.expert_devices(device)
         if compile != "off":
             why = speed.compile_unavailable(load_device)
             if why:
@@ -89,10 +89,10 @@ class PoEExpertLoader(io.ComfyNode):
             expert = model_loaders.load_expert(path, family=family,
                                                schedule=None if schedule == "published" else schedule)
         n_params = sum(p.numel() for p in expert.network.parameters())
-        expert.network.to(comfy_bridge.inference_dtype(dtype, n_params, None if device == "auto" else load_device))
+        expert.network.to(comfy_models.inference_dtype(dtype, n_params, None if device == "auto" else load_device))
         speed.set_channels_last(expert, bool(channels_last))
         speed.compile_expert(expert, compile)
-        handle = comfy_bridge.wrap_expert(expert, device)
+        handle = comfy_models.wrap_expert(expert, device)
         summary = (f"{expert.name} · {expert.family} · {expert.resolution}px · {n_params / 1e6:.1f}M params · "
                    f"modalities: {', '.join(expert.modalities) or 'unconditional'}")
         if device != "auto":

@@ -4,22 +4,26 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..samplers import binding as binding_lib
-from ..samplers import comfy_bridge, comfy_correctors, comfy_resampling, correctors, poe
+from ..samplers import correctors, poe
+from ..samplers.comfy import sampling as comfy_sampling
+from ..samplers.comfy.correctors import with_corrector
+from ..samplers.comfy.guider import ProductGuider, check_same_shape
+from ..samplers.comfy.resampling import with_resampling
+from ..samplers.describe import describe_rule
 from .common import CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image
 
 Corrector = io.Custom("POE_CORRECTOR")
 
 
-def _guider(node: str, experts) -> comfy_bridge.PoEGuider:
+def _guider(node: str, experts) -> ProductGuider:
     if not experts:
         raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
     with node_input(node, "experts"):
-        return comfy_bridge.PoEGuider(experts)
+        return ProductGuider(experts)
 
 
 def _latent(node: str, guider, width, height, batch_size, latent_image):
-    resolution, channels = comfy_bridge.check_same_shape(guider.bindings, node)
+    resolution, channels = check_same_shape(guider.bindings, node)
     if latent_image is not None:
         samples = latent_image["samples"]
         if samples.ndim != 4 or tuple(samples.shape[1:]) != (channels, resolution, resolution):
@@ -50,10 +54,10 @@ class PoEKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed. The same seed and graph give the same image."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."),
-                io.Combo.Input("sampler_name", options=comfy_bridge.SAMPLER_NAMES, default="dpmpp_2m",
+                io.Combo.Input("sampler_name", options=comfy_sampling.SAMPLER_NAMES, default="dpmpp_2m",
                                tooltip="Any ComfyUI sampler. CFG++ variants use the pooled null as their "
                                        "unconditional prediction. 'ddim' is ComfyUI's DDIM (eta 0)."),
-                io.Combo.Input("scheduler", options=comfy_bridge.SCHEDULER_NAMES, default="karras",
+                io.Combo.Input("scheduler", options=comfy_sampling.SCHEDULER_NAMES, default="karras",
                                tooltip="Any ComfyUI scheduler, over the noise range every expert can serve."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1 samples from noise; below 1 refines latent_image (img2img)."),
@@ -90,8 +94,8 @@ class PoEKSampler(io.ComfyNode):
                 latent_image=None, noise_temperature=1.0, corrector=None, resample_count=1,
                 resample_jump=10) -> io.NodeOutput:
         node = "PoEKSampler"
-        check_choice(node, "sampler_name", sampler_name, comfy_bridge.SAMPLER_NAMES, "sampler")
-        check_choice(node, "scheduler", scheduler, comfy_bridge.SCHEDULER_NAMES, "scheduler")
+        check_choice(node, "sampler_name", sampler_name, comfy_sampling.SAMPLER_NAMES, "sampler")
+        check_choice(node, "scheduler", scheduler, comfy_sampling.SCHEDULER_NAMES, "scheduler")
         guider = _guider(node, experts)
         latent, noise_mask, _ = _latent(node, guider, width, height, batch_size, latent_image)
         with node_input(node, "experts"):
@@ -99,19 +103,19 @@ class PoEKSampler(io.ComfyNode):
         if latent_image is None and denoise < 1.0:
             raise ValueError(f"{node}: input 'denoise' is {denoise} but there is no latent_image to refine; "
                              "connect one or set denoise to 1")
-        sigmas = comfy_bridge.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
-        rule = binding_lib.describe_rule(guider.bindings)
-        sampler = comfy_bridge.sampler_object(sampler_name)
+        sigmas = comfy_sampling.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
+        rule = describe_rule(guider.bindings)
+        sampler = comfy_sampling.sampler_object(sampler_name)
         if corrector is not None:
             with node_input(node, "sampler_name" if corrector.method != "none" else "corrector"):
-                sampler = comfy_correctors.correct_sampler(sampler, corrector)
+                sampler = with_corrector(sampler, corrector)
             rule += f"\ncorrector: {describe_corrector(corrector)}"
         if resample_count > 1:
             with node_input(node, "resample_count"):
-                sampler = comfy_resampling.resampled_sampler(sampler, resample_jump, resample_count)
+                sampler = with_resampling(sampler, resample_jump, resample_count)
             rule += f"\nresampling: blocks of {resample_jump} step(s), each run {resample_count} times"
         log.info("%s: %s sampler, %s scheduler, %d steps\n%s", node, sampler_name, scheduler, steps, rule)
-        samples = comfy_bridge.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask,
+        samples = comfy_sampling.sample(guider, latent, seed, sampler, sigmas, noise_mask=noise_mask,
                                       noise_scale=noise_temperature)
         out = {"samples": samples}
         if noise_mask is not None:
@@ -135,7 +139,7 @@ class PoEGuider(io.ComfyNode):
     @classmethod
     def execute(cls, experts) -> io.NodeOutput:
         guider = _guider("PoEGuider", experts)
-        return io.NodeOutput(guider, ui={"text": (binding_lib.describe_rule(guider.bindings),)})
+        return io.NodeOutput(guider, ui={"text": (describe_rule(guider.bindings),)})
 
 
 class PoEScheduler(io.ComfyNode):
@@ -149,7 +153,7 @@ class PoEScheduler(io.ComfyNode):
                         "serve (the intersection of their training schedules).",
             inputs=[
                 Experts.Input("experts", tooltip="The chained bindings whose common noise range is used."),
-                io.Combo.Input("scheduler", options=comfy_bridge.SCHEDULER_NAMES, default="karras",
+                io.Combo.Input("scheduler", options=comfy_sampling.SCHEDULER_NAMES, default="karras",
                                tooltip="Any ComfyUI scheduler."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -160,9 +164,9 @@ class PoEScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, scheduler, steps, denoise) -> io.NodeOutput:
-        check_choice("PoEScheduler", "scheduler", scheduler, comfy_bridge.SCHEDULER_NAMES, "scheduler")
+        check_choice("PoEScheduler", "scheduler", scheduler, comfy_sampling.SCHEDULER_NAMES, "scheduler")
         guider = _guider("PoEScheduler", experts)
-        return io.NodeOutput(comfy_bridge.compute_sigmas(guider, "euler", scheduler, steps, denoise))
+        return io.NodeOutput(comfy_sampling.compute_sigmas(guider, "euler", scheduler, steps, denoise))
 
 
 def describe_corrector(c: correctors.CorrectorConfig) -> str:
@@ -242,4 +246,4 @@ class PoECorrectedSampler(io.ComfyNode):
     @classmethod
     def execute(cls, sampler, corrector) -> io.NodeOutput:
         with node_input("PoECorrectedSampler", "sampler"):
-            return io.NodeOutput(comfy_correctors.correct_sampler(sampler, corrector))
+            return io.NodeOutput(with_corrector(sampler, corrector))

@@ -1,4 +1,4 @@
-"""Pure-torch sampling core: the product-of-experts rule, the schedule bridge, the correctors.
-
-Nothing here imports ComfyUI, except the ``comfy_*`` bridge modules, which nodes import.
+"""The sampling core: the product-of-experts rule, noise levels, nulls, MCMC correctors, resampling
+and reliability from variance. Pure torch: nothing here imports ComfyUI; the ComfyUI glue lives in
+the ``comfy`` subpackage (see docs/architecture.md).
 """

@@ -55,7 +55,7 @@ then says where they count. With a scalar weight this is the exact per-frequency
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
@@ -218,6 +218,34 @@ def resolution_factor(canvas: tuple[int, int], expert: tuple[int, int], who: str
         raise ValueError(f"{who} makes {eh} x {ew} images, and the canvas is {h} x {w}: a lower-resolution expert "
                          f"needs the canvas to be the same integer multiple of its size on both sides")
     return h // eh
+
+
+def with_resolution_factors(bindings: Sequence, node: str = "PoEKSampler", canvas: int | None = None):
+    """The bindings (``poe.Binding``) with each expert's resolution factor k = canvas / its resolution,
+    and the canvas side (default: the largest expert's). Experts without a fixed resolution (ComfyUI
+    MODELs) take the canvas (k = 1); sizes that are not an integer multiple, or latent experts below
+    the canvas, are refused. Returns (bindings, canvas); canvas ``None`` when no expert has a size."""
+    experts = [getattr(b.expert, "expert", b.expert) for b in bindings]
+    sizes = [getattr(e, "resolution", None) for e in experts]
+    known = [s for s in sizes if s]
+    if not known:
+        return list(bindings), canvas
+    canvas = canvas or max(known)
+    out = []
+    for i, (b, e, size) in enumerate(zip(bindings, experts, sizes), 1):
+        if not size:
+            out.append(b)
+            continue
+        who = f"{node}: input 'experts': binding {i} ({e.name})"
+        if size > canvas:
+            raise ValueError(f"{who} makes {size}px images, larger than the {canvas}px canvas; sample at {size}px or "
+                             "more, a multiple of every expert's size")
+        k = resolution_factor((canvas, canvas), (size, size), who)
+        if k > 1 and getattr(e, "latent", False):
+            raise ValueError(f"{who} works in a latent space, which does not pool like pixels, so it cannot serve a "
+                             "larger canvas; use it at its own size")
+        out.append(b if k == b.resolution_factor else replace(b, resolution_factor=k))
+    return out, canvas
 
 
 def at_canvas(v, h: int, w: int, k: int):

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from . import bridge
+from . import noise_levels
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,13 @@ class StepCoefficients:
 def step_coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> StepCoefficients:
     """The coefficients of the step t-1 <- t of an expert's own schedule, for continuous t.
 
-    ``ab`` between table entries follows the schedule bridge (log sigma interpolated); t is kept
+    ``ab`` between table entries follows ``noise_levels`` (log sigma interpolated); t is kept
     >= 1, where beta~ is positive (IDDPM clips its log at t = 0 the same way).
     """
     t = torch.as_tensor(t, dtype=torch.float64).clamp_min(1.0)
 
     def ab(s):
-        sigma = bridge.sigma_from_timestep(s, alphas_cumprod)
+        sigma = noise_levels.sigma_from_timestep(s, alphas_cumprod)
         return 1 / (1 + sigma**2)
 
     ab_t, ab_prev = ab(t), ab(t - 1)

@@ -1,16 +1,19 @@
 """Shared test set-up.
 
-The pack's pure packages (``samplers``, ``model_loaders``) are imported as top-level packages with
-the repository root appended to ``sys.path``. ComfyUI's root goes first, so that its ``nodes``
-module is never shadowed by the pack's ``nodes/`` folder.
+Tests import the pack as the package ``unite_and_conquer`` (``from unite_and_conquer.samplers import
+poe``), which the pack's ``__init__.py`` registers from this checkout; when ComfyUI later loads the
+pack from ``custom_nodes``, it hands over to that same package, so every module exists once. The
+repository folder never goes on ``sys.path``; ComfyUI's root does, for ``comfy`` and its peers.
 """
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 COMFY = Path(os.environ.get("UAC_COMFYUI", REPO / ".cache" / "ComfyUI"))
@@ -18,15 +21,12 @@ FIXTURES = Path(os.environ.get("UAC_FIXTURES", REPO.parent / "shared" / "fixture
 
 if COMFY.is_dir() and str(COMFY) not in sys.path:
     sys.path.insert(0, str(COMFY))
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-if str(REPO / "tests") not in sys.path:
-    sys.path.append(str(REPO / "tests"))
+    # ComfyUI picks its device when comfy.model_management is first imported, whichever test does it.
+    from comfy.cli_args import args
 
-# ComfyUI's nodes.py puts comfy/ (which holds a samplers.py) first on sys.path: bind the pack's
-# pure packages to their names before any test starts ComfyUI.
-import model_loaders  # noqa: E402,F401
-import samplers  # noqa: E402,F401
+    args.cpu = args.cpu or not torch.cuda.is_available()
+
+runpy.run_path(str(REPO / "__init__.py"))  # registers the package unite_and_conquer
 
 
 @pytest.fixture(scope="session")

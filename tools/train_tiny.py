@@ -22,19 +22,20 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
+import runpy
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
 
-from model_loaders.schedules import alphas_cumprod_for  # noqa: E402
-from model_loaders.tiny import default_config, metadata_for, network_from_config, read_config  # noqa: E402
-from samplers import variance_reliability as vr  # noqa: E402
-from tools import digits  # noqa: E402
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for  # noqa: E402
+from unite_and_conquer.model_loaders.tiny import default_config, metadata_for, network_from_config, read_config  # noqa: E402,E501
+from unite_and_conquer.samplers import variance_reliability as vr  # noqa: E402
+from unite_and_conquer.tools import digits  # noqa: E402
 
 MODALITY_INDEX = {"class": 0, "colour": 1, "layout": 2}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import bench_poe, report
-from samplers import poe
+from unite_and_conquer.benchmarks import bench_poe, report
+from unite_and_conquer.samplers import poe
 from support.small_models import one_thread  # noqa: F401  (autouse)
 
 

@@ -14,8 +14,8 @@ import re
 import pytest
 import torch
 
-from benchmarks import eval_digits as ev
-from tools import digits
+from unite_and_conquer.benchmarks import eval_digits as ev
+from unite_and_conquer.tools import digits
 
 CI_STEPS = 12
 CI_WEIGHT = (4.0, 2.0, 2.0)
@@ -119,7 +119,7 @@ def test_correction_beats_plain_sampling_at_equal_evaluations():
     Observed when this was written: 0.737 corrected against 0.610 plain at 48 evaluations (and 0.627
     for the plain product at 12 steps); on 1000 samples with 30 steps, 4 steps gave 0.797 vs 0.595 and the
     node's 6 steps 0.830 vs 0.596 (BENCHMARKS.md)."""
-    from samplers import correctors
+    from unite_and_conquer.samplers import correctors
 
     torch.set_num_threads(1)
     config = correctors.CorrectorConfig(**CI_CORRECTOR)

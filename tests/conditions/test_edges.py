@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conditions.edges import canny_edges
+from unite_and_conquer.conditions.edges import canny_edges
 
 
 def _square(level: int, background: int = 0) -> torch.Tensor:

@@ -4,24 +4,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.nodes import bands as bands_nodes
+from unite_and_conquer.nodes import bindings as bindings_mod
+from unite_and_conquer.nodes import sampling
+from unite_and_conquer.samplers import bands, poe
+from unite_and_conquer.samplers.comfy.guider import ProductGuider
+from unite_and_conquer.samplers.comfy.models import wrap_expert
 from support.analytic import gaussian, gaussian_expert
-from support.comfy_harness import comfy_nodes, pack_module
-
-comfy_nodes()
-cb = pack_module("samplers.comfy_bridge")
-bindings_mod = pack_module("nodes.bindings")
-bands_nodes = pack_module("nodes.bands")
-sampling = pack_module("nodes.sampling")
-poe = pack_module("samplers.poe")
-bands = pack_module("samplers.bands")
 
 
 def analytic(name="gauss", resolution=8, schedule="linear"):
     e = gaussian_expert(alphas_cumprod_for(schedule), name, resolution)
     e.encoders["class"] = lambda k: gaussian(float(k) - 1.0, 0.25)
     e.class_names = ["a", "b", "c"]
-    return cb.wrap_expert(e)
+    return wrap_expert(e)
 
 
 def bind_class(expert, k, weight=1.0, reliability=1.0, experts=None):
@@ -78,7 +75,7 @@ def test_low_and_high_pass_of_one_expert_sample_like_it():
 def test_lower_resolution_expert_joins_a_larger_canvas():
     small, big = analytic("Small", 4, "cosine"), analytic("Big", 8)
     chain = bind_class(small, 2, weight=2.0, reliability=0.0, experts=bind_class(big, 2, reliability=1.0))
-    guider = cb.PoEGuider(chain)
+    guider = ProductGuider(chain)
     assert [b.resolution_factor for b in guider.bindings] == [1, 2]
     # Small serves sigma where sigma / 2 is inside its own range.
     small_hi = float(((1 - small.expert.alphas_cumprod) / small.expert.alphas_cumprod).sqrt().max())
@@ -94,7 +91,7 @@ def test_lower_resolution_expert_through_the_guider_matches_the_closed_form():
     # Big: pixels N(1, 0.25); Small: 2 x 2 block means N(1, 0.25) at sigma / 2; null N(0, 1) from Big only.
     small, big = analytic("Small", 4, "cosine"), analytic("Big", 8)
     chain = bind_class(small, 2, weight=2.0, reliability=0.0, experts=bind_class(big, 2, reliability=1.0))
-    guider = cb.PoEGuider(chain)
+    guider = ProductGuider(chain)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) + 1
     for s in (0.05, 0.5, 3.0):
         den = guider.predict_noise(x, torch.full((2,), s), {"transformer_options": {}})
@@ -111,7 +108,7 @@ def test_canvas_that_is_not_a_multiple_is_refused():
     a, b = analytic("A", 8), analytic("B", 6)
     chain = [poe.Binding(a, gaussian(0, 1), 1.0), poe.Binding(b, gaussian(0, 1), 1.0)]
     with pytest.raises(ValueError) as err:
-        cb.PoEGuider(chain)
+        ProductGuider(chain)
     assert str(err.value) == ("PoEGuider: input 'experts': binding 2 (B) makes 6 x 6 images, and the canvas is 8 x 8: "
                               "a lower-resolution expert needs the canvas to be the same integer multiple of its size "
                               "on both sides")

@@ -1,33 +1,34 @@
 """Tier (b): the MCMC-corrected sampler inside ComfyUI's own samplers, on the analytic product."""
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
 
-from model_loaders.schedules import alphas_cumprod_for
+import comfy.model_management
+import comfy.samplers
+
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.samplers import correctors, poe
+from unite_and_conquer.samplers.comfy.correctors import with_corrector
+from unite_and_conquer.samplers.comfy.guider import ProductGuider
+from unite_and_conquer.samplers.comfy.intervals import UNSPLITTABLE
+from unite_and_conquer.samplers.comfy.models import wrap_expert
+from unite_and_conquer.samplers.comfy.sampling import compute_sigmas
+from unite_and_conquer.samplers.correctors import CorrectorConfig
 from support.analytic import gaussian, gaussian_expert, product_gaussian
-from support.comfy_harness import comfy_nodes, pack_module
 
-comfy_nodes()
-import comfy.model_management  # noqa: E402
-import comfy.samplers  # noqa: E402
 
-cb = pack_module("samplers.comfy_bridge")
-poe = pack_module("samplers.poe")
-# Imported under the pack's package name, like the node modules that use it.
-cc = importlib.import_module(cb.__name__.rsplit(".", 1)[0] + ".comfy_correctors")
-Config = cc.CorrectorConfig
+Config = CorrectorConfig
 
 PARTS = [(1.0, 0.5), (-0.5, 0.8)]  # as in test_guider.py: nulls N(0, 1), w = (1, 1), a = (0.5, 0.5)
 TARGET = product_gaussian([(m, v, 1.0) for m, v in PARTS])
 
 
 def two_expert_product(resolution=4):
-    lin = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", resolution))
-    cos = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", resolution))
+    lin = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", resolution))
+    cos = wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", resolution))
     null = gaussian(0.0, 1.0)
     return [poe.Binding(h, gaussian(m, v), 1.0, 0.5, (null,)) for h, (m, v) in zip((lin, cos), PARTS)]
 
@@ -35,12 +36,12 @@ def two_expert_product(resolution=4):
 def sample(config, sampler="euler", steps=30, n=4096, seed=0, callback=None, denoise_mask=None, latent=None):
     """Returns (samples, product evaluations, sigmas)."""
     bindings = two_expert_product()
-    guider = cb.PoEGuider(bindings)
-    sigmas = cb.compute_sigmas(guider, sampler, "karras", steps, 1.0)
+    guider = ProductGuider(bindings)
+    sigmas = compute_sigmas(guider, sampler, "karras", steps, 1.0)
     if latent is None:
         latent = torch.zeros(max(1, math.ceil(n / 48)), 3, 4, 4)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    chosen = comfy.samplers.sampler_object(sampler) if config is None else cc.corrected_sampler(sampler, config)
+    chosen = comfy.samplers.sampler_object(sampler) if config is None else with_corrector(sampler, config)
     out = guider.sample(noise, latent, chosen, sigmas, denoise_mask=denoise_mask, callback=callback,
                         disable_pbar=True, seed=seed)
     return out, bindings[0].expert.expert.network.calls, sigmas
@@ -52,7 +53,7 @@ def w2(out):
 
 
 def levels_in_window(sigmas, config):
-    return sum(cc.correctors.in_window(float(s), config) for s in sigmas[1:])
+    return sum(correctors.in_window(float(s), config) for s in sigmas[1:])
 
 
 @pytest.mark.parametrize("method", ["ula", "uhmc", "mala"])
@@ -75,11 +76,11 @@ def test_evaluations_are_steps_plus_corrector_evaluations_in_window(sampler, con
     steps = len(sigmas) - 1
     levels = levels_in_window(sigmas, config)
     assert 0 < levels < steps
-    assert calls == steps + levels * cc.correctors.evaluations_per_level(config)
+    assert calls == steps + levels * correctors.evaluations_per_level(config)
     assert torch.isfinite(out).all() and out.std() > 0.1
 
 
-@pytest.mark.parametrize("sampler", [s for s in comfy.samplers.SAMPLER_NAMES if s not in cc.UNSPLITTABLE])
+@pytest.mark.parametrize("sampler", [s for s in comfy.samplers.SAMPLER_NAMES if s not in UNSPLITTABLE])
 def test_every_splittable_comfy_sampler_runs_corrected(sampler):
     """Each interval costs the sampler at least one evaluation, each level in the window one more."""
     out, calls, sigmas = sample(Config(steps=1), sampler=sampler, steps=6, n=64)
@@ -90,7 +91,7 @@ def test_every_splittable_comfy_sampler_runs_corrected(sampler):
 @pytest.mark.parametrize("sampler", ["dpm_fast", "dpm_adaptive"])
 def test_samplers_that_pick_their_own_steps_are_refused(sampler):
     with pytest.raises(ValueError, match=rf"^{sampler} chooses its own steps and cannot run one interval at a time"):
-        cc.corrected_sampler(sampler, Config())
+        with_corrector(sampler, Config())
 
 
 def test_none_returns_the_plain_sampler_and_its_samples():

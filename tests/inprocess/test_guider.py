@@ -6,41 +6,41 @@ import math
 import pytest
 import torch
 
-from model_loaders.schedules import alphas_cumprod_for
-from samplers import bridge
+import comfy.samplers
+
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.samplers import noise_levels, poe
+from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
+from unite_and_conquer.samplers.comfy.guider import ProductGuider
+from unite_and_conquer.samplers.comfy.models import wrap_expert
+from unite_and_conquer.samplers.comfy.sampling import compute_sigmas
 from support.analytic import gaussian, gaussian_expert, product_gaussian
-from support.comfy_harness import comfy_nodes, pack_module
 
-comfy_nodes()
-import comfy.samplers  # noqa: E402
-
-cb = pack_module("samplers.comfy_bridge")
-poe = pack_module("samplers.poe")
 
 PARTS = [(1.0, 0.5), (-0.5, 0.8)]  # (mean, variance) of the two experts' conditionals; nulls are N(0, 1)
 
 
 def two_expert_product(weights=(1.0, 1.0), reliabilities=(0.5, 0.5), resolution=4):
-    lin = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", resolution))
-    cos = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", resolution))
+    lin = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-linear", resolution))
+    cos = wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss-cosine", resolution))
     null = gaussian(0.0, 1.0)
     return [poe.Binding(h, gaussian(m, v), w, a, (null,), label=f"N({m}, {v})")
             for h, (m, v), w, a in zip((lin, cos), PARTS, weights, reliabilities)]
 
 
 def sample(bindings, n=4096, sampler="euler", scheduler="karras", steps=30, seed=0, resolution=4):
-    guider = cb.PoEGuider(bindings)
-    sigmas = cb.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
+    guider = ProductGuider(bindings)
+    sigmas = compute_sigmas(guider, sampler, scheduler, steps, 1.0)
     pixels = resolution * resolution * 3
     batch = max(1, math.ceil(n / pixels))
     latent = torch.zeros(batch, 3, resolution, resolution)
-    return cb.sample(guider, latent, seed, sampler, sigmas, preview=False)
+    return comfy_sampling.sample(guider, latent, seed, sampler, sigmas, preview=False)
 
 
 def test_common_range_is_the_intersection_of_linear_and_cosine():
-    guider = cb.PoEGuider(two_expert_product())
+    guider = ProductGuider(two_expert_product())
     lo, hi = guider.sigma_range
-    (l0, l1), (c0, c1) = (bridge.sigma_range(alphas_cumprod_for(s)) for s in ("linear", "cosine"))
+    (l0, l1), (c0, c1) = (noise_levels.sigma_range(alphas_cumprod_for(s)) for s in ("linear", "cosine"))
     assert c0 < l0 and l1 < c1   # linear is the narrower at both ends: 0.01 .. 157 versus cosine's ~0.006 .. 2e4
     assert lo == pytest.approx(l0, rel=1e-5) and hi == pytest.approx(l1, rel=1e-5)
 
@@ -61,7 +61,7 @@ def test_analytic_product_statistics_match_the_closed_form():
 
 def test_single_gaussian_expert_is_sampled_exactly():
     """With one binding the product is that expert, and the sampler must reproduce its data law."""
-    h = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss", 4))
+    h = wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "gauss", 4))
     out = sample([poe.Binding(h, gaussian(0.7, 0.3), 1.0, 0.0)], n=4096 * 48, sampler="dpmpp_2m", scheduler="simple", steps=50)
     assert out.mean().item() == pytest.approx(0.7, abs=0.01)
     assert out.var().item() == pytest.approx(0.3, abs=0.01)
@@ -85,8 +85,8 @@ def test_every_comfy_sampler_runs_the_product(sampler):
 
 @pytest.mark.parametrize("scheduler", comfy.samplers.SCHEDULER_NAMES)
 def test_every_comfy_scheduler_stays_inside_the_common_range(scheduler):
-    guider = cb.PoEGuider(two_expert_product())
-    sigmas = cb.compute_sigmas(guider, "euler", scheduler, 12, 1.0)
+    guider = ProductGuider(two_expert_product())
+    sigmas = compute_sigmas(guider, "euler", scheduler, 12, 1.0)
     lo, hi = guider.sigma_range
     positive = sigmas[sigmas > 0]
     assert positive.max() <= hi * (1 + 1e-4) and positive.min() >= lo * (1 - 1e-4)
@@ -97,7 +97,7 @@ def test_every_comfy_scheduler_stays_inside_the_common_range(scheduler):
 
 def test_cfg_pp_samplers_receive_the_pooled_null():
     bindings = two_expert_product(weights=(1.0, 1.0), reliabilities=(1.0, 0.0))
-    guider = cb.PoEGuider(bindings)
+    guider = ProductGuider(bindings)
     seen = {}
 
     def post(args):
@@ -126,7 +126,7 @@ def test_nan_mid_sampling_names_the_expert_and_step():
 
     e = gaussian_expert(alphas_cumprod_for("linear"), "Broken", 4)
     e.network = NaNAfter(e.network)
-    h = cb.wrap_expert(e)
+    h = wrap_expert(e)
     with pytest.raises(FloatingPointError, match=r"^Broken returned NaN or Inf at sigma=[0-9.]+; .* at step \d+ of 20$"):
         sample([poe.Binding(h, gaussian(0.0, 1.0), 1.0, 0.0)], n=16, steps=20)
 
@@ -145,13 +145,13 @@ def test_out_of_memory_retries_in_smaller_chunks_then_says_what_to_change():
             return self.inner(x, t, mu, var)
 
     e = gaussian_expert(alphas_cumprod_for("linear"), "Big", 4)
-    reference = sample([poe.Binding(cb.wrap_expert(e), gaussian(0.5, 0.5), 2.0, 1.0, (gaussian(0.0, 1.0),))],
+    reference = sample([poe.Binding(wrap_expert(e), gaussian(0.5, 0.5), 2.0, 1.0, (gaussian(0.0, 1.0),))],
                        n=48 * 16, steps=6)
     e.network = OOMAbove(e.network, limit=5)
-    chunked = sample([poe.Binding(cb.wrap_expert(e), gaussian(0.5, 0.5), 2.0, 1.0, (gaussian(0.0, 1.0),))],
+    chunked = sample([poe.Binding(wrap_expert(e), gaussian(0.5, 0.5), 2.0, 1.0, (gaussian(0.0, 1.0),))],
                      n=48 * 16, steps=6)
     torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
     e.network.limit = 0
     with pytest.raises(MemoryError, match=r"^Big ran out of memory even one image at a time; load it with dtype "
                                           r"fp16 or bf16, start ComfyUI with --lowvram"):
-        sample([poe.Binding(cb.wrap_expert(e), gaussian(0.5, 0.5), 1.0, 0.0)], n=48, steps=2)
+        sample([poe.Binding(wrap_expert(e), gaussian(0.5, 0.5), 1.0, 0.0)], n=48, steps=2)

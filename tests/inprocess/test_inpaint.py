@@ -6,13 +6,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import model_loaders
-from support.comfy_harness import comfy_nodes, pack_module
-
-comfy_nodes()
-cb = pack_module("samplers.comfy_bridge")
-bindings = pack_module("nodes.bindings")
-sampling = pack_module("nodes.sampling")
+from unite_and_conquer import model_loaders
+from unite_and_conquer.nodes import bindings, sampling
+from unite_and_conquer.samplers.comfy.models import wrap_expert
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +23,7 @@ def inpaint_expert(fixtures_dir, tmp_path_factory):
     sd["input_blocks.0.0.weight"] = torch.cat([w, (torch.randn(32, 4, 3, 3, generator=g) * 0.1).to(w)], dim=1)
     out = tmp_path_factory.mktemp("inpaint") / "base_inpaint.safetensors"
     save_file(sd, str(out), metadata={**meta, "inpaint": "True"})
-    return cb.wrap_expert(model_loaders.load_expert(str(out)))
+    return wrap_expert(model_loaders.load_expert(str(out)))
 
 
 def test_inpaint_binding_uses_comfy_mask_convention_and_keeps_known_pixels(inpaint_expert):

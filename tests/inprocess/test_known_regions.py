@@ -1,29 +1,26 @@
 """Tier (b): RePaint resampling inside ComfyUI's samplers, on analytic experts with a known top half."""
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
 
-from model_loaders.expert import Expert
-from model_loaders.schedules import alphas_cumprod_for
-from samplers import bridge
+import comfy.model_management
+import comfy.samplers
+
+from unite_and_conquer.model_loaders.expert import Expert
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.nodes import known_regions
+from unite_and_conquer.samplers import correctors, noise_levels, poe
+from unite_and_conquer.samplers.comfy.correctors import with_corrector
+from unite_and_conquer.samplers.comfy.guider import ProductGuider
+from unite_and_conquer.samplers.comfy.models import wrap_expert
+from unite_and_conquer.samplers.comfy.resampling import ResampledKSampler, with_resampling
+from unite_and_conquer.samplers.comfy.sampling import compute_sigmas, sample
+from unite_and_conquer.samplers.correctors import CorrectorConfig
 from support.analytic import gaussian, gaussian_expert, product_gaussian
-from support.comfy_harness import comfy_nodes, pack_module
 
-comfy_nodes()
-import comfy.model_management  # noqa: E402
-import comfy.samplers  # noqa: E402
-
-cb = pack_module("samplers.comfy_bridge")
-poe = pack_module("samplers.poe")
-PACK = cb.__name__.rsplit(".", 2)[0]
-# Imported under the pack's package name, like the node modules that use them.
-cr = importlib.import_module(f"{PACK}.samplers.comfy_resampling")
-cc = importlib.import_module(f"{PACK}.samplers.comfy_correctors")
-known_regions = importlib.import_module(f"{PACK}.nodes.known_regions")
 
 RES = 4
 
@@ -41,7 +38,7 @@ class CorrelatedGaussianEps(torch.nn.Module):
 
     def forward(self, x, t, mu):
         self.calls += 1
-        sigma = bridge.sigma_from_timestep(t.double().cpu(), self.alphas_cumprod.cpu()).to(x.device)
+        sigma = noise_levels.sigma_from_timestep(t.double().cpu(), self.alphas_cumprod.cpu()).to(x.device)
         ab = (1 / (1 + sigma**2)).float().view(-1, 1, 1)
         b, c, h, w = x.shape
         y = (x - ab.view(-1, 1, 1, 1).sqrt() * mu).reshape(b, c, h * w) @ self.vecs
@@ -65,7 +62,7 @@ def correlated_product():
     expert = Expert(network=net, name="correlated", family="analytic", resolution=RES,
                     alphas_cumprod=alphas_cumprod_for("linear"), encoders={},
                     null_condition={"mu": torch.zeros(1, 3, 1, 1)})
-    return cb.PoEGuider([poe.Binding(cb.wrap_expert(expert), {"mu": torch.zeros(1, 3, 1, 1)}, 1.0, 0.0)]), net
+    return ProductGuider([poe.Binding(wrap_expert(expert), {"mu": torch.zeros(1, 3, 1, 1)}, 1.0, 0.0)]), net
 
 
 def exact_conditional():
@@ -99,10 +96,10 @@ def gaussian_w2(samples: torch.Tensor) -> float:
 def complete(guider, sampler, steps=10, batch=256, seed=0, jump=None, count=1, scheduler="karras"):
     chosen = comfy.samplers.sampler_object(sampler) if isinstance(sampler, str) else sampler
     if count > 1:
-        chosen = cr.resampled_sampler(chosen, jump, count)
+        chosen = with_resampling(chosen, jump, count)
     latent, mask = known_top(batch)
-    sigmas = cb.compute_sigmas(guider, "euler", scheduler, steps, 1.0)
-    return cb.sample(guider, latent, seed, chosen, sigmas, noise_mask=mask, preview=False), latent
+    sigmas = compute_sigmas(guider, "euler", scheduler, steps, 1.0)
+    return sample(guider, latent, seed, chosen, sigmas, noise_mask=mask, preview=False), latent
 
 
 def bottom(out):
@@ -122,9 +119,9 @@ def test_the_wrapper_itself_keeps_known_pixels_up_to_rounding():
     """Without the bridge's final copy, the inpainting model wrapper already holds the top half."""
     guider, _ = correlated_product()
     latent, mask = known_top(16)
-    sigmas = cb.compute_sigmas(guider, "euler", "karras", 6, 1.0)
+    sigmas = compute_sigmas(guider, "euler", "karras", 6, 1.0)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    out = guider.sample(noise, latent, cr.resampled_sampler(comfy.samplers.sampler_object("euler"), 3, 2), sigmas,
+    out = guider.sample(noise, latent, with_resampling(comfy.samplers.sampler_object("euler"), 3, 2), sigmas,
                         denoise_mask=mask, disable_pbar=True, seed=0)
     top = KNOWN.reshape(RES, RES)
     torch.testing.assert_close(out[:, :, top], latent[:, :, top], atol=1e-5, rtol=0)
@@ -170,8 +167,8 @@ def test_callbacks_count_every_interval_the_walk_runs():
     guider, _ = correlated_product()
     latent, mask = known_top(4)
     seen = []
-    sigmas = cb.compute_sigmas(guider, "euler", "karras", 6, 1.0)
-    guider.sample(torch.randn(latent.shape), latent, cr.resampled_sampler(comfy.samplers.sampler_object("euler"), 3, 2),
+    sigmas = compute_sigmas(guider, "euler", "karras", 6, 1.0)
+    guider.sample(torch.randn(latent.shape), latent, with_resampling(comfy.samplers.sampler_object("euler"), 3, 2),
                   sigmas, denoise_mask=mask, callback=lambda i, den, x, total: seen.append((i, total)),
                   disable_pbar=True, seed=0)
     assert seen == [(i, 12) for i in range(12)]
@@ -180,10 +177,10 @@ def test_callbacks_count_every_interval_the_walk_runs():
 def test_composes_with_the_mcmc_corrector():
     """Resampling wraps the corrector: each interval run is corrected at the level it reaches."""
     guider, net = correlated_product()
-    config = cc.CorrectorConfig(method="ula", steps=2, sigma_window=(0.5, math.inf))
-    corrected = cc.correct_sampler(comfy.samplers.sampler_object("euler"), config)
-    sigmas = cb.compute_sigmas(guider, "euler", "karras", 6, 1.0)
-    levels = [cc.correctors.in_window(float(s), config) for s in sigmas[1:]]
+    config = CorrectorConfig(method="ula", steps=2, sigma_window=(0.5, math.inf))
+    corrected = with_corrector(comfy.samplers.sampler_object("euler"), config)
+    sigmas = compute_sigmas(guider, "euler", "karras", 6, 1.0)
+    levels = [correctors.in_window(float(s), config) for s in sigmas[1:]]
     out, latent = complete(guider, corrected, steps=6, batch=8, jump=2, count=3)
     assert net.calls == 6 * 3 + 3 * sum(levels) * 2
     top = KNOWN.reshape(RES, RES)
@@ -192,8 +189,8 @@ def test_composes_with_the_mcmc_corrector():
 
 def test_the_corrector_cannot_wrap_a_resampling_sampler():
     guider, _ = correlated_product()
-    resampled = cr.resampled_sampler(comfy.samplers.sampler_object("euler"), 2, 2)
-    wrong_order = cc.correct_sampler(resampled, cc.CorrectorConfig(method="ula"))
+    resampled = with_resampling(comfy.samplers.sampler_object("euler"), 2, 2)
+    wrong_order = with_corrector(resampled, CorrectorConfig(method="ula"))
     with pytest.raises(ValueError, match=r"^a resampling sampler \(PoEResample\) was wrapped by another "
                                          r"interval-by-interval sampler, which would drop the resampling: apply the "
                                          r"MCMC corrector \(PoECorrectedSampler\) first and PoEResample last$"):
@@ -202,13 +199,13 @@ def test_the_corrector_cannot_wrap_a_resampling_sampler():
 
 def test_refusals():
     euler = comfy.samplers.sampler_object("euler")
-    assert cr.resampled_sampler(euler, 5, 1) is euler
+    assert with_resampling(euler, 5, 1) is euler
     with pytest.raises(ValueError, match=r"^dpm_adaptive chooses its own steps and cannot run one interval at a time"):
-        cr.resampled_sampler(comfy.samplers.sampler_object("dpm_adaptive"), 2, 2)
+        with_resampling(comfy.samplers.sampler_object("dpm_adaptive"), 2, 2)
     with pytest.raises(ValueError, match=r"^this sampler already resamples \(PoEResample\)"):
-        cr.resampled_sampler(cr.resampled_sampler(euler, 2, 2), 2, 2)
+        with_resampling(with_resampling(euler, 2, 2), 2, 2)
     with pytest.raises(ValueError, match=r"^jump_length and count must be >= 1, got 0 and 2$"):
-        cr.resampled_sampler(euler, 0, 2)
+        with_resampling(euler, 0, 2)
 
 
 def test_interrupt_stops_the_resampled_run():
@@ -224,7 +221,7 @@ def test_interrupt_stops_the_resampled_run():
 def test_resample_node_and_image_to_latent_node():
     sampler, = known_regions.PoEResample.execute(sampler=comfy.samplers.sampler_object("euler"), jump_length=3,
                                                  count=4).args
-    assert isinstance(sampler, cr.ResampledKSampler) and (sampler.jump_length, sampler.count) == (3, 4)
+    assert isinstance(sampler, ResampledKSampler) and (sampler.jump_length, sampler.count) == (3, 4)
     with pytest.raises(ValueError, match=r"^PoEResample: input 'sampler': dpm_fast chooses its own steps"):
         known_regions.PoEResample.execute(sampler=comfy.samplers.sampler_object("dpm_fast"), jump_length=3, count=4)
     image = torch.rand(2, 8, 8, 3)
@@ -239,10 +236,10 @@ def test_resample_node_and_image_to_latent_node():
 
 def test_ksampler_style_completion_with_a_class_expert_keeps_the_top_half():
     """The product of two analytic experts (not one correlated expert) through the same path."""
-    e1 = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "A", RES))
-    e2 = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "B", RES))
+    e1 = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "A", RES))
+    e2 = wrap_expert(gaussian_expert(alphas_cumprod_for("cosine"), "B", RES))
     null = gaussian(0.0, 1.0)
-    guider = cb.PoEGuider([poe.Binding(e1, gaussian(1.0, 0.5), 1.0, 0.5, (null,)),
+    guider = ProductGuider([poe.Binding(e1, gaussian(1.0, 0.5), 1.0, 0.5, (null,)),
                            poe.Binding(e2, gaussian(-0.5, 0.8), 1.0, 0.5, (null,))])
     out, latent = complete(guider, "dpmpp_2m", steps=8, batch=128, jump=2, count=3)
     top = KNOWN.reshape(RES, RES)

@@ -11,18 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.comfy_harness import comfy_nodes, pack_module
+import comfy.model_management
+import folder_paths
+
+from unite_and_conquer.nodes import bindings, loaders, sampling
+from unite_and_conquer.samplers import poe
+from unite_and_conquer.samplers.comfy import guider
+from unite_and_conquer.samplers.comfy.models import device_choices
 from support.fuzz import write_tiny
 
-comfy_nodes()
-import comfy.model_management  # noqa: E402
-import folder_paths  # noqa: E402
-
-cb = pack_module("samplers.comfy_bridge")
-poe = pack_module("samplers.poe")
-loaders = pack_module("nodes.loaders")
-bindings = pack_module("nodes.bindings")
-sampling = pack_module("nodes.sampling")
 
 CPU_AUTO = comfy.model_management.get_torch_device().type == "cpu"
 
@@ -57,24 +54,24 @@ def sample(chain, steps=3):
 def record_forwards(monkeypatch):
     """Each expert forward as (expert, its device, x's device, its conditions' devices, its weights' device)."""
     seen = []
-    original = cb.forward_in_chunks
+    original = guider.forward_in_chunks
 
     def spy(handle, x, sigma, condition, options, chunks=1):
         weights = next(handle.expert.network.parameters()).device
         seen.append((handle.name, handle.device, x.device, {v.device for v in condition.values()}, weights))
         return original(handle, x, sigma, condition, options, chunks)
-    monkeypatch.setattr(cb, "forward_in_chunks", spy)
+    monkeypatch.setattr(guider, "forward_in_chunks", spy)
     return seen
 
 
 def test_device_choices_are_auto_cpu_and_each_cuda_device():
     cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    assert cb.device_choices() == ["auto", "cpu", *cuda]
+    assert device_choices() == ["auto", "cpu", *cuda]
     if not torch.cuda.is_available():
-        assert cb.device_choices() == ["auto", "cpu"]
+        assert device_choices() == ["auto", "cpu"]
     schema = loaders.PoEExpertLoader.define_schema()
     option = next(i for i in schema.inputs if i.id == "device")
-    assert option.options == cb.device_choices() and option.default == "auto" and option.optional
+    assert option.options == device_choices() and option.default == "auto" and option.optional
 
 
 def test_cpu_device_gives_a_patcher_that_loads_on_the_cpu(experts):
@@ -116,7 +113,7 @@ def test_auto_and_cpu_experts_sample_what_two_auto_experts_sample(experts, monke
 
 
 def test_a_device_this_machine_lacks_is_refused_by_name(experts):
-    choices = ", ".join(cb.device_choices())
+    choices = ", ".join(device_choices())
     with pytest.raises(ValueError) as err:
         load(experts["class"], device="cuda:99")
     assert str(err.value) == f"PoEExpertLoader: input 'device': unknown device 'cuda:99'; pick one of: {choices}"

@@ -9,16 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import folder_paths
+
+from unite_and_conquer.model_loaders import speed
+from unite_and_conquer.nodes import bindings, loaders, sampling
 from support.checkpoints import small_adm
-from support.comfy_harness import comfy_nodes, pack_module
-
-comfy_nodes()
-import folder_paths  # noqa: E402
-
-loaders = pack_module("nodes.loaders")
-bindings = pack_module("nodes.bindings")
-sampling = pack_module("nodes.sampling")
-speed = pack_module("model_loaders.speed")
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.nodes import bindings as bindings_mod
+from unite_and_conquer.nodes import sampling, utilities
+from unite_and_conquer.samplers.comfy.models import wrap_expert
 from support.analytic import gaussian, gaussian_expert, product_gaussian
-from support.comfy_harness import comfy_nodes, pack_module
-
-comfy_nodes()
-cb = pack_module("samplers.comfy_bridge")
-bindings_mod = pack_module("nodes.bindings")
-sampling = pack_module("nodes.sampling")
-utilities = pack_module("nodes.utilities")
 
 
 def analytic(schedule="linear", name="gauss", resolution=8, classes=None):
@@ -21,7 +17,7 @@ def analytic(schedule="linear", name="gauss", resolution=8, classes=None):
     e.encoders["class"] = lambda k: gaussian(float(k) - 1.0, 0.25)
     e.encoders["segmentation"] = lambda m, slot=None: {"mu": (m * 2 - 1).expand(-1, 3, -1, -1), "var": torch.full((1, 3, 1, 1), 0.1)}
     e.class_names = classes or ["a", "b", "c"]
-    return cb.wrap_expert(e)
+    return wrap_expert(e)
 
 
 def bind_class(expert, k, weight=1.0, reliability=1.0, experts=None, **kw):
@@ -95,7 +91,7 @@ def test_mixed_resolutions_are_refused_when_chaining():
 
 
 def test_unknown_modality_and_class_errors():
-    plain = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "Plain", 8))
+    plain = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "Plain", 8))
     with pytest.raises(ValueError, match=r"^PoEBindClass: input 'class_index': Plain does not take a 'class' "
                                          r"condition; it accepts: gaussian$"):
         bind_class(plain, 1)

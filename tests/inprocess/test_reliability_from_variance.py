@@ -9,14 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.nodes import bindings as bindings_mod
+from unite_and_conquer.samplers import poe
+from unite_and_conquer.samplers.comfy.guider import ProductGuider
+from unite_and_conquer.samplers.comfy.models import wrap_expert
 from support.analytic import gaussian, gaussian_expert, learned_sigma_gaussian_expert
-from support.comfy_harness import comfy_nodes, pack_module
 
-comfy_nodes()
-cb = pack_module("samplers.comfy_bridge")
-poe = pack_module("samplers.poe")
-bindings_mod = pack_module("nodes.bindings")
 
 NULL_VARS = {"A": 0.2, "B": 2.0}          # the narrower null should take most of the pooled null
 PARTS = {"A": (1.0, 0.5, 2.0, 1.0), "B": (-0.5, 0.8, 1.0, 3.0)}   # mean, variance, weight, reliability
@@ -25,7 +24,7 @@ PARTS = {"A": (1.0, 0.5, 2.0, 1.0), "B": (-0.5, 0.8, 1.0, 3.0)}   # mean, varian
 def chain():
     out = []
     for name, schedule in (("A", "linear"), ("B", "cosine")):
-        e = cb.wrap_expert(learned_sigma_gaussian_expert(alphas_cumprod_for(schedule), f"learned-{name}", 4,
+        e = wrap_expert(learned_sigma_gaussian_expert(alphas_cumprod_for(schedule), f"learned-{name}", 4,
                                                          null_var=NULL_VARS[name]))
         mu, var, w, a = PARTS[name]
         out.append(poe.Binding(e, gaussian(mu, var), w, a, (e.expert.null_condition,), label=name))
@@ -42,7 +41,7 @@ def test_guider_weights_the_nulls_by_their_closed_form_precision(sigma):
     rule = flagged.ui["text"][0]
     assert rule.splitlines()[-1] == ("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned "
                                      "variances (experimental)")
-    guider = cb.PoEGuider(flagged.args[0])
+    guider = ProductGuider(flagged.args[0])
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * sigma
     s = torch.full((2,), sigma)
     got = guider.predict_noise(x, s)
@@ -54,7 +53,7 @@ def test_guider_weights_the_nulls_by_their_closed_form_precision(sigma):
     expected = sum(PARTS[k][2] * cond[k] for k in PARTS) - (total_w - 1) * pooled
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-4)
     # Without the node, the same chain pools the nulls 1 : 3 and the answer differs.
-    plain = cb.PoEGuider(chain()).predict_noise(x, s)
+    plain = ProductGuider(chain()).predict_noise(x, s)
     uniform = 0.25 * nulls["A"][0] + 0.75 * nulls["B"][0]
     torch.testing.assert_close(plain, sum(PARTS[k][2] * cond[k] for k in PARTS) - (total_w - 1) * uniform,
                                rtol=2e-3, atol=2e-4)
@@ -62,7 +61,7 @@ def test_guider_weights_the_nulls_by_their_closed_form_precision(sigma):
 
 
 def test_node_refuses_a_null_from_an_expert_without_a_variance():
-    plain = cb.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-eps", 4))
+    plain = wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss-eps", 4))
     bindings = chain() + [poe.Binding(plain, gaussian(0.0, 0.3), 1.0, 1.0, (plain.expert.null_condition,),
                                       label="C")]
     with pytest.raises(ValueError) as err:

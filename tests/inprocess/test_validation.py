@@ -12,18 +12,13 @@ import re
 import pytest
 import torch
 
-import model_loaders
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer import model_loaders
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.nodes import bindings, loaders, sampling, utilities
+from unite_and_conquer.samplers.comfy.models import wrap_expert
 from support.analytic import gaussian_expert
-from support.comfy_harness import comfy_nodes, pack_module
 from support.fuzz import write_tiny
 
-comfy_nodes()
-cb = pack_module("samplers.comfy_bridge")
-bindings = pack_module("nodes.bindings")
-sampling = pack_module("nodes.sampling")
-utilities = pack_module("nodes.utilities")
-loaders = pack_module("nodes.loaders")
 
 NAN_IMAGE = torch.zeros(1, 8, 8, 3).index_put_((torch.tensor([0]),) * 4, torch.tensor([float("nan")]))
 
@@ -35,7 +30,7 @@ def analytic(name="gauss", resolution=8, null=True):
     e.class_names = ["a", "b", "c"]
     if not null:
         e.null_condition = None
-    return cb.wrap_expert(e)
+    return wrap_expert(e)
 
 
 def analytic_sketch():
@@ -48,7 +43,7 @@ def analytic_sketch():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_validation")
-    return {m: cb.wrap_expert(model_loaders.load_expert(str(write_tiny(folder / f"{m}.safetensors", m))))
+    return {m: wrap_expert(model_loaders.load_expert(str(write_tiny(folder / f"{m}.safetensors", m))))
             for m in ("class", "colour", "layout")}
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import model_loaders
-from model_loaders import adm
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer import model_loaders
+from unite_and_conquer.model_loaders import adm
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
 from support import small_models
 from support.small_models import one_thread  # noqa: F401  (autouse)
 
@@ -181,7 +181,7 @@ def test_qkv_orders_differ(built):
     """Loading the new-order model with the legacy order changes the output: the override is real."""
     case = CASES[0]
     ref, st, _ = built[case.name]
-    from model_loaders import read_checkpoint
+    from unite_and_conquer.model_loaders import read_checkpoint
 
     sd, meta = read_checkpoint(str(st))
     right = adm.build(sd, meta, "adm")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import model_loaders
-from model_loaders.expert import v_to_eps
-from model_loaders.schedules import alphas_cumprod_at
-from model_loaders import diffusers_unet as du
+from unite_and_conquer import model_loaders
+from unite_and_conquer.model_loaders import diffusers_unet as du
+from unite_and_conquer.model_loaders.expert import v_to_eps
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_at
 from support import small_models
 from support.small_models import one_thread  # noqa: F401  (autouse)
 
@@ -273,7 +273,7 @@ def test_folder_errors_and_detection(tmp_path):
                               "diffusion_pytorch_model.bin)")
     sd = ref.state_dict()
     assert du.detect(sd, {}, "diffusers") and not du.detect(sd, {}, "adm")
-    from model_loaders import adm
+    from unite_and_conquer.model_loaders import adm
 
     assert not adm.detect(sd, {}, "adm")
     bad = {k: v for k, v in sd.items() if k != "up_blocks.0.resnets.1.conv2.bias"}

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import model_loaders
-from model_loaders import face
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer import model_loaders
+from unite_and_conquer.model_loaders import face
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
 
 TOL = 1e-4          # parity with the reference, fp32
 SAME = 1e-5         # one sample alone versus inside a batch

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import model_loaders
-from model_loaders import glide, glide_tokenizer
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer import model_loaders
+from unite_and_conquer.model_loaders import glide, glide_tokenizer
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
 
 TOL = 1e-4
 CORGI = "a corgi wearing a red hat"

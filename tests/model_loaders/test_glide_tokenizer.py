@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from model_loaders import glide_tokenizer
+from unite_and_conquer.model_loaders import glide_tokenizer
 
 
 @pytest.fixture(scope="module")

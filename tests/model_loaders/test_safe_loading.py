@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import model_loaders
+from unite_and_conquer import model_loaders
 from support.fuzz import tiny_state, write_tiny
 
 LOADERS = Path(model_loaders.__file__).parent
@@ -54,12 +54,12 @@ def node_loader(tmp_path_factory):
     """``load(path)``: run PoEExpertLoader on a file of a fresh folder registered under models/experts,
     both by calling the node class and through ComfyUI's validation and executor (the error text the
     UI shows). Returns the node's ValueError message."""
-    from support.comfy_harness import PromptFailed, comfy_nodes, pack_module, run_prompt
-
-    comfy_nodes()
     import folder_paths
 
-    loaders = pack_module("nodes.loaders")
+    from support.comfy_harness import PromptFailed, comfy_nodes, run_prompt
+    from unite_and_conquer.nodes import loaders
+
+    comfy_nodes()
     folder = tmp_path_factory.mktemp("experts_registered")
     folder_paths.add_model_folder_path("experts", str(folder))
 
@@ -255,7 +255,6 @@ TINY_DEFECTS = {
     "wrong shape": (_wrong_shape, r"conv_in\.weight.*\[4, 3, 3, 3\]"),
     "no config": (_no_config, r"uac_config"),
 }
-
 
 
 def _tiny_defect_message(tmp_path: Path, defect: str) -> tuple[Path, str]:

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from model_loaders import Expert, adm, face, glide, speed, unet_layers
-from model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.model_loaders import Expert, adm, face, glide, speed, unet_layers
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
 from support import small_models
 from support.small_models import one_thread  # noqa: F401  (autouse)
 

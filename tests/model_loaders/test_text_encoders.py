@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model_loaders.text_encoders import ClipTokenizer, load_text_encoder
+from unite_and_conquer.model_loaders.text_encoders import ClipTokenizer, load_text_encoder
 
 TOL = 1e-4
 SOT, EOT = 49406, 49407

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import model_loaders
-from model_loaders import tiny
-from model_loaders.expert import v_to_eps
-from model_loaders.schedules import alphas_cumprod_at, alphas_cumprod_for
-from samplers import bridge
-from tools import digits
+from unite_and_conquer import model_loaders
+from unite_and_conquer.model_loaders import tiny
+from unite_and_conquer.model_loaders.expert import v_to_eps
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_at, alphas_cumprod_for
+from unite_and_conquer.samplers import noise_levels
+from unite_and_conquer.tools import digits
 
 MODELS = Path(__file__).resolve().parents[2] / "models_tiny"
 SCHEDULES = {"class": "cosine", "colour": "linear", "layout": "cosine"}
@@ -67,7 +67,7 @@ def test_shipped_variance_heads_know_how_wrong_their_expert_is(shipped, modality
     expert's x0: within a factor 2.5 on average at every noise level tested, and higher where the
     error is (pixel correlation; observed ratios 0.9 to 2.1 and correlations 0.15 to 0.4, see
     BENCHMARKS.md; a constant head has correlation 0, an untrained one ratios of 10 to 700)."""
-    from samplers import variance_reliability as vr
+    from unite_and_conquer.samplers import variance_reliability as vr
 
     e = shipped[modality]
     images, labels = digits.split("heldout")
@@ -192,7 +192,7 @@ def test_alphas_cumprod_at_matches_the_table_and_the_bridge():
     t = torch.arange(1000, dtype=torch.float64)
     assert torch.allclose(alphas_cumprod_at(t, table), table, rtol=1e-12, atol=0)
     t = torch.tensor([0.3, 17.5, 500.25, 998.9])
-    sigma = bridge.sigma_from_timestep(t, table)
+    sigma = noise_levels.sigma_from_timestep(t, table)
     assert torch.allclose(alphas_cumprod_at(t, table), 1 / (1 + sigma**2), rtol=1e-10, atol=0)
     assert torch.allclose(alphas_cumprod_at(torch.tensor([-3.0, 2000.0]), table), table[[0, -1]], rtol=1e-12, atol=0)
 
@@ -237,7 +237,7 @@ def test_bad_metadata_is_named(tmp_path):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_variance_head_values_give_back_its_x0_variance(schedule):
     """tiny.iddpm_values is the inverse of what the sampler reads (variance_reliability)."""
-    from samplers import variance_reliability as vr
+    from unite_and_conquer.samplers import variance_reliability as vr
 
     table = alphas_cumprod_for(schedule)
     t = torch.tensor([0.0, 1.0, 37.5, 400.0, 998.25, 999.0])

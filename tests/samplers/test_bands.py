@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samplers import bands, poe
+from unite_and_conquer.samplers import bands, poe
 
 torch.set_default_dtype(torch.float64)
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from samplers import correctors as C
+from unite_and_conquer.samplers import correctors as C
 
 N = 4096
 

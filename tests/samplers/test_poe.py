@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samplers import poe
+from unite_and_conquer.samplers import poe
 
 
 class CountingExpert:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samplers import resampling
+from unite_and_conquer.samplers import resampling
 
 
 def test_plain_walk_when_count_is_one_or_the_jump_is_longer_than_the_schedule():

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.bench_variance import LearnedSigmaGaussian
-from model_loaders.schedules import alphas_cumprod_for
-from samplers import bridge
-from samplers import variance_reliability as vr
+from unite_and_conquer.benchmarks.bench_variance import LearnedSigmaGaussian
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.samplers import noise_levels
+from unite_and_conquer.samplers import variance_reliability as vr
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -23,7 +23,7 @@ def test_x0_variance_is_recovered_from_the_learned_sigma_output(schedule, t):
     assert v.min() >= -1 - 1e-5 and v.max() <= 1 + 1e-5
     coef = vr.step_coefficients(table, tt)
     got = vr.x0_variance(vr.learned_log_variance(v.double(), coef), coef)
-    ab = 1 / (1 + bridge.sigma_from_timestep(tt.double(), table) ** 2)
+    ab = 1 / (1 + noise_levels.sigma_from_timestep(tt.double(), table) ** 2)
     expected = var.double() * (1 - ab) / (ab * var.double() + 1 - ab)
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=1e-6)
 
@@ -57,7 +57,7 @@ def test_precision_reliabilities_are_normalised_precisions_per_pixel():
 def test_reliabilities_from_outputs_favour_the_narrower_null_where_it_is_narrower():
     tables = [alphas_cumprod_for("linear"), alphas_cumprod_for("cosine")]
     sigma = torch.tensor([2.0])
-    ts = [bridge.timestep_from_sigma(sigma, t).float() for t in tables]
+    ts = [noise_levels.timestep_from_sigma(sigma, t).float() for t in tables]
     narrow_left = torch.tensor([0.2, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2)
     outs = [LearnedSigmaGaussian(tab)(torch.zeros(1, 3, 1, 2), t, torch.zeros(1, 3, 1, 1), var)[:, 3:]
             for tab, t, var in zip(tables, ts, (narrow_left, narrow_left.flip(-1)))]
@@ -93,7 +93,7 @@ def _cond(c, v):
 
 
 def _bindings(from_variance, v_a, v_b):
-    from samplers.poe import Binding
+    from unite_and_conquer.samplers.poe import Binding
 
     a, b = VarianceExpert("A"), VarianceExpert("B")
     return [Binding(a, _cond(1, 1.0), 2.0, 1.0, (_cond(0.5, v_a),), label="A",
@@ -104,7 +104,7 @@ def _bindings(from_variance, v_a, v_b):
 
 def test_product_weights_each_null_by_its_precision_per_pixel():
     """u = sum_j (a_j / V_j) eps_j(null) / sum_j (a_j / V_j), pixel by pixel, inside the rule."""
-    from samplers import poe
+    from unite_and_conquer.samplers import poe
 
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     v_a = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1)) + 0.1
@@ -126,7 +126,7 @@ def test_product_weights_each_null_by_its_precision_per_pixel():
 
 
 def test_equal_variances_leave_the_reliabilities_as_they_are():
-    from samplers import poe
+    from unite_and_conquer.samplers import poe
 
     x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     on, _ = poe.product_prediction(x, torch.tensor(1.0), _bindings(True, 0.3, 0.3), _eps_fn)
@@ -137,7 +137,7 @@ def test_equal_variances_leave_the_reliabilities_as_they_are():
 def test_a_chain_half_from_variance_is_refused():
     from dataclasses import replace
 
-    from samplers import poe
+    from unite_and_conquer.samplers import poe
 
     bindings = _bindings(True, 1.0, 1.0)
     bindings[1] = replace(bindings[1], reliability_from_variance=False)
@@ -148,8 +148,8 @@ def test_a_chain_half_from_variance_is_refused():
 
 
 def test_reliability_from_variance_refuses_experts_without_a_variance():
-    from samplers import binding as binding_lib
-    from samplers.poe import Binding
+    from unite_and_conquer.samplers.nulls import reliability_from_variance
+    from unite_and_conquer.samplers.poe import Binding
 
     class Plain:
         name, prediction, learned_sigma = "Plain-eps", "eps", False
@@ -157,11 +157,11 @@ def test_reliability_from_variance_refuses_experts_without_a_variance():
     class Learned:
         name, prediction, learned_sigma = "Learned", "eps_learned_sigma", True
 
-    ok = binding_lib.reliability_from_variance([Binding(Learned(), {}, 2.0, 1.0, ({},), label="x"),
+    ok = reliability_from_variance([Binding(Learned(), {}, 2.0, 1.0, ({},), label="x"),
                                                 Binding(Plain(), {}, 1.0, 0.0, (), label="y")])
     assert [b.reliability_from_variance for b in ok] == [True, True]
     with pytest.raises(ValueError) as err:
-        binding_lib.reliability_from_variance([Binding(Plain(), {}, 2.0, 1.0, ({},), label="cat")])
+        reliability_from_variance([Binding(Plain(), {}, 2.0, 1.0, ({},), label="cat")])
     assert str(err.value) == ("binding 0 (Plain-eps · cat · w=2 · a=1) supplies a null, but Plain-eps predicts no "
                               "variance (prediction 'eps'); set that binding's reliability to 0 or remove this node")
 
@@ -169,8 +169,8 @@ def test_reliability_from_variance_refuses_experts_without_a_variance():
 def test_only_experts_whose_nulls_are_pooled_are_asked_for_a_variance():
     """A binding with reliability 0 contributes no null, so its expert (which may have no variance
     at all) runs as usual, while the pooled nulls' precisions still apply."""
-    from samplers import poe
-    from samplers.poe import Binding
+    from unite_and_conquer.samplers import poe
+    from unite_and_conquer.samplers.poe import Binding
 
     class NoVariance(VarianceExpert):
         def __call__(self, x, cond, with_variance=False):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from model_loaders.expert import Expert
-from samplers import bridge
+from unite_and_conquer.model_loaders.expert import Expert
+from unite_and_conquer.samplers import noise_levels
 
 
 class GaussianEps(torch.nn.Module):
@@ -26,7 +26,7 @@ class GaussianEps(torch.nn.Module):
     def forward(self, x, t, mu, var):
         self.calls += 1
         self.rows += x.shape[0]
-        sigma = bridge.sigma_from_timestep(t.double().cpu(), self.alphas_cumprod.cpu()).to(x.device)
+        sigma = noise_levels.sigma_from_timestep(t.double().cpu(), self.alphas_cumprod.cpu()).to(x.device)
         ab = (1 / (1 + sigma**2)).float().view(-1, 1, 1, 1)
         return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * var + 1 - ab)
 
@@ -59,7 +59,7 @@ class LearnedSigmaGaussianNet(torch.nn.Module):
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         super().__init__()
-        from benchmarks.bench_variance import LearnedSigmaGaussian
+        from unite_and_conquer.benchmarks.bench_variance import LearnedSigmaGaussian
 
         self.inner = LearnedSigmaGaussian(alphas_cumprod)
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from model_loaders import adm
+from unite_and_conquer.model_loaders import adm
 
 
 def randomise(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:

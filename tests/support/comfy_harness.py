@@ -66,15 +66,3 @@ def run_prompt(prompt: dict, executor=None):
         errors = [d for e, d in executor.status_messages if e == "execution_error"]
         raise PromptFailed("execution", errors[0] if errors else executor.status_messages)
     return executor, executor.history_result
-
-
-def pack_module(name: str):
-    """A module of the pack as ComfyUI imported it (its package name depends on the install path)."""
-    import sys
-
-    comfy_nodes()
-    suffix = f"unite_and_conquer.{name}"
-    for key, module in list(sys.modules.items()):
-        if key.endswith(suffix):
-            return module
-    raise KeyError(f"pack module {name} is not loaded")

@@ -34,7 +34,7 @@ def expert_file(modality: str) -> str:
 
 def tiny_state(modality: str, widths=SMALL_WIDTHS, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict and metadata of a tiny-family expert with fixed random weights."""
-    from model_loaders import tiny
+    from unite_and_conquer.model_loaders import tiny
 
     config = tiny.default_config(modality)
     config["widths"] = list(widths)

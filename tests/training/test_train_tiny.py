@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import model_loaders
-from model_loaders.schedules import alphas_cumprod_for
-from tools import train_tiny
+from unite_and_conquer import model_loaders
+from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+from unite_and_conquer.tools import train_tiny
 
 
 def test_min_snr_weight_caps_only_the_low_noise_levels():
@@ -59,7 +59,7 @@ def test_unknown_prediction_is_refused():
 def test_x0_nll_is_smallest_where_the_implied_x0_variance_is_the_squared_error(t):
     """The variance head's loss, over IDDPM's values, has its minimum where Var[x0 | x_t] (as the
     sampler reads it, samplers/variance_reliability.py) equals the mean squared error of x0."""
-    from samplers import variance_reliability as vr
+    from unite_and_conquer.samplers import variance_reliability as vr
 
     ac = alphas_cumprod_for("cosine")
     g = torch.Generator().manual_seed(t)

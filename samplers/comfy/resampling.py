@@ -30,34 +30,25 @@ import torch
 from tqdm.auto import tqdm
 
 import comfy.model_management
-import comfy.model_sampling
 import comfy.samplers
 
-from . import correctors, resampling
-from .comfy_correctors import CorrectedKSampler, IntervalKSampler, _ClampedNoiseSampler, _takes_noise_sampler, derived_seed
-
-_UNSPLITTABLE = ("dpm_fast_function", "dpm_adaptive_function")
-# derived_seed streams: 0 corrector, 1 sampler noise (both as in comfy_correctors), 2 re-noising, 3 + r the
-# Brownian tree of pass r.
-RENOISE_STREAM, TREE_STREAM = 2, 3
+from .. import resampling
+from ..correctors import in_window
+from .correctors import CorrectedKSampler
+from .intervals import (CORRECTOR_STREAM, RENOISE_STREAM, TREE_STREAM, ClampedNoiseSampler, IntervalKSampler,
+                        check_splittable, derived_seed, stream_generator, takes_noise_sampler, ve_view)
 
 
-def resampled_sampler(sampler, jump_length: int, count: int) -> comfy.samplers.KSAMPLER:
+def with_resampling(sampler, jump_length: int, count: int) -> comfy.samplers.KSAMPLER:
     """Wrap a ``SAMPLER`` (from ``KSamplerSelect``, a custom sampler node, or
-    ``comfy_correctors.correct_sampler``) so that it resamples RePaint-style: every block of
+    ``correctors.with_corrector``) so that it resamples RePaint-style: every block of
     ``jump_length`` intervals runs ``count`` times in all. ``count == 1`` returns ``sampler``."""
     if jump_length < 1 or count < 1:
         raise ValueError(f"jump_length and count must be >= 1, got {jump_length} and {count}")
     if isinstance(sampler, ResampledKSampler):
         raise ValueError("this sampler already resamples (PoEResample); wrap the plain sampler once, with the jump "
                          "length and count you want")
-    if not isinstance(sampler, comfy.samplers.KSAMPLER):
-        raise TypeError(f"{type(sampler).__name__} is not a k-diffusion sampler (KSAMPLER), so it cannot be run one "
-                        "interval at a time; resampling needs a sampler from KSamplerSelect")
-    name = getattr(sampler.sampler_function, "__name__", "")
-    if name in _UNSPLITTABLE:
-        raise ValueError(f"{name.removesuffix('_function')} chooses its own steps and cannot run one interval at a "
-                         "time, so it cannot resample; choose another sampler")
+    check_splittable(sampler, "resampling", "it cannot resample; choose another sampler")
     if count == 1:
         return sampler
     return ResampledKSampler(sampler, jump_length, count)
@@ -69,18 +60,9 @@ def _refuse_inside_another_walk(*args, **kwargs):
                      "PoEResample last")
 
 
-def _ve_scale(model_sampling, sigma: float) -> float:
-    """The sampler's ``x`` is this multiple of a VE point at the equivalent level."""
-    return 1.0 - sigma if isinstance(model_sampling, comfy.model_sampling.CONST) else 1.0
-
-
-def _ve_sigma(model_sampling, sigma: float) -> float:
-    return sigma / (1.0 - sigma) if isinstance(model_sampling, comfy.model_sampling.CONST) else sigma
-
-
 class ResampledKSampler(IntervalKSampler):
     """A ``KSAMPLER`` that walks RePaint's jump schedule. Construct it with
-    :func:`resampled_sampler`.
+    :func:`with_resampling`.
 
     Args:
         base (`comfy.samplers.KSAMPLER`): the sampler that runs each interval; a
@@ -102,13 +84,13 @@ class ResampledKSampler(IntervalKSampler):
         moves = resampling.jump_schedule(len(sigmas) - 1, self.jump_length, self.count)
         total = resampling.intervals(moves)
         seed = extra_args.get("seed")
-        renoise_gen = torch.Generator().manual_seed(derived_seed(seed, RENOISE_STREAM)) if seed is not None else None
+        renoise_gen = stream_generator(seed, RENOISE_STREAM)
         corrector = self.base.config if isinstance(self.base, CorrectedKSampler) else None
-        corrector_gen = torch.Generator().manual_seed(derived_seed(seed, 0)) if seed is not None else None
+        corrector_gen = stream_generator(seed, CORRECTOR_STREAM)
         fn = self.base.sampler_function
         options = dict(self.base.extra_options)
-        trees: dict[int, _ClampedNoiseSampler] = {}
-        wants_tree = len(sigmas) > 1 and "noise_sampler" not in options and _takes_noise_sampler(fn)
+        trees: dict[int, ClampedNoiseSampler] = {}
+        wants_tree = len(sigmas) > 1 and "noise_sampler" not in options and takes_noise_sampler(fn)
         runs = [0] * len(sigmas)
         state: dict = {}
         done = 0
@@ -122,16 +104,11 @@ class ResampledKSampler(IntervalKSampler):
             if wants_tree:
                 r = runs[a]
                 if r not in trees:
-                    trees[r] = _ClampedNoiseSampler(x, sigmas, derived_seed(seed, TREE_STREAM + r))
+                    trees[r] = ClampedNoiseSampler(x, sigmas, derived_seed(seed, TREE_STREAM + r))
                 options["noise_sampler"] = trees[r]
             runs[a] += 1
-            step_callback = None
-            if callback is not None:
-                step_callback = (lambda d, i=done: callback(i + d["i"], d["denoised"], d["x"], total))
-            # A copy: CFG++ samplers add their post-CFG hook to extra_args in place, once per call.
-            x = fn(model_k, x, sigmas[a:b + 1], extra_args=dict(extra_args), callback=step_callback, disable=True,
-                   **options)
-            if corrector is not None and correctors.in_window(float(sigmas[b]), corrector):
+            x = self.run_interval(fn, model_k, x, sigmas[a:b + 1], extra_args, callback, done, total, options)
+            if corrector is not None and in_window(float(sigmas[b]), corrector):
                 x = self.base.correct(model_k, model_sampling, x, float(sigmas[b]), extra_args, corrector_gen, state)
             done += b - a
             bar.update(b - a)
@@ -143,8 +120,8 @@ class ResampledKSampler(IntervalKSampler):
         """Re-noise ``x`` from ``sigma`` up to ``sigma_back`` (RePaint Alg. 1 line 9, VE form)."""
         device = generator.device if generator is not None else x.device
         z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-        scale, scale_back = _ve_scale(model_sampling, sigma), _ve_scale(model_sampling, sigma_back)
+        scale, ve_sigma = ve_view(model_sampling, sigma)
+        scale_back, ve_sigma_back = ve_view(model_sampling, sigma_back)
         if scale_back <= 0:
             return z   # a flow model's top level is pure noise
-        ve = resampling.renoise(x / scale, _ve_sigma(model_sampling, sigma), _ve_sigma(model_sampling, sigma_back), z)
-        return ve * scale_back
+        return resampling.renoise(x / scale, ve_sigma, ve_sigma_back, z) * scale_back

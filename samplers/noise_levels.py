@@ -1,4 +1,4 @@
-"""The schedule bridge: one common noise level, each expert at its own timestep.
+"""Noise levels: one common noise level, each expert at its own timestep.
 
 Sampling runs on k-diffusion's variance-exploding noise levels, ``x = x0 + sigma * eps``
 (Karras et al. 2022, eq. 1 with s(t) = 1). An expert trained as a variance-preserving DDPM with
@@ -23,7 +23,7 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - ac) / ac).sqrt()
 
 
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """``numpy.interp`` for increasing ``xp``, clamped at both ends."""
     x = x.clamp(xp[0], xp[-1])
     idx = torch.searchsorted(xp, x, right=True).clamp(1, len(xp) - 1)
@@ -41,7 +41,7 @@ def timestep_from_sigma(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> to
     log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
     steps = torch.arange(len(log_sigmas), dtype=torch.float64)
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    t = _interp(sigma.clamp_min(1e-30).log().flatten(), log_sigmas, steps)
+    t = interp(sigma.clamp_min(1e-30).log().flatten(), log_sigmas, steps)
     return t.reshape(sigma.shape)
 
 
@@ -50,7 +50,7 @@ def sigma_from_timestep(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.
     log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
     steps = torch.arange(len(log_sigmas), dtype=torch.float64)
     t = torch.as_tensor(t, dtype=torch.float64)
-    return _interp(t.flatten(), steps, log_sigmas).exp().reshape(t.shape)
+    return interp(t.flatten(), steps, log_sigmas).exp().reshape(t.shape)
 
 
 def sigma_range(alphas_cumprod: torch.Tensor) -> tuple[float, float]:

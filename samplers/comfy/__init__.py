@@ -1,0 +1,39 @@
+"""The ComfyUI glue of the sampling core: the only modules under ``samplers`` that import ComfyUI.
+
+One job per module:
+
+- ``models``: each expert as a ComfyUI ``BaseModel`` in a ``ModelPatcher``, the product's
+  weightless model, and the device and dtype policy of the loaders.
+- ``guider``: the product as a ``CFGGuider`` subclass (``ProductGuider``) that overrides only
+  ``predict_noise``.
+- ``sampling``: ComfyUI's sampler and scheduler lists, sigmas over the common range, and one
+  call that runs a sampler.
+- ``intervals``: what running a sampler one interval at a time needs (shared by the next two).
+- ``correctors``: the MCMC corrector between intervals (``with_corrector``).
+- ``resampling``: RePaint resampling along a jump schedule (``with_resampling``).
+
+ComfyUI surface. Every ComfyUI name these modules use is listed here, so an upgrade of ComfyUI
+is checked against this list (``tests/test_layers.py`` fails on a name used but not listed):
+
+- comfy.model_base.BaseModel (``_apply_model``, ``memory_required``, ``model_sampling``,
+  ``diffusion_model``, ``apply_model``), comfy.model_base.ModelType (``EPS``)
+- comfy.supported_models_base.BASE (``unet_config``, ``latent_format``, ``memory_usage_factor``)
+- comfy.latent_formats.ChromaRadiance (pixel latents)
+- comfy.model_sampling.ModelSamplingDiscrete (``set_sigmas``, ``timestep``, ``log_sigmas``,
+  ``sigma_min``, ``sigma_max``, ``calculate_input``, ``calculate_denoised``, ``noise_scaling``,
+  ``inverse_noise_scaling``), comfy.model_sampling.EPS, comfy.model_sampling.CONST
+- comfy.model_patcher.ModelPatcher (``set_additional_models``, ``load_device``, ``model``)
+- comfy.model_management.get_torch_device, comfy.model_management.unet_offload_device,
+  comfy.model_management.unet_dtype, comfy.model_management.intermediate_device,
+  comfy.model_management.soft_empty_cache,
+  comfy.model_management.throw_exception_if_processing_interrupted
+- comfy.samplers.CFGGuider (``predict_noise``, ``inner_set_conds``, ``sample``, ``model_patcher``,
+  ``inner_model``), comfy.samplers.KSampler (``sigmas``), comfy.samplers.KSAMPLER
+  (``sampler_function``, ``extra_options``, ``inpaint_options``, ``max_denoise``),
+  comfy.samplers.KSamplerX0Inpaint (``latent_image``, ``noise``), comfy.samplers.sampler_object,
+  comfy.samplers.SAMPLER_NAMES, comfy.samplers.SCHEDULER_NAMES
+- comfy.k_diffusion.sampling.BrownianTreeNoiseSampler
+- comfy.sample.prepare_noise, comfy.sampler_helpers.prepare_mask, comfy.utils.PROGRESS_BAR_ENABLED
+- latent_preview.prepare_callback (progress bar and x0 previews)
+- model_options keys: ``transformer_options`` (``sample_sigmas``), ``sampler_post_cfg_function``
+"""

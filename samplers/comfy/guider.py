@@ -1,0 +1,149 @@
+"""The product as a ComfyUI ``GUIDER``: a ``CFGGuider`` subclass that overrides only ``predict_noise``."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.samplers
+
+from .. import bands, noise_levels, poe
+from .models import VARIANCE_SINK, ExpertHandle, ProductModel
+
+log = logging.getLogger("unite_and_conquer")
+
+
+def handles_of(bindings: Sequence[poe.Binding]) -> list[ExpertHandle]:
+    seen: dict[int, ExpertHandle] = {}
+    for b in bindings:
+        seen.setdefault(id(b.expert), b.expert)
+    return list(seen.values())
+
+
+def check_same_shape(bindings: Sequence[poe.Binding], node: str = "PoEKSampler") -> tuple[int, int]:
+    """The canvas (the largest expert's side) and the channels. Experts share the channels; a smaller
+    expert must divide the canvas (it then runs on the pooled image, ``bands``); anything else is
+    an error, never a silent resize."""
+    handles = handles_of(bindings)
+    first = handles[0].expert
+    canvas = max(h.expert.resolution for h in handles)
+    for h in handles[1:]:
+        e = h.expert
+        if e.image_channels != first.image_channels or canvas % e.resolution:
+            raise ValueError(
+                f"{node}: input 'experts' mixes image shapes: {first.name} is {first.resolution}px with "
+                f"{first.image_channels} channels but {e.name} is {e.resolution}px with {e.image_channels}. "
+                "Experts of one product share the channels, and each expert's size must divide the largest "
+                f"({canvas}px) so that it runs on the pooled canvas; otherwise sample at one resolution and use "
+                "an upsampler stage (PoEBindImage) to change it.")
+    return canvas, first.image_channels
+
+
+def product_schedule(bindings: Sequence[poe.Binding]) -> torch.Tensor:
+    """The product's alphas_cumprod: the first expert's shape of schedule, cut to the common range."""
+    handles = handles_of(bindings)
+    factor = {id(b.expert): b.resolution_factor for b in bindings}
+    tables = [h.expert.alphas_cumprod for h in handles]
+    factors = [factor[id(h)] for h in handles]
+    lo, hi = noise_levels.common_sigma_range(tables, [h.name for h in handles], factors)
+    # The shape of schedule of a canvas-sized expert: a smaller one's table stops short of k times its range.
+    return noise_levels.resample_table(tables[factors.index(min(factors))], lo, hi)
+
+
+def _step_of(sigma: float, model_options: dict) -> str:
+    sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+    if sigmas is None:
+        return ""
+    i = int((sigmas.float().cpu() - sigma).abs().argmin())
+    return f" at step {i + 1} of {len(sigmas) - 1}"
+
+
+def _rows(value, start: int, stop: int):
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] > 1:
+        return value[start:stop]
+    return value
+
+
+def forward_in_chunks(handle: ExpertHandle, x, sigma, condition, options, chunks: int = 1):
+    """One expert's batched forward; on out-of-memory, free ComfyUI's caches and retry in smaller
+    chunks (halving down to one row) before giving up with a message that says what to change."""
+    n = x.shape[0]
+    size = -(-n // chunks)
+    try:
+        outs = []
+        for start in range(0, n, size):
+            stop = min(n, start + size)
+            outs.append(handle.model.apply_model(
+                x[start:stop], _rows(sigma, start, stop), transformer_options=options,
+                **{k: _rows(v, start, stop) for k, v in condition.items()}))
+        return torch.cat(outs)
+    except torch.OutOfMemoryError:
+        comfy.model_management.soft_empty_cache(True)
+        options.get(VARIANCE_SINK, []).clear()     # the retry appends every chunk's variance again
+        if size > 1:
+            log.warning("%s ran out of memory on %d rows; retrying in chunks of %d", handle.name, size, -(-size // 2))
+            return forward_in_chunks(handle, x, sigma, condition, options, chunks * 2)
+        raise MemoryError(
+            f"{handle.name} ran out of memory even one image at a time; load it with dtype fp16 or bf16, start "
+            "ComfyUI with --lowvram, or use fewer or smaller experts") from None
+
+
+class ProductGuider(comfy.samplers.CFGGuider):
+    """Samples the product of experts with any ComfyUI sampler (a ``GUIDER`` for
+    ``SamplerCustomAdvanced``). It overrides only ``predict_noise``; model loading, hooks,
+    callbacks and previews are ComfyUI's own.
+    """
+
+    def __init__(self, bindings: Sequence[poe.Binding]):
+        bindings, _ = bands.with_resolution_factors(list(bindings), "PoEGuider")
+        poe.validate_bindings(bindings)
+        check_same_shape(bindings)
+        self.bindings = bindings
+        self.handles = handles_of(bindings)
+        schedule = product_schedule(bindings)
+        poe.check_sigma_coverage(bindings, *noise_levels.sigma_range(schedule))
+        product = ProductModel(schedule, [h.model for h in self.handles])
+        patcher = comfy.model_patcher.ModelPatcher(
+            product, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device())
+        patcher.set_additional_models("poe_experts", [h.patcher for h in self.handles])
+        super().__init__(patcher)
+        self.inner_set_conds({})
+        # Each expert's stacked conditions on its own device, built once (poe.product_prediction).
+        self.staged: dict = {}
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        ms = self.model_patcher.model.model_sampling
+        return float(ms.sigma_min), float(ms.sigma_max)
+
+    def _eps_fn(self, model_options):
+        options = model_options.get("transformer_options", {})
+
+        def eps_fn(handle: ExpertHandle, x, sigma, condition, with_variance: bool = False):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if not with_variance:
+                return forward_in_chunks(handle, x, sigma, condition, options)
+            sink: list[torch.Tensor] = []
+            denoised = forward_in_chunks(handle, x, sigma, condition, {**options, VARIANCE_SINK: sink})
+            return denoised, torch.cat(sink)
+        return eps_fn
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        try:
+            # Experts loaded on other devices get x there; their predictions come back to x's device.
+            denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options),
+                                                      self.staged, device_of=lambda h: h.device,
+                                                      prediction="denoised")
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
+        # CFG++ samplers read the unconditional prediction here: the product's is the pooled null.
+        uncond = pooled if pooled is not None else denoised
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            denoised = fn({"denoised": denoised, "cond": None, "uncond": None, "cond_scale": 1.0,
+                           "model": self.inner_model, "uncond_denoised": uncond, "cond_denoised": denoised,
+                           "sigma": timestep, "model_options": model_options, "input": x})
+        return denoised

@@ -1,0 +1,62 @@
+"""How a product describes itself: one line per binding, and the rule it runs in words and numbers."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from . import bands
+from .poe import Binding, normalise_reliabilities
+
+
+def unwrap(expert: Any) -> Any:
+    """The expert itself, from an expert or a handle that carries one as ``.expert``."""
+    return getattr(expert, "expert", expert)
+
+
+def _fmt(v: Any) -> str:
+    t = torch.as_tensor(v, dtype=torch.float32)
+    if t.numel() == 1:
+        return f"{float(t):.3g}"
+    return f"{float(t.min()):.3g}..{float(t.max()):.3g} (spatial)"
+
+
+def describe(binding: Binding, normalised_reliability: Any | None = None) -> str:
+    """One line, such as ``ADM-64 · class 292: tiger · w=5 · a=0.556``."""
+    e = unwrap(binding.expert)
+    parts = [e.name, binding.label or "unconditional", f"w={_fmt(binding.weight)}"]
+    a = binding.reliability if normalised_reliability is None else normalised_reliability
+    parts.append(f"a={_fmt(a)}")
+    lo, hi = binding.sigma_window
+    if lo > 0 or math.isfinite(hi):
+        parts.append(f"sigma in [{lo:.3g}, {hi:.3g}]")
+    banded = bands.describe(binding.band, binding.resolution_factor, getattr(e, "resolution", None))
+    if banded:
+        parts.append(banded)
+    return " · ".join(parts)
+
+
+def describe_rule(bindings: Sequence[Binding]) -> str:
+    """The combined rule the sampler is about to run, in words and numbers."""
+    rel = normalise_reliabilities([b.reliability for b in bindings])
+    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float32).mean() for b in bindings)
+    lines = [f"product of {len(bindings)} binding(s) over "
+             f"{len({id(b.expert) for b in bindings})} expert(s): "
+             f"eps = sum_i w_i eps_i(x, c_i) - (sum_i w_i - 1) * sum_j a_j eps_j(x, null_j)",
+             f"sum of weights = {float(total_w):.4g}"]
+    for i, (b, a) in enumerate(zip(bindings, rel), 1):
+        lines.append(f"  {i}. {describe(b, a)}")
+    if any(b.banded for b in bindings):
+        lines.append("  bands: eps = u + sum_i w_i F_i(eps_i - u), F_i each binding's band (DCT) or, for an expert "
+                     "at 1/k of the canvas, its prediction on the k x k pooled image at sigma/k lifted into the "
+                     "piecewise-constant images; the pooled null u mixes, per band, the nulls defined there")
+        costs = sorted({(getattr(unwrap(b.expert), "name", "?"), b.resolution_factor) for b in bindings
+                        if b.resolution_factor > 1})
+        for name, k in costs:
+            lines.append(f"  cost: {name} runs on 1/{k * k} of the canvas's pixels (its own size)")
+    elif math.isclose(float(total_w), 1.0):
+        lines.append("  (weights sum to 1: the pooled null cancels and no null forward runs)")
+    elif any(b.reliability_from_variance for b in bindings):
+        lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")
+    return "\n".join(lines)
