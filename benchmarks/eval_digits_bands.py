@@ -37,7 +37,8 @@ from unite_and_conquer.samplers.poe import Binding  # noqa: E402
 HEADING = "## Multimodal digits: a 16 px class expert on the 32 px canvas"
 
 
-def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, chunk: int = 250):
+def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, chunk: int = 250,
+                extra_weights=()):
     from unite_and_conquer.samplers.comfy import guider as comfy_guider
     from unite_and_conquer.samplers.comfy import models as comfy_models
     from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
@@ -46,15 +47,19 @@ def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path
     experts = ed.load_experts(REPO / "models_tiny")
     conds = ed.conditions(experts, target)
     small = load_expert(str(class16), family="auto")
-    ws = ed.per_modality(weight)
     handles = {m: comfy_models.wrap_expert(e) for m, e in experts.items()}
     handles["class16"] = comfy_models.wrap_expert(small)
     judges = ed.Judges()
-    rows = {"class 32 px, colour 32 px, layout 32 px": ("class", "colour", "layout"),
-            "class 16 px (k = 2), colour 32 px, layout 32 px": ("class16", "colour", "layout")}
+    label = ed.weight_label
+    rows = {f"class 32 px, colour 32 px, layout 32 px, w = {label(weight)}": (("class", "colour", "layout"), weight),
+            f"class 16 px (k = 2), colour 32 px, layout 32 px, w = {label(weight)}": (("class16", "colour", "layout"),
+                                                                                     weight)}
+    for w in extra_weights:
+        rows[f"class 16 px (k = 2), colour 32 px, layout 32 px, w = {label(w)}"] = (("class16", "colour", "layout"), w)
     results = [ed.Result("real held-out canvases (judges' check)", ed._rates(judges.score(target.images, target)), 0.0)]
     print(ed._row(results[0]), flush=True)
-    for name, keys in rows.items():
+    for name, (keys, w) in rows.items():
+        ws = ed.per_modality(w)
         t0 = time.time()
         images = []
         for start in range(0, n, chunk):
@@ -81,6 +86,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight", type=ed.parse_weight, default=(4.0, 2.0, 2.0))
+    p.add_argument("--extra-weights", default="",
+                   help="more rows with the 16 px class expert at these weights, comma separated (as --weight)")
     p.add_argument("--class16", default=str(REPO / "models_tiny" / "tiny_class_16.safetensors"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
@@ -92,7 +99,9 @@ def main(argv=None):
 
     comfy_args.cpu = comfy_args.cpu or not torch.cuda.is_available()
     t0 = time.time()
-    results = sample_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16))
+    extra = tuple(ed.parse_weight(w) for w in args.extra_weights.split(",") if w.strip())
+    results = sample_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16),
+                          extra_weights=extra)
     base, low = results[1].rates["all"], results[2].rates["all"]
     command = "python benchmarks/eval_digits_bands.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
@@ -111,7 +120,8 @@ def main(argv=None):
         "",
         ed.table(results),
         "",
-        f"Ratio of 'all three' (16 px class / all 32 px): {low / base:.3f}" if base else "",
+        f"Ratio of 'all three' (16 px class / all 32 px, both at w = {ed.weight_label(args.weight)}): "
+        f"{low / base:.3f}" if base else "",
         "",
     ])
     print(f"{HEADING}\n\n{body}")

@@ -113,3 +113,23 @@ def test_canvas_that_is_not_a_multiple_is_refused():
                               "a lower-resolution expert needs the canvas to be the same integer multiple of its size "
                               "on both sides")
 
+
+
+def test_shipped_16px_class_expert_composes_with_the_32px_experts():
+    from pathlib import Path
+
+    from unite_and_conquer.model_loaders import load_expert
+
+    models = Path(__file__).resolve().parents[2] / "models_tiny"
+    e = {m: load_expert(str(models / f"tiny_{m}.safetensors"), family="auto")
+         for m in ("class_16", "colour", "layout")}
+    assert e["class_16"].resolution == 16 and e["colour"].resolution == 32
+    layout = torch.zeros(1, 1, 32, 32)
+    layout[..., 8:26, 10:22] = 1
+    conds = {"class_16": e["class_16"].encode("class", 3), "colour": e["colour"].encode("colour", "red"),
+             "layout": e["layout"].encode("segmentation", layout)}
+    chain = [poe.Binding(wrap_expert(e[m]), conds[m], w, 1 / 3, null=(e[m].null_condition,), label=m)
+             for m, w in (("colour", 2.0), ("layout", 2.0), ("class_16", 4.0))]
+    latent, image, rule = ksample(chain, steps=6, batch=2)
+    assert latent["samples"].shape == (2, 3, 32, 32) and torch.isfinite(latent["samples"]).all()
+    assert "Tiny digits · class · 16px · class_16 · w=4 · a=0.333 · at 16px, 1/2 of the canvas" in rule
