@@ -98,7 +98,7 @@ def run(sampler: str, steps: int, config=None, samples: int = 65536, seed: int =
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     base = comfy.samplers.sampler_object(sampler)
     chosen = base if config is None else with_corrector(base, config)
-    network = bindings[0].expert.expert.network
+    network = poe.unwrap(bindings[0].expert).network
     start = time.perf_counter()
     out = guider.sample(noise, latent, chosen, sigmas, disable_pbar=True, seed=seed)
     seconds = time.perf_counter() - start

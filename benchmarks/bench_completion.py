@@ -20,10 +20,7 @@ the current level, and the prediction there by the known image.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import runpy
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
     runpy.run_path(str(REPO / "__init__.py"))
 from unite_and_conquer.benchmarks import eval_digits as ev  # noqa: E402
-from unite_and_conquer.benchmarks.report import write_section  # noqa: E402
+from unite_and_conquer.benchmarks.report import publish, run_facts  # noqa: E402
 from unite_and_conquer.samplers import resampling  # noqa: E402
 from unite_and_conquer.samplers.poe import Binding, product_prediction  # noqa: E402
 from unite_and_conquer.tools import digits  # noqa: E402
@@ -143,27 +140,22 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.time()
     rows = run(args.n, args.split, args.steps, args.sampler, args.seed, args.weight, args.jump, args.count)
-    command = "python benchmarks/bench_completion.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
         "The top 16 rows of held-out canvases are kept bit-exactly and the lower 16 rows are completed; the "
         "class judge of `benchmarks/eval_digits.py` asks whether the completed digit is the digit it started as, "
         "the colour judge whether the ink has the canvas's colour. See `benchmarks/bench_completion.py`.",
         "",
-        f"- command: `{command.strip()}`",
-        f"- samples: {args.n} per row, split `{args.split}`, sampler `{args.sampler}`, {args.steps} steps, Karras "
-        f"sigmas over the class and colour experts' common range, seed {args.seed}",
-        f"- machine: {platform.machine()} CPU (shared), {torch.get_num_threads()} torch thread(s), torch "
-        f"{torch.__version__}, {platform.python_implementation()} {platform.python_version()}",
-        f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
+        *run_facts("benchmarks/bench_completion.py", argv,
+                   f"{args.n} per row, split `{args.split}`, sampler `{args.sampler}`, {args.steps} steps, Karras "
+                   f"sigmas over the class and colour experts' common range, seed {args.seed}",
+                   t0, torch.get_num_threads(), torch.__version__),
         "",
         "| configuration | class | colour | sampler intervals | seconds |",
         "|---|---|---|---|---|",
         *[row(*r) for r in rows],
         "",
     ])
-    print(f"{HEADING}\n\n{body}")
-    if not args.no_write:
-        write_section(HEADING, body)
+    publish(HEADING, body, write=not args.no_write)
 
 
 if __name__ == "__main__":

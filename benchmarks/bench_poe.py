@@ -154,10 +154,9 @@ class Denoiser:
     def __init__(self, expert: Expert, device: torch.device):
         self.expert = expert
         self.log_sigmas = noise_levels.sigmas_from_alphas_cumprod(expert.alphas_cumprod).log().float().to(device)
-        self.steps = torch.arange(len(self.log_sigmas), dtype=torch.float32, device=device)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return noise_levels._interp(sigma.float().log(), self.log_sigmas, self.steps)
+        return noise_levels.timestep_from_log_sigmas(sigma, self.log_sigmas)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, condition: dict) -> torch.Tensor:
         s = sigma.reshape(-1, 1, 1, 1)

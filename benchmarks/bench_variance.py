@@ -300,12 +300,10 @@ def main(argv=None):
         weights = [parse_weight(w) for w in args.weights.split(",")]
         sections.append((DIGITS_HEADING, digits_section(args.n or 1000, args.steps or 30, weights, args.jobs,
                                                         command)))
-    for heading, body in sections:
-        print(f"{heading}\n\n{body}")
-        if not args.no_write:
-            from unite_and_conquer.benchmarks.report import write_section
+    from unite_and_conquer.benchmarks.report import publish
 
-            write_section(heading, body)
+    for heading, body in sections:
+        publish(heading, body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import datetime
 import math
-import os
-import platform
 import runpy
 import sys
 import time
@@ -46,7 +43,7 @@ COMFY = REPO / ".cache" / "ComfyUI"
 if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
     runpy.run_path(str(REPO / "__init__.py"))
 
-from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.benchmarks.report import publish, run_facts  # noqa: E402
 from unite_and_conquer.model_loaders import Expert, load_expert  # noqa: E402
 from unite_and_conquer.samplers import correctors, noise_levels, variance_reliability  # noqa: E402
 from unite_and_conquer.samplers.poe import Binding, product_prediction  # noqa: E402
@@ -452,26 +449,20 @@ def main(argv=None):
     else:
         results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights, only=only,
                               corrected=corrected)
-    command = "python benchmarks/eval_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
         "Three tiny experts (`models_tiny/`, each trained on its own split of real MNIST digits: class, "
         "colour word, layout box) and their combinations, scored by independent judges on targets from "
         "held-out digits. See `benchmarks/eval_digits.py` for the judges and `tools/digits.py` for the splits.",
         "",
-        f"- command: `{command.strip()}`",
-        f"- samples: {args.n} per row, split `{args.split}`, sampler `{args.sampler}`, {args.steps} steps, "
-        f"Karras sigmas over the common range, seed {args.seed}",
-        f"- machine: {cpu_name()} ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s), "
-        f"torch {torch.__version__}, "
-        f"{platform.python_implementation()} {platform.python_version()}",
-        f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
+        *run_facts("benchmarks/eval_digits.py", argv,
+                   f"{args.n} per row, split `{args.split}`, sampler `{args.sampler}`, {args.steps} steps, "
+                   f"Karras sigmas over the common range, seed {args.seed}", t0, torch.get_num_threads(),
+                   torch.__version__),
         "",
         table(results),
         "",
     ])
-    print(f"{heading}\n\n{body}")
-    if not args.no_write:
-        write_section(heading, body)
+    publish(heading, body, write=not args.no_write)
 
 
 if __name__ == "__main__":

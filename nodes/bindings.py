@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import os
 
-import torch
 from comfy_api.latest import io
 
 from ..conditions import maps
 from ..samplers import poe
-from ..samplers.nulls import NULL_CHOICES, class_nulls, default_nulls, reliability_from_variance
 from ..samplers.describe import describe, describe_rule
-from .common import (CATEGORY, Expert, Experts, TextEncoder, chain, check_choice, check_finite, check_number,
-                     check_unit_range, experts_input, image_to_pixels, log, mask_inputs, node_input,
-                     reliability_input, weight_input)
+from ..samplers.nulls import NULL_CHOICES, class_nulls, default_nulls, reliability_from_variance
+from .common import (CATEGORY, NO_LIMIT, Expert, Experts, TextEncoder, chain, check_choice, check_finite, check_number,
+                     check_unit_range, experts_input, image_to_pixels, index_input, indexed_chain, log, mask_inputs,
+                     node_input, reliability_input, sigma_window, sigma_window_inputs, weight_input)
 
 _IMAGENET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_loaders", "imagenet_classes.txt")
 
@@ -35,26 +34,37 @@ def parse_class(node: str, choice: str, index: int) -> int:
     return int(head)
 
 
-def chain_binding(node: str, expert, condition, nulls, weight, reliability, label, experts, mask=None, mask_feather=0,
-            mask_invert=False, mask_outside=0.0, warnings=()) -> io.NodeOutput:
-    """Validate, apply the optional spatial mask, chain, and show what was bound."""
-    warnings = list(warnings)
+def binding_schema(node_id: str, display_name: str, description: str, inputs: list, masked: bool = True) -> io.Schema:
+    """A binding node's schema: its own inputs, then the chain it extends and, unless ``masked`` is
+    False, the spatial mask inputs (declared once here, read by :func:`chain_binding`)."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=f"{CATEGORY}/bindings",
+                     description=description, inputs=[*inputs, experts_input(), *(mask_inputs() if masked else [])],
+                     outputs=[Experts.Output(display_name="experts")])
+
+
+def chain_binding(node: str, handle, condition, weight, reliability, label, experts, warnings=(), *, nulls=None,
+                  mask=None, mask_feather=0, mask_invert=False, mask_outside=0.0) -> io.NodeOutput:
+    """Validate, apply the optional spatial mask (the inputs of ``binding_schema``, which every
+    binding node passes on as ``**mask``), chain, and show what was bound. ``nulls`` defaults to
+    the expert's trained null for ``condition``; empty ``warnings`` are dropped."""
+    warnings = [w for w in warnings if w]
+    nulls = default_nulls(handle, condition) if nulls is None else nulls
     check_number(node, "weight", weight)
     check_number(node, "reliability", reliability)
     check_number(node, "mask_outside", mask_outside)
     if mask is not None:
         check_unit_range(node, "mask", mask)
     if not nulls and reliability > 0:
-        raise ValueError(f"{node}: input 'reliability': {expert.name} has no null for this binding, so the "
+        raise ValueError(f"{node}: input 'reliability': {handle.name} has no null for this binding, so the "
                          "reliability must be 0 (another binding supplies the prior)")
     with node_input(node, "mask"):
-        scale, note = maps.spatial_scale(mask, expert.expert.resolution, mask_feather, mask_invert, mask_outside)
+        scale, note = maps.spatial_scale(mask, handle.expert.resolution, mask_feather, mask_invert, mask_outside)
     if note:
         warnings.append(note)
     if scale is not None:
         weight, reliability = weight * scale, reliability * scale
         label += " · masked"
-    b = poe.Binding(expert, condition, weight, reliability, tuple(nulls), label=label)
+    b = poe.Binding(handle, condition, weight, reliability, tuple(nulls), label=label)
     bindings = chain(experts, b, node)
     for w in warnings:
         log.warning("%s: %s", node, w)
@@ -64,13 +74,11 @@ def chain_binding(node: str, expert, condition, nulls, weight, reliability, labe
 class PoEBindClass(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="PoEBindClass",
-            display_name="Bind Class (PoE)",
-            category=f"{CATEGORY}/bindings",
-            description="Binds a class label to a class-conditional expert (ADM ImageNet models, diffusers "
-                        "class-conditional UNets, the tiny digit expert).",
-            inputs=[
+        return binding_schema(
+            "PoEBindClass", "Bind Class (PoE)",
+            "Binds a class label to a class-conditional expert (ADM ImageNet models, diffusers "
+            "class-conditional UNets, the tiny digit expert).",
+            [
                 Expert.Input("expert", tooltip="A class-conditional expert."),
                 io.Combo.Input("class", options=imagenet_choices(), default="292: tiger",
                                tooltip="The class, as 'index: name' (ImageNet names). For experts with other "
@@ -87,39 +95,31 @@ class PoEBindClass(io.ComfyNode):
                                        "prior); 'trained' uses the expert's trained null where it has one."),
                 io.Int.Input("null_k", default=8, min=1, max=1000,
                              tooltip="k for 'mean of k random classes' (each class is one more row per step)."),
-                experts_input(),
-                *mask_inputs(),
-            ],
-            outputs=[Experts.Output(display_name="experts")],
-        )
+            ])
 
     @classmethod
-    def execute(cls, expert, weight, reliability, null, null_k, class_index, experts=None, mask=None, mask_feather=0,
-                mask_invert=False, mask_outside=0.0, **kw) -> io.NodeOutput:
+    def execute(cls, expert, weight, reliability, null, null_k, class_index, experts=None, **inputs) -> io.NodeOutput:
         node = "PoEBindClass"
         check_choice(node, "null", null, NULL_CHOICES, "null choice")
-        index = parse_class(node, kw["class"], class_index)
-        e = expert.expert
+        index = parse_class(node, inputs.pop("class"), class_index)
+        e = poe.unwrap(expert)
         with node_input(node, "class" if class_index < 0 else "class_index"):
             condition = e.encode("class", index)
         with node_input(node, "null"):
             nulls = class_nulls(e, null, null_k)
         name = e.class_names[index] if e.class_names and index < len(e.class_names) else ""
         label = f"class {index}" + (f": {name}" if name and name != str(index) else "")
-        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
-                       mask, mask_feather, mask_invert, mask_outside)
+        return chain_binding(node, expert, condition, weight, reliability, label, experts, nulls=nulls, **inputs)
 
 
 class PoEBindText(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="PoEBindText",
-            display_name="Bind Text (PoE)",
-            category=f"{CATEGORY}/bindings",
-            description="Binds a text prompt to a text expert (GLIDE, the face expert through a FaRL text "
-                        "encoder, the tiny colour expert).",
-            inputs=[
+        return binding_schema(
+            "PoEBindText", "Bind Text (PoE)",
+            "Binds a text prompt to a text expert (GLIDE, the face expert through a FaRL text "
+            "encoder, the tiny colour expert).",
+            [
                 Expert.Input("expert", tooltip="A text-conditional expert."),
                 io.String.Input("text", multiline=True, default="",
                                 tooltip="The prompt. GLIDE truncates past 128 tokens, CLIP/FaRL past 77; the node warns."),
@@ -128,17 +128,12 @@ class PoEBindText(io.ComfyNode):
                 TextEncoder.Input("text_encoder", optional=True,
                                   tooltip="For experts that take a text embedding (the face expert): the FaRL or "
                                           "CLIP text encoder that turns the text into it."),
-                experts_input(),
-                *mask_inputs(),
-            ],
-            outputs=[Experts.Output(display_name="experts")],
-        )
+            ])
 
     @classmethod
-    def execute(cls, expert, text, weight, reliability, text_encoder=None, experts=None, mask=None, mask_feather=0,
-                mask_invert=False, mask_outside=0.0) -> io.NodeOutput:
+    def execute(cls, expert, text, weight, reliability, text_encoder=None, experts=None, **mask) -> io.NodeOutput:
         node = "PoEBindText"
-        e = expert.expert
+        e = poe.unwrap(expert)
         if not text.strip():
             raise ValueError(f"{node}: input 'text' is empty. Type a prompt; for an unconditional prior use "
                              "PoEBindPrior instead.")
@@ -152,43 +147,35 @@ class PoEBindText(io.ComfyNode):
                 condition = e.encode("text", text)
                 warning = e.warning("text", text)
                 warnings += [warning] if warning else []
-        nulls = default_nulls(expert, condition)
         short = text if len(text) <= 40 else text[:37] + "..."
-        return chain_binding(node, expert, condition, nulls, weight, reliability, f'"{short}"', experts,
-                       mask, mask_feather, mask_invert, mask_outside, warnings)
+        return chain_binding(node, expert, condition, weight, reliability, f'"{short}"', experts, warnings,
+                             **mask)
 
 
 class PoEBindPrior(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="PoEBindPrior",
-            display_name="Bind Prior (PoE)",
-            category=f"{CATEGORY}/bindings",
-            description="Adds an expert's unconditional score only (weight 0, reliability > 0): the expert acts "
-                        "as a prior, for example ADM-256 unconditional under a class-conditional ADM-256.",
-            inputs=[
+        return binding_schema(
+            "PoEBindPrior", "Bind Prior (PoE)",
+            "Adds an expert's unconditional score only (weight 0, reliability > 0): the expert acts "
+            "as a prior, for example ADM-256 unconditional under a class-conditional ADM-256.",
+            [
                 Expert.Input("expert", tooltip="Any expert with a trained null, or an unconditional model."),
                 reliability_input(1.0),
                 io.Float.Input("weight", default=0.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Usually 0: the binding then contributes only through the pooled null."),
-                experts_input(),
-                *mask_inputs(),
-            ],
-            outputs=[Experts.Output(display_name="experts")],
-        )
+            ])
 
     @classmethod
-    def execute(cls, expert, reliability, weight, experts=None, mask=None, mask_feather=0, mask_invert=False,
-                mask_outside=0.0) -> io.NodeOutput:
+    def execute(cls, expert, reliability, weight, experts=None, **mask) -> io.NodeOutput:
         node = "PoEBindPrior"
-        e = expert.expert
+        e = poe.unwrap(expert)
         null = e.null_condition
         if null is None:
             raise ValueError(f"{node}: input 'expert': {e.name} has no trained null condition, so it cannot act as a "
                              "prior. Use an unconditional model or one trained with condition dropout.")
-        return chain_binding(node, expert, null, (null,), weight, reliability, "prior (unconditional)", experts,
-                       mask, mask_feather, mask_invert, mask_outside)
+        return chain_binding(node, expert, null, weight, reliability, "prior (unconditional)", experts, nulls=(null,),
+                             **mask)
 
 
 SLOTS = {"auto": None, "A: skin/face": "A", "B: hair": "B"}
@@ -197,13 +184,11 @@ SLOTS = {"auto": None, "A: skin/face": "A", "B: hair": "B"}
 class PoEBindSegmentation(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="PoEBindSegmentation",
-            display_name="Bind Segmentation (PoE)",
-            category=f"{CATEGORY}/bindings",
-            description="Binds a segmentation or layout map (from a MASK, an IMAGE channel or a colour-coded "
-                        "parsing map) to a map-conditional expert: the face expert's slots, the tiny layout expert.",
-            inputs=[
+        return binding_schema(
+            "PoEBindSegmentation", "Bind Segmentation (PoE)",
+            "Binds a segmentation or layout map (from a MASK, an IMAGE channel or a colour-coded "
+            "parsing map) to a map-conditional expert: the face expert's slots, the tiny layout expert.",
+            [
                 Expert.Input("expert", tooltip="An expert that accepts a segmentation map."),
                 io.Combo.Input("source", options=list(maps.MAP_SOURCES), default="mask",
                                tooltip="Where the map comes from: the 'mask' input, or a channel / colour label of "
@@ -217,20 +202,15 @@ class PoEBindSegmentation(io.ComfyNode):
                 io.Image.Input("map_image", optional=True, tooltip="The map as an IMAGE."),
                 io.String.Input("label_colour", default="#ffffff", optional=True,
                                 tooltip="For 'image colour label': the label's colour in the parsing map."),
-                experts_input(),
-                *mask_inputs(),
-            ],
-            outputs=[Experts.Output(display_name="experts")],
-        )
+            ])
 
     @classmethod
     def execute(cls, expert, source, slot, weight, reliability, map_mask=None, map_image=None,
-                label_colour="#ffffff", experts=None, mask=None, mask_feather=0, mask_invert=False,
-                mask_outside=0.0) -> io.NodeOutput:
+                label_colour="#ffffff", experts=None, **mask) -> io.NodeOutput:
         node = "PoEBindSegmentation"
         check_choice(node, "source", source, maps.MAP_SOURCES, "map source")
         check_choice(node, "slot", slot, SLOTS, "slot")
-        e = expert.expert
+        e = poe.unwrap(expert)
         if source == "mask":
             if map_mask is None:
                 raise ValueError(f"{node}: input 'map_mask' is not connected but source is 'mask'; connect a MASK "
@@ -248,22 +228,18 @@ class PoEBindSegmentation(io.ComfyNode):
         m, note = maps.fit_to(m, e.resolution, "map")
         with node_input(node, "slot" if SLOTS[slot] else "expert"):
             condition = e.encode("segmentation", m, slot=SLOTS[slot])
-        nulls = default_nulls(expert, condition)
         label = f"map ({source}{', slot ' + slot if SLOTS[slot] else ''}, {float(m.mean()):.0%} covered)"
-        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
-                       mask, mask_feather, mask_invert, mask_outside, [note] if note else [])
+        return chain_binding(node, expert, condition, weight, reliability, label, experts, [note], **mask)
 
 
 class PoEBindSketch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="PoEBindSketch",
-            display_name="Bind Sketch (PoE)",
-            category=f"{CATEGORY}/bindings",
-            description="Binds an edge sketch to a sketch expert. Canny edges are computed with kornia using "
-                        "the released sketch model's settings, or edges already drawn pass through as they are.",
-            inputs=[
+        return binding_schema(
+            "PoEBindSketch", "Bind Sketch (PoE)",
+            "Binds an edge sketch to a sketch expert. Canny edges are computed with kornia using "
+            "the released sketch model's settings, or edges already drawn pass through as they are.",
+            [
                 Expert.Input("expert", tooltip="A sketch-conditional expert."),
                 io.Image.Input("image", tooltip="A photo to take edges from, or an edge drawing (white on black)."),
                 io.Combo.Input("edges", options=["canny", "as-is"], default="canny",
@@ -274,20 +250,16 @@ class PoEBindSketch(io.ComfyNode):
                                tooltip="Canny hysteresis high threshold on 0-255 values."),
                 weight_input(1.0),
                 reliability_input(0.0),
-                experts_input(),
-                *mask_inputs(),
-            ],
-            outputs=[Experts.Output(display_name="experts")],
-        )
+            ])
 
     @classmethod
     def execute(cls, expert, image, edges, low_threshold, high_threshold, weight, reliability, experts=None,
-                mask=None, mask_feather=0, mask_invert=False, mask_outside=0.0) -> io.NodeOutput:
+                **mask) -> io.NodeOutput:
         from ..conditions import edges as edge_ops
 
         node = "PoEBindSketch"
         check_choice(node, "edges", edges, ("canny", "as-is"), "edge mode")
-        e = expert.expert
+        e = poe.unwrap(expert)
         check_finite(node, "image", image)
         if low_threshold > high_threshold:
             raise ValueError(f"{node}: input 'low_threshold' ({low_threshold}) is above high_threshold "
@@ -299,23 +271,19 @@ class PoEBindSketch(io.ComfyNode):
                 (rgb.mean(dim=1, keepdim=True) > 0.5).float().expand(-1, 3, -1, -1) * 2 - 1
         with node_input(node, "expert"):
             condition = e.encode("sketch", sketch)
-        nulls = default_nulls(expert, condition)
         label = f"sketch ({edges}, {float((sketch[:, :1] > 0).float().mean()):.1%} edge pixels)"
-        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
-                       mask, mask_feather, mask_invert, mask_outside, [note] if note else [])
+        return chain_binding(node, expert, condition, weight, reliability, label, experts, [note], **mask)
 
 
 class PoEBindImage(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="PoEBindImage",
-            display_name="Bind Low-res Image (PoE)",
-            category=f"{CATEGORY}/bindings",
-            description="Binds a low-resolution image to an upsampler expert (GLIDE upsample, ADM 64->256 and "
-                        "128->512), optionally with a prompt for text upsamplers. Sample the result at the "
-                        "upsampler's resolution: the second stage of a pipeline.",
-            inputs=[
+        return binding_schema(
+            "PoEBindImage", "Bind Low-res Image (PoE)",
+            "Binds a low-resolution image to an upsampler expert (GLIDE upsample, ADM 64->256 and "
+            "128->512), optionally with a prompt for text upsamplers. Sample the result at the "
+            "upsampler's resolution: the second stage of a pipeline.",
+            [
                 Expert.Input("expert", tooltip="An upsampler expert."),
                 io.Image.Input("image", tooltip="The low-resolution image; resized (kornia, antialiased) to the size "
                                                 "the upsampler expects if needed."),
@@ -323,26 +291,19 @@ class PoEBindImage(io.ComfyNode):
                 reliability_input(0.0),
                 io.String.Input("text", multiline=True, default="", optional=True,
                                 tooltip="Prompt for text-conditional upsamplers (GLIDE); empty for none."),
-                experts_input(),
-                *mask_inputs(),
-            ],
-            outputs=[Experts.Output(display_name="experts")],
-        )
+            ])
 
     @classmethod
-    def execute(cls, expert, image, weight, reliability, text="", experts=None, mask=None, mask_feather=0,
-                mask_invert=False, mask_outside=0.0) -> io.NodeOutput:
+    def execute(cls, expert, image, weight, reliability, text="", experts=None, **mask) -> io.NodeOutput:
         node = "PoEBindImage"
-        e = expert.expert
+        e = poe.unwrap(expert)
         check_finite(node, "image", image)
         low_res = image_to_pixels(image.float())
         with node_input(node, "image"):
             condition = e.encode("image", low_res, text=text) if text.strip() else e.encode("image", low_res)
         warning = e.warning("image", low_res, text=text) if text.strip() else None
-        nulls = default_nulls(expert, condition)
         label = f"low-res {low_res.shape[-1]}x{low_res.shape[-2]}" + (f' + "{text[:30]}"' if text.strip() else "")
-        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
-                       mask, mask_feather, mask_invert, mask_outside, [warning] if warning else [])
+        return chain_binding(node, expert, condition, weight, reliability, label, experts, [warning], **mask)
 
 
 class PoEBindingSchedule(io.ComfyNode):
@@ -357,20 +318,16 @@ class PoEBindingSchedule(io.ComfyNode):
                         "Outside its window a binding costs no forward pass.",
             inputs=[
                 Experts.Input("experts", tooltip="The chain whose binding gets the window and ramp."),
-                io.Int.Input("index", default=-1, min=-1000, max=1000,
-                             tooltip="Which binding of the chain: 0 is the first, -1 the last."),
-                io.Float.Input("sigma_min", default=0.0, min=0.0, max=1e5, step=0.01,
-                               tooltip="The binding is active for sigma_min <= sigma <= sigma_max."),
-                io.Float.Input("sigma_max", default=1e5, min=0.0, max=1e5, step=0.01,
-                               tooltip="Upper end of the window (1e5 = no limit)."),
+                index_input(),
+                *sigma_window_inputs(0.0, "The binding is active for sigma_min <= sigma <= sigma_max.", "the window"),
                 io.Float.Input("reliability_at_high_noise", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Multiplier of the reliability at sigma >= ramp_sigma_high."),
                 io.Float.Input("reliability_at_low_noise", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Multiplier of the reliability at sigma <= ramp_sigma_low; linear in log "
                                        "sigma between."),
-                io.Float.Input("ramp_sigma_high", default=10.0, min=1e-4, max=1e5, step=0.01,
+                io.Float.Input("ramp_sigma_high", default=10.0, min=1e-4, max=NO_LIMIT, step=0.01,
                                tooltip="Where the reliability ramp starts (high noise end)."),
-                io.Float.Input("ramp_sigma_low", default=0.1, min=1e-4, max=1e5, step=0.01,
+                io.Float.Input("ramp_sigma_low", default=0.1, min=1e-4, max=NO_LIMIT, step=0.01,
                                tooltip="Where the reliability ramp ends (low noise end)."),
             ],
             outputs=[Experts.Output(display_name="experts")],
@@ -387,12 +344,7 @@ class PoEBindingSchedule(io.ComfyNode):
                             ("reliability_at_low_noise", reliability_at_low_noise),
                             ("ramp_sigma_high", ramp_sigma_high), ("ramp_sigma_low", ramp_sigma_low)):
             check_number(node, name, value)
-        bindings = list(experts)
-        if not bindings:
-            raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
-        if not -len(bindings) <= index < len(bindings):
-            raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
-                             f"0..{len(bindings) - 1} or -1 for the last")
+        bindings = indexed_chain(node, experts, index)
         if sigma_min >= sigma_max:
             raise ValueError(f"{node}: input 'sigma_min' ({sigma_min}) must be below sigma_max ({sigma_max})")
         if ramp_sigma_low >= ramp_sigma_high:
@@ -401,8 +353,8 @@ class PoEBindingSchedule(io.ComfyNode):
         ramp = None
         if (reliability_at_high_noise, reliability_at_low_noise) != (1.0, 1.0):
             ramp = (ramp_sigma_high, reliability_at_high_noise, ramp_sigma_low, reliability_at_low_noise)
-        window = (sigma_min, float("inf") if sigma_max >= 1e5 else sigma_max)
-        bindings[index] = dataclasses.replace(bindings[index], sigma_window=window, reliability_ramp=ramp)
+        bindings[index] = dataclasses.replace(bindings[index], sigma_window=sigma_window(sigma_min, sigma_max),
+                                              reliability_ramp=ramp)
         return io.NodeOutput(bindings, ui={"text": (describe(bindings[index]),)})
 
 
@@ -438,14 +390,12 @@ class PoEReliabilityFromVariance(io.ComfyNode):
 class PoEBindInpaint(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="PoEBindInpaint",
-            display_name="Bind Inpainting (PoE)",
-            category=f"{CATEGORY}/bindings",
-            description="Binds a known image and the region to repaint to an inpainting expert (GLIDE base_inpaint, "
-                        "upsample_inpaint), with an optional prompt. To also keep the known pixels exact in the "
-                        "output, give the sampler a latent with the same noise mask (SetLatentNoiseMask).",
-            inputs=[
+        return binding_schema(
+            "PoEBindInpaint", "Bind Inpainting (PoE)",
+            "Binds a known image and the region to repaint to an inpainting expert (GLIDE base_inpaint, "
+            "upsample_inpaint), with an optional prompt. To also keep the known pixels exact in the "
+            "output, give the sampler a latent with the same noise mask (SetLatentNoiseMask).",
+            [
                 Expert.Input("expert", tooltip="An inpainting expert."),
                 io.Image.Input("image", tooltip="The known image (resized to the expert's size if needed)."),
                 io.Mask.Input("mask", tooltip="ComfyUI's convention: 1 where the expert repaints, 0 where the "
@@ -456,15 +406,12 @@ class PoEBindInpaint(io.ComfyNode):
                                 tooltip="Prompt for what goes in the repainted region; empty for none."),
                 io.Image.Input("low_res", optional=True,
                                tooltip="For an upsampling inpainter: the low-resolution image to upsample."),
-                experts_input(),
-            ],
-            outputs=[Experts.Output(display_name="experts")],
-        )
+            ], masked=False)
 
     @classmethod
     def execute(cls, expert, image, mask, weight, reliability, text="", low_res=None, experts=None) -> io.NodeOutput:
         node = "PoEBindInpaint"
-        e = expert.expert
+        e = poe.unwrap(expert)
         check_finite(node, "image", image)
         check_unit_range(node, "mask", mask)
         keep = 1 - maps.map_from_mask(mask)      # GLIDE's inpainting mask is 1 where the image is kept
@@ -475,7 +422,5 @@ class PoEBindInpaint(io.ComfyNode):
         with node_input(node, "image"):
             condition = e.encode("inpaint", image_to_pixels(image.float()), keep, **kwargs)
         warning = e.warning("inpaint", text=text) if text.strip() else None
-        nulls = default_nulls(expert, condition)
         label = f"inpaint {float(mask.mean()):.0%} of the image" + (f' + "{text[:30]}"' if text.strip() else "")
-        return chain_binding(node, expert, condition, nulls, weight, reliability, label, experts,
-                       warnings=[warning] if warning else [])
+        return chain_binding(node, expert, condition, weight, reliability, label, experts, [warning])

@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import poe
+from ..samplers.prepare import image_shape
 
 log = logging.getLogger("unite_and_conquer")
 
@@ -72,12 +73,10 @@ def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str) -
     """A new list with ``binding`` appended; the upstream list is never mutated (cached outputs)."""
     bindings = list(previous or [])
     if bindings:
-        first = getattr(bindings[0].expert, "expert", None)
-        new = getattr(binding.expert, "expert", None)
+        first, new = poe.unwrap(bindings[0].expert), poe.unwrap(binding.expert)
+        (r1, c1), (r2, c2) = image_shape(first), image_shape(new)
         # A smaller expert may join when its size divides the other's: it then runs on the pooled canvas.
-        if first is not None and new is not None and (
-                first.image_channels != new.image_channels
-                or max(first.resolution, new.resolution) % min(first.resolution, new.resolution)):
+        if c1 != c2 or max(r1, r2) % min(r1, r2):
             raise ValueError(
                 f"{node}: input 'expert': {new.name} makes {new.resolution}px images with {new.image_channels} "
                 f"channels but the chained experts ({first.name}) make {first.resolution}px with "
@@ -113,6 +112,37 @@ def mask_inputs() -> list[io.Input]:
                        tooltip="Multiplier of weight and reliability outside the mask; 0 = the binding is absent "
                                "there. Where every reliability is 0 the pooled null falls back to the uniform mean."),
     ]
+
+
+# Sigma inputs stop at NO_LIMIT, and a sigma_max there means no upper limit.
+NO_LIMIT = 1e5
+
+
+def sigma_window_inputs(sigma_min: float, min_tooltip: str, window: str) -> list[io.Input]:
+    """The sigma_min and sigma_max inputs of a noise window; read them with :func:`sigma_window`."""
+    return [io.Float.Input("sigma_min", default=sigma_min, min=0.0, max=NO_LIMIT, step=0.01, tooltip=min_tooltip),
+            io.Float.Input("sigma_max", default=NO_LIMIT, min=0.0, max=NO_LIMIT, step=0.01,
+                           tooltip=f"Upper end of {window} ({NO_LIMIT:g} = no limit).")]
+
+
+def sigma_window(sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    return sigma_min, math.inf if sigma_max >= NO_LIMIT else sigma_max
+
+
+def index_input() -> io.Input:
+    return io.Int.Input("index", default=-1, min=-1000, max=1000,
+                        tooltip="Which binding of the chain: 0 is the first, -1 the last.")
+
+
+def indexed_chain(node: str, experts, index: int) -> list[poe.Binding]:
+    """A copy of the chain ``experts``, refused when it is empty or has no binding at ``index``."""
+    bindings = list(experts or [])
+    if not bindings:
+        raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
+    if not -len(bindings) <= index < len(bindings):
+        raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
+                         f"0..{len(bindings) - 1} or -1 for the last")
+    return bindings
 
 
 def experts_input() -> io.Input:

@@ -14,12 +14,23 @@ from .common import CATEGORY, Expert, TextEncoder, check_choice, node_input
 SCHEDULE_CHOICES = ("published", "linear", "cosine")
 
 
+def file_input(name: str, folder: str, tooltip: str) -> io.Input:
+    """A picker of the files in models/``folder``; read the choice with :func:`model_file`."""
+    return io.Combo.Input(name, options=folder_paths.get_filename_list(folder), tooltip=tooltip)
+
+
+def model_file(folder: str, name: str) -> str:
+    """The path of a file of models/``folder``, refused when it is not there (any more)."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ValueError(f"{name} is not in models/{folder}; put the file there and refresh the node list "
+                         "(press R in the browser)")
+    return path
+
+
 def expert_path(name: str) -> str:
     """A file in models/experts; a diffusers weight file stands for its whole folder."""
-    path = folder_paths.get_full_path("experts", name)
-    if path is None:
-        raise ValueError(f"{name} is not in models/experts; put the file there and refresh the node list "
-                         "(press R in the browser)")
+    path = model_file("experts", name)
     folder = os.path.dirname(path)
     if os.path.basename(path).startswith("diffusion_pytorch_model") and os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -37,9 +48,10 @@ class PoEExpertLoader(io.ComfyNode):
                         "The family is detected from the file's keys and shapes. Experts of one product may run "
                         "on different devices (the 'device' option).",
             inputs=[
-                io.Combo.Input("expert_name", options=folder_paths.get_filename_list("experts"),
-                               tooltip="A checkpoint in models/experts (.safetensors, .pt, .pth, .bin, or a diffusers "
-                                       "folder's diffusion_pytorch_model file). The pack's tiny digit experts are listed too."),
+                file_input("expert_name", "experts",
+                           tooltip="A checkpoint in models/experts (.safetensors, .pt, .pth, .bin, or a diffusers "
+                                   "folder's diffusion_pytorch_model file). The pack's tiny digit experts are listed "
+                                   "too."),
                 io.Combo.Input("family", options=list(model_loaders.FAMILIES), default="auto",
                                tooltip="Checkpoint family; 'auto' reads it from the file."),
                 io.Combo.Input("dtype", options=list(model_loaders.DTYPES), default="auto",
@@ -113,8 +125,8 @@ class PoETextEncoderLoader(io.ComfyNode):
                         "ViT-B/16 checkpoint from models/text_encoders: prompts become the 512-d, L2-normalised "
                         "embeddings the face expert was trained with. CLIP's vocabulary comes from ComfyUI.",
             inputs=[
-                io.Combo.Input("text_encoder_name", options=folder_paths.get_filename_list("text_encoders"),
-                               tooltip="A file in models/text_encoders (OpenAI CLIP layout; FaRL's .pth works as is)."),
+                file_input("text_encoder_name", "text_encoders",
+                           tooltip="A file in models/text_encoders (OpenAI CLIP layout; FaRL's .pth works as is)."),
             ],
             outputs=[TextEncoder.Output(display_name="text_encoder")],
         )
@@ -124,12 +136,8 @@ class PoETextEncoderLoader(io.ComfyNode):
         from ..model_loaders import text_encoders
 
         node = "PoETextEncoderLoader"
-        path = folder_paths.get_full_path("text_encoders", text_encoder_name)
-        if path is None:
-            raise ValueError(f"{node}: input 'text_encoder_name': {text_encoder_name} is not in "
-                             "models/text_encoders; put the file there and refresh the node list")
         with node_input(node, "text_encoder_name"):
-            encoder = text_encoders.load_text_encoder(path)
+            encoder = text_encoders.load_text_encoder(model_file("text_encoders", text_encoder_name))
         i = encoder.info
         summary = f"text tower: {i['layers']} layers x {i['width']}, {i['heads']} heads, {i['embed_dim']}-d output"
         return io.NodeOutput(encoder, ui={"text": (summary,)})

@@ -7,10 +7,11 @@ from comfy_api.latest import io
 from ..samplers import correctors, poe
 from ..samplers.comfy import sampling as comfy_sampling
 from ..samplers.comfy.correctors import with_corrector
-from ..samplers.comfy.guider import ProductGuider, check_same_shape
+from ..samplers.comfy.guider import ProductGuider
 from ..samplers.comfy.resampling import with_resampling
-from ..samplers.describe import describe_rule
-from .common import CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image
+from ..samplers.describe import describe_corrector, describe_rule
+from .common import (CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image, sigma_window,
+                     sigma_window_inputs)
 
 Corrector = io.Custom("POE_CORRECTOR")
 
@@ -23,7 +24,7 @@ def _guider(node: str, experts) -> ProductGuider:
 
 
 def _latent(node: str, guider, width, height, batch_size, latent_image):
-    resolution, channels = check_same_shape(guider.bindings, node)
+    resolution, channels = guider.product.resolution, guider.product.image_channels
     if latent_image is not None:
         samples = latent_image["samples"]
         if samples.ndim != 4 or tuple(samples.shape[1:]) != (channels, resolution, resolution):
@@ -169,13 +170,6 @@ class PoEScheduler(io.ComfyNode):
         return io.NodeOutput(comfy_sampling.compute_sigmas(guider, "euler", scheduler, steps, denoise))
 
 
-def describe_corrector(c: correctors.CorrectorConfig) -> str:
-    lo, hi = c.sigma_window
-    cost = c.steps * (c.leapfrog_steps if c.method == "uhmc" else 1) + (c.steps if c.energy == "simpson" and c.method == "mala" else 0)
-    return (f"{c.method}, {c.steps} step(s) of {c.step_scale:g} sigma^2 per level for sigma in [{lo:g}, {hi:g}] "
-            f"(+{cost} product evaluation(s) per level)")
-
-
 class PoECorrector(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -186,8 +180,8 @@ class PoECorrector(io.ComfyNode):
             description="MCMC correction of the product at each noise level of its window (Du et al. 2023, "
                         "'Reduce, Reuse, Recycle'; Sjöberg et al. 2023). Summing scores is exact only at sigma = 0; "
                         "the corrector pulls each level towards the product of the diffused experts. Each corrector "
-                        "step costs one product evaluation per level (U-HMC: one per leapfrog step); the defaults "
-                        "add 6 per level from sigma 0.6 up.",
+                        "step costs one product evaluation per level (U-HMC: one per leapfrog step; MALA: one more "
+                        "per level). Defaults, and what they measured, are in BENCHMARKS.md.",
             inputs=[
                 io.Combo.Input("method", options=list(correctors.METHODS), default="uhmc",
                                tooltip="uhmc: underdamped Langevin / HMC without accept (exact on Gaussians); ula: "
@@ -196,17 +190,12 @@ class PoECorrector(io.ComfyNode):
                 io.Int.Input("steps", default=6, min=0, max=100,
                              tooltip="Corrector steps per noise level; each costs one product evaluation."),
                 io.Float.Input("step_scale", default=0.05, min=0.001, max=10.0, step=0.005,
-                               tooltip="Langevin step as a multiple of sigma^2. Small steps suit image experts: "
-                                       "on the tiny digits 6 x 0.05 from sigma 0.6 up met all three constraints "
-                                       "in 0.83 of samples (0.64 plain), 4 x 0.05 in 0.80, while 0.5, the best on "
-                                       "the analytic Gaussian product, halved the rate. See BENCHMARKS.md."),
-                io.Float.Input("sigma_min", default=0.6, min=0.0, max=1e5, step=0.01,
-                               tooltip="Correction runs for sigma_min <= sigma <= sigma_max (images in [-1, 1]). "
-                                       "Correcting only the high-noise levels, where shape and placement are "
-                                       "decided, worked best on the digits (screens: 0.85 from sigma 0.6 up, 0.76 "
-                                       "from 0.05 up); RRR also skips the lowest levels."),
-                io.Float.Input("sigma_max", default=1e5, min=0.0, max=1e5, step=0.01,
-                               tooltip="Upper end of the correction window (1e5 = no limit)."),
+                               tooltip="Langevin step as a multiple of sigma^2. Small steps suit image experts; "
+                                       "large ones mix faster but cost accuracy where the data has fine structure."),
+                *sigma_window_inputs(0.6, "Correction runs for sigma_min <= sigma <= sigma_max (images in [-1, 1]). "
+                                          "The high-noise levels decide shape and placement; RRR also skips the "
+                                          "lowest levels, where the summed score is nearly exact.",
+                                     "the correction window"),
                 io.Int.Input("leapfrog_steps", default=1, min=1, max=100, tooltip="U-HMC leapfrog steps per step."),
                 io.Float.Input("momentum_refresh", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="U-HMC partial momentum refresh per step; 1 = full refresh."),
@@ -223,7 +212,7 @@ class PoECorrector(io.ComfyNode):
         with node_input(node, "method"):
             config = correctors.CorrectorConfig(
                 method=method, steps=steps, step_scale=step_scale,
-                sigma_window=(sigma_min, float("inf") if sigma_max >= 1e5 else sigma_max),
+                sigma_window=sigma_window(sigma_min, sigma_max),
                 leapfrog_steps=leapfrog_steps, refresh=momentum_refresh)
         return io.NodeOutput(config, ui={"text": (describe_corrector(config),)})
 

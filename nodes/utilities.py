@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from comfy_api.latest import io
 
-import math
-
-from .common import CATEGORY, Experts, check_choice
+from ..samplers.nulls import with_reliability_share
+from .common import CATEGORY, Experts, check_choice, index_input, indexed_chain
 
 
 def parse_values(node: str, name: str, text: str) -> list[float]:
@@ -27,18 +27,6 @@ def parse_values(node: str, name: str, text: str) -> list[float]:
 SWEEP_FIELDS = ("reliability share", "reliability", "weight")
 
 
-def with_reliability_share(bindings: list, index: int, share: float) -> list:
-    """This binding gets reliability ``share`` and the others ``1 - share`` in their proportions."""
-    others = [i for i in range(len(bindings)) if i != index % len(bindings)]
-    total = sum(float(bindings[i].reliability) for i in others)
-    out = list(bindings)
-    out[index] = dataclasses.replace(bindings[index], reliability=share)
-    for i in others:
-        part = float(bindings[i].reliability) / total if total > 0 else 1 / len(others)
-        out[i] = dataclasses.replace(bindings[i], reliability=(1 - share) * part)
-    return out
-
-
 class PoEReliabilitySweep(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -51,8 +39,7 @@ class PoEReliabilitySweep(io.ComfyNode):
                         "reliability figure).",
             inputs=[
                 Experts.Input("experts", tooltip="The chain to vary."),
-                io.Int.Input("index", default=-1, min=-1000, max=1000,
-                             tooltip="Which binding of the chain: 0 is the first, -1 the last."),
+                index_input(),
                 io.Combo.Input("field", options=list(SWEEP_FIELDS), default="reliability share",
                                tooltip="'reliability share': this binding's normalised reliability is the value and "
                                        "the others share the rest in their current proportions (the paper's "
@@ -67,9 +54,7 @@ class PoEReliabilitySweep(io.ComfyNode):
     def execute(cls, experts, index, field, values) -> io.NodeOutput:
         node = "PoEReliabilitySweep"
         check_choice(node, "field", field, SWEEP_FIELDS, "field")
-        bindings = list(experts)
-        if not -len(bindings) <= index < len(bindings):
-            raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s)")
+        bindings = indexed_chain(node, experts, index)
         out = []
         for v in parse_values(node, "values", values):
             if field != "weight" and v < 0:

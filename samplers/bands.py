@@ -220,7 +220,7 @@ def resolution_factor(canvas: tuple[int, int], expert: tuple[int, int], who: str
     return h // eh
 
 
-def with_resolution_factors(bindings: Sequence, node: str = "PoEKSampler", canvas: int | None = None):
+def with_resolution_factors(bindings: Sequence, node: str | None = None, canvas: int | None = None):
     """The bindings (``poe.Binding``) with each expert's resolution factor k = canvas / its resolution,
     and the canvas side (default: the largest expert's). Experts without a fixed resolution (ComfyUI
     MODELs) take the canvas (k = 1); sizes that are not an integer multiple, or latent experts below
@@ -236,7 +236,7 @@ def with_resolution_factors(bindings: Sequence, node: str = "PoEKSampler", canva
         if not size:
             out.append(b)
             continue
-        who = f"{node}: input 'experts': binding {i} ({e.name})"
+        who = (f"{node}: input 'experts': " if node else "") + f"binding {i} ({e.name})"
         if size > canvas:
             raise ValueError(f"{who} makes {size}px images, larger than the {canvas}px canvas; sample at {size}px or "
                              "more, a multiple of every expert's size")

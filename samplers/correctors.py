@@ -47,20 +47,15 @@ class CorrectorConfig:
             evaluation each; U-HMC: ``leapfrog_steps`` evaluations each.
         step_scale (`float`, defaults to 0.5): c in the Langevin step ``epsilon = c * sigma^2``;
             U-HMC's leapfrog step is ``h = sqrt(2 epsilon)``, the step for which one leapfrog step
-            with a full momentum refresh is one Langevin step. 0.5 was the best of 0.1 .. 1 for
-            U-HMC on the analytic product (benchmarks/bench_analytic.py, BENCHMARKS.md); larger
-            steps mix faster at low noise but cost accuracy where the data has fine structure. On
-            the tiny digit experts 0.5 halved the all-constraints rate; 6 steps of 0.05 from sigma
-            0.6 up raised it from 0.64 to 0.83, so the PoECorrector node, which users put over
-            image experts, defaults to those (BENCHMARKS.md, "Multimodal digits: MCMC-corrected").
-            ULA's stationary variance on a Gaussian of variance V is too large by 1 / (1 - eps / 2V),
-            up to 1 / (1 - c / 2) at high noise; U-HMC (BAOAB order) and MALA are exact there.
+            with a full momentum refresh is one Langevin step. Larger steps mix faster at low noise
+            but cost accuracy where the data has fine structure, so image experts want smaller ones
+            than the analytic product (BENCHMARKS.md measures both). ULA's stationary variance on a
+            Gaussian of variance V is too large by 1 / (1 - eps / 2V), up to 1 / (1 - c / 2) at high
+            noise; U-HMC (BAOAB order) and MALA are exact there.
         sigma_window (`tuple[float, float]`, defaults to ``(0.05, inf)``): correction runs at the
             levels lo <= sigma <= hi. RRR skips the lowest levels, where the summed score is
-            already nearly exact and steps of c * sigma^2 barely move; never at sigma = 0. On
-            images, correcting the low levels as well cost class accuracy (the digits, 4 x 0.05:
-            0.76 all three from 0.05 up, 0.85 from 0.6 up in 300-sample screens), so the node's
-            default starts at 0.6.
+            already nearly exact and steps of c * sigma^2 barely move; never at sigma = 0. The
+            PoECorrector node starts higher, at the levels that decide an image's layout.
         leapfrog_steps (`int`, defaults to 1): U-HMC leapfrog steps per corrector step.
         refresh (`float`, defaults to 0.5): U-HMC momentum refresh per corrector step,
             ``v <- sqrt(1 - refresh) v + sqrt(refresh) z``; 1 is a full refresh (plain HMC

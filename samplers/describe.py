@@ -1,4 +1,5 @@
-"""How a product describes itself: one line per binding, and the rule it runs in words and numbers."""
+"""How a product and its corrector describe themselves: one line per binding, the rule in words and
+numbers, the corrector and its cost. Each statement comes from the function that owns the rule."""
 from __future__ import annotations
 
 import math
@@ -7,12 +8,8 @@ from typing import Any, Sequence
 import torch
 
 from . import bands
-from .poe import Binding, normalise_reliabilities
-
-
-def unwrap(expert: Any) -> Any:
-    """The expert itself, from an expert or a handle that carries one as ``.expert``."""
-    return getattr(expert, "expert", expert)
+from .correctors import CorrectorConfig, evaluations_per_level
+from .poe import Binding, needs_pooled_null, normalise_reliabilities, total_weight, unwrap
 
 
 def _fmt(v: Any) -> str:
@@ -40,11 +37,10 @@ def describe(binding: Binding, normalised_reliability: Any | None = None) -> str
 def describe_rule(bindings: Sequence[Binding]) -> str:
     """The combined rule the sampler is about to run, in words and numbers."""
     rel = normalise_reliabilities([b.reliability for b in bindings])
-    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float32).mean() for b in bindings)
     lines = [f"product of {len(bindings)} binding(s) over "
              f"{len({id(b.expert) for b in bindings})} expert(s): "
              f"eps = sum_i w_i eps_i(x, c_i) - (sum_i w_i - 1) * sum_j a_j eps_j(x, null_j)",
-             f"sum of weights = {float(total_w):.4g}"]
+             f"sum of weights = {_fmt_total(total_weight(bindings))}"]
     for i, (b, a) in enumerate(zip(bindings, rel), 1):
         lines.append(f"  {i}. {describe(b, a)}")
     if any(b.banded for b in bindings):
@@ -55,8 +51,22 @@ def describe_rule(bindings: Sequence[Binding]) -> str:
                         if b.resolution_factor > 1})
         for name, k in costs:
             lines.append(f"  cost: {name} runs on 1/{k * k} of the canvas's pixels (its own size)")
-    elif math.isclose(float(total_w), 1.0):
+    elif not needs_pooled_null(bindings):
         lines.append("  (weights sum to 1: the pooled null cancels and no null forward runs)")
     elif any(b.reliability_from_variance for b in bindings):
         lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")
     return "\n".join(lines)
+
+
+def _fmt_total(total: Any) -> str:
+    t = torch.as_tensor(total, dtype=torch.float64)
+    if t.numel() == 1:
+        return f"{float(t):.4g}"
+    return f"{float(t.min()):.4g}..{float(t.max()):.4g} per pixel"
+
+
+def describe_corrector(config: CorrectorConfig) -> str:
+    """One line, such as ``uhmc, 6 step(s) of 0.05 sigma^2 per level for sigma in [0.6, inf] (+6 ...)``."""
+    lo, hi = config.sigma_window
+    return (f"{config.method}, {config.steps} step(s) of {config.step_scale:g} sigma^2 per level for sigma in "
+            f"[{lo:g}, {hi:g}] (+{evaluations_per_level(config)} product evaluation(s) per level)")

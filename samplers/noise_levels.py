@@ -32,17 +32,22 @@ def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     return fp[idx - 1] + frac * (fp[idx] - fp[idx - 1])
 
 
+def timestep_from_log_sigmas(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """Continuous timestep ``t`` with ``sigma(t) = sigma`` for a table of ``log sigma(t)`` at
+    t = 0, 1, ...: linear in log sigma between entries, clamped to the table's ends. Computed in
+    the table's dtype on its device, so a sampler on a GPU keeps it there."""
+    sigma = torch.as_tensor(sigma).to(log_sigmas)
+    steps = torch.arange(len(log_sigmas), device=log_sigmas.device, dtype=log_sigmas.dtype)
+    return interp(sigma.clamp_min(1e-30).log().flatten(), log_sigmas, steps).reshape(sigma.shape)
+
+
 def timestep_from_sigma(sigma: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Continuous timestep ``t`` with ``sigma(t) = sigma``, interpolated in log sigma.
+    """Continuous timestep ``t`` with ``sigma(t) = sigma``, interpolated in log sigma (float64).
 
     Sigmas outside the expert's range are clamped to its first or last timestep; the sampler keeps
     them inside the common range (:func:`common_sigma_range`).
     """
-    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log()
-    steps = torch.arange(len(log_sigmas), dtype=torch.float64)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    t = interp(sigma.clamp_min(1e-30).log().flatten(), log_sigmas, steps)
-    return t.reshape(sigma.shape)
+    return timestep_from_log_sigmas(sigma, sigmas_from_alphas_cumprod(alphas_cumprod).log())
 
 
 def sigma_from_timestep(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

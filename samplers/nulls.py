@@ -1,4 +1,5 @@
-"""The nulls of bindings: how a binding's null is formed, and how its share of the pooled null is weighted.
+"""The nulls of bindings: how a binding's null is formed, and how its share of the pooled null is weighted
+(from its expert's variance, or as one share of the whole).
 
 Pure torch: ``expert`` here is anything with the fields of ``model_loaders.expert.Expert``, or a
 handle that carries one as ``.expert`` (ComfyUI's wrapper).
@@ -10,8 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .describe import describe, unwrap
-from .poe import Binding, Condition
+from .describe import describe
+from .poe import Binding, Condition, unwrap
 
 NULL_CHOICES = ("trained", "class0 (paper)", "mean of k random classes", "none")
 
@@ -65,3 +66,15 @@ def reliability_from_variance(bindings: Sequence[Binding]) -> list[Binding]:
                              f"(prediction {getattr(e, 'prediction', '?')!r}); set that binding's reliability to 0 "
                              "or remove this node")
     return [replace(b, reliability_from_variance=True) for b in bindings]
+
+
+def with_reliability_share(bindings: Sequence[Binding], index: int, share: float) -> list[Binding]:
+    """This binding gets reliability ``share`` and the others ``1 - share`` in their proportions."""
+    others = [i for i in range(len(bindings)) if i != index % len(bindings)]
+    total = sum(float(bindings[i].reliability) for i in others)
+    out = list(bindings)
+    out[index] = replace(bindings[index], reliability=share)
+    for i in others:
+        part = float(bindings[i].reliability) / total if total > 0 else 1 / len(others)
+        out[i] = replace(bindings[i], reliability=(1 - share) * part)
+    return out

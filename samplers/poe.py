@@ -116,6 +116,11 @@ def at_sigma(bindings: Sequence[Binding], sigma: float) -> list[Binding]:
     return out
 
 
+def unwrap(expert: Any) -> Any:
+    """The expert itself, from an expert or a handle that carries one as ``.expert`` (ComfyUI's)."""
+    return getattr(expert, "expert", expert)
+
+
 def _expert_name(expert: Any) -> str:
     if isinstance(expert, str):
         return expert
@@ -124,6 +129,22 @@ def _expert_name(expert: Any) -> str:
 
 def _is_zero(v: Scalar) -> bool:
     return bool((torch.as_tensor(v) == 0).all())
+
+
+def total_weight(bindings: Sequence[Binding]) -> torch.Tensor:
+    """sum_i w_i, per pixel where a weight is spatial (float64)."""
+    return sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
+
+
+def needs_pooled_null(bindings: Sequence[Binding]) -> bool:
+    """Whether the rule uses the pooled null: its coefficient ``1 - sum_i w_i`` is non-zero at some
+    pixel. Masked weights count per pixel, so 1.5 on one half and 0.5 on the other need it. With
+    bands or resolution factors it is needed on every band where the weights acting there carry a
+    band or do not sum to 1 (``bands.level_needs_null``)."""
+    if any(b.banded for b in bindings):
+        return any(_level_needs(bindings))
+    total = torch.as_tensor(total_weight(bindings))
+    return not bool(torch.isclose(total, torch.ones_like(total)).all())
 
 
 def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) -> None:
@@ -159,16 +180,15 @@ def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) 
     if any(b.banded for b in bindings):
         _validate_levels(bindings)
         return
-    total_w = sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
     no_null = all(_is_zero(b.reliability) for b in bindings)
     if no_null and any(torch.as_tensor(b.weight).lt(0).any() for b in bindings):
         negated = next(b for b in bindings if torch.as_tensor(b.weight).lt(0).any())
         raise ValueError(f"{negated.label or _expert_name(negated.expert)}: a negative weight (negation) pushes away "
                          "from the pooled null, but every reliability is 0: give at least one binding with a null "
                          "a reliability > 0")
-    if no_null and not bool(torch.isclose(total_w, torch.tensor(1.0, dtype=torch.float64)).all()):
+    if no_null and needs_pooled_null(bindings):
         raise ValueError(
-            f"the weights sum to {float(torch.as_tensor(total_w).mean()):.4g}, not 1, so the rule needs a "
+            f"the weights sum to {float(torch.as_tensor(total_weight(bindings)).mean()):.4g}, not 1, so the rule needs a "
             "pooled null, but every reliability is 0: give at least one binding with a null a reliability > 0"
         )
 
@@ -348,14 +368,10 @@ class ForwardPlan:
 def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
     """Group the rows of all bindings by expert, so each expert runs one forward per step.
 
-    Nulls are requested only when the rule uses the pooled null (sum of weights != 1 somewhere)
-    and only for bindings whose reliability is non-zero.
+    Nulls are requested only when the rule uses the pooled null (:func:`needs_pooled_null`) and
+    only for bindings whose reliability is non-zero.
     """
-    if any(b.banded for b in bindings):
-        needs_null = any(_level_needs(bindings))
-    else:
-        total_w = sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
-        needs_null = not bool(torch.isclose(torch.as_tensor(total_w), torch.tensor(1.0, dtype=torch.float64)).all())
+    needs_null = needs_pooled_null(bindings)
     calls: list[ExpertCall] = []
     by_expert: dict[tuple[int, int], int] = {}
 
@@ -498,8 +514,7 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
         return pooled, pooled
     out, pooled = combine(cond_preds, weights, null_preds, rel)
     if pooled is None and plan.needs_null:
-        total_w = sum(torch.as_tensor(b.weight, dtype=torch.float32) for b in active)
-        raise ValueError(f"the weights sum to {float(total_w.mean()):.4g} at sigma={s:.4g} but no active binding "
+        raise ValueError(f"the weights sum to {float(torch.as_tensor(total_weight(active)).mean()):.4g} at sigma={s:.4g} but no active binding "
                          "supplies a null with reliability > 0")
     _check_finite([out] if pooled is None else [out, pooled], plan, outs, s)
     return out, pooled

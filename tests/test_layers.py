@@ -4,6 +4,8 @@ ComfyUI glue uses only the ComfyUI names its package docstring lists."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,17 @@ def test_the_glue_uses_only_the_comfyui_names_it_lists():
         used |= comfy_names_used(path)
     assert "comfy.samplers.CFGGuider" in used   # the scan sees what the guider subclasses
     assert sorted(n for n in used if n not in listed) == []
+
+
+def test_the_package_and_its_pure_layers_import_without_comfyui():
+    """Registered from a script, the package and its pure layers load no ComfyUI module and leave the
+    pack's folder off sys.path."""
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1]); "
+            "import unite_and_conquer.samplers.prepare, unite_and_conquer.samplers.describe, "
+            "unite_and_conquer.model_loaders, unite_and_conquer.conditions.maps; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[2].split(',')))); "
+            "print(any(p.rstrip('/') == sys.argv[3] for p in sys.path))")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "__init__.py"), ",".join(sorted(COMFY_MODULES)),
+                          str(REPO)], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "False"]

@@ -10,47 +10,11 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
 
-from .. import bands, noise_levels, poe
+from .. import poe
+from ..prepare import prepare
 from .models import VARIANCE_SINK, ExpertHandle, ProductModel
 
 log = logging.getLogger("unite_and_conquer")
-
-
-def handles_of(bindings: Sequence[poe.Binding]) -> list[ExpertHandle]:
-    seen: dict[int, ExpertHandle] = {}
-    for b in bindings:
-        seen.setdefault(id(b.expert), b.expert)
-    return list(seen.values())
-
-
-def check_same_shape(bindings: Sequence[poe.Binding], node: str = "PoEKSampler") -> tuple[int, int]:
-    """The canvas (the largest expert's side) and the channels. Experts share the channels; a smaller
-    expert must divide the canvas (it then runs on the pooled image, ``bands``); anything else is
-    an error, never a silent resize."""
-    handles = handles_of(bindings)
-    first = handles[0].expert
-    canvas = max(h.expert.resolution for h in handles)
-    for h in handles[1:]:
-        e = h.expert
-        if e.image_channels != first.image_channels or canvas % e.resolution:
-            raise ValueError(
-                f"{node}: input 'experts' mixes image shapes: {first.name} is {first.resolution}px with "
-                f"{first.image_channels} channels but {e.name} is {e.resolution}px with {e.image_channels}. "
-                "Experts of one product share the channels, and each expert's size must divide the largest "
-                f"({canvas}px) so that it runs on the pooled canvas; otherwise sample at one resolution and use "
-                "an upsampler stage (PoEBindImage) to change it.")
-    return canvas, first.image_channels
-
-
-def product_schedule(bindings: Sequence[poe.Binding]) -> torch.Tensor:
-    """The product's alphas_cumprod: the first expert's shape of schedule, cut to the common range."""
-    handles = handles_of(bindings)
-    factor = {id(b.expert): b.resolution_factor for b in bindings}
-    tables = [h.expert.alphas_cumprod for h in handles]
-    factors = [factor[id(h)] for h in handles]
-    lo, hi = noise_levels.common_sigma_range(tables, [h.name for h in handles], factors)
-    # The shape of schedule of a canvas-sized expert: a smaller one's table stops short of k times its range.
-    return noise_levels.resample_table(tables[factors.index(min(factors))], lo, hi)
 
 
 def _step_of(sigma: float, model_options: dict) -> str:
@@ -98,14 +62,10 @@ class ProductGuider(comfy.samplers.CFGGuider):
     """
 
     def __init__(self, bindings: Sequence[poe.Binding]):
-        bindings, _ = bands.with_resolution_factors(list(bindings), "PoEGuider")
-        poe.validate_bindings(bindings)
-        check_same_shape(bindings)
-        self.bindings = bindings
-        self.handles = handles_of(bindings)
-        schedule = product_schedule(bindings)
-        poe.check_sigma_coverage(bindings, *noise_levels.sigma_range(schedule))
-        product = ProductModel(schedule, [h.model for h in self.handles])
+        self.product = prepare(bindings)
+        self.bindings = list(self.product.bindings)
+        self.handles: list[ExpertHandle] = list(self.product.experts)
+        product = ProductModel(self.product.alphas_cumprod, [h.model for h in self.handles])
         patcher = comfy.model_patcher.ModelPatcher(
             product, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())

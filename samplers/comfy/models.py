@@ -38,10 +38,7 @@ class ContinuousModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.
         self.set_sigmas(noise_levels.sigmas_from_alphas_cumprod(alphas_cumprod).float())
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        log_sigmas = self.log_sigmas.to(sigma.device)
-        steps = torch.arange(len(log_sigmas), device=sigma.device, dtype=log_sigmas.dtype)
-        t = noise_levels.interp(sigma.float().clamp_min(1e-30).log().flatten(), log_sigmas, steps)
-        return t.view(sigma.shape)
+        return noise_levels.timestep_from_log_sigmas(sigma, self.log_sigmas.to(sigma.device))
 
 
 class _PixelConfig(comfy.supported_models_base.BASE):

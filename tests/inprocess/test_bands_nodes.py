@@ -109,7 +109,7 @@ def test_canvas_that_is_not_a_multiple_is_refused():
     chain = [poe.Binding(a, gaussian(0, 1), 1.0), poe.Binding(b, gaussian(0, 1), 1.0)]
     with pytest.raises(ValueError) as err:
         ProductGuider(chain)
-    assert str(err.value) == ("PoEGuider: input 'experts': binding 2 (B) makes 6 x 6 images, and the canvas is 8 x 8: "
+    assert str(err.value) == ("binding 2 (B) makes 6 x 6 images, and the canvas is 8 x 8: "
                               "a lower-resolution expert needs the canvas to be the same integer multiple of its size "
                               "on both sides")
 

@@ -44,7 +44,7 @@ def sample(config, sampler="euler", steps=30, n=4096, seed=0, callback=None, den
     chosen = comfy.samplers.sampler_object(sampler) if config is None else with_corrector(sampler, config)
     out = guider.sample(noise, latent, chosen, sigmas, denoise_mask=denoise_mask, callback=callback,
                         disable_pbar=True, seed=seed)
-    return out, bindings[0].expert.expert.network.calls, sigmas
+    return out, poe.unwrap(bindings[0].expert).network.calls, sigmas
 
 
 def w2(out):

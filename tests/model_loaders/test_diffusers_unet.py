@@ -66,6 +66,13 @@ def compare(expert, ref, config, t=None):
     return (got - want).abs().max().item()
 
 
+def load_error(path, **options) -> str:
+    """The message of the ValueError that loading ``path`` raises."""
+    with pytest.raises(ValueError) as err:
+        model_loaders.load_expert(str(path), **options)
+    return str(err.value)
+
+
 def write_scheduler(folder, **kw):
     folder.mkdir(parents=True, exist_ok=True)
     sc = {"_class_name": "DDPMScheduler", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -177,9 +184,7 @@ def test_single_file_config_from_keys_and_metadata(tmp_path):
     # Without metadata: the structure comes from the keys, the size is missing.
     bare = tmp_path / "bare.safetensors"
     save_file(sd, str(bare))
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(bare))
-    message = str(err.value)
+    message = load_error(bare)
     assert "diffusers checkpoint: a single file without config (block_out_channels=(16, 32, 32), layers_per_block=1, " \
            "down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D')" in message
     assert "num_class_embeds=10, resnet_time_scale_shift='scale_shift'" not in message  # values are printed plainly
@@ -193,9 +198,7 @@ def test_consistency_models_are_refused(tmp_path):
     folder = tmp_path / "diffusers-cd_tiny"
     ref.save_pretrained(str(folder))
     write_scheduler(folder, _class_name="CMStochasticIterativeScheduler")
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(folder))
-    assert str(err.value) == (
+    assert load_error(folder) == (
         f"{folder / 'scheduler_config.json'}: a CMStochasticIterativeScheduler, so this is a consistency model; "
         "consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not eps "
         "predictors, so they cannot join a product of experts")
@@ -208,9 +211,7 @@ def test_consistency_models_are_refused(tmp_path):
     folder = tmp_path / "cd_layout"
     cd_ref.save_pretrained(str(folder))
     write_scheduler(folder)
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(folder))
-    assert str(err.value) == (
+    assert load_error(folder) == (
         f"{folder / 'config.json'}: residual up/down-sampling blocks, the layout of OpenAI's consistency-model "
         "UNets; consistency models (openai/diffusers-cd_*, ct_*) map noise to images in one step; they are not "
         "eps predictors, so they cannot join a product of experts")
@@ -226,10 +227,9 @@ def test_sample_prediction_is_refused(tmp_path):
     folder = tmp_path / "m"
     ref.save_pretrained(str(folder))
     write_scheduler(folder, prediction_type="sample")
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(folder), schedule="linear")
-    assert str(err.value) == (f"{folder / 'scheduler_config.json'}: prediction_type 'sample'; only eps- and "
-                              "v-prediction (prediction_type 'epsilon' or 'v_prediction') experts can join the product")
+    assert load_error(folder, schedule="linear") == (
+        f"{folder / 'scheduler_config.json'}: prediction_type 'sample'; only eps- and v-prediction "
+        "(prediction_type 'epsilon' or 'v_prediction') experts can join the product")
 
 
 def test_v_prediction_matches_diffusers_velocity(tmp_path):
@@ -260,17 +260,13 @@ def test_v_prediction_matches_diffusers_velocity(tmp_path):
 def test_folder_errors_and_detection(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(empty))
-    assert str(err.value).startswith(f"{empty}: a folder without config.json")
+    assert load_error(empty).startswith(f"{empty}: a folder without config.json")
     ref = reference(CONFIGS["no-attention"])
     folder = tmp_path / "noweights"
     ref.save_pretrained(str(folder))
     (folder / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(folder))
-    assert str(err.value) == (f"{folder}: no weights in the folder (expected diffusion_pytorch_model.safetensors or "
-                              "diffusion_pytorch_model.bin)")
+    assert load_error(folder) == (f"{folder}: no weights in the folder (expected diffusion_pytorch_model.safetensors "
+                                  "or diffusion_pytorch_model.bin)")
     sd = ref.state_dict()
     assert du.detect(sd, {}, "diffusers") and not du.detect(sd, {}, "adm")
     from unite_and_conquer.model_loaders import adm
@@ -279,6 +275,4 @@ def test_folder_errors_and_detection(tmp_path):
     bad = {k: v for k, v in sd.items() if k != "up_blocks.0.resnets.1.conv2.bias"}
     path = tmp_path / "missing.safetensors"
     save_file({k: v.contiguous() for k, v in bad.items()}, str(path), metadata={"sample_size": "16"})
-    with pytest.raises(ValueError) as err:
-        model_loaders.load_expert(str(path))
-    assert 'Missing key(s) in state_dict: "up_blocks.0.resnets.1.conv2.bias"' in str(err.value)
+    assert 'Missing key(s) in state_dict: "up_blocks.0.resnets.1.conv2.bias"' in load_error(path)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from pathlib import Path
 
 _STATE: dict = {}
 
@@ -66,3 +68,12 @@ def run_prompt(prompt: dict, executor=None):
         errors = [d for e, d in executor.status_messages if e == "execution_error"]
         raise PromptFailed("execution", errors[0] if errors else executor.status_messages)
     return executor, executor.history_result
+
+
+def api_workflow(name: str, changes: dict[str, dict] | None = None) -> dict:
+    """The shipped API-format workflow ``workflows/api/<name>``, with ``changes`` ({node id: {input:
+    value}}) applied."""
+    wf = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "api" / name).read_text())
+    for node, inputs in (changes or {}).items():
+        wf[node]["inputs"].update(inputs)
+    return wf

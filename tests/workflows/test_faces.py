@@ -2,7 +2,6 @@
 experts in the released layouts, with both weight presets."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,8 @@ import pytest
 from PIL import Image
 
 from support.checkpoints import from_fixture
-from support.comfy_harness import comfy_nodes, run_prompt
+from support.comfy_harness import api_workflow, comfy_nodes, run_prompt
 
-REPO = Path(__file__).resolve().parents[2]
 SKIN, HAIR = (204, 0, 0), (0, 0, 204)
 
 
@@ -42,7 +40,7 @@ def face_files(tmp_path_factory, fixtures_dir):
 def test_four_binding_face_workflow_runs_with_both_presets(face_files):
     import folder_paths
 
-    wf = json.loads((REPO / "workflows" / "api" / "faces.json").read_text())
+    wf = api_workflow("faces.json")
     names = {"model_latest.pt": "model_latest.safetensors", "model_sketch.pt": "model_sketch.safetensors"}
     for node in wf.values():
         inputs = node["inputs"]
@@ -72,12 +70,9 @@ def test_four_binding_face_workflow_runs_with_both_presets(face_files):
 
 def test_hair_expert_only_in_the_hair_region(face_files):
     """The 'bright pink hair' binding is spatial: its weight is 1.5 in the hair region, 0 elsewhere."""
-    wf = json.loads((REPO / "workflows" / "api" / "faces_hair_region.json").read_text())
-    wf["1"]["inputs"]["expert_name"] = "model_latest.safetensors"
-    wf["2"]["inputs"]["text_encoder_name"] = "farl_small.safetensors"
-    wf["3"]["inputs"]["image"] = "uac_test_parsing.png"
-    wf["9"]["inputs"]["steps"] = 2
-    _, history = run_prompt(wf)
+    _, history = run_prompt(api_workflow("faces_hair_region.json", {
+        "1": {"expert_name": "model_latest.safetensors"}, "2": {"text_encoder_name": "farl_small.safetensors"},
+        "3": {"image": "uac_test_parsing.png"}, "9": {"steps": 2}}))
     rule = history["outputs"]["9"]["text"][0]
     assert '"bright pink hair" · masked · w=0..1.5 (spatial)' in rule
     assert "product of 4 binding(s) over 1 expert(s)" in rule

@@ -2,7 +2,6 @@
 workflow, on small random checkpoints in the published layouts."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,8 @@ import pytest
 from PIL import Image
 
 from support.checkpoints import from_fixture, small_adm
-from support.comfy_harness import comfy_nodes, run_prompt
+from support.comfy_harness import api_workflow, comfy_nodes, run_prompt
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +29,7 @@ def experts_dir(tmp_path_factory, fixtures_dir):
 def test_paper_class_text_preset_produces_a_256px_image(experts_dir, tmp_path):
     import folder_paths
 
-    wf = json.loads((REPO / "workflows" / "api" / "paper_class_text.json").read_text())
+    wf = api_workflow("paper_class_text.json")
     rename = {"64x64_diffusion.pt": "64x64_diffusion.safetensors", "base.pt": "base.safetensors",
               "upsample.pt": "upsample.safetensors"}
     for node in wf.values():

@@ -1,0 +1,82 @@
+"""Descriptions say what the rule and the corrector do, from the functions that decide it: the pooled
+null from ``poe.needs_pooled_null`` (the plan's own rule), a corrector's cost from
+``correctors.evaluations_per_level`` (what a level really evaluates)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unite_and_conquer.samplers import correctors, poe
+from unite_and_conquer.samplers.describe import describe_corrector, describe_rule
+
+NO_NULL = "no null forward runs"
+
+
+class Named:
+    def __init__(self, name):
+        self.name = name
+
+
+def c(v):
+    return {"c": torch.tensor([float(v)])}
+
+
+def half(top: bool, size: int = 4) -> torch.Tensor:
+    m = torch.zeros(1, 1, size, size)
+    m[..., : size // 2, :] = 1.0
+    return m if top else 1 - m
+
+
+def test_masked_weights_summing_to_one_on_average_still_need_the_null():
+    """1.5 on the top half and 0.5 on the bottom: the means sum to 1, the per-pixel sums do not."""
+    a, b = Named("A"), Named("B")
+    bindings = [poe.Binding(a, c(1), 1.5 * half(True), 0.5 * half(True), (c(0),), label="top"),
+                poe.Binding(b, c(2), 0.5 * half(False), 0.5 * half(False), (c(0),), label="bottom")]
+    assert poe.needs_pooled_null(bindings)
+    plan = poe.plan_forwards(bindings)
+    assert plan.needs_null and all(plan.null_index)
+    rule = describe_rule(bindings)
+    assert NO_NULL not in rule
+    assert "sum of weights = 0.5..1.5 per pixel" in rule
+
+
+def test_weights_summing_to_one_at_every_pixel_run_no_null_and_say_so():
+    a, b = Named("A"), Named("B")
+    bindings = [poe.Binding(a, c(1), half(True), 0.5, (c(0),), label="top"),
+                poe.Binding(b, c(2), half(False), 0.5, (c(0),), label="bottom")]
+    assert not poe.needs_pooled_null(bindings)
+    plan = poe.plan_forwards(bindings)
+    assert not plan.needs_null and plan.null_index == [[], []]
+    assert NO_NULL in describe_rule(bindings) and "sum of weights = 1..1 per pixel" in describe_rule(bindings)
+    scalar = [poe.Binding(a, c(1), 0.25, 0.5, (c(0),)), poe.Binding(b, c(2), 0.75, 0.5, (c(0),))]
+    assert "sum of weights = 1\n" in describe_rule(scalar) and NO_NULL in describe_rule(scalar)
+
+
+def counted_evaluations(config: correctors.CorrectorConfig) -> int:
+    calls = []
+
+    def denoise(x, sigma):
+        calls.append(1)
+        return 0.5 * x
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    correctors.correct(denoise, x, 1.0, config, torch.Generator().manual_seed(1), {})
+    return len(calls)
+
+
+@pytest.mark.parametrize("config, cost", [
+    (correctors.CorrectorConfig(method="none", steps=6), 0),
+    (correctors.CorrectorConfig(method="mala", steps=3), 4),
+    (correctors.CorrectorConfig(method="mala", steps=3, energy="simpson"), 7),
+    (correctors.CorrectorConfig(method="uhmc", steps=2, leapfrog_steps=3), 6),
+    (correctors.CorrectorConfig(method="ula", steps=5), 5),
+])
+def test_the_corrector_description_states_what_a_level_evaluates(config, cost):
+    assert counted_evaluations(config) == cost == correctors.evaluations_per_level(config)
+    assert describe_corrector(config).endswith(f"(+{cost} product evaluation(s) per level)")
+
+
+def test_the_corrector_description_names_method_steps_and_window():
+    config = correctors.CorrectorConfig(method="mala", steps=3, step_scale=0.05, sigma_window=(0.6, float("inf")))
+    assert describe_corrector(config) == ("mala, 3 step(s) of 0.05 sigma^2 per level for sigma in [0.6, inf] "
+                                          "(+4 product evaluation(s) per level)")
