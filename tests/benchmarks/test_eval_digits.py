@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from unite_and_conquer.benchmarks import eval_digits as ev
+from unite_and_conquer.benchmarks import eval_digits as ev, report
 from unite_and_conquer.tools import digits
 
 CI_STEPS = 12
@@ -70,12 +70,13 @@ def test_box_iou_and_boxes():
 
 def test_write_section_keeps_other_sections(tmp_path):
     """The digit benchmarks write through benchmarks/report.py, which keeps the other sections."""
+    assert ev.publish is report.publish
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Speed\n\nfast\n\n## Multimodal digits\n\nold\n\n## Memory\n\nsmall\n")
-    ev.write_section("## Multimodal digits", "new table\n", path)
+    report.write_section("## Multimodal digits", "new table\n", path)
     assert path.read_text() == "# Benchmarks\n\n## Speed\n\nfast\n\n## Multimodal digits\n\nnew table\n\n## Memory\n\nsmall\n"
     other = tmp_path / "NEW.md"
-    ev.write_section("## Multimodal digits", "x\n", other)
+    report.write_section("## Multimodal digits", "x\n", other)
     assert other.read_text() == "# Benchmarks\n\n## Multimodal digits\n\nx\n"
 
 
