@@ -6,11 +6,15 @@ import torch
 
 from unite_and_conquer.samplers import bands, poe
 
-torch.set_default_dtype(torch.float64)
 
 
-def teardown_module():
-    torch.set_default_dtype(torch.float32)
+@pytest.fixture(autouse=True)
+def float64():
+    """The closed forms are compared at 1e-10, in float64; restored after each test so no other module sees it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class DenseGaussian:
