@@ -29,7 +29,8 @@ object with these fields:
         ``v_learned_sigma`` or ``eps_learned_sigma``. The shipped heads were trained on the frozen
         networks' features (``tools/train_tiny.py --variance-head``), so the first half is exactly
         the plain expert's output.
-    resolution (`int`): canvas side, 32.
+    resolution (`int`): canvas side, 32; 16 for an expert trained on 2 x 2-pooled canvases
+        (``tools/train_tiny.py --resolution 16``), which a 32 px product runs on its pooled canvas.
 """
 from __future__ import annotations
 
@@ -308,6 +309,9 @@ def build(sd: dict[str, torch.Tensor], meta: dict[str, str], family: str, schedu
         raise ValueError(f"tiny {config['modality']} checkpoint does not match its config: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     name = NAMES[config["modality"]]
+    if int(config.get("resolution", 32)) != 32:
+        # A coarser expert of the same modality must be told apart in the rule text.
+        name += f" · {int(config['resolution'])}px"
     encoders, null, class_names = _modality(config, name)
     prediction = config.get("prediction", "eps") + ("_learned_sigma" if config.get("learned_sigma") else "")
     return Expert(network=network, name=name, family="tiny", resolution=int(config.get("resolution", 32)),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
+from .bands import PoEBandWeights
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindInpaint, PoEBindingSchedule, PoEBindPrior,
                        PoEBindSegmentation, PoEBindSketch, PoEBindText, PoEReliabilityFromVariance)
 from .known_regions import PoEImageToLatent, PoEResample
@@ -14,7 +15,7 @@ from .utilities import PoEImageGrid, PoEReliabilitySweep
 NODES: list[type[io.ComfyNode]] = [
     PoEExpertLoader, PoETextEncoderLoader,
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindInpaint, PoEBindPrior,
-    PoEBindModel, PoEEncodeCondition, PoEBindingSchedule, PoEReliabilityFromVariance,
+    PoEBindModel, PoEEncodeCondition, PoEBindingSchedule, PoEReliabilityFromVariance, PoEBandWeights,
     PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
     PoEReliabilitySweep, PoEImageGrid, PoEResample, PoEImageToLatent,
 ]

@@ -74,11 +74,14 @@ def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str) -
     bindings = list(previous or [])
     if bindings:
         first, new = poe.unwrap(bindings[0].expert), poe.unwrap(binding.expert)
-        if image_shape(first) != image_shape(new):
+        (r1, c1), (r2, c2) = image_shape(first), image_shape(new)
+        # A smaller expert may join when its size divides the other's: it then runs on the pooled canvas.
+        if c1 != c2 or max(r1, r2) % min(r1, r2):
             raise ValueError(
                 f"{node}: input 'expert': {new.name} makes {new.resolution}px images with {new.image_channels} "
                 f"channels but the chained experts ({first.name}) make {first.resolution}px with "
-                f"{first.image_channels}. All experts of a product share one image shape.")
+                f"{first.image_channels}. Experts of a product share the channels, and their sizes must be integer "
+                "multiples of one another (a smaller expert runs on the pooled canvas).")
     bindings.append(binding)
     return bindings
 

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import bands
 from .correctors import CorrectorConfig, evaluations_per_level
 from .poe import Binding, needs_pooled_null, normalise_reliabilities, total_weight, unwrap
 
@@ -27,6 +28,9 @@ def describe(binding: Binding, normalised_reliability: Any | None = None) -> str
     lo, hi = binding.sigma_window
     if lo > 0 or math.isfinite(hi):
         parts.append(f"sigma in [{lo:.3g}, {hi:.3g}]")
+    banded = bands.describe(binding.band, binding.resolution_factor, getattr(e, "resolution", None))
+    if banded:
+        parts.append(banded)
     return " · ".join(parts)
 
 
@@ -39,7 +43,15 @@ def describe_rule(bindings: Sequence[Binding]) -> str:
              f"sum of weights = {_fmt_total(total_weight(bindings))}"]
     for i, (b, a) in enumerate(zip(bindings, rel), 1):
         lines.append(f"  {i}. {describe(b, a)}")
-    if not needs_pooled_null(bindings):
+    if any(b.banded for b in bindings):
+        lines.append("  bands: eps = u + sum_i w_i F_i(eps_i - u), F_i each binding's band (DCT) or, for an expert "
+                     "at 1/k of the canvas, its prediction on the k x k pooled image at sigma/k lifted into the "
+                     "piecewise-constant images; the pooled null u mixes, per band, the nulls defined there")
+        costs = sorted({(getattr(unwrap(b.expert), "name", "?"), b.resolution_factor) for b in bindings
+                        if b.resolution_factor > 1})
+        for name, k in costs:
+            lines.append(f"  cost: {name} runs on 1/{k * k} of the canvas's pixels (its own size)")
+    elif not needs_pooled_null(bindings):
         lines.append("  (weights sum to 1: the pooled null cancels and no null forward runs)")
     elif any(b.reliability_from_variance for b in bindings):
         lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")

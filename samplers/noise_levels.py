@@ -63,11 +63,14 @@ def sigma_range(alphas_cumprod: torch.Tensor) -> tuple[float, float]:
     return float(sigmas[0]), float(sigmas[-1])
 
 
-def common_sigma_range(tables: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> tuple[float, float]:
-    """Intersection of the experts' sigma ranges; an empty intersection is an error."""
+def common_sigma_range(tables: Sequence[torch.Tensor], names: Sequence[str] | None = None,
+                       factors: Sequence[int] | None = None) -> tuple[float, float]:
+    """Intersection of the experts' sigma ranges; an empty intersection is an error. An expert at
+    resolution factor k sees sigma / k (``bands``), so it serves k times its own range."""
     if not tables:
         raise ValueError("no experts: the common sigma range of an empty product is undefined")
-    ranges = [sigma_range(t) for t in tables]
+    factors = factors or [1] * len(tables)
+    ranges = [(lo * k, hi * k) for (lo, hi), k in zip((sigma_range(t) for t in tables), factors)]
     lo = max(r[0] for r in ranges)
     hi = min(r[1] for r in ranges)
     if lo >= hi:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import bands as bands_mod
+from .bands import Band
 from .variance_reliability import precision_reliabilities
 
 Condition = dict[str, torch.Tensor]
@@ -59,6 +61,11 @@ class Binding:
             the pooled null becomes, per pixel, ``reliability / Var[x0 | x]`` of its null's prediction
             (normalised), from its expert's learned variance (``variance_reliability``, PoE-GAN's
             precision weighting). All bindings that supply a null must agree on it.
+        band (`bands.Band`, *optional*): the weight becomes ``w b(f)``, a function of the DCT frequency
+            (``samplers/bands.py``); ``None`` or an all-pass band is today's rule.
+        resolution_factor (`int`, defaults to 1): k when the expert makes images k times smaller than the
+            canvas: it is evaluated on the k x k average-pooled input at sigma / k and its prediction
+            lifted into the piecewise-constant subspace P (weight w there, 0 on I - P; ``bands``).
     """
 
     expert: Any
@@ -70,6 +77,13 @@ class Binding:
     reliability_ramp: tuple[float, float, float, float] | None = None
     label: str = ""
     reliability_from_variance: bool = False
+    band: Band | None = None
+    resolution_factor: int = 1
+
+    @property
+    def banded(self) -> bool:
+        """Whether the binding leaves today's pixel-basis rule: a band that is not all-pass, or k > 1."""
+        return self.resolution_factor != 1 or (self.band is not None and not self.band.all_pass)
 
     def active(self, sigma: float) -> bool:
         lo, hi = self.sigma_window
@@ -124,7 +138,11 @@ def total_weight(bindings: Sequence[Binding]) -> torch.Tensor:
 
 def needs_pooled_null(bindings: Sequence[Binding]) -> bool:
     """Whether the rule uses the pooled null: its coefficient ``1 - sum_i w_i`` is non-zero at some
-    pixel. Masked weights count per pixel, so 1.5 on one half and 0.5 on the other need it."""
+    pixel. Masked weights count per pixel, so 1.5 on one half and 0.5 on the other need it. With
+    bands or resolution factors it is needed on every band where the weights acting there carry a
+    band or do not sum to 1 (``bands.level_needs_null``)."""
+    if any(b.banded for b in bindings):
+        return any(_level_needs(bindings))
     total = torch.as_tensor(total_weight(bindings))
     return not bool(torch.isclose(total, torch.ones_like(total)).all())
 
@@ -147,11 +165,21 @@ def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) 
         if not b.null and not _is_zero(b.reliability):
             raise ValueError(f"{name}: reliability is > 0 but this binding has no null condition (its expert has "
                              "no trained null); set the reliability to 0 or choose how the null is formed")
+    for b in bindings:
+        if int(b.resolution_factor) != b.resolution_factor or b.resolution_factor < 1:
+            raise ValueError(f"{b.label or _expert_name(b.expert)}: resolution factor must be a positive integer, "
+                             f"got {b.resolution_factor}")
+        if b.resolution_factor > 1 and b.reliability_from_variance:
+            raise ValueError(f"{b.label or _expert_name(b.expert)}: reliability from variance is not available for "
+                             "an expert at a lower resolution than the canvas; remove PoEReliabilityFromVariance")
     with_null = [b for b in bindings if b.null and not _is_zero(b.reliability)]
     if len({b.reliability_from_variance for b in with_null}) > 1:
         off = next(b for b in with_null if not b.reliability_from_variance)
         raise ValueError(f"{off.label or _expert_name(off.expert)}: reliability from variance is on for some bindings "
                          "and off for this one; apply it to the whole chain, after its last binding")
+    if any(b.banded for b in bindings):
+        _validate_levels(bindings)
+        return
     no_null = all(_is_zero(b.reliability) for b in bindings)
     if no_null and any(torch.as_tensor(b.weight).lt(0).any() for b in bindings):
         negated = next(b for b in bindings if torch.as_tensor(b.weight).lt(0).any())
@@ -163,6 +191,32 @@ def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) 
             f"the weights sum to {float(torch.as_tensor(total_weight(bindings)).mean()):.4g}, not 1, so the rule needs a "
             "pooled null, but every reliability is 0: give at least one binding with a null a reliability > 0"
         )
+
+
+def factor_levels(bindings: Sequence[Binding]) -> list[int]:
+    """The distinct resolution factors, finest first, always starting at 1 (``bands.pooled_null``)."""
+    return sorted({1} | {int(b.resolution_factor) for b in bindings})
+
+
+def _level_needs(bindings: Sequence[Binding]) -> list[bool]:
+    w = [b.weight for b in bindings]
+    bl = [b.band for b in bindings]
+    ks = [int(b.resolution_factor) for b in bindings]
+    return [bands_mod.level_needs_null(w, bl, ks, level) for level in factor_levels(bindings)]
+
+
+def _validate_levels(bindings: Sequence[Binding]) -> None:
+    """With bands or resolution factors, the pooled null is needed per band (``bands.pooled_null``):
+    wherever the weights acting there carry a band or do not sum to 1, a null at that resolution or
+    finer must have a reliability > 0."""
+    for level, needed in zip(factor_levels(bindings), _level_needs(bindings)):
+        if needed and not any(b.null and not _is_zero(b.reliability) and b.resolution_factor <= level
+                              for b in bindings):
+            finer = "" if level == 1 else f" (detail finer than {level}x{level} blocks)"
+            raise ValueError(
+                f"the bindings acting at full resolution{finer} have bands or weights that do not sum to 1, so the "
+                "rule needs a pooled null there, but no full-resolution binding supplies one: give a binding whose "
+                "expert makes canvas-sized images a null and a reliability > 0")
 
 
 def check_batch(bindings: Sequence[Binding], batch: int) -> None:
@@ -274,6 +328,7 @@ class ExpertCall:
     """The rows of one expert's batched forward: every distinct condition, nulls included."""
     expert: Any
     rows: list[Condition] = field(default_factory=list)
+    factor: int = 1          # evaluated on the k x k pooled input at sigma / k (bands.py)
 
     def row(self, condition: Condition) -> int:
         for i, existing in enumerate(self.rows):
@@ -320,17 +375,18 @@ def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
     """
     needs_null = needs_pooled_null(bindings)
     calls: list[ExpertCall] = []
-    by_expert: dict[int, int] = {}
+    by_expert: dict[tuple[int, int], int] = {}
 
-    def call_for(expert) -> int:
-        if id(expert) not in by_expert:
-            by_expert[id(expert)] = len(calls)
-            calls.append(ExpertCall(expert))
-        return by_expert[id(expert)]
+    def call_for(expert, factor: int) -> int:
+        key = (id(expert), factor)
+        if key not in by_expert:
+            by_expert[key] = len(calls)
+            calls.append(ExpertCall(expert, factor=factor))
+        return by_expert[key]
 
     cond_index, null_index = [], []
     for b in bindings:
-        c = call_for(b.expert)
+        c = call_for(b.expert, int(b.resolution_factor))
         cond_index.append((c, calls[c].row(b.condition)) if not _is_zero(b.weight) else (c, -1))
         if needs_null and not _is_zero(b.reliability):
             null_index.append([(c, calls[c].row(n)) for n in b.null])
@@ -348,7 +404,7 @@ def _stacked(call: ExpertCall, batch: int, device: torch.device, staged: dict | 
     kernels)."""
     if staged is None:
         return {k: v.to(device) for k, v in stack_conditions(call.rows, batch).items()}
-    key = (id(call.expert), tuple(id(r) for r in call.rows), batch, str(device))
+    key = (id(call.expert), call.factor, tuple(id(r) for r in call.rows), batch, str(device))
     if key not in staged:
         # The rows are kept with their tensors, so no id in the key is reused while the cache lives.
         staged[key] = (list(call.rows), {k: v.to(device) for k, v in stack_conditions(call.rows, batch).items()})
@@ -375,9 +431,11 @@ def run_plan(plan: ForwardPlan, x: torch.Tensor, sigma: torch.Tensor, eps_fn: Ep
             continue
         device = x.device if device_of is None else torch.device(device_of(call.expert))
         n = len(call.rows)
+        # A lower-resolution expert sees D x, whose noise is sigma / k (bands.py).
+        x_in, sigma_in = (x, sigma) if call.factor == 1 else (bands_mod.pool(x, call.factor), sigma / call.factor)
         # Moved before repeating, so a copy between devices carries one batch, not one per row.
-        x_rows = x.to(device).repeat(n, *([1] * (x.ndim - 1)))
-        sigma_rows = sigma.to(device).repeat(n) if sigma.ndim else sigma.to(device)
+        x_rows = x_in.to(device).repeat(n, *([1] * (x.ndim - 1)))
+        sigma_rows = sigma_in.to(device).repeat(n) if sigma_in.ndim else sigma_in.to(device)
         stacked = _stacked(call, batch, device, staged)
         if variances is not None and i in plan.variance_calls:
             pred, var = eps_fn(call.expert, x_rows, sigma_rows, stacked, with_variance=True)
@@ -412,8 +470,8 @@ def _row_mean(per_call: list[list[torch.Tensor]], idx: list[tuple[int, int]]) ->
 
 
 def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[Binding], eps_fn: EpsFn,
-                       staged: dict | None = None,
-                       device_of: DeviceOf | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       staged: dict | None = None, device_of: DeviceOf | None = None,
+                       prediction: str = "eps") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The product's prediction at ``(x, sigma)`` and the pooled null (``None`` when unused).
 
     ``eps_fn`` returns either noise or denoised predictions; the rule is affine with coefficients
@@ -421,7 +479,9 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     cost no forward. ``staged``: an empty dict kept by the caller across the steps of one sampling
     run, which then holds each expert's stacked conditions on its device. ``device_of(expert)``:
     where each expert runs when they sit on different devices (:func:`run_plan`); the rule itself
-    is computed on ``x``'s device.
+    is computed on ``x``'s device. ``prediction`` says what ``eps_fn`` returns (``eps`` or
+    ``denoised``); it matters only for experts at a lower resolution, whose lift into the canvas
+    scales noise by 1/k (``bands.lift_scale``).
     """
     s = float(torch.as_tensor(sigma).flatten()[0])
     active = at_sigma(bindings, s)
@@ -445,6 +505,8 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
                 null_vars.append(_row_mean(variances, idx))
     if null_vars:
         rel = precision_reliabilities(null_vars, rel)
+    if any(b.banded for b in active):
+        return _banded_prediction(x, active, plan, outs, prediction, s)
     if not cond_preds:
         # The empty set: every weight is 0, and the rule reduces to the pooled prior u.
         if not null_preds:
@@ -456,5 +518,33 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     if pooled is None and plan.needs_null:
         raise ValueError(f"the weights sum to {float(torch.as_tensor(total_weight(active)).mean()):.4g} at sigma={s:.4g} but no active binding "
                          "supplies a null with reliability > 0")
+    _check_finite([out] if pooled is None else [out, pooled], plan, outs, s)
+    return out, pooled
+
+
+def _banded_prediction(x: torch.Tensor, active: Sequence[Binding], plan: ForwardPlan, outs: list[list[torch.Tensor]],
+                       prediction: str, s: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rule with bands and resolution factors (``bands``): the pooled null per band, then
+    ``u + sum_i w_i F_i(eps_i - u)``."""
+    def lifted(b: Binding, p: torch.Tensor) -> torch.Tensor:
+        k = int(b.resolution_factor)
+        return p if k == 1 else p * bands_mod.lift_scale(prediction, k)
+
+    null_preds, rel, null_factors = [], [], []
+    for b, idx in zip(active, plan.null_index):
+        if idx:
+            null_preds.append(lifted(b, _row_mean(outs, idx)))
+            rel.append(b.reliability)
+            null_factors.append(int(b.resolution_factor))
+    levels = factor_levels(active)
+    pooled = bands_mod.pooled_null(null_preds, rel, null_factors, tuple(x.shape), levels, _level_needs(active))
+    cond = [(b, lifted(b, outs[c][r])) for b, (c, r) in zip(active, plan.cond_index) if r >= 0]
+    if not cond:
+        if pooled is None:
+            raise ValueError("every weight is 0 and no binding supplies a null: the product is empty")
+        _check_finite([pooled], plan, outs, s)
+        return pooled, pooled
+    out = bands_mod.combine_banded([p for _, p in cond], [b.weight for b, _ in cond], [b.band for b, _ in cond],
+                                   [int(b.resolution_factor) for b, _ in cond], pooled, tuple(x.shape))
     _check_finite([out] if pooled is None else [out, pooled], plan, outs, s)
     return out, pooled

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import noise_levels
+from . import bands, noise_levels
 from .poe import Binding, check_sigma_coverage, unwrap, validate_bindings
 
 
@@ -21,7 +21,8 @@ class PreparedProduct:
     Args:
         bindings (`tuple[Binding, ...]`): the bindings, in chain order.
         experts (`tuple`): each distinct expert (or handle) once, in order of first use.
-        resolution (`int`), image_channels (`int`): the image shape all experts share (``None`` for a
+        resolution (`int`), image_channels (`int`): the canvas (the largest expert's side; smaller
+            experts run on it pooled, ``bands``) and the channels all experts share (``None`` for a
             product of ComfyUI MODELs only, whose latent size is the sampler's choice).
         alphas_cumprod (`torch.Tensor`): the product's schedule, the first expert's cut to the
             common sigma range (``noise_levels.resample_table``), which ComfyUI's schedulers read.
@@ -49,40 +50,49 @@ def image_shape(expert: Any) -> tuple[int, int]:
 
 
 def check_same_shape(experts: Sequence[Any]) -> tuple[int | None, int | None]:
-    """All experts with a native size must share the image shape; a mismatch is an error, never a
-    silent resize. ``(None, None)`` when no expert has one (ComfyUI MODELs take any latent size)."""
+    """The canvas (the largest expert's side) and the channels. Experts share the channels; a smaller
+    expert must divide the canvas (it then runs on the pooled canvas, ``bands``); anything else is an
+    error, never a silent resize. ``(None, None)`` when no expert has a native size (ComfyUI MODELs
+    take any latent size)."""
     experts = [e for e in experts if unwrap(e).resolution is not None]
     if not experts:
         return None, None
     first = unwrap(experts[0])
+    canvas = max(image_shape(e)[0] for e in experts)
     for other in experts[1:]:
         e = unwrap(other)
-        if image_shape(e) != image_shape(first):
+        if e.image_channels != first.image_channels or canvas % e.resolution:
             raise ValueError(
                 f"the experts mix image shapes: {first.name} is {first.resolution}px with {first.image_channels} "
-                f"channels but {e.name} is {e.resolution}px with {e.image_channels}. All experts of one product "
-                "must share the image shape; sample at one resolution and use an upsampler stage (PoEBindImage) "
-                "to change it.")
-    return image_shape(first)
+                f"channels but {e.name} is {e.resolution}px with {e.image_channels}. Experts of one product share "
+                f"the channels, and each expert's size must divide the largest ({canvas}px) so that it runs on the "
+                "pooled canvas; otherwise sample at one resolution and use an upsampler stage (PoEBindImage) to "
+                "change it.")
+    return canvas, first.image_channels
 
 
-def product_schedule(experts: Sequence[Any]) -> torch.Tensor:
-    """The product's alphas_cumprod: the first expert's own table when its range is the common one,
-    else its shape of schedule cut to the common range."""
+def product_schedule(experts: Sequence[Any], factors: Sequence[int] | None = None) -> torch.Tensor:
+    """The product's alphas_cumprod: the first canvas-sized expert's own table when its range is the
+    common one, else its shape of schedule cut to the common range (an expert at resolution factor k
+    serves k times its own range, ``bands``)."""
+    factors = list(factors or [1] * len(experts))
     tables = [unwrap(e).alphas_cumprod for e in experts]
-    lo, hi = noise_levels.common_sigma_range(tables, [unwrap(e).name for e in experts])
-    if noise_levels.sigma_range(tables[0]) == (lo, hi):
-        return tables[0]   # a lone expert samples on exactly its own levels, as a stock sampler would
-    return noise_levels.resample_table(tables[0], lo, hi)
+    lo, hi = noise_levels.common_sigma_range(tables, [unwrap(e).name for e in experts], factors)
+    # A smaller expert's table stops short of k times its range, so the shape comes from a canvas-sized one.
+    shape = tables[factors.index(min(factors))]
+    if noise_levels.sigma_range(shape) == (lo, hi):
+        return shape   # a lone expert samples on exactly its own levels, as a stock sampler would
+    return noise_levels.resample_table(shape, lo, hi)
 
 
 def prepare(bindings: Sequence[Binding]) -> PreparedProduct:
     """Every check a product passes before sampling, and the schedule it samples on."""
-    bindings = tuple(bindings)
+    bindings = tuple(bands.with_resolution_factors(list(bindings))[0])
     validate_bindings(bindings)
     experts = distinct_experts(bindings)
     resolution, channels = check_same_shape(experts)
-    schedule = product_schedule(experts)
+    factor = {id(b.expert): b.resolution_factor for b in bindings}
+    schedule = product_schedule(experts, [factor[id(e)] for e in experts])
     sigma_range = noise_levels.sigma_range(schedule)
     check_sigma_coverage(bindings, *sigma_range)
     return PreparedProduct(bindings, tuple(experts), resolution, channels, schedule, sigma_range)

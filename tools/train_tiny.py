@@ -78,8 +78,16 @@ def example_weight(alphas_cumprod: torch.Tensor, min_snr: float) -> torch.Tensor
     return snr.clamp(max=min_snr) / snr
 
 
-def noisy_batches(modality: str, schedule: str, batch: int, pool: int, seed: int, dropout: float):
-    """Endless training batches ``(x0, noise, t, x_t, condition)`` of one expert's split, seeded."""
+def noisy_batches(modality: str, schedule: str, batch: int, pool: int, seed: int, dropout: float,
+                  resolution: int = digits.SIZE):
+    """Endless training batches ``(x0, noise, t, x_t, condition)`` of one expert's split, seeded.
+
+    Below the canvas size, x0 is the canvas average-pooled to ``resolution`` (D x0 of
+    ``samplers/bands.py``), so the expert learns the pooled marginal that a product at 32 px asks
+    it about."""
+    factor = digits.SIZE // resolution
+    if factor * resolution != digits.SIZE:
+        raise ValueError(f"--resolution must divide {digits.SIZE}, got {resolution}")
     alphas_cumprod = alphas_cumprod_for(schedule).float()
     alpha, box, label = placement_pool(modality, pool, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -88,12 +96,17 @@ def noisy_batches(modality: str, schedule: str, batch: int, pool: int, seed: int
         idx = torch.randint(pool, (batch,), generator=g)
         colour = torch.randint(vocab, (batch,), generator=g)
         x0 = digits.render(alpha[idx], colour)
+        if factor > 1:
+            x0 = torch.nn.functional.avg_pool2d(x0, factor)
+            box_batch = torch.nn.functional.avg_pool2d(box[idx], factor).gt(0).float()
+        else:
+            box_batch = box[idx]
         t = torch.randint(len(alphas_cumprod), (batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         drop = torch.rand(batch, generator=g) < dropout
-        yield x0, noise, t, x_t, condition_batch(modality, label[idx], colour, box[idx], drop, vocab)
+        yield x0, noise, t, x_t, condition_batch(modality, label[idx], colour, box_batch, drop, vocab)
 
 
 def lr_scale(step: int, steps: int) -> float:
@@ -119,7 +132,7 @@ def x0_nll(x0: torch.Tensor, x0_pred: torch.Tensor, values: torch.Tensor, t: tor
 def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: float, ema_decay: float,
           pool: int, log_every: int = 50, init: Path | None = None, min_snr: float = 0.0,
           checkpoint=None, checkpoint_every: int = 0, prediction: str | None = None,
-          variance_head: bool = False):
+          variance_head: bool = False, resolution: int | None = None):
     """Train one expert; with ``variance_head``, only a learned-variance head on the frozen ``init``
     network (its predictions stay exactly those of ``init``)."""
     config = default_config(modality)
@@ -137,6 +150,10 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         config = {**config, "prediction": prediction}
     if variance_head:
         config = {**config, "learned_sigma": True}
+    if resolution is not None and resolution != config.get("resolution", digits.SIZE):
+        # A coarser expert starts from the full-size network's features (it is convolutional) and
+        # drops its variance head, which was calibrated at the other size.
+        config = {**config, "resolution": resolution, "learned_sigma": False}
     seed = seed * 100 + MODALITY_INDEX[modality]
     torch.manual_seed(seed)
     net = network_from_config(config)
@@ -145,7 +162,7 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         from safetensors.torch import load_file
 
         weights = {k: v.float() for k, v in load_file(str(init)).items()}
-        if variance_head:
+        if variance_head or not config.get("learned_sigma"):
             weights = {k: v for k, v in weights.items() if not k.startswith("variance.")}
         missing, unexpected = net.load_state_dict(weights, strict=not variance_head)
         if variance_head and (unexpected or any(not k.startswith("variance.") for k in missing)):
@@ -157,7 +174,8 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
     ema = copy.deepcopy(net).requires_grad_(False)
     alphas_cumprod = alphas_cumprod_for(config["schedule"]).float()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    data = noisy_batches(modality, config["schedule"], batch, pool, seed, dropout)
+    data = noisy_batches(modality, config["schedule"], batch, pool, seed, dropout,
+                         int(config.get("resolution", digits.SIZE)))
     v_target = config.get("prediction") == "v"
     start = time.time()
     running = 0.0
@@ -230,6 +248,10 @@ def main(argv=None):
     p.add_argument("--variance-head", action="store_true",
                    help="train only a learned-variance head on the frozen --init experts (IDDPM's variance output); "
                         "their predictions stay exactly as they were")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="canvas side the expert is trained at (a divisor of 32: the canvases are average-pooled); "
+                        "default: the --init file's, or 32")
+    p.add_argument("--name", default=None, help="file stem to write (default tiny_<modality>)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     modalities = ["class", "colour", "layout"] if args.modality == "all" else [args.modality]
@@ -242,7 +264,7 @@ def main(argv=None):
 
             with safe_open(str(init), framework="pt") as f:
                 history = (f.metadata() or {}).get("uac_training", "") + "; then "
-        path = Path(args.out) / f"tiny_{modality}.safetensors"
+        path = Path(args.out) / f"{args.name or 'tiny_' + modality}.safetensors"
 
         def write(net, config, steps_done, path=path, history=history, modality=modality):
             # Written whole after every --checkpoint-every steps, so a run stopped early still leaves
@@ -250,14 +272,16 @@ def main(argv=None):
             extra = {"uac_training": history + f"steps={steps_done} batch={args.batch} seed={args.seed} lr={args.lr} "
                                      f"dropout={args.dropout} ema={args.ema} min_snr={args.min_snr} "
                                      f"prediction={config.get('prediction', 'eps')} split={modality}"
-                                     + (" variance_head=x0_nll" if args.variance_head else "")}
+                                     + (" variance_head=x0_nll" if args.variance_head else "")
+                                     + (f" resolution={args.resolution}" if args.resolution else "")}
             tmp = path.with_suffix(".tmp")
             save(net, config, tmp, torch.float32 if args.fp32 else torch.float16, extra)
             tmp.replace(path)
 
         net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool,
                             init=init, min_snr=args.min_snr, checkpoint=write, checkpoint_every=args.checkpoint_every,
-                            prediction=args.prediction, variance_head=args.variance_head)
+                            prediction=args.prediction, variance_head=args.variance_head,
+                            resolution=args.resolution)
         write(net, config, args.steps)
         print(f"[{modality}] wrote {path} in {(time.time() - t0) / 60:.1f} min", flush=True)
 

@@ -128,7 +128,8 @@ class ProductGuider(comfy.samplers.CFGGuider):
             # Experts loaded on other devices get x there; their predictions come back to x's device.
             bindings = getattr(self, "_run_bindings", self.bindings)
             denoised, pooled = poe.product_prediction(x, timestep, bindings, self._eps_fn(model_options, x.shape[0]),
-                                                      self.staged, device_of=lambda h: h.device)
+                                                      self.staged, device_of=lambda h: h.device,
+                                                      prediction="denoised")
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
         # CFG++ samplers read the unconditional prediction here: the product's is the pooled null.

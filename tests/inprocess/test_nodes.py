@@ -89,12 +89,14 @@ def test_sampler_errors_name_the_node_input_and_fix(case, message):
 
 
 def test_mixed_resolutions_are_refused_when_chaining():
-    small, big = analytic(name="Small", resolution=8), analytic(name="Big", resolution=16)
+    small, big = analytic(name="Small", resolution=8), analytic(name="Big", resolution=12)
     chain, _ = bind_class(small, 1)
-    with pytest.raises(ValueError, match=r"^PoEBindClass: input 'expert': Big makes 16px images with 3 channels but "
-                                         r"the chained experts \(Small\) make 8px with 3\. All experts of a product "
-                                         r"share one image shape\.$"):
+    with pytest.raises(ValueError, match=r"^PoEBindClass: input 'expert': Big makes 12px images with 3 channels but "
+                                         r"the chained experts \(Small\) make 8px with 3\. Experts of a product "
+                                         r"share the channels, and their sizes must be integer multiples of one "
+                                         r"another \(a smaller expert runs on the pooled canvas\)\.$"):
         bind_class(big, 1, experts=chain)
+    assert len(bind_class(analytic(name="Double", resolution=16), 1, experts=chain)[0]) == 2
 
 
 def test_unknown_modality_and_class_errors():

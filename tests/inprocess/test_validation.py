@@ -125,9 +125,10 @@ HANDLED = {
         lambda t: bind_class(analytic(), mask=torch.ones(1, 1, 8, 8)),
         "PoEBindClass: input 'mask': a MASK must be B x H x W, got shape (1, 1, 8, 8)"),
     "chained experts of another resolution": (
-        lambda t: bind_class(analytic("Big", resolution=16), experts=chain_of()),
-        "PoEBindClass: input 'expert': Big makes 16px images with 3 channels but the chained experts (gauss) make "
-        "8px with 3. All experts of a product share one image shape."),
+        lambda t: bind_class(analytic("Big", resolution=12), experts=chain_of()),
+        "PoEBindClass: input 'expert': Big makes 12px images with 3 channels but the chained experts (gauss) make "
+        "8px with 3. Experts of a product share the channels, and their sizes must be integer multiples of one "
+        "another (a smaller expert runs on the pooled canvas)."),
     # PoEBindText
     "empty text": (
         lambda t: text(t["colour"], "  \n "),

@@ -16,7 +16,7 @@ PACK_NODES = {"PoEExpertLoader", "PoEBindClass", "PoEBindText", "PoEBindSegmenta
               "PoEBindImage", "PoEBindPrior", "PoEBindingSchedule", "PoEKSampler", "PoEGuider", "PoEScheduler",
               "PoEReliabilitySweep", "PoEImageGrid", "PoECorrector", "PoECorrectedSampler",
               "PoETextEncoderLoader", "PoEResample", "PoEImageToLatent", "PoEBindInpaint",
-              "PoEReliabilityFromVariance"}
+              "PoEReliabilityFromVariance", "PoEBandWeights", "PoEBindModel", "PoEEncodeCondition"}
 DEMO = REPO / "example_workflows" / "api" / "tiny_demo.json"
 
 

@@ -50,6 +50,23 @@ def test_short_runs_write_loadable_experts_and_keep_or_switch_the_target(tmp_pat
     assert kept["uac_training"].count("; then ") == 2
 
 
+def test_a_coarser_expert_starts_from_a_full_size_one_and_learns_pooled_canvases(tmp_path):
+    torch.set_num_threads(1)
+    small = ["--modality", "class", "--steps", "2", "--batch", "4", "--pool", "8"]
+    train_tiny.main(small + ["--out", str(tmp_path / "full")])
+    train_tiny.main(small + ["--out", str(tmp_path / "half"), "--init", str(tmp_path / "full"), "--resolution", "16",
+                             "--name", "tiny_class_16"])
+    path = tmp_path / "half" / "tiny_class_16.safetensors"
+    assert json.loads(_meta(path)["uac_config"])["resolution"] == 16
+    assert "resolution=16" in _meta(path)["uac_training"]
+    expert = model_loaders.load_expert(str(path))
+    assert expert.resolution == 16 and expert.name == "Tiny digits · class · 16px"
+    x0, *_ = next(train_tiny.noisy_batches("class", "cosine", 2, 8, 0, 0.0, 16))
+    assert x0.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="--resolution must divide 32, got 12"):
+        next(train_tiny.noisy_batches("class", "cosine", 2, 8, 0, 0.0, 12))
+
+
 def test_unknown_prediction_is_refused():
     with pytest.raises(SystemExit):
         train_tiny.main(["--prediction", "x0"])
