@@ -23,7 +23,7 @@ def analytic(name="gauss", resolution=8, schedule="linear"):
 
 def bind_class(expert, k, weight=1.0, reliability=1.0, experts=None):
     out = bindings_mod.PoEBindClass.execute(expert=expert, weight=weight, reliability=reliability, null="trained",
-                                            null_k=4, class_index=k, experts=experts, **{"class": "0: a"})
+                                            null_k=4, class_index=-1, experts=experts, **{"class": f"{k}: {'abc'[k]}"})
     return out.args[0]
 
 

@@ -28,7 +28,7 @@ def tiny_product():
     load = loaders.PoEExpertLoader.execute
     cls = load(expert_name="tiny_class.safetensors", family="auto", dtype="auto", schedule="published").args[0]
     col = load(expert_name="tiny_colour.safetensors", family="auto", dtype="auto", schedule="published").args[0]
-    experts = bindings.PoEBindClass.execute(expert=cls, **{"class": "7: cock"}, class_index=7, weight=4.0,
+    experts = bindings.PoEBindClass.execute(expert=cls, **{"class": "7"}, class_index=-1, weight=4.0,
                                             reliability=1.0, null="trained", null_k=8).args[0]
     return bindings.PoEBindText.execute(expert=col, text="red", weight=2.0, reliability=1.0, experts=experts).args[0]
 

@@ -22,7 +22,7 @@ def digit():
     handle, model = out.args[0], out.args[1]
     assert model is handle.patcher
     chain = bindings.PoEBindClass.execute(expert=handle, weight=W, reliability=1.0, null="trained", null_k=1,
-                                          class_index=7, experts=None, **{"class": "292: tiger"}).args[0]
+                                          class_index=-1, experts=None, **{"class": "7"}).args[0]
     _, positive, negative = model_bindings.PoEEncodeCondition.execute(chain, -1).args
     return handle, chain, model, positive, negative
 
