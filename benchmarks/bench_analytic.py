@@ -13,11 +13,8 @@ schedules), each sampled through the node path (``PoEGuider`` with ComfyUI's sam
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
 import runpy
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +25,7 @@ if not __package__:  # run as a script: the pack's __init__.py registers the pac
 import torch  # noqa: E402
 
 from unite_and_conquer.benchmarks import analytic_cases as cases  # noqa: E402
-from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.benchmarks.report import publish, run_facts  # noqa: E402
 from unite_and_conquer.samplers.correctors import CorrectorConfig  # noqa: E402
 
 HEADING = "## Analytic products: corrector step rules"
@@ -81,7 +78,6 @@ def main(argv=None) -> None:
         lines.append(f"| {label} | {sampler} | {steps} | {describe(config)} | {runs[0].evaluations} | "
                      + " | ".join(f"{r.w2:.3f}" for r in runs) + " |")
         print(lines[-1], flush=True)
-    command = "python benchmarks/bench_analytic.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
         "Products of Gaussian experts with a closed form (`benchmarks/analytic_cases.py`): per-pixel means and "
         "variances over 3 x 4 x 4, a different null per expert, weights above 1, two or three experts on the "
@@ -89,17 +85,13 @@ def main(argv=None) -> None:
         "(the node path), Karras schedule; W2 between the per-pixel Gaussian fitted to the samples and the closed "
         "form, summed over the 48 pixels. Evaluations are product evaluations per sample.",
         "",
-        f"- command: `{command.strip()}`",
-        f"- samples: {args.samples} per run, seed {args.seed}",
-        f"- machine: {cpu_name()} ({os.cpu_count()} cores, shared), 1 torch thread, torch {torch.__version__}",
-        f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
+        *run_facts("benchmarks/bench_analytic.py", argv, f"{args.samples} per run, seed {args.seed}", t0, 1,
+                   torch.__version__),
         "",
         *lines,
         "",
     ])
-    print(f"{HEADING}\n\n{body}")
-    if args.write:
-        write_section(HEADING, body)
+    publish(HEADING, body, args.write)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ pooled canvas at sigma / 2 and lifts into the piecewise-constant images (``sampl
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import importlib.util
-import platform
 import runpy
 import sys
 import time
@@ -30,7 +27,7 @@ if not __package__:  # run as a script: the pack's __init__.py registers the pac
     runpy.run_path(str(REPO / "__init__.py"))
 
 from unite_and_conquer.benchmarks import eval_digits as ed  # noqa: E402
-from unite_and_conquer.benchmarks.report import cpu_name, write_section  # noqa: E402
+from unite_and_conquer.benchmarks.report import publish, run_facts  # noqa: E402
 from unite_and_conquer.model_loaders import load_expert  # noqa: E402
 from unite_and_conquer.samplers.poe import Binding  # noqa: E402
 
@@ -103,7 +100,6 @@ def main(argv=None):
     results = sample_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16),
                           extra_weights=extra)
     base, low = results[1].rates["all"], results[2].rates["all"]
-    command = "python benchmarks/eval_digits_bands.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
         "The class expert trained on 2 x 2-pooled canvases (16 px, `tools/train_tiny.py --resolution 16`) in the "
         "product with the 32 px colour and layout experts: the guider runs it on the pooled canvas at sigma / 2 and "
@@ -111,12 +107,10 @@ def main(argv=None):
         "judges as the all-32 px row; weights (class, colour, layout) = "
         f"{ed.weight_label(args.weight)}, reliabilities 1/3.",
         "",
-        f"- command: `{command.strip()}`",
-        f"- samples: {args.n} per row, split `{args.split}`, ComfyUI `dpmpp_2m` + `karras`, {args.steps} steps, "
-        f"through `PoEGuider` (the node path's guider), seed {args.seed}",
-        f"- machine: {cpu_name()} ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s), "
-        f"torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}",
-        f"- date: {datetime.date.today().isoformat()}, total {(time.time() - t0) / 60:.1f} min",
+        *run_facts("benchmarks/eval_digits_bands.py", argv,
+                   f"{args.n} per row, split `{args.split}`, ComfyUI `dpmpp_2m` + `karras`, {args.steps} steps, "
+                   f"through `PoEGuider` (the node path's guider), seed {args.seed}", t0, torch.get_num_threads(),
+                   torch.__version__),
         "",
         ed.table(results),
         "",
@@ -124,9 +118,7 @@ def main(argv=None):
         f"{low / base:.3f}" if base else "",
         "",
     ])
-    print(f"{HEADING}\n\n{body}")
-    if not args.no_write:
-        write_section(HEADING, body)
+    publish(HEADING, body, not args.no_write)
 
 
 if __name__ == "__main__":

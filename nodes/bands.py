@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..samplers import bands
 from ..samplers.describe import describe
-from .common import CATEGORY, Experts, check_choice, check_number, node_input
+from .common import CATEGORY, Experts, check_choice, check_number, index_input, indexed_chain, node_input
 
 
 class PoEBandWeights(io.ComfyNode):
@@ -36,8 +36,7 @@ class PoEBandWeights(io.ComfyNode):
                                tooltip="Upper edge for band-pass, end of the ramp for the ramps."),
                 io.Float.Input("transition", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Width of a smooth (raised-cosine) step at each edge; 0 = hard edges."),
-                io.Int.Input("index", default=-1, min=-1000, max=1000,
-                             tooltip="Which binding of the chain: 0 is the first, -1 the last."),
+                index_input(),
                 io.String.Input("band_edges", default="0.25, 0.5", optional=True,
                                 tooltip="For mode 'bands': increasing edges, comma separated."),
                 io.String.Input("band_weights", default="1, 0.5, 0", optional=True,
@@ -54,12 +53,7 @@ class PoEBandWeights(io.ComfyNode):
         check_choice(node, "mode", mode, bands.MODES, "mode")
         for name, value in (("cutoff", cutoff), ("cutoff_high", cutoff_high), ("transition", transition)):
             check_number(node, name, value)
-        bindings = list(experts or [])
-        if not bindings:
-            raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
-        if not -len(bindings) <= index < len(bindings):
-            raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
-                             f"0..{len(bindings) - 1} or -1 for the last")
+        bindings = indexed_chain(node, experts, index)
         what = "band_edges" if mode == "bands" else ("cutoff_high" if mode != "low-pass" else "cutoff")
         with node_input(node, what):
             band = bands.band_from_choice(mode, cutoff, cutoff_high, transition, band_edges, band_weights)

@@ -9,8 +9,8 @@ from ..samplers import poe
 from ..samplers.comfy import model_experts as comfy_models
 from ..samplers.comfy.models import conditioning_of
 from ..samplers.describe import describe
-from .common import (CATEGORY, Experts, check_number, check_unit_range, experts_input, log, mask_inputs, node_input,
-                     reliability_input, weight_input)
+from .common import (CATEGORY, Experts, check_number, check_unit_range, experts_input, index_input, indexed_chain, log,
+                     mask_inputs, node_input, reliability_input, weight_input)
 
 
 def _mask_scale(mask, feather_px: int, invert: bool, outside: float):
@@ -91,8 +91,7 @@ class PoEEncodeCondition(io.ComfyNode):
                         "by ComfyUI); it is empty when the binding has no null.",
             inputs=[
                 Experts.Input("experts", tooltip="A chain; the chosen binding is converted."),
-                io.Int.Input("index", default=-1, min=-1000, max=1000,
-                             tooltip="Which binding of the chain: 0 is the first, -1 the last."),
+                index_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Conditioning.Output(display_name="positive"),
                      io.Conditioning.Output(display_name="negative")],
@@ -101,12 +100,7 @@ class PoEEncodeCondition(io.ComfyNode):
     @classmethod
     def execute(cls, experts, index) -> io.NodeOutput:
         node = "PoEEncodeCondition"
-        bindings = list(experts or [])
-        if not bindings:
-            raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
-        if not -len(bindings) <= index < len(bindings):
-            raise ValueError(f"{node}: input 'index' is {index} but the chain has {len(bindings)} binding(s); use "
-                             f"0..{len(bindings) - 1} or -1 for the last")
+        bindings = indexed_chain(node, experts, index)
         b = bindings[index]
         if isinstance(b.expert, comfy_models.ModelSource):
             model, positive = b.expert.patcher, b.condition["conditioning"]

@@ -125,13 +125,8 @@ def test_git_clone_installs_into_a_fresh_comfyui(tmp_path):
     assert pip.returncode == 0, pip.stdout + pip.stderr
 
     # A fresh ComfyUI: only base/ holds custom_nodes, models, user, input and output.
-    server = ComfyServer(tmp_path / "run", python=sys.executable, extra_args=("--base-directory", str(base)))
-    server.start()
-    try:
-        info = server.get_json("/object_info")
-        log = server.log_path.read_text(errors="replace")
-    finally:
-        server.stop()
+    info, log = ComfyServer(tmp_path / "run", python=sys.executable,
+                            extra_args=("--base-directory", str(base))).object_info_and_log()
     # (ComfyUI's own optional extras, e.g. the audio nodes without torchaudio, may fail: not ours.)
     assert not [l for l in log.splitlines() if "IMPORT FAILED" in l and CLONE_NAME in l], log[-3000:]
     assert re.search(rf"\d+\.\d+ seconds: {re.escape(str(pack))}\s*$", log, re.M), \

@@ -126,6 +126,14 @@ class ComfyServer:
         except urllib.error.HTTPError as err:
             return err.code, err.read()
 
+    def object_info_and_log(self) -> tuple[dict, str]:
+        """Start, read /object_info and the server's log, stop: what an install check looks at."""
+        self.start()
+        try:
+            return self.get_json("/object_info"), self.log_path.read_text(errors="replace")
+        finally:
+            self.stop()
+
     def get_json(self, path: str, timeout: float = 30):
         status, body = self.request(path, timeout=timeout)
         if status != 200:

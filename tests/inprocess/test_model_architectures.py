@@ -4,16 +4,14 @@ denoised prediction, so the product's step must equal the rule applied to each m
 prediction through the stock CFGGuider."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
 from unite_and_conquer.samplers import poe
 from unite_and_conquer.samplers.comfy import model_experts as cm
-from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
 from unite_and_conquer.samplers.comfy.guider import ProductGuider
 from unite_and_conquer.samplers.comfy.models import wrap_expert
-from support.analytic import gaussian, gaussian_expert, product_gaussian
+from support.analytic import gaussian, gaussian_expert
 import comfy.sample
 import comfy.samplers
 from support.tiny_comfy_models import text_conditioning, tiny_chroma_radiance, tiny_sd15

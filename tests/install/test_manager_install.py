@@ -106,14 +106,8 @@ def test_cm_cli_installs_the_pack_and_every_node_loads(tmp_path):
     assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=pack, capture_output=True, text=True).stdout == head
     assert not (comfy / "custom_nodes" / "unite_and_conquer").exists()
 
-    server = ComfyServer(tmp_path / "run", python=str(CM_VENV / "bin" / "python"), comfy_dir=comfy,
-                         pack_name=CLONE_NAME)
-    server.start()
-    try:
-        info = server.get_json("/object_info")
-        log = server.log_path.read_text(errors="replace")
-    finally:
-        server.stop()
+    info, log = ComfyServer(tmp_path / "run", python=str(CM_VENV / "bin" / "python"), comfy_dir=comfy,
+                            pack_name=CLONE_NAME).object_info_and_log()
     assert re.search(rf"\d+\.\d+ seconds: {re.escape(str(pack))}\s*$", log, re.M), \
         f"ComfyUI did not import {pack}:\n{log[-3000:]}"
     ours = {k for k, v in info.items() if v.get("python_module") == f"custom_nodes.{CLONE_NAME}"}

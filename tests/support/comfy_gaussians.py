@@ -11,7 +11,6 @@ ComfyUI's model sampling hands it:
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
