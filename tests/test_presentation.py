@@ -23,20 +23,60 @@ def test_every_workflow_is_in_example_workflows_with_its_api_copy():
     assert len(UI_WORKFLOWS) >= 9
 
 
+def loader_files(path):
+    """(UI node, (class, input), file) for every file a loader of the workflow names, from its API copy."""
+    ui = json.loads(path.read_text(encoding="utf-8"))
+    api = json.loads((EXAMPLES / "api" / path.name).read_text(encoding="utf-8"))
+    by_id = {str(n["id"]): n for n in ui["nodes"]}
+    for nid, node in api.items():
+        for key in workflow_ui.MODEL_DIRECTORIES:
+            value = node["inputs"].get(key[1])
+            if node["class_type"] == key[0] and isinstance(value, str):
+                yield by_id[nid], key, value
+
+
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
 def test_every_loader_carries_comfys_model_metadata(path):
-    ui = json.loads(path.read_text(encoding="utf-8"))
-    types = {t for t, _ in workflow_ui.MODEL_DIRECTORIES}
-    loaders = [n for n in ui["nodes"] if n["type"] in types]
-    assert loaders, path.name
-    for node in loaders:
-        (ctype, name), directory = next(((k, d) for k, d in workflow_ui.MODEL_DIRECTORIES.items()
-                                         if k[0] == node["type"]))
-        value = node["widgets_values"][0]
+    """Every file a loader (the pack's or ComfyUI's) names has its name, download URL and folder, so the
+    frontend's missing-models dialog can offer it; only ComfyUI's built-in pixel_space VAE has none."""
+    found = list(loader_files(path))
+    assert found, path.name
+    for node, key, value in found:
+        assert node["type"] == key[0] and value in node["widgets_values"], (path.name, node["id"])
         models = node["properties"].get("models")
-        assert models == [{"name": value, "url": workflow_ui.MODEL_URLS[value.split("/")[-1]],
-                           "directory": directory}], (path.name, node["id"], models)
-        assert re.fullmatch(r"https://[\w.-]+/\S+", models[0]["url"]), models[0]["url"]
+        if (key[0], value) in workflow_ui.BUILT_IN_MODELS:
+            assert models is None, (path.name, node["id"], models)
+            continue
+        base = value.split("/")[-1]
+        assert base in workflow_ui.MODEL_URLS, f"{path.name}: no URL for {value}"
+        assert models == [{"name": value, "url": workflow_ui.MODEL_URLS[base],
+                           "directory": workflow_ui.MODEL_DIRECTORIES[key]}], (path.name, node["id"], models)
+        url = models[0]["url"]
+        assert re.fullmatch(r"https://[\w.-]+/\S+", url), url
+        if base.endswith(".safetensors") and not base.startswith("tiny_"):
+            # The frontend downloads only .safetensors from huggingface.co or civitai, named as the URL names it.
+            assert url.startswith("https://huggingface.co/") and url.endswith("/" + base), url
+
+
+def test_each_links_directory_is_the_folder_its_loader_lists():
+    """A link's directory is where the loader looks: the picker of each loader lists that folder."""
+    from support.comfy_harness import comfy_nodes
+
+    import folder_paths
+
+    nodes = comfy_nodes()
+    real = folder_paths.get_filename_list
+    try:
+        folder_paths.get_filename_list = lambda folder: [f"<{folder}>"]
+        for (ctype, name), directory in workflow_ui.MODEL_DIRECTORIES.items():
+            spec = nodes.NODE_CLASS_MAPPINGS[ctype].INPUT_TYPES()["required"][name]
+            options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+            assert f"<{directory}>" in options, (ctype, name, options)
+    finally:
+        folder_paths.get_filename_list = real
+    for ctype, value in workflow_ui.BUILT_IN_MODELS:
+        name = next(n for c, n in workflow_ui.MODEL_DIRECTORIES if c == ctype)
+        assert value in nodes.NODE_CLASS_MAPPINGS[ctype].INPUT_TYPES()["required"][name][0], (ctype, value)
 
 
 def test_the_tiny_models_link_to_the_files_the_pack_ships():

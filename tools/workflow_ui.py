@@ -39,7 +39,13 @@ THUMB_WIDTH = 256
 # ComfyUI's model metadata for a loader node (``properties.models``: name, url, directory), which the
 # frontend's missing-models dialog offers when the file is not in the directory.
 MODEL_DIRECTORIES = {("PoEExpertLoader", "expert_name"): "experts",
-                     ("PoETextEncoderLoader", "text_encoder_name"): "text_encoders"}
+                     ("PoETextEncoderLoader", "text_encoder_name"): "text_encoders",
+                     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+                     ("UNETLoader", "unet_name"): "diffusion_models",
+                     ("CLIPLoader", "clip_name"): "text_encoders",
+                     ("VAELoader", "vae_name"): "vae"}
+# Files ComfyUI builds in, which no one downloads.
+BUILT_IN_MODELS = {("VAELoader", "pixel_space")}
 _OPENAI = "https://openaipublic.blob.core.windows.net/diffusion"
 _PACK_RAW = "https://raw.githubusercontent.com/unite-and-conquer/unite-and-conquer/main"
 MODEL_URLS = {
@@ -54,6 +60,15 @@ MODEL_URLS = {
     "FaRL-Base-Patch16-LAIONFace20M-ep64.pth":
         "https://github.com/FacePerceiver/FaRL/releases/download/pretrained_weights/FaRL-Base-Patch16-LAIONFace20M-ep64.pth",
     **{f"tiny_{m}.safetensors": f"{_PACK_RAW}/models_tiny/tiny_{m}.safetensors" for m in ("class", "colour", "layout")},
+    # Stock loaders' files: the published .safetensors on Hugging Face, which the frontend can download.
+    "DreamShaper_8_pruned.safetensors":
+        "https://huggingface.co/Lykon/DreamShaper/resolve/main/DreamShaper_8_pruned.safetensors",
+    "Realistic_Vision_V5.1_fp16-no-ema.safetensors":
+        "https://huggingface.co/SG161222/Realistic_Vision_V5.1_noVAE/resolve/main/Realistic_Vision_V5.1_fp16-no-ema.safetensors",
+    "Chroma1-Radiance-v0.4.safetensors":
+        "https://huggingface.co/lodestones/Chroma1-Radiance/resolve/main/Chroma1-Radiance-v0.4.safetensors",
+    "t5xxl_fp16.safetensors":
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
 }
 
 # Layout, in canvas pixels.
@@ -208,7 +223,7 @@ def model_links(node: dict) -> list[dict]:
     links = []
     for (ctype, name), directory in MODEL_DIRECTORIES.items():
         value = node["inputs"].get(name)
-        if node["class_type"] == ctype and isinstance(value, str):
+        if node["class_type"] == ctype and isinstance(value, str) and (ctype, value) not in BUILT_IN_MODELS:
             base = value.replace("\\", "/").split("/")[-1]
             if base in MODEL_URLS:  # tests/test_presentation.py checks that every shipped file has one
                 links.append({"name": value, "url": MODEL_URLS[base], "directory": directory})
