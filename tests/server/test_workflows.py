@@ -11,6 +11,7 @@ import io
 import json
 import sys
 import time
+from urllib.parse import urlencode
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,36 @@ def object_info(server):
     return server.get_json("/object_info")
 
 
-def static_errors(api: dict, object_info: dict) -> list[str]:
-    """Everything /object_info says is wrong with an API workflow, except files that are not there."""
+# Pickers whose options follow the connected expert (the node's validate_inputs turns ComfyUI's check against
+# the static list off): checked against the labels the pack's route gives for the loader's file.
+EXPERT_PICKERS = {("PoEBindClass", "class")}
+
+
+def class_labels_from(server: ComfyServer):
+    """The labels /unite_and_conquer/class_labels gives for an expert file; None when the file is not there."""
+    def labels(expert_name: str, family: str):
+        query = urlencode({"expert_name": expert_name, "family": family})
+        status, body = server.request(f"/unite_and_conquer/class_labels?{query}")
+        return json.loads(body)["labels"] if status == 200 else None
+    return labels
+
+
+def picker_errors(api: dict, nid: str, name: str, value, class_labels) -> list[str]:
+    node = api[nid]
+    src = node["inputs"].get("expert")
+    loader = api.get(src[0]) if workflow_ui.is_link(src) else None
+    if class_labels is None or loader is None or loader["class_type"] != "PoEExpertLoader":
+        return []
+    options = class_labels(loader["inputs"]["expert_name"], loader["inputs"].get("family", "auto"))
+    if options is None or value in options:
+        return []
+    return [f"node {nid} ({node['class_type']}).{name}: {value!r} is not one of the labels of "
+            f"{loader['inputs']['expert_name']}"]
+
+
+def static_errors(api: dict, object_info: dict, class_labels=None) -> list[str]:
+    """Everything /object_info says is wrong with an API workflow, except files that are not there.
+    ``class_labels(expert_name, family)`` gives an expert file's labels (see EXPERT_PICKERS)."""
     errors = []
     for nid, node in api.items():
         ctype = node["class_type"]
@@ -71,6 +100,8 @@ def static_errors(api: dict, object_info: dict) -> list[str]:
                 continue
             if not workflow_ui.is_widget(kind, opts):
                 errors.append(f"{where}: a {kind} socket needs a link, got {value!r}")
+            elif (ctype, name) in EXPERT_PICKERS:
+                errors += picker_errors(api, nid, name, value, class_labels)
             elif kind == "COMBO":
                 if value not in (opts.get("options") or []) and (ctype, name) not in workflow_ui.FILE_INPUTS:
                     errors.append(f"{where}: {value!r} is not one of its options")
@@ -103,8 +134,8 @@ def validate_without_running(server: ComfyServer, api: dict) -> tuple[int, dict]
 
 
 @pytest.mark.parametrize("path", API_WORKFLOWS, ids=ids)
-def test_api_workflow_matches_object_info(path, object_info):
-    errors = static_errors(load_api_workflow(path), object_info)
+def test_api_workflow_matches_object_info(path, object_info, server):
+    errors = static_errors(load_api_workflow(path), object_info, class_labels_from(server))
     assert not errors, "\n".join(errors)
 
 
@@ -128,7 +159,7 @@ def test_api_workflow_passes_the_servers_validation(path, server, object_info):
             assert ok, f"node {nid} ({err['class_type']}): {e['type']}: {e['message']}: {e.get('details')}"
 
 
-def test_the_static_check_catches_what_the_server_would_refuse(object_info):
+def test_the_static_check_catches_what_the_server_would_refuse(object_info, server):
     """static_errors is not vacuous: a bad type, a bad link, a bad option and a missing input are caught."""
     api = load_api_workflow(REPO / "example_workflows" / "api" / "tiny_demo.json")
     sampler = next(k for k, v in api.items() if v["class_type"] == "PoEKSampler")
@@ -146,6 +177,11 @@ def test_the_static_check_catches_what_the_server_would_refuse(object_info):
         f"node {grid} (PoEImageGrid).images: gets LATENT but takes IMAGE",
         "node 99: unknown node type 'NoSuchNodeUAC'",
     ]
+    api = load_api_workflow(REPO / "example_workflows" / "api" / "tiny_demo.json")
+    bind = next(k for k, v in api.items() if v["class_type"] == "PoEBindClass")
+    api[bind]["inputs"]["class"] = "292: tiger"  # an ImageNet label on the digit expert
+    assert static_errors(api, object_info, class_labels_from(server)) == [
+        f"node {bind} (PoEBindClass).class: '292: tiger' is not one of the labels of tiny_class.safetensors"]
 
 
 def test_every_api_workflow_has_a_ui_workflow_that_agrees(object_info):
