@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from support import fuzz
-from support.tiny_comfy_models import write_tiny_lora, write_tiny_sd2_unet
+from support.tiny_comfy_models import write_tiny_lora, write_tiny_sd2_unet, write_tiny_sd3_mmdit
 
 UNETS = ("uac_tiny_sd2_a.safetensors", "uac_tiny_sd2_b.safetensors")
 LORA = "uac_tiny_sd2_lora.safetensors"
+SD3 = "uac_tiny_sd3.safetensors"
 SAMPLER_ID = "7"
 
 
@@ -47,6 +48,7 @@ def server(tmp_path_factory):
     for seed, name in enumerate(UNETS):
         write_tiny_sd2_unet(models / name, seed)
     write_tiny_lora(models / LORA, 7)
+    write_tiny_sd3_mmdit(models / SD3, 3)
     write_native(models / "uac_native_32.safetensors", 32, 0)
     write_native(models / "uac_native_48.safetensors", 48, 1)
     config = work / "extra_model_paths.yaml"
@@ -71,7 +73,7 @@ def model_prompt(seed: int = 1, steps: int = 3, lora: float | None = None, prefi
                                                        "weight": 1.0, "reliability": 0.5, "experts": ["5", 0]}},
         SAMPLER_ID: {"class_type": "PoEKSampler", "inputs": {"experts": ["6", 0], "seed": seed, "steps": steps,
                                                              "sampler_name": "euler", "scheduler": "normal",
-                                                             "denoise": 1.0, "width": 64, "height": 64,
+                                                             "denoise": 1.0, "width": 32, "height": 32,
                                                              "batch_size": 1}},
         "8": {"class_type": "SaveLatent", "inputs": {"samples": [SAMPLER_ID, 0], "filename_prefix": prefix}},
         "9": {"class_type": "SaveImage", "inputs": {"images": [SAMPLER_ID, 1], "filename_prefix": prefix}},
@@ -112,7 +114,7 @@ def test_a_product_of_two_tiny_models_saves_a_finite_latent_and_an_image(server)
     entry = run_ok(server, model_prompt(seed=1))
     latent = saved_latent(server, entry)
     # SD2 UNets (UNETLoader's detection; the refusal test reads "SD20 MODEL") make SD1.x's 4-channel latents at 1/8.
-    assert tuple(latent.shape) == (1, 4, 8, 8)
+    assert tuple(latent.shape) == (1, 4, 4, 4)
     assert torch.isfinite(latent).all() and latent.std() > 1e-3
     (name, png), = server.images(entry)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -148,6 +150,17 @@ def test_mixed_spaces_and_sizes_are_refused_naming_both_and_the_queue_goes_on(se
         "binding 1 (SD20 MODEL · MODEL + conditioning) works on SD15 latents (4 channels). Experts of one product "
         "must share one space: latent models only with models of the same latent format, pixel-space models "
         "(Chroma Radiance) with the native pixel experts.")
+
+    # Two latent formats: the SD2 UNet's SD1.x latents and an SD3 MMDiT's.
+    formats = model_prompt(seed=3)
+    formats["2"]["inputs"]["unet_name"] = SD3
+    err = error_of(server, formats)
+    assert err["node_id"] == "6"
+    assert err["exception_message"].rstrip("\n") == (
+        "PoEBindModel: input 'experts': binding 0 (SD20 MODEL · MODEL + conditioning) works on SD15 latents "
+        "(4 channels) but binding 1 (SD3 MODEL · MODEL + conditioning) works on SD3 latents (16 channels). Experts "
+        "of one product must share one space: latent models only with models of the same latent format, "
+        "pixel-space models (Chroma Radiance) with the native pixel experts.")
 
     # Two native pixel experts whose sizes do not divide (32 px and 48 px).
     sizes = dict(native)

@@ -91,3 +91,22 @@ def write_tiny_lora(path, seed: int, rank: int = 4, scale: float = 0.5):
                f"{key}.lora_down.weight": torch.randn(rank, 320, generator=g) * scale,
                f"{key}.alpha": torch.tensor(float(rank))}, str(path))
     return path
+
+
+# An SD3-architecture MMDiT at one block (hidden 64: detection reads depth as hidden / 64), reading the
+# same 1024-wide CONDITIONING: a second latent family (SD3 latents, 16 channels) to mix with the SD2 UNet.
+SD3_FILE_CONFIG = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "input_size": None, "adm_in_channels": 64,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 1024, "out_features": 64}},
+    "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+    "dtype": torch.float32,
+}
+
+
+def write_tiny_sd3_mmdit(path, seed: int):
+    from safetensors.torch import save_file
+
+    model = comfy.supported_models.SD3(dict(SD3_FILE_CONFIG)).get_model({})
+    _randomise(model, seed)
+    save_file({k: v.detach().contiguous() for k, v in model.diffusion_model.state_dict().items()}, str(path))
+    return path
