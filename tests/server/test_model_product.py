@@ -3,8 +3,9 @@
 Two tiny random-weight SD2-architecture UNets (different seeds: two "fine-tunes") are saved into the
 server's diffusion_models folder and loaded by the stock UNETLoader, which must detect them as SD2;
 the stock LotusConditioning node supplies a 1024-wide CONDITIONING without a text encoder, and
-ConditioningZeroOut its null. The tests cover the product's output, a LoRA-patched binding, the
-refusals of mixed spaces and sizes, and interruption.
+ConditioningZeroOut its null. The tests cover the product's output, a binding patched by a LoRA
+(LoraLoaderModelOnly, or the same LoRA as a hook on its CONDITIONINGs), the refusals of mixed latent
+formats, spaces and sizes, and interruption.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def server(tmp_path_factory):
     assert not srv.import_failures()
 
 
-def model_prompt(seed: int = 1, steps: int = 3, lora: float | None = None, prefix: str = "uac_model") -> dict:
+def model_prompt(seed: int = 1, steps: int = 3, lora: float | None = None, hook: float | None = None,
+                 prefix: str = "uac_model") -> dict:
     """UNETLoader x 2 -> PoEBindModel x 2 (Lotus prompt, zeroed null) -> PoEKSampler -> SaveLatent + SaveImage."""
     prompt = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[0], "weight_dtype": "default"}},
@@ -82,6 +84,15 @@ def model_prompt(seed: int = 1, steps: int = 3, lora: float | None = None, prefi
         prompt["10"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": LORA,
                                                                        "strength_model": lora}}
         prompt["5"]["inputs"]["model"] = ["10", 0]
+    if hook is not None:
+        # The same LoRA as a hook on the first binding's CONDITIONINGs (the stock hook nodes).
+        prompt["11"] = {"class_type": "CreateHookLoraModelOnly", "inputs": {"lora_name": LORA,
+                                                                           "strength_model": hook}}
+        for nid, source, slot in (("12", "3", "positive"), ("13", "4", "negative")):
+            prompt[nid] = {"class_type": "ConditioningSetProperties",
+                           "inputs": {"cond_NEW": [source, 0], "strength": 1.0, "set_cond_area": "default",
+                                      "hooks": ["11", 0]}}
+            prompt["5"]["inputs"][slot] = [nid, 0]
     return prompt
 
 
@@ -120,10 +131,14 @@ def test_a_product_of_two_tiny_models_saves_a_finite_latent_and_an_image(server)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_lora_patched_model_changes_the_product_and_leaves_the_model_unpatched(server):
+def test_a_lora_or_hook_patched_binding_changes_the_product_and_leaves_the_model_unpatched(server):
     base = saved_latent(server, run_ok(server, model_prompt(seed=2, prefix="base")))
     patched = saved_latent(server, run_ok(server, model_prompt(seed=2, lora=1.0, prefix="lora")))
     assert (patched - base).abs().max() > 1e-2
+    # The LoRA as a hook on that binding's prompt and null patches the same weights for the same rows,
+    # and leaves the other binding (same prompts, other MODEL) alone: the same latent.
+    hooked = saved_latent(server, run_ok(server, model_prompt(seed=2, hook=1.0, prefix="hook")))
+    torch.testing.assert_close(hooked, patched, atol=1e-4, rtol=1e-4)
     # The LoRA rides on a clone: after ComfyUI forgets its cache the plain graph gives the plain latent again.
     fuzz.free_cache(server)
     again = saved_latent(server, run_ok(server, model_prompt(seed=2, prefix="base_again")))
