@@ -70,8 +70,8 @@ class PoEBindModel(io.ComfyNode):
         b = poe.Binding(comfy_models.ModelSource(model, name), {"conditioning": positive}, weight, reliability,
                         nulls, label=label)
         bindings = list(experts or []) + [b]
-        with node_input(node, "experts"):
-            comfy_models.latent_format_of(bindings, node)
+        # latent_format_of names the node and the input itself.
+        comfy_models.latent_format_of(bindings, node)
         text = describe(b)
         log.info("%s: %s", node, text)
         return io.NodeOutput(bindings, ui={"text": (text,)})

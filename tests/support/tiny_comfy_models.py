@@ -51,3 +51,62 @@ def text_conditioning(seed: int, tokens: int = 7, width: int = 32, pooled: bool 
     g = torch.Generator().manual_seed(seed)
     extra = {"pooled_output": None} if pooled else {}
     return [[torch.randn(1, tokens, width, generator=g), extra]]
+
+
+# An SD2.x-architecture UNet cut to one level (one res block, one transformer) at the width and
+# context size that ComfyUI's model detection needs to recognise it (model_channels 320, context 1024):
+# 26M parameters, so a checkpoint loads in a moment on a CPU. SD2 rather than SD1.5 because the stock
+# LotusConditioning node makes a 1024-wide CONDITIONING without any text encoder.
+SD2_FILE_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4, "model_channels": 320, "out_channels": 4,
+    "num_res_blocks": [1], "transformer_depth": [1], "channel_mult": [1], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True, "context_dim": 1024, "num_heads": -1, "num_head_channels": 64,
+    "transformer_depth_output": [1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def tiny_sd2_unet_state(seed: int) -> dict[str, torch.Tensor]:
+    """The diffusion model's state dict as UNETLoader reads it (fp16, no prefix)."""
+    model = comfy.supported_models.SD20(dict(SD2_FILE_CONFIG)).get_model({})
+    _randomise(model, seed)
+    return {k: v.detach().half().contiguous() for k, v in model.diffusion_model.state_dict().items()}
+
+
+def write_tiny_sd2_unet(path, seed: int):
+    from safetensors.torch import save_file
+
+    save_file(tiny_sd2_unet_state(seed), str(path))
+    return path
+
+
+def write_tiny_lora(path, seed: int, rank: int = 4, scale: float = 0.5):
+    """A LoRA in the kohya key style on the tiny SD2 UNet's time embedding (1280 x 320), which every
+    block reads, so LoraLoaderModelOnly changes the whole prediction."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    key = "lora_unet_time_embed_0"
+    save_file({f"{key}.lora_up.weight": torch.randn(1280, rank, generator=g) * scale,
+               f"{key}.lora_down.weight": torch.randn(rank, 320, generator=g) * scale,
+               f"{key}.alpha": torch.tensor(float(rank))}, str(path))
+    return path
+
+
+# An SD3-architecture MMDiT at one block (hidden 64: detection reads depth as hidden / 64), reading the
+# same 1024-wide CONDITIONING: a second latent family (SD3 latents, 16 channels) to mix with the SD2 UNet.
+SD3_FILE_CONFIG = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "input_size": None, "adm_in_channels": 64,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 1024, "out_features": 64}},
+    "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+    "dtype": torch.float32,
+}
+
+
+def write_tiny_sd3_mmdit(path, seed: int):
+    from safetensors.torch import save_file
+
+    model = comfy.supported_models.SD3(dict(SD3_FILE_CONFIG)).get_model({})
+    _randomise(model, seed)
+    save_file({k: v.detach().contiguous() for k, v in model.diffusion_model.state_dict().items()}, str(path))
+    return path
