@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..samplers import bands
 from ..samplers.describe import describe

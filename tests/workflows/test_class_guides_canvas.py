@@ -21,7 +21,7 @@ def test_class_expert_at_64_guides_a_256_canvas(tmp_path):
     small_adm(tmp_path / "adm64_cond.safetensors", resolution=64, num_classes=1000, schedule="cosine", seed=1)
     small_adm(tmp_path / "adm256_uncond.safetensors", resolution=256, num_classes=None, schedule="linear", seed=2)
     folder_paths.add_model_folder_path("experts", str(tmp_path))
-    wf = json.loads((REPO / "workflows" / "api" / "class_guides_canvas.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "api" / "class_guides_canvas.json").read_text())
     wf["1"]["inputs"]["expert_name"] = "adm64_cond.safetensors"
     wf["2"]["inputs"]["expert_name"] = "adm256_uncond.safetensors"
     wf["5"]["inputs"]["steps"] = 3

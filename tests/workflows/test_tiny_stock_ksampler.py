@@ -1,4 +1,4 @@
-"""Tier (b): the tiny digit expert sampled by ComfyUI's stock KSampler (workflows/api/tiny_stock_ksampler.json):
+"""Tier (b): the tiny digit expert sampled by ComfyUI's stock KSampler (example_workflows/api/tiny_stock_ksampler.json):
 its MODEL from PoEExpertLoader, its class and trained null from PoEEncodeCondition, VAEDecode with the
 pixel-space VAE."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ def test_tiny_expert_runs_in_the_stock_ksampler():
     comfy_nodes()
     import folder_paths
 
-    wf = json.loads((REPO / "workflows" / "api" / "tiny_stock_ksampler.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "api" / "tiny_stock_ksampler.json").read_text())
     wf["5"]["inputs"]["steps"] = 6
     _, history = run_prompt(wf)
     saved = history["outputs"]["8"]["images"]
