@@ -277,8 +277,10 @@ def test_node_search_finds_and_adds_every_pack_node(page, server):
     from selenium.webdriver.common.by import By
 
     info = server.get_json("/object_info")
-    pack = {k: v["display_name"] for k, v in info.items() if v["category"].startswith("unite_and_conquer/")}
-    assert len(pack) >= 13, sorted(pack)
+    # Deprecated nodes are hidden from the search on purpose (they only keep old workflows loading).
+    pack = {k: v["display_name"] for k, v in info.items()
+            if v["category"].startswith("unite_and_conquer/") and not v.get("deprecated")}
+    assert len(pack) >= 13 and "PoEImageToLatent" not in pack, sorted(pack)
     page.execute_script("app.graph.clear()")
     canvas = page.find_element(By.ID, "graph-canvas")
     for node_id, display in sorted(pack.items()):
