@@ -506,7 +506,7 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     if null_vars:
         rel = precision_reliabilities(null_vars, rel)
     if any(b.banded for b in active):
-        return _banded_prediction(x, active, plan, outs, prediction, s)
+        return _banded_prediction(x, active, plan, outs, rel, prediction, s)
     if not cond_preds:
         # The empty set: every weight is 0, and the rule reduces to the pooled prior u.
         if not null_preds:
@@ -523,18 +523,18 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
 
 
 def _banded_prediction(x: torch.Tensor, active: Sequence[Binding], plan: ForwardPlan, outs: list[list[torch.Tensor]],
-                       prediction: str, s: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       rel: Sequence[Scalar], prediction: str, s: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rule with bands and resolution factors (``bands``): the pooled null per band, then
-    ``u + sum_i w_i F_i(eps_i - u)``."""
+    ``u + sum_i w_i F_i(eps_i - u)``. ``rel``: the reliabilities of the bindings that supply a null, in
+    their order (already weighted by precision where reliability comes from variance)."""
     def lifted(b: Binding, p: torch.Tensor) -> torch.Tensor:
         k = int(b.resolution_factor)
         return p if k == 1 else p * bands_mod.lift_scale(prediction, k)
 
-    null_preds, rel, null_factors = [], [], []
+    null_preds, null_factors = [], []
     for b, idx in zip(active, plan.null_index):
         if idx:
             null_preds.append(lifted(b, _row_mean(outs, idx)))
-            rel.append(b.reliability)
             null_factors.append(int(b.resolution_factor))
     levels = factor_levels(active)
     pooled = bands_mod.pooled_null(null_preds, rel, null_factors, tuple(x.shape), levels, _level_needs(active))

@@ -185,3 +185,20 @@ def test_only_experts_whose_nulls_are_pooled_are_asked_for_a_variance():
     torch.testing.assert_close(pooled, share_a * (x * 0.5 + 0.5) + (1 - share_a) * (x * 0.5 - 0.25))
     expected = 2 * (x * 0.5 + 1) + (x * 0.5 - 1) + (x * 0.5 + 2) - 3 * pooled
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_variance_reliability_holds_with_a_band_on_a_binding():
+    """A band takes the banded path of the rule; the pooled null there is still precision-weighted."""
+    from dataclasses import replace
+
+    from unite_and_conquer.samplers import bands, poe
+
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    plain = _bindings(True, 0.2, 0.8)
+    banded = [replace(plain[0], band=bands.low_pass(0.5)), plain[1]]
+    _, pooled_plain = poe.product_prediction(x, torch.tensor(1.0), plain, _eps_fn)
+    out, pooled = poe.product_prediction(x, torch.tensor(1.0), banded, _eps_fn)
+    torch.testing.assert_close(pooled, pooled_plain)
+    preds = [b.expert(x, b.condition) for b in banded]
+    expected = pooled + sum(b.weight * bands.band_filter(p - pooled, b.band) for b, p in zip(banded, preds))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
