@@ -5,7 +5,6 @@ the refusal of samplers that cannot be split, seeded noise streams, and the flow
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable
 
 import torch
@@ -13,6 +12,8 @@ import torch
 import comfy.k_diffusion.sampling
 import comfy.model_sampling
 import comfy.samplers
+
+from .. import parameterization
 
 # Samplers that choose their own steps, so no interval of a schedule can be run alone.
 UNSPLITTABLE = ("dpm_fast", "dpm_adaptive")
@@ -76,7 +77,7 @@ def ve_view(model_sampling, sigma: float) -> tuple[float, float]:
     point at that VE sigma. Flow models (``CONST``, ``x = (1 - sigma) x0 + sigma eps``) map to
     ``x / (1 - sigma)`` at ``sigma / (1 - sigma)``; their top level (sigma 1) is pure noise."""
     if isinstance(model_sampling, comfy.model_sampling.CONST):
-        return 1.0 - sigma, sigma / (1.0 - sigma) if sigma < 1.0 else math.inf
+        return 1.0 - sigma, parameterization.ve_level(sigma)
     return 1.0, sigma
 
 
