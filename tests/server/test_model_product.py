@@ -10,9 +10,7 @@ formats, spaces and sizes, and interruption.
 from __future__ import annotations
 
 import math
-import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -202,33 +200,11 @@ def test_mixed_spaces_and_sizes_are_refused_naming_both_and_the_queue_goes_on(se
 
 
 def test_interrupt_stops_a_model_product_within_a_step_and_the_next_prompt_runs(server, record_property):
-    from test_runtime import Listener
+    from test_runtime import interrupt_long_run
 
     long = model_prompt(seed=5, steps=5000, prefix="long")
     short = model_prompt(seed=6, steps=2, prefix="short")
-    listener = Listener(server)
-    try:
-        status, answer = server.queue(long)
-        assert status == 200, answer
-        long_id = answer["prompt_id"]
-        status, answer = server.queue(short)
-        assert status == 200, answer
-        short_id = answer["prompt_id"]
-
-        def progress(m, at_least):
-            d = m.get("data", {})
-            return m["type"] == "progress" and d.get("prompt_id") == long_id and d.get("value", 0) >= at_least
-
-        steps = [listener.until(lambda m, k=k: progress(m, k), 120)[0] for k in range(1, 5)]
-        step_s = statistics.median(b - a for a, b in zip(steps, steps[1:]))
-        sent = time.monotonic()
-        server.interrupt()
-        stopped, msg = listener.until(lambda m: m["type"] in ("execution_interrupted", "execution_error",
-                                                              "execution_success")
-                                      and m.get("data", {}).get("prompt_id") == long_id, 60)
-        latency = stopped - sent
-    finally:
-        listener.close()
+    long_id, short_id, msg, latency, step_s = interrupt_long_run(server, long, short)
     record_property("interrupt_latency_s", round(latency, 3))
     record_property("step_s", round(step_s, 3))
     print(f"MODEL product: interrupt latency {latency:.3f}s, one step {step_s:.3f}s")

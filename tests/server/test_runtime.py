@@ -63,11 +63,9 @@ class Listener:
         self.ws.close()
 
 
-def test_interrupt_stops_within_a_step_and_the_next_prompt_is_unaffected(server, record_property):
-    short = fuzz.product_prompt(seed=11, steps=3, batch=2, prefix="short")
-    reference, _ = run_pixels(server, short)
-
-    long = fuzz.product_prompt(seed=5, steps=5000, batch=2, prefix="long")
+def interrupt_long_run(server, long: dict, short: dict):
+    """Queue ``long`` then ``short``, interrupt ``long`` after its fourth progress message, and return
+    (long_id, short_id, the message that ended ``long``, the interrupt's latency, one step's time)."""
     listener = Listener(server)
     try:
         status, answer = server.queue(long)
@@ -88,9 +86,17 @@ def test_interrupt_stops_within_a_step_and_the_next_prompt_is_unaffected(server,
         stopped, msg = listener.until(lambda m: m["type"] in ("execution_interrupted", "execution_error",
                                                               "execution_success")
                                       and m.get("data", {}).get("prompt_id") == long_id, 60)
-        latency = stopped - sent
+        return long_id, short_id, msg, stopped - sent, step_s
     finally:
         listener.close()
+
+
+def test_interrupt_stops_within_a_step_and_the_next_prompt_is_unaffected(server, record_property):
+    short = fuzz.product_prompt(seed=11, steps=3, batch=2, prefix="short")
+    reference, _ = run_pixels(server, short)
+
+    long = fuzz.product_prompt(seed=5, steps=5000, batch=2, prefix="long")
+    long_id, short_id, msg, latency, step_s = interrupt_long_run(server, long, short)
     record_property("interrupt_latency_s", round(latency, 3))
     record_property("step_s", round(step_s, 3))
     print(f"interrupt latency {latency:.3f}s, one step {step_s:.3f}s")
