@@ -28,13 +28,6 @@ WORKFLOWS = ROOT / "example_workflows"
 API_DIR = WORKFLOWS / "api"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
-# (node type, input) pairs that name a file, and the folder it goes in.
-FILE_INPUTS = {("PoEExpertLoader", "expert_name"): "ComfyUI/models/experts/",
-               ("PoETextEncoderLoader", "text_encoder_name"): "ComfyUI/models/text_encoders/",
-               ("LoadImage", "image"): "ComfyUI/input/ (your own image)",
-               ("CheckpointLoaderSimple", "ckpt_name"): "ComfyUI/models/checkpoints/",
-               ("UNETLoader", "unet_name"): "ComfyUI/models/diffusion_models/",
-               ("CLIPLoader", "clip_name"): "ComfyUI/models/text_encoders/"}
 THUMB_WIDTH = 256
 # ComfyUI's model metadata for a loader node (``properties.models``: name, url, directory), which the
 # frontend's missing-models dialog offers when the file is not in the directory.
@@ -44,6 +37,11 @@ MODEL_DIRECTORIES = {("PoEExpertLoader", "expert_name"): "experts",
                      ("UNETLoader", "unet_name"): "diffusion_models",
                      ("CLIPLoader", "clip_name"): "text_encoders",
                      ("VAELoader", "vae_name"): "vae"}
+# (node type, input) pairs that name a file to put in place, and the folder it goes in. The shipped
+# workflows' VAELoader reads the built-in pixel_space VAE, so it names no file to put anywhere.
+FILE_INPUTS = {**{key: f"ComfyUI/models/{directory}/" for key, directory in MODEL_DIRECTORIES.items()
+                  if key[0] != "VAELoader"},
+               ("LoadImage", "image"): "ComfyUI/input/ (your own image)"}
 # Files ComfyUI builds in, which no one downloads.
 BUILT_IN_MODELS = {("VAELoader", "pixel_space")}
 _OPENAI = "https://openaipublic.blob.core.windows.net/diffusion"
