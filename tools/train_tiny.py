@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from einops import reduce
 
 REPO = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
@@ -109,6 +110,30 @@ def noisy_batches(modality: str, schedule: str, batch: int, pool: int, seed: int
         yield x0, noise, t, x_t, condition_batch(modality, label[idx], colour, box_batch, drop, vocab)
 
 
+def refine_patches(weights: dict[str, torch.Tensor], patch: int, new_patch: int) -> dict[str, torch.Tensor]:
+    """A network's weights rewritten for patches ``r = patch / new_patch`` times smaller, so that on an
+    image pooled r x r it computes exactly what the original computes on that image nearest-upsampled,
+    average-pooled back: ``net_new(x) = pool_r(net(up_r(x)))``.
+
+    On an upsampled image every patch-``patch`` token holds r x r copies of each pixel of a
+    patch-``new_patch`` token, so the first conv sums its weights over the copies; the last conv's r x r
+    outputs per pixel are what pooling averages. The layers between see the same token grid and stay.
+    A coarser expert started this way keeps the full-size expert's token grid, depth and knowledge,
+    instead of running its levels at 1/r of the grid as it would with the same patch.
+    """
+    r = patch // new_patch
+    if r * new_patch != patch:
+        raise ValueError(f"--patch {new_patch} must divide the --init network's patch {patch}")
+    pattern = dict(a=new_patch, r1=r, b=new_patch, r2=r)
+    out = dict(weights)
+    out["conv_in.weight"] = reduce(weights["conv_in.weight"], "o (c a r1 b r2) kh kw -> o (c a b) kh kw", "sum",
+                                   **pattern)
+    out["out.2.weight"] = reduce(weights["out.2.weight"], "(c a r1 b r2) i kh kw -> (c a b) i kh kw", "mean",
+                                 **pattern)
+    out["out.2.bias"] = reduce(weights["out.2.bias"], "(c a r1 b r2) -> (c a b)", "mean", **pattern)
+    return out
+
+
 def lr_scale(step: int, steps: int) -> float:
     """Warm up, then cosine decay to a tenth: short runs need the large steps early."""
     return min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -132,9 +157,10 @@ def x0_nll(x0: torch.Tensor, x0_pred: torch.Tensor, values: torch.Tensor, t: tor
 def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: float, ema_decay: float,
           pool: int, log_every: int = 50, init: Path | None = None, min_snr: float = 0.0,
           checkpoint=None, checkpoint_every: int = 0, prediction: str | None = None,
-          variance_head: bool = False, resolution: int | None = None):
+          variance_head: bool = False, resolution: int | None = None, patch: int | None = None):
     """Train one expert; with ``variance_head``, only a learned-variance head on the frozen ``init``
-    network (its predictions stay exactly those of ``init``)."""
+    network (its predictions stay exactly those of ``init``); with ``patch`` below the ``init``
+    network's, from its weights rewritten by :func:`refine_patches`."""
     config = default_config(modality)
     if init is not None:
         # A later stage keeps the earlier run's architecture and prediction target.
@@ -154,6 +180,12 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         # A coarser expert starts from the full-size network's features (it is convolutional) and
         # drops its variance head, which was calibrated at the other size.
         config = {**config, "resolution": resolution, "learned_sigma": False}
+    init_patch = int(config.get("patch", 1))
+    if patch is not None:
+        if init is None or variance_head:
+            raise ValueError("--patch refines an --init network's patches for a coarser expert; give it --init "
+                             "and leave out --variance-head")
+        config = {**config, "patch": patch, "learned_sigma": False}
     seed = seed * 100 + MODALITY_INDEX[modality]
     torch.manual_seed(seed)
     net = network_from_config(config)
@@ -164,6 +196,8 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         weights = {k: v.float() for k, v in load_file(str(init)).items()}
         if variance_head or not config.get("learned_sigma"):
             weights = {k: v for k, v in weights.items() if not k.startswith("variance.")}
+        if patch is not None and patch != init_patch:
+            weights = refine_patches(weights, init_patch, patch)
         missing, unexpected = net.load_state_dict(weights, strict=not variance_head)
         if variance_head and (unexpected or any(not k.startswith("variance.") for k in missing)):
             raise ValueError(f"{init} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -251,6 +285,9 @@ def main(argv=None):
     p.add_argument("--resolution", type=int, default=None,
                    help="canvas side the expert is trained at (a divisor of 32: the canvases are average-pooled); "
                         "default: the --init file's, or 32")
+    p.add_argument("--patch", type=int, default=None,
+                   help="pixel patch side of the network (a divisor of the --init network's; its weights are "
+                        "rewritten by refine_patches); default: the --init file's")
     p.add_argument("--name", default=None, help="file stem to write (default tiny_<modality>)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -273,7 +310,8 @@ def main(argv=None):
                                      f"dropout={args.dropout} ema={args.ema} min_snr={args.min_snr} "
                                      f"prediction={config.get('prediction', 'eps')} split={modality}"
                                      + (" variance_head=x0_nll" if args.variance_head else "")
-                                     + (f" resolution={args.resolution}" if args.resolution else "")}
+                                     + (f" resolution={args.resolution}" if args.resolution else "")
+                                     + (f" patch={args.patch}" if args.patch else "")}
             tmp = path.with_suffix(".tmp")
             save(net, config, tmp, torch.float32 if args.fp32 else torch.float16, extra)
             tmp.replace(path)
@@ -281,7 +319,7 @@ def main(argv=None):
         net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool,
                             init=init, min_snr=args.min_snr, checkpoint=write, checkpoint_every=args.checkpoint_every,
                             prediction=args.prediction, variance_head=args.variance_head,
-                            resolution=args.resolution)
+                            resolution=args.resolution, patch=args.patch)
         write(net, config, args.steps)
         print(f"[{modality}] wrote {path} in {(time.time() - t0) / 60:.1f} min", flush=True)
 

@@ -113,3 +113,46 @@ def test_variance_head_keeps_the_expert_exactly_and_learns_the_variance(tmp_path
     assert any(k.startswith("variance.") for k in untrained)
     with pytest.raises(ValueError, match="--variance-head trains a head on a finished expert: give it --init"):
         train_tiny.train("class", 1, 2, 0, 1e-3, 0.1, 0.9, 4, variance_head=True)
+
+
+@pytest.mark.parametrize("modality", ["class", "layout"])
+def test_refined_patches_compute_the_full_size_network_through_the_pooling(modality):
+    """``refine_patches``: the patch-1 network at 16 px is exactly pool_2(net(up_2(x))) of the patch-2 one."""
+    from einops import repeat
+
+    torch.manual_seed(0)
+    config = {**model_loaders.tiny.default_config(modality), "learned_sigma": False}
+    net = model_loaders.tiny.network_from_config(config).eval()
+    with torch.no_grad():  # random, not zero-initialised, output weights, so every term counts
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    fine = model_loaders.tiny.network_from_config({**config, "patch": 1}).eval()
+    fine.load_state_dict(train_tiny.refine_patches(net.state_dict(), 2, 1))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([300.0, 700.0])
+    cond = {"y": torch.tensor([3, 10])} if modality == "class" else {"layout": torch.rand(1, 2, 16, 16)}
+    up = lambda z: repeat(z, "b c h w -> b c (h 2) (w 2)")  # noqa: E731
+    full_cond = cond if modality == "class" else {"layout": up(cond["layout"])}
+    with torch.no_grad():
+        want = torch.nn.functional.avg_pool2d(net(up(x), t, **full_cond), 2)
+        got = fine(x, t, **cond)
+    assert want.abs().mean() > 0.1
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
+    with pytest.raises(ValueError, match=r"--patch 3 must divide the --init network's patch 2"):
+        train_tiny.refine_patches(net.state_dict(), 2, 3)
+
+
+def test_a_coarser_expert_can_keep_the_full_size_token_grid(tmp_path):
+    torch.set_num_threads(1)
+    small = ["--modality", "class", "--steps", "2", "--batch", "4", "--pool", "8"]
+    train_tiny.main(small + ["--out", str(tmp_path / "full")])
+    train_tiny.main(small + ["--out", str(tmp_path / "half"), "--init", str(tmp_path / "full"), "--resolution", "16",
+                             "--patch", "1", "--name", "tiny_class_16"])
+    path = tmp_path / "half" / "tiny_class_16.safetensors"
+    config = json.loads(_meta(path)["uac_config"])
+    assert (config["resolution"], config["patch"]) == (16, 1)
+    assert "resolution=16 patch=1" in _meta(path)["uac_training"]
+    expert = model_loaders.load_expert(str(path))
+    out = expert.eps(torch.zeros(1, 3, 16, 16), torch.tensor([500.0]), expert.encode("class", 3))
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"--patch refines an --init network's patches"):
+        train_tiny.main(small + ["--out", str(tmp_path / "x"), "--patch", "1"])
