@@ -26,6 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"
 API_DIR = WORKFLOWS / "api"
+# A workflow's explanation (NAME.md: a '# title' line, then the text) becomes a second Note beside the files note.
+NOTES_DIR = WORKFLOWS / "notes"
+FILES_NOTE_TITLE = "Files this workflow needs"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
 THUMB_WIDTH = 256
@@ -71,7 +74,7 @@ MODEL_URLS = {
 
 # Layout, in canvas pixels.
 COL_GAP, ROW_GAP, MARGIN = 90, 50, 40
-NODE_WIDTH, NOTE_WIDTH = 330, 560
+NODE_WIDTH, NOTE_WIDTH, EXPLAIN_WIDTH = 330, 560, 1100
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H = 30, 22, 26, 80
 # Room for the run summary the pack's web extension shows under a node of the pack (web/js).
 SUMMARY_H = 90
@@ -216,6 +219,24 @@ def files_note(api: dict) -> str:
     return "\n".join(lines)
 
 
+def workflow_note(name: str) -> tuple[str, str] | None:
+    """(title, text) of the workflow's explanation in example_workflows/notes/NAME.md, or None."""
+    path = NOTES_DIR / f"{name}.md"
+    if not name or not path.is_file():
+        return None
+    first, _, rest = path.read_text(encoding="utf-8").partition("\n")
+    if not first.startswith("# "):
+        raise ValueError(f"{path.relative_to(ROOT)}: the first line must be '# title'")
+    return first[2:].strip(), rest.strip("\n")
+
+
+def note_height(text: str, width: int) -> int:
+    # The Note's text box wraps its lines; about 7 px per character at the default font.
+    per_line = max(1, (width - 20) // 7)
+    lines = sum(max(1, math.ceil(len(line) / per_line)) for line in text.split("\n"))
+    return TITLE_H + 22 * (lines + 2)
+
+
 def model_links(node: dict) -> list[dict]:
     """ComfyUI's ``properties.models`` entries for the files a loader node names."""
     links = []
@@ -250,7 +271,9 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
         sizes[nid] = [NODE_WIDTH, node_height(max(len(sockets), n_out), widgets) + summary]
     note_text = files_note(api)
     note_h = TITLE_H + 22 * (note_text.count("\n") + 2)
-    pos = layout(api, sizes, top=MARGIN + note_h + ROW_GAP)
+    explanation = workflow_note(name)
+    explain_h = note_height(explanation[1], EXPLAIN_WIDTH) if explanation else 0
+    pos = layout(api, sizes, top=MARGIN + max(note_h, explain_h) + ROW_GAP)
 
     # Links get ids in the order of their target nodes and inputs, so a re-run writes the same file.
     out_links: dict[tuple[str, int], list[int]] = {}
@@ -302,9 +325,17 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
     ui_nodes.append({
         "id": note_id, "type": "Note", "pos": [MARGIN, MARGIN], "size": [NOTE_WIDTH, note_h],
         "flags": {}, "order": len(api), "mode": 0, "inputs": [], "outputs": [],
-        "title": "Files this workflow needs", "properties": {"text": ""},
+        "title": FILES_NOTE_TITLE, "properties": {"text": ""},
         "widgets_values": [note_text], "color": "#432", "bgcolor": "#653",
     })
+    if explanation:
+        note_id += 1
+        ui_nodes.append({
+            "id": note_id, "type": "Note", "pos": [MARGIN + NOTE_WIDTH + COL_GAP, MARGIN],
+            "size": [EXPLAIN_WIDTH, explain_h], "flags": {}, "order": len(api) + 1, "mode": 0, "inputs": [],
+            "outputs": [], "title": explanation[0], "properties": {"text": ""},
+            "widgets_values": [explanation[1]],
+        })
     return {
         "last_node_id": note_id, "last_link_id": len(links),
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
@@ -477,9 +508,16 @@ def check(object_info: dict) -> list[str]:
     ui_names = {p.stem for p in WORKFLOWS.glob("*.json")}
     problems += [f"example_workflows/{n}.json has no API copy in example_workflows/api/" for n in sorted(ui_names - api_names)]
     problems += [f"example_workflows/api/{n}.json has no UI workflow example_workflows/{n}.json" for n in sorted(api_names - ui_names)]
+    problems += [f"example_workflows/notes/{p.name} has no API workflow example_workflows/api/{p.stem}.json"
+                 for p in sorted(NOTES_DIR.glob("*.md")) if p.stem not in api_names]
     for name in sorted(api_names & ui_names):
-        problems += [f"{name}: {p}" for p in compare(load_json(WORKFLOWS / f"{name}.json"),
-                                                        load_json(API_DIR / f"{name}.json"), object_info)]
+        ui = load_json(WORKFLOWS / f"{name}.json")
+        problems += [f"{name}: {p}" for p in compare(ui, load_json(API_DIR / f"{name}.json"), object_info)]
+        explanation = workflow_note(name)
+        shown = [(n.get("title"), (n.get("widgets_values") or [""])[0]) for n in ui["nodes"]
+                 if n["type"] in NOTE_TYPES and n.get("title") != FILES_NOTE_TITLE]
+        if shown != ([explanation] if explanation else []):
+            problems.append(f"{name}: the UI's explanation note differs from example_workflows/notes/{name}.md")
     return problems
 
 

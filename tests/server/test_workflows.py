@@ -212,8 +212,13 @@ def test_ui_workflows_carry_titles_and_the_files_note():
         assert ui["version"] == 0.4
         api = load_api_workflow(REPO / "example_workflows" / "api" / path.name)
         notes = [n for n in ui["nodes"] if n["type"] == "Note"]
-        assert len(notes) == 1, path.name
-        text = notes[0]["widgets_values"][0]
+        files = [n for n in notes if n["title"] == workflow_ui.FILES_NOTE_TITLE]
+        assert len(files) == 1, path.name
+        # Any other note is the workflow's explanation, example_workflows/notes/NAME.md.
+        explanation = workflow_ui.workflow_note(path.stem)
+        assert [(n["title"], n["widgets_values"][0]) for n in notes if n not in files] == \
+            ([explanation] if explanation else []), path.name
+        text = files[0]["widgets_values"][0]
         for node in api.values():
             for (ctype, name) in workflow_ui.FILE_INPUTS:
                 if node["class_type"] == ctype:
