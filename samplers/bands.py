@@ -151,7 +151,7 @@ class Band:
 
     def describe(self) -> str:
         if self.label:
-            return self.label
+            return self.label + (f" (transition {self.transition:.3g})" if self.transition else "")
         parts = [f"{self.values[0]:.3g}"]
         for e, v in zip(self.edges, self.values[1:]):
             parts.append(f"|{e:.3g}| {v:.3g}")

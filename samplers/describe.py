@@ -41,6 +41,9 @@ def describe_rule(bindings: Sequence[Binding]) -> str:
              f"{len({id(b.expert) for b in bindings})} expert(s): "
              f"eps = sum_i w_i eps_i(x, c_i) - (sum_i w_i - 1) * sum_j a_j eps_j(x, null_j)",
              f"sum of weights = {_fmt_total(total_weight(bindings))}"]
+    per_frequency = _banded_total(bindings)
+    if per_frequency:
+        lines.append(f"  per frequency, sum_i w_i F_i(f) = {per_frequency} (the weight the null term balances in each band)")
     for i, (b, a) in enumerate(zip(bindings, rel), 1):
         lines.append(f"  {i}. {describe(b, a)}")
     if any(b.banded for b in bindings):
@@ -56,6 +59,18 @@ def describe_rule(bindings: Sequence[Binding]) -> str:
     elif any(b.reliability_from_variance for b in bindings):
         lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")
     return "\n".join(lines)
+
+
+def _banded_total(bindings: Sequence[Binding], grid: int = 64) -> str:
+    """The weight total per DCT frequency when some binding has a band ('' otherwise, or when a weight is
+    spatial or an expert runs at a lower resolution, where the total is not a function of frequency alone)."""
+    if not any(b.band is not None and not b.band.all_pass for b in bindings):
+        return ""
+    if any(b.resolution_factor > 1 or torch.as_tensor(b.weight).numel() > 1 for b in bindings):
+        return ""
+    total = sum(float(b.weight) * (b.band.response(grid, grid) if b.band is not None else 1.0) for b in bindings)
+    lo, hi = float(total.min()), float(total.max())
+    return f"{lo:.4g}" if math.isclose(lo, hi, abs_tol=1e-9) else f"{lo:.4g}..{hi:.4g}"
 
 
 def _fmt_total(total: Any) -> str:

@@ -52,6 +52,25 @@ def test_weights_summing_to_one_at_every_pixel_run_no_null_and_say_so():
     assert "sum of weights = 1\n" in describe_rule(scalar) and NO_NULL in describe_rule(scalar)
 
 
+def test_banded_weights_report_their_total_per_frequency():
+    """Complementary bands of weight 5 each balance a null of 5 at every frequency; a lone low-pass
+    of 4 beside an all-pass 1 ranges from 5 (below the cutoff) to 1 (above)."""
+    from unite_and_conquer.samplers import bands
+
+    a, b = Named("A"), Named("B")
+    lo, hi = bands.low_pass(0.25, 0.1), bands.high_pass(0.25, 0.1)
+    split = [poe.Binding(a, c(1), 5.0, 0.5, (c(0),), label="layout", band=lo),
+             poe.Binding(b, c(2), 5.0, 0.5, (c(0),), label="texture", band=hi)]
+    lines = describe_rule(split).splitlines()
+    assert lines[1:3] == ["sum of weights = 10",
+                          "  per frequency, sum_i w_i F_i(f) = 5 (the weight the null term balances in each band)"]
+    assert lines[3].endswith("low-pass < 0.25 (transition 0.1)")
+    one_band = [poe.Binding(a, c(1), 4.0, 0.5, (c(0),), band=bands.low_pass(0.5)), poe.Binding(b, c(2), 1.0, 0.5, (c(0),))]
+    assert "  per frequency, sum_i w_i F_i(f) = 1..5 (" in describe_rule(one_band)
+    assert "per frequency" not in describe_rule([poe.Binding(a, c(1), 4.0, 0.5, (c(0),)),
+                                                 poe.Binding(b, c(2), 1.0, 0.5, (c(0),))])
+
+
 def counted_evaluations(config: correctors.CorrectorConfig) -> int:
     calls = []
 
