@@ -7,8 +7,9 @@ Both rows run through the pack's ComfyUI guider (``PoEGuider``, what PoEKSampler
 SamplerCustomAdvanced run) with ComfyUI's ``dpmpp_2m`` sampler and ``karras`` scheduler, on the
 same targets, noise and judges as ``eval_digits.py``: the all-32 px product at weights (4, 2, 2)
 and reliabilities 1/3, and the same product with the class expert replaced by one trained on
-2 x 2-pooled canvases (``tools/train_tiny.py --resolution 16``), which the guider evaluates on the
-pooled canvas at sigma / 2 and lifts into the piecewise-constant images (``samplers/bands.py``).
+2 x 2-pooled canvases (``tools/train_tiny.py --resolution 16 --patch 1``: the 32 px network's token
+grid on the 16 px canvas), which the guider evaluates on the pooled canvas at sigma / 2 and lifts
+into the piecewise-constant images (``samplers/bands.py``).
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def main(argv=None):
                           extra_weights=extra)
     base, low = results[1].rates["all"], results[2].rates["all"]
     body = "\n".join([
-        "The class expert trained on 2 x 2-pooled canvases (16 px, `tools/train_tiny.py --resolution 16`) in the "
+        "The class expert trained on 2 x 2-pooled canvases (16 px, `tools/train_tiny.py --resolution 16 --patch 1`, "
+        "tools/README.md stage 6) in the "
         "product with the 32 px colour and layout experts: the guider runs it on the pooled canvas at sigma / 2 and "
         "lifts its prediction into the piecewise-constant images (`samplers/bands.py`). Same targets, noise and "
         "judges as the all-32 px row; weights (class, colour, layout) = "
