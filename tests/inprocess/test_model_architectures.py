@@ -14,17 +14,8 @@ from unite_and_conquer.samplers.comfy.models import wrap_expert
 from support.analytic import gaussian, gaussian_expert
 import comfy.sample
 import comfy.samplers
-from support.tiny_comfy_models import text_conditioning, tiny_chroma_radiance, tiny_sd15
+from support.tiny_comfy_models import stock_denoised, text_conditioning, tiny_chroma_radiance, tiny_sd15
 
-
-
-def stock_denoised(patcher, cond, x, sigma):
-    """The model's own denoised prediction via the stock CFGGuider at cfg 1 (one Euler step to 0)."""
-    guider = comfy.samplers.CFGGuider(patcher)
-    guider.set_conds(cond, [])
-    guider.set_cfg(1.0)
-    return guider.sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"),
-                         torch.tensor([sigma, 0.0]), disable_pbar=True, seed=0)
 
 
 def product_step(bindings, x, sigma):

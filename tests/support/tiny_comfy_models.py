@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 import comfy.model_patcher
+import comfy.samplers
 import comfy.supported_models
 
 SD15_CONFIG = {
@@ -110,3 +111,12 @@ def write_tiny_sd3_mmdit(path, seed: int):
     _randomise(model, seed)
     save_file({k: v.detach().contiguous() for k, v in model.diffusion_model.state_dict().items()}, str(path))
     return path
+
+
+def stock_denoised(patcher, cond, x, sigma):
+    """The model's own denoised prediction via the stock CFGGuider at cfg 1 (one Euler step to 0)."""
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(cond, [])
+    guider.set_cfg(1.0)
+    return guider.sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"),
+                         torch.tensor([sigma, 0.0]), disable_pbar=True, seed=0)

@@ -11,7 +11,7 @@ import torch
 
 import comfy.samplers
 from support.comfy_harness import api_workflow, comfy_nodes
-from support.tiny_comfy_models import text_conditioning, tiny_sd15
+from support.tiny_comfy_models import stock_denoised, text_conditioning, tiny_sd15
 
 LOADER_SEEDS = {"1": 0, "2": 1}        # layout model, texture model
 PROMPT_SEEDS = {"3": 3, "4": 4, "5": 5, "6": 6}
@@ -35,15 +35,6 @@ def run_graph(wf: dict, target: str, models: dict, conds: dict) -> tuple:
         return out[nid]
 
     return evaluate(target)
-
-
-def stock_denoised(patcher, cond, x, sigma):
-    """The model's own denoised prediction via the stock CFGGuider at cfg 1 (one Euler step to 0)."""
-    guider = comfy.samplers.CFGGuider(patcher)
-    guider.set_conds(cond, [])
-    guider.set_cfg(1.0)
-    return guider.sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"),
-                         torch.tensor([sigma, 0.0]), disable_pbar=True, seed=0)
 
 
 def response(h: int, w: int, cutoff: float, transition: float) -> np.ndarray:
@@ -88,7 +79,7 @@ def test_the_band_product_equals_the_per_frequency_rule(graph):
     chain, = run_graph(wf, "10", models, conds)
     assert [b.band.describe() for b in chain] == ["low-pass < 0.25 (transition 0.1)", "high-pass > 0.25 (transition 0.1)"]
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    lo, hi = wf["8"]["inputs"], wf["10"]["inputs"]
+    lo = wf["8"]["inputs"]
     profile = response(16, 16, lo["cutoff"], lo["transition"])
     w_a, w_b = wf["7"]["inputs"]["weight"], wf["9"]["inputs"]["weight"]
     a_a, a_b = wf["7"]["inputs"]["reliability"], wf["9"]["inputs"]["reliability"]
