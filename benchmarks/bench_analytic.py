@@ -31,6 +31,7 @@ from unite_and_conquer.samplers.correctors import CorrectorConfig  # noqa: E402
 HEADING = "## Analytic products: corrector step rules"
 OLD_NODE = CorrectorConfig(steps=6, step_scale=0.05, sigma_window=(0.6, math.inf), step_rule="sigma2")
 OLD_LIBRARY = CorrectorConfig(steps=2, step_scale=0.5, sigma_window=(0.05, math.inf), step_rule="sigma2")
+FROM_005 = (0.05, math.inf)  # the screening window of the step rules below
 
 # (label, sampler, steps, corrector): every corrected row costs at most 200 product evaluations.
 ROWS = [
@@ -39,13 +40,18 @@ ROWS = [
     ("plain", "euler_ancestral", 200, None),
     ("former node default", "euler", 30, OLD_NODE),
     ("former library default", "euler", 60, OLD_LIBRARY),
-    ("sigma^2 steps", "euler", 40, CorrectorConfig(steps=4, step_scale=0.3, step_rule="sigma2")),
-    ("SNR steps, r = 0.15", "euler", 40, CorrectorConfig(steps=4, snr=0.15, step_rule="snr")),
-    ("default (SNR steps)", "euler", 40, CorrectorConfig()),
-    ("SNR steps, r = 0.25", "euler", 40, CorrectorConfig(steps=4, snr=0.25, step_rule="snr")),
+    ("sigma^2 steps", "euler", 40, CorrectorConfig(steps=4, step_scale=0.3, step_rule="sigma2", sigma_window=FROM_005)),
+    ("SNR steps, r = 0.15", "euler", 40, CorrectorConfig(steps=4, snr=0.15, sigma_window=FROM_005)),
+    ("SNR steps, r = 0.2 (session 5 default)", "euler", 40, CorrectorConfig(steps=4, snr=0.2, sigma_window=FROM_005)),
+    ("SNR steps, r = 0.25", "euler", 40, CorrectorConfig(steps=4, snr=0.25, sigma_window=FROM_005)),
+    ("SNR steps, r = 0.2, from sigma 0.08", "euler", 40,
+     CorrectorConfig(steps=4, snr=0.2, sigma_window=(0.08, math.inf))),
+    ("SNR steps, r = 0.15, from sigma 0.08", "euler", 40,
+     CorrectorConfig(steps=4, snr=0.15, sigma_window=(0.08, math.inf))),
+    ("default", "euler", 40, CorrectorConfig()),
     ("default, second-order predictor", "heun", 30, CorrectorConfig()),
-    ("ULA, SNR steps", "euler", 40, CorrectorConfig(method="ula", steps=4, snr=0.16, step_rule="snr")),
-    ("MALA, SNR steps", "euler", 40, CorrectorConfig(method="mala", steps=3, snr=0.3, step_rule="snr")),
+    ("ULA, SNR steps", "euler", 40, CorrectorConfig(method="ula", steps=4, snr=0.16, sigma_window=FROM_005)),
+    ("MALA, SNR steps", "euler", 40, CorrectorConfig(method="mala", steps=3, snr=0.3, sigma_window=FROM_005)),
 ]
 
 

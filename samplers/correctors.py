@@ -53,9 +53,12 @@ class CorrectorConfig:
             and a broader one larger (BENCHMARKS.md, "Analytic products: corrector step rules"),
             which is why the default rule is ``"snr"``. ULA's stationary variance on a Gaussian of
             variance V is too large by 1 / (1 - eps / 2V); U-HMC (BAOAB order) and MALA are exact there.
-        sigma_window (`tuple[float, float]`, defaults to ``(0.05, inf)``): correction runs at the
-            levels lo <= sigma <= hi. RRR skips the lowest levels, where the summed score is
-            already nearly exact and steps of c * sigma^2 barely move; never at sigma = 0.
+        sigma_window (`tuple[float, float]`, defaults to ``(0.06, inf)``): correction runs at the
+            levels lo <= sigma <= hi; never at sigma = 0. RRR skips the lowest levels, where the
+            summed score is already nearly exact. The default's 0.06 is measured (BENCHMARKS.md,
+            "Corrector windows"): the trained digit experts lose from correction below about 0.1
+            (their summed score is least reliable there), while the sharpest analytic product
+            needs the levels down to about 0.06.
         leapfrog_steps (`int`, defaults to 1): U-HMC leapfrog steps per corrector step.
         refresh (`float`, defaults to 0.5): U-HMC momentum refresh per corrector step,
             ``v <- sqrt(1 - refresh) v + sqrt(refresh) z``; 1 is a full refresh (plain HMC
@@ -67,7 +70,7 @@ class CorrectorConfig:
             Alg. 5): ``epsilon = 2 (r ||z|| / ||grad log pi_sigma(x)||)^2`` with ``||z||^2`` the
             dimension, so the step follows the product's own spread (for a Gaussian of variance V
             it is 2 r^2 V) instead of the noise level; ``step_scale`` is then unused.
-        snr (`float`, defaults to 0.2): the target signal-to-noise ratio of ``"snr"``.
+        snr (`float`, defaults to 0.15): the target signal-to-noise ratio of ``"snr"``.
         energy (`str`, defaults to ``"trapezoid"``): MALA's estimate of log pi(x') - log pi(x) by
             the line integral of the score from x to x' (Sjöberg et al. 2023, eq. 12):
             ``"trapezoid"`` reuses the two scores MALA needs anyway (exact for Gaussian targets),
@@ -77,12 +80,12 @@ class CorrectorConfig:
     method: str = "uhmc"
     steps: int = 4
     step_scale: float = 0.5
-    sigma_window: tuple[float, float] = (0.05, math.inf)
+    sigma_window: tuple[float, float] = (0.06, math.inf)
     leapfrog_steps: int = 1
     refresh: float = 0.5
     energy: str = "trapezoid"
     step_rule: str = "snr"
-    snr: float = 0.2
+    snr: float = 0.15
 
     def __post_init__(self):
         if self.step_rule not in STEP_RULES:

@@ -81,7 +81,7 @@ def _fmt_total(total: Any) -> str:
 
 
 def describe_corrector(config: CorrectorConfig) -> str:
-    """One line, such as ``uhmc, 4 steps sized for signal-to-noise 0.2 per level for sigma in [0.05, inf] (+4 ...)``."""
+    """One line, such as ``uhmc, 4 steps sized for signal-to-noise 0.15 per level for sigma in [0.06, inf] (+4 ...)``."""
     lo, hi = config.sigma_window
     if config.step_rule == "snr":
         step = f"steps sized for signal-to-noise {config.snr:g}"

@@ -16,10 +16,11 @@ interval at a time (``sigmas[i:i + 2]``) and, between intervals, runs the correc
   schedule (the one SDE samplers build for themselves), so each interval draws fresh noise, same
   seed gives the same image, and stochastic samplers keep their noise law.
 - Multistep samplers (dpmpp_2m, dpmpp_3m_sde, uni_pc, lms, ipndm, deis, res_multistep,
-  sa_solver, ...) restart their history at each interval when correction is on: the corrector
-  moves ``x``, which invalidates the stored derivatives, so each interval is a first-order step
-  of that sampler. ``dpm_fast`` and ``dpm_adaptive`` choose their own steps and cannot be split
-  into intervals; they are refused.
+  sa_solver, ...) restart their history after each corrected level: the corrector moves ``x``,
+  which invalidates the stored derivatives. The steps between two corrected levels run as one
+  call of the sampler function, so outside the corrector's window a multistep sampler keeps its
+  history and is ComfyUI's own sampler step for step. ``dpm_fast`` and ``dpm_adaptive`` choose
+  their own steps and cannot be split into intervals; they are refused.
 - Flow models (``CONST`` model sampling, ``x = (1 - sigma) x0 + sigma eps``) are corrected in
   the equivalent variance-exploding coordinates ``x / (1 - sigma)`` at level ``sigma / (1 - sigma)``.
 """
@@ -48,6 +49,14 @@ def with_corrector(sampler, config: CorrectorConfig) -> comfy.samplers.KSAMPLER:
     return CorrectedKSampler(sampler, config)
 
 
+def corrected_stops(sigmas, config: CorrectorConfig) -> list[int]:
+    """Indices into ``sigmas`` where a sampler call ends: each level the corrector runs at, and
+    the last. The steps between two stops are one call, so a multistep sampler keeps its history
+    there."""
+    last = len(sigmas) - 1
+    return [i for i in range(1, last) if in_window(float(sigmas[i]), config)] + [last] if last > 0 else []
+
+
 class CorrectedKSampler(IntervalKSampler):
     """A ``KSAMPLER`` that runs its sampler function one interval at a time with an MCMC
     corrector between intervals. Construct it with :func:`with_corrector`.
@@ -73,13 +82,16 @@ class CorrectedKSampler(IntervalKSampler):
             options["noise_sampler"] = ClampedNoiseSampler(x, sigmas, derived_seed(seed, SAMPLER_NOISE_STREAM))
         state: dict = {"report": CorrectorReport()}
         self.last_report = state["report"]
-        for i in tqdm(range(total), disable=disable_pbar):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            x = self.run_interval(self.sampler_function, model_k, x, sigmas[i:i + 2], extra_args, callback, i, total,
-                                  options)
-            sigma = float(sigmas[i + 1])
-            if in_window(sigma, self.config):
-                x = self.correct(model_k, model_sampling, x, sigma, extra_args, generator, state)
+        stops = corrected_stops(sigmas, self.config)
+        with tqdm(total=total, disable=disable_pbar) as bar:
+            for start, stop in zip([0] + stops, stops):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                x = self.run_interval(self.sampler_function, model_k, x, sigmas[start:stop + 1], extra_args, callback,
+                                      start, total, options)
+                bar.update(stop - start)
+                sigma = float(sigmas[stop])
+                if in_window(sigma, self.config):
+                    x = self.correct(model_k, model_sampling, x, sigma, extra_args, generator, state)
         return x
 
     def correct(self, model_k, model_sampling, x, sigma, extra_args, generator, state):

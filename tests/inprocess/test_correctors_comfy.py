@@ -131,3 +131,21 @@ def test_interrupt_stops_the_corrected_run():
             sample(Config(), steps=5, n=48)
     finally:
         comfy.model_management.interrupt_current_processing(False)
+
+
+def test_steps_between_corrected_levels_are_one_sampler_call():
+    """Stops at every level in the window and at the end; no level in the window is one call."""
+    from unite_and_conquer.samplers.comfy.correctors import corrected_stops
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 0.5, 0.1, 0.0])
+    assert corrected_stops(sigmas, Config(sigma_window=(1.0, math.inf))) == [1, 2, 5]
+    assert corrected_stops(sigmas, Config(sigma_window=(0.05, math.inf))) == [1, 2, 3, 4, 5]
+    assert corrected_stops(sigmas, Config(sigma_window=(20.0, math.inf))) == [5]
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "uni_pc", "lms"])
+def test_multistep_samplers_keep_their_history_outside_the_window(sampler):
+    """With no level in the corrector's window the corrected sampler is ComfyUI's own, bit for bit,
+    history included (run one interval at a time, these samplers give other numbers)."""
+    plain, plain_calls, _ = sample(None, sampler=sampler, steps=10, n=96, seed=2)
+    same, same_calls, _ = sample(Config(sigma_window=(1e4, math.inf)), sampler=sampler, steps=10, n=96, seed=2)
+    assert torch.equal(plain, same) and same_calls == plain_calls

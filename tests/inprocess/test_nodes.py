@@ -251,6 +251,15 @@ def test_corrector_defaults_are_the_librarys_and_report_adaptive_steps():
     assert 0 < acceptance <= 1
 
 
+def test_the_mcmc_workflow_ships_the_default_corrector():
+    """tiny_mcmc's corrector node is titled as the default, so its widget values must be the node's defaults."""
+    from support.comfy_harness import api_workflow
+    node, = [n for n in api_workflow("tiny_mcmc.json").values() if n["class_type"] == "PoECorrector"]
+    assert "(the default)" in node["_meta"]["title"]
+    defaults = {i.id: i.default for i in sampling.PoECorrector.define_schema().inputs}
+    assert node["inputs"] == defaults
+
+
 def test_resampling_option_keeps_known_pixels_and_reports_itself():
     e = analytic()
     chain, _ = bind_class(e, 2)

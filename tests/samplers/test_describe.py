@@ -101,5 +101,5 @@ def test_the_corrector_description_names_method_steps_and_window():
     assert describe_corrector(config) == ("mala, 3 steps of 0.05 sigma^2 per level for sigma in [0.6, inf] "
                                           "(+4 product evaluation(s) per level)")
     assert describe_corrector(correctors.CorrectorConfig()) == (
-        "uhmc, 4 steps sized for signal-to-noise 0.2 per level for sigma in [0.05, inf] "
+        "uhmc, 4 steps sized for signal-to-noise 0.15 per level for sigma in [0.06, inf] "
         "(+4 product evaluation(s) per level)")
