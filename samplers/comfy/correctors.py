@@ -2,9 +2,8 @@
 MCMC at each intermediate distribution"; Du et al. 2023).
 
 A guider only predicts; it cannot move the sampler's ``x``. So the sampler is wrapped instead:
-:class:`CorrectedKSampler` walks the sigma schedule, runs the base sampler function over one
-interval at a time (``sigmas[i:i + 2]``) and, between intervals, runs the corrector of
-``samplers.correctors`` at the level reached, when it lies in the corrector's sigma window.
+:class:`CorrectedKSampler` walks the sigma schedule, runs the base sampler function up to each
+level in the corrector's sigma window and, there, runs the corrector of ``samplers.correctors``.
 
 - The corrector calls the same model wrapper the sampler function gets (ComfyUI's
   ``KSamplerX0Inpaint``), with the same ``extra_args``, so denoise masks (inpainting), model
