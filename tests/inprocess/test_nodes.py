@@ -11,7 +11,7 @@ from unite_and_conquer.nodes import bindings as bindings_mod
 from unite_and_conquer.nodes import sampling, utilities
 from unite_and_conquer.samplers.poe import unwrap
 from unite_and_conquer.samplers.comfy.models import wrap_expert
-from support.analytic import gaussian, gaussian_expert, product_gaussian
+from support.analytic import gaussian, gaussian_expert
 
 
 def analytic(schedule="linear", name="gauss", resolution=8, classes=None):
