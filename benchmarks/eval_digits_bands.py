@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/eval_digits_bands.py                     # 1000 samples, npm held-out digits
     .venv/bin/python benchmarks/eval_digits_bands.py -n 200 --no-write
+    .venv/bin/python benchmarks/eval_digits_bands.py --corrected --jobs 2  # the 16 px product, MCMC-corrected
 
 Both rows run through the pack's ComfyUI guider (``PoEGuider``, what PoEKSampler and
 SamplerCustomAdvanced run) with ComfyUI's ``dpmpp_2m`` sampler and ``karras`` scheduler, on the
@@ -30,51 +31,100 @@ if not __package__:  # run as a script: the pack's __init__.py registers the pac
 from unite_and_conquer.benchmarks import eval_digits as ed  # noqa: E402
 from unite_and_conquer.benchmarks.report import publish, run_facts  # noqa: E402
 from unite_and_conquer.model_loaders import load_expert  # noqa: E402
+from unite_and_conquer.samplers import correctors  # noqa: E402
 from unite_and_conquer.samplers.poe import Binding  # noqa: E402
 
 HEADING = "## Multimodal digits: a 16 px class expert on the 32 px canvas"
+CORRECTED_HEADING = "## Multimodal digits: the 16 px class expert, MCMC-corrected"
 
 
-def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, chunk: int = 250,
-                extra_weights=()):
+def _class16_guider(handles, conds, keys, w, start: int, stop: int):
     from unite_and_conquer.samplers.comfy import guider as comfy_guider
+
+    ws = ed.per_modality(w)
+    bindings = []
+    for key in keys:
+        m = "class" if key == "class16" else key
+        cond = {k: v[start:stop] for k, v in conds[m].items()}
+        bindings.append(Binding(handles[key], cond, ws[m], 1 / 3, null=(handles[key].expert.null_condition,), label=m))
+    return comfy_guider.ProductGuider(bindings)
+
+
+def _handles(class16: Path):
     from unite_and_conquer.samplers.comfy import models as comfy_models
+
+    experts = ed.load_experts(REPO / "models_tiny")
+    handles = {m: comfy_models.wrap_expert(e) for m, e in experts.items()}
+    handles["class16"] = comfy_models.wrap_expert(load_expert(str(class16), family="auto"))
+    return handles
+
+
+def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 250) -> ed.Result:
+    """One row: ``spec = (name, expert keys, weight, steps, corrector or None)`` on ``n`` targets."""
+    from unite_and_conquer.samplers.comfy import correctors as comfy_correctors
     from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
 
+    name, keys, w, steps, corrector = spec
     target = ed.targets(n, split, seed)
-    experts = ed.load_experts(REPO / "models_tiny")
-    conds = ed.conditions(experts, target)
-    small = load_expert(str(class16), family="auto")
-    handles = {m: comfy_models.wrap_expert(e) for m, e in experts.items()}
-    handles["class16"] = comfy_models.wrap_expert(small)
-    judges = ed.Judges()
+    handles = _handles(class16)
+    conds = ed.conditions({m: handles[m].expert for m in ed.MODALITIES}, target)
+    t0, images, evaluations = time.time(), [], steps
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        guider = _class16_guider(handles, conds, keys, w, start, stop)
+        sigmas = comfy_sampling.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0)
+        sampler = "dpmpp_2m" if corrector is None else comfy_correctors.with_corrector("dpmpp_2m", corrector)
+        if corrector is not None:
+            evaluations = correctors.run_evaluations(sigmas, corrector)
+        latent = torch.zeros(stop - start, 3, 32, 32)
+        images.append(comfy_sampling.sample(guider, latent, seed * 1000 + start, sampler, sigmas,
+                                            preview=False).clamp(-1, 1))
+    return ed.Result(name, ed._rates(ed.Judges().score(torch.cat(images), target)), time.time() - t0, evaluations)
+
+
+def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, class16: Path | None = None):
+    """The rows: all-32 px and 16 px class at ``weight`` (and the 16 px at ``extra_weights``); with
+    ``corrected``, instead the 16 px class product plain, plain at as many product evaluations as
+    the default corrector costs, and corrected by it."""
     label = ed.weight_label
-    rows = {f"class 32 px, colour 32 px, layout 32 px, w = {label(weight)}": (("class", "colour", "layout"), weight),
-            f"class 16 px (k = 2), colour 32 px, layout 32 px, w = {label(weight)}": (("class16", "colour", "layout"),
-                                                                                     weight)}
-    for w in extra_weights:
-        rows[f"class 16 px (k = 2), colour 32 px, layout 32 px, w = {label(w)}"] = (("class16", "colour", "layout"), w)
-    results = [ed.Result("real held-out canvases (judges' check)", ed._rates(judges.score(target.images, target)), 0.0)]
+    all32, small = ("class", "colour", "layout"), ("class16", "colour", "layout")
+    name16 = f"class 16 px (k = 2), colour 32 px, layout 32 px, w = {label(weight)}"
+    if not corrected:
+        return ([(f"class 32 px, colour 32 px, layout 32 px, w = {label(weight)}", all32, weight, steps, None),
+                 (name16, small, weight, steps, None)]
+                + [(f"class 16 px (k = 2), colour 32 px, layout 32 px, w = {label(w)}", small, w, steps, None)
+                   for w in extra_weights])
+    from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
+
+    config = correctors.CorrectorConfig()
+    handles = _handles(class16)
+    one = ed.conditions({m: handles[m].expert for m in ed.MODALITIES}, ed.targets(1, "npm_heldout", 0))
+    guider = _class16_guider(handles, one, small, weight, 0, 1)  # the sigmas depend only on the experts
+    evals = correctors.run_evaluations(comfy_sampling.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0), config)
+    lo, _ = config.sigma_window
+    return [(name16, small, weight, steps, None),
+            (f"{name16}, plain, {evals} steps (equal evaluations)", small, weight, evals, None),
+            (f"{name16}, {config.method} k = {config.steps} x SNR r = {config.snr:g} per level, sigma >= {lo:g} "
+             "(the default corrector)", small, weight, steps, config)]
+
+
+def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, extra_weights=(),
+                corrected: bool = False, jobs: int = 1):
+    from concurrent.futures import ProcessPoolExecutor
+
+    target = ed.targets(n, split, seed)
+    results = [ed.Result("real held-out canvases (judges' check)", ed._rates(ed.Judges().score(target.images, target)),
+                         0.0)]
     print(ed._row(results[0]), flush=True)
-    for name, (keys, w) in rows.items():
-        ws = ed.per_modality(w)
-        t0 = time.time()
-        images = []
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            bindings = []
-            for key in keys:
-                m = "class" if key == "class16" else key
-                cond = {k: v[start:stop] for k, v in conds[m].items()}
-                bindings.append(Binding(handles[key], cond, ws[m], 1 / 3, null=(handles[key].expert.null_condition,),
-                                        label=m))
-            guider = comfy_guider.ProductGuider(bindings)
-            sigmas = comfy_sampling.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0)
-            latent = torch.zeros(stop - start, 3, 32, 32)
-            images.append(comfy_sampling.sample(guider, latent, seed * 1000 + start, "dpmpp_2m", sigmas, preview=False).clamp(-1, 1))
-        results.append(ed.Result(name, ed._rates(judges.score(torch.cat(images), target)), time.time() - t0, steps))
-        print(ed._row(results[-1]), flush=True)
-    return results
+    specs = row_specs(steps, weight, extra_weights, corrected, class16)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(sample_row, specs, *zip(*[(n, split, seed, class16)] * len(specs))))
+    else:
+        rows = [sample_row(spec, n, split, seed, class16) for spec in specs]
+    for r in rows:
+        print(ed._row(r), flush=True)
+    return results + rows
 
 
 def main(argv=None):
@@ -87,7 +137,11 @@ def main(argv=None):
     p.add_argument("--extra-weights", default="",
                    help="more rows with the 16 px class expert at these weights, comma separated (as --weight)")
     p.add_argument("--class16", default=str(REPO / "models_tiny" / "tiny_class_16.safetensors"))
+    p.add_argument("--corrected", action="store_true",
+                   help="the 16 px class product plain, at equal evaluations and with the default corrector, "
+                        f"into the section '{CORRECTED_HEADING[3:]}'")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="rows sampled in parallel processes")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -99,7 +153,20 @@ def main(argv=None):
     t0 = time.time()
     extra = tuple(ed.parse_weight(w) for w in args.extra_weights.split(",") if w.strip())
     results = sample_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16),
-                          extra_weights=extra)
+                          extra_weights=extra, corrected=args.corrected, jobs=args.jobs)
+    facts = run_facts("benchmarks/eval_digits_bands.py", argv,
+                      f"{args.n} per row, split `{args.split}`, ComfyUI `dpmpp_2m` + `karras`, {args.steps} steps, "
+                      f"through `PoEGuider` (the node path's guider), seed {args.seed}", t0, torch.get_num_threads(),
+                      torch.__version__)
+    if args.corrected:
+        body = "\n".join([
+            "The product of the 16 px class expert with the 32 px colour and layout experts (previous section), "
+            "sampled plain, plain with as many product evaluations as the corrected run, and with the default "
+            "corrector (`CorrectorConfig()`, PoECorrector's defaults) through `CorrectedKSampler`. Same targets, "
+            f"noise and judges; weights {ed.weight_label(args.weight)}, reliabilities 1/3.",
+            "", *facts, "", ed.table(results), ""])
+        publish(CORRECTED_HEADING, body, not args.no_write)
+        return
     base, low = results[1].rates["all"], results[2].rates["all"]
     body = "\n".join([
         "The class expert trained on 2 x 2-pooled canvases (16 px, `tools/train_tiny.py --resolution 16 --patch 1`, "
@@ -109,10 +176,7 @@ def main(argv=None):
         "judges as the all-32 px row; weights (class, colour, layout) = "
         f"{ed.weight_label(args.weight)}, reliabilities 1/3.",
         "",
-        *run_facts("benchmarks/eval_digits_bands.py", argv,
-                   f"{args.n} per row, split `{args.split}`, ComfyUI `dpmpp_2m` + `karras`, {args.steps} steps, "
-                   f"through `PoEGuider` (the node path's guider), seed {args.seed}", t0, torch.get_num_threads(),
-                   torch.__version__),
+        *facts,
         "",
         ed.table(results),
         "",

@@ -128,3 +128,21 @@ def test_correction_beats_plain_sampling_at_equal_evaluations():
     plain, corrected = (next(r for r in results if key in r.name) for key in ("equal evaluations", "uhmc"))
     assert plain.evaluations == corrected.evaluations
     assert corrected.rates["all"] >= plain.rates["all"] + MIN_CORRECTION_GAIN, (plain.rates, corrected.rates)
+
+
+def test_the_corrected_16px_rows_compare_at_equal_evaluations():
+    """eval_digits_bands.py --corrected: the plain row gets as many steps as the corrected run has
+    product evaluations, counted from the sigmas the corrected run actually used."""
+    from unite_and_conquer.benchmarks import eval_digits_bands as bands
+    from unite_and_conquer.samplers.correctors import CorrectorConfig
+
+    ev.comfy_modules()
+    class16 = bands.REPO / "models_tiny" / "tiny_class_16.safetensors"
+    specs = bands.row_specs(6, CI_WEIGHT, corrected=True, class16=class16)
+    (_, keys, _, steps, plain), (_, _, _, equal, plain_equal), (name, _, _, corrected_steps, config) = specs
+    assert keys == ("class16", "colour", "layout") and plain is None and plain_equal is None
+    assert steps == corrected_steps == 6 and config == CorrectorConfig() and name.endswith("(the default corrector)")
+    torch.set_num_threads(1)
+    result = bands.sample_row(specs[2], 4, "heldout", 0, class16)
+    assert result.evaluations == equal > 6
+    assert set(result.rates) == {"class", "colour", "layout", "all"}
