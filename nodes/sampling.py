@@ -233,8 +233,9 @@ class PoECorrector(io.ComfyNode):
                                tooltip="With step_rule sigma2: the Langevin step as a multiple of sigma^2, one "
                                        "constant for every product. Unused with step_rule snr."),
                 *sigma_window_inputs(d.sigma_window[0], "Correction runs for sigma_min <= sigma <= sigma_max (images "
-                                                        "in [-1, 1]); never at sigma = 0. RRR skips the lowest levels, "
-                                                        "where the summed score is nearly exact.",
+                                                        "in [-1, 1]); never at sigma = 0. Trained image experts lose "
+                                                        "from correction at the lowest levels, sharp products need it "
+                                                        "down to about 0.06 (BENCHMARKS.md, 'Corrector windows').",
                                      "the correction window"),
                 io.Int.Input("leapfrog_steps", default=d.leapfrog_steps, min=1, max=100,
                              tooltip="U-HMC leapfrog steps per step."),
