@@ -68,12 +68,12 @@ def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 
     target = ed.targets(n, split, seed)
     handles = _handles(class16)
     conds = ed.conditions({m: handles[m].expert for m in ed.MODALITIES}, target)
+    sampler = "dpmpp_2m" if corrector is None else comfy_correctors.with_corrector("dpmpp_2m", corrector)
     t0, images, evaluations = time.time(), [], steps
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         guider = _class16_guider(handles, conds, keys, w, start, stop)
         sigmas = comfy_sampling.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0)
-        sampler = "dpmpp_2m" if corrector is None else comfy_correctors.with_corrector("dpmpp_2m", corrector)
         if corrector is not None:
             evaluations = correctors.run_evaluations(sigmas, corrector)
         latent = torch.zeros(stop - start, 3, 32, 32)
@@ -111,17 +111,19 @@ def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, cla
 def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, extra_weights=(),
                 corrected: bool = False, jobs: int = 1):
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
     target = ed.targets(n, split, seed)
     results = [ed.Result("real held-out canvases (judges' check)", ed._rates(ed.Judges().score(target.images, target)),
                          0.0)]
     print(ed._row(results[0]), flush=True)
     specs = row_specs(steps, weight, extra_weights, corrected, class16)
+    run = partial(sample_row, n=n, split=split, seed=seed, class16=class16)
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            rows = list(pool.map(sample_row, specs, *zip(*[(n, split, seed, class16)] * len(specs))))
+            rows = list(pool.map(run, specs))
     else:
-        rows = [sample_row(spec, n, split, seed, class16) for spec in specs]
+        rows = [run(spec) for spec in specs]
     for r in rows:
         print(ed._row(r), flush=True)
     return results + rows
