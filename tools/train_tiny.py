@@ -176,6 +176,10 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         config = {**config, "prediction": prediction}
     if variance_head:
         config = {**config, "learned_sigma": True}
+    elif config.get("learned_sigma"):
+        # Training the network itself moves the predictions its variance head was calibrated on:
+        # the head is dropped, to be trained again with --variance-head.
+        config = {**config, "learned_sigma": False}
     if resolution is not None and resolution != config.get("resolution", digits.SIZE):
         # A coarser expert starts from the full-size network's features (it is convolutional) and
         # drops its variance head, which was calibrated at the other size.

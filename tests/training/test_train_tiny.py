@@ -113,6 +113,12 @@ def test_variance_head_keeps_the_expert_exactly_and_learns_the_variance(tmp_path
     assert any(k.startswith("variance.") for k in untrained)
     with pytest.raises(ValueError, match="--variance-head trains a head on a finished expert: give it --init"):
         train_tiny.train("class", 1, 2, 0, 1e-3, 0.1, 0.9, 4, variance_head=True)
+    # Training the network further drops the head, which was calibrated on the old predictions.
+    train_tiny.main(small + ["--steps", "2", "--out", str(tmp_path / "more"), "--init", str(tmp_path / "head")])
+    more = model_loaders.load_expert(str(tmp_path / "more" / "tiny_class.safetensors"))
+    assert more.prediction == "v" and json.loads(_meta(tmp_path / "more" / "tiny_class.safetensors")["uac_config"])[
+        "learned_sigma"] is False
+    assert not any(k.startswith("variance.") for k in more.network.state_dict())
 
 
 @pytest.mark.parametrize("modality", ["class", "layout"])
