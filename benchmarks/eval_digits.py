@@ -249,13 +249,17 @@ def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2,
         evals = evaluations(steps, config, sigma_range)
         configs[f"product, w = {weight_label(w)}, plain, {evals} steps (equal evaluations)"] = Configuration(
             product(w), evals)
-        lo, hi = config.sigma_window
-        window = f"sigma >= {lo:g}" if math.isinf(hi) else f"{lo:g} <= sigma <= {hi:g}"
-        refresh = f", refresh {config.refresh:g}" if config.method == "uhmc" and config.refresh != 0.5 else ""
-        step = f"SNR r = {config.snr:g}" if config.step_rule == "snr" else f"{config.step_scale:g} sigma^2"
-        configs[f"product, w = {weight_label(w)}, {config.method} k = {config.steps} x {step} "
-                f"per level, {window}{refresh}"] = Configuration(product(w), steps, config)
+        configs[f"product, w = {weight_label(w)}, {corrector_label(config)}"] = Configuration(product(w), steps, config)
     return configs
+
+
+def corrector_label(config: correctors.CorrectorConfig) -> str:
+    """How a corrected row names its corrector, e.g. ``uhmc k = 4 x SNR r = 0.15 per level, sigma >= 0.06``."""
+    lo, hi = config.sigma_window
+    window = f"sigma >= {lo:g}" if math.isinf(hi) else f"{lo:g} <= sigma <= {hi:g}"
+    refresh = f", refresh {config.refresh:g}" if config.method == "uhmc" and config.refresh != 0.5 else ""
+    step = f"SNR r = {config.snr:g}" if config.step_rule == "snr" else f"{config.step_scale:g} sigma^2"
+    return f"{config.method} k = {config.steps} x {step} per level, {window}{refresh}"
 
 
 def comfy_modules():

@@ -101,11 +101,9 @@ def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, cla
     one = ed.conditions({m: handles[m].expert for m in ed.MODALITIES}, ed.targets(1, "npm_heldout", 0))
     guider = _class16_guider(handles, one, small, weight, 0, 1)  # the sigmas depend only on the experts
     evals = correctors.run_evaluations(comfy_sampling.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0), config)
-    lo, _ = config.sigma_window
     return [(name16, small, weight, steps, None),
             (f"{name16}, plain, {evals} steps (equal evaluations)", small, weight, evals, None),
-            (f"{name16}, {config.method} k = {config.steps} x SNR r = {config.snr:g} per level, sigma >= {lo:g} "
-             "(the default corrector)", small, weight, steps, config)]
+            (f"{name16}, {ed.corrector_label(config)} (the default corrector)", small, weight, steps, config)]
 
 
 def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, extra_weights=(),

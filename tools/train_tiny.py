@@ -189,7 +189,7 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         if init is None or variance_head:
             raise ValueError("--patch refines an --init network's patches for a coarser expert; give it --init "
                              "and leave out --variance-head")
-        config = {**config, "patch": patch, "learned_sigma": False}
+        config = {**config, "patch": patch}  # without --variance-head, learned_sigma is already off
     seed = seed * 100 + MODALITY_INDEX[modality]
     torch.manual_seed(seed)
     net = network_from_config(config)
