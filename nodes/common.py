@@ -97,7 +97,9 @@ def weight_input(default: float = 1.0) -> io.Float.Input:
 def reliability_input(default: float = 1.0) -> io.Float.Input:
     return io.Float.Input("reliability", default=default, min=0.0, max=100.0, step=0.05, round=0.0001,
                           tooltip="a_i: this binding's share of the pooled unconditional score (normalised over "
-                                  "all bindings). Sliding it blends the experts' styles. Needs a null.")
+                                  "all bindings). Sliding it blends the experts' styles. Needs a null. When the "
+                                  "weights differ, a reliability equal to the weight guides each expert against "
+                                  "its own null (README, 'Choosing reliabilities').")
 
 
 def mask_inputs() -> list[io.Input]:

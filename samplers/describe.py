@@ -9,7 +9,7 @@ import torch
 
 from . import bands
 from .correctors import CorrectorConfig, evaluations_per_level
-from .poe import Binding, needs_pooled_null, normalise_reliabilities, total_weight, unwrap
+from .poe import Binding, needs_pooled_null, normalise_reliabilities, null_coefficients, total_weight, unwrap
 
 
 def _fmt(v: Any) -> str:
@@ -58,7 +58,21 @@ def describe_rule(bindings: Sequence[Binding]) -> str:
         lines.append("  (weights sum to 1: the pooled null cancels and no null forward runs)")
     elif any(b.reliability_from_variance for b in bindings):
         lines.append("  reliabilities: a_j / Var_j[x0 | x] per pixel, from the experts' learned variances (experimental)")
+    else:
+        lines.extend(_negative_null_note(bindings))
     return "\n".join(lines)
+
+
+def _negative_null_note(bindings: Sequence[Binding]) -> list[str]:
+    """A warning when some expert's prior enters the rule with a negative net weight (``poe.null_coefficients``)."""
+    coefficients = null_coefficients(bindings)
+    negative = [(label, c) for label, c in coefficients or () if c < -1e-9]
+    if not negative or len(coefficients) < 2:
+        return []
+    listed = ", ".join(f"{label} {c:.3g}" for label, c in negative)
+    return [f"  note: net null weights w_j - (sum w - 1) a_j below 0 ({listed}) subtract those experts' priors; "
+            "reliabilities equal to the weights guide every expert against its own null (README, 'Choosing "
+            "reliabilities')"]
 
 
 def _banded_total(bindings: Sequence[Binding], grid: int = 64) -> str:

@@ -147,6 +147,40 @@ def needs_pooled_null(bindings: Sequence[Binding]) -> bool:
     return not bool(torch.isclose(total, torch.ones_like(total)).all())
 
 
+def null_coefficients(bindings: Sequence[Binding]) -> list[tuple[str, float]] | None:
+    """What each distinct null weighs once every binding is guided against its own null.
+
+    When every binding supplies a null n_i, the rule is
+    ``sum_i w_i (eps_i(c_i) - eps_i(n_i)) + sum_j (w_j - (W - 1) a_j) eps_j(n_j)`` with ``W = sum_i w_i``:
+    per-expert guidance plus a base whose coefficients sum to 1. Bindings of one expert with one
+    null share a coefficient. A negative one makes the base extrapolate away from that expert's
+    prior; ``a_j`` proportional to ``w_j`` keeps every coefficient at ``w_j / W``. Returns
+    ``(labels, coefficient)`` per distinct (expert, null), or None where the rule is not of this
+    form: a binding without a null, spatial weights or reliabilities, noise windows, reliability
+    ramps, bands, or reliabilities from variance.
+    """
+    if any(not b.null or b.banded or b.reliability_ramp is not None or b.reliability_from_variance
+           or b.sigma_window != (0.0, math.inf) or _scalar(b.weight) is None or _scalar(b.reliability) is None
+           for b in bindings):
+        return None
+    total_w = sum(_scalar(b.weight) for b in bindings)
+    total_a = sum(_scalar(b.reliability) for b in bindings)
+    if total_a <= 0:
+        return None
+    groups: list[tuple[Any, tuple[Condition, ...], list[str], float]] = []
+    for b in bindings:
+        coef = _scalar(b.weight) - (total_w - 1) * _scalar(b.reliability) / total_a
+        label = b.label or _expert_name(unwrap(b.expert))
+        for i, (expert, null, labels, c) in enumerate(groups):
+            if expert is unwrap(b.expert) and len(null) == len(b.null) and all(
+                    x is y or _same_condition(x, y) for x, y in zip(null, b.null)):
+                groups[i] = (expert, null, labels + [label], c + coef)
+                break
+        else:
+            groups.append((unwrap(b.expert), b.null, [label], coef))
+    return [(" + ".join(labels), c) for _, _, labels, c in groups]
+
+
 def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) -> None:
     """Refuse products whose rule is undefined, before any sampling starts.
 

@@ -3,6 +3,8 @@ null from ``poe.needs_pooled_null`` (the plan's own rule), a corrector's cost fr
 ``correctors.evaluations_per_level`` (what a level really evaluates)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -103,3 +105,51 @@ def test_the_corrector_description_names_method_steps_and_window():
     assert describe_corrector(correctors.CorrectorConfig()) == (
         "uhmc, 4 steps sized for signal-to-noise 0.15 per level for sigma in [0.06, inf] "
         "(+4 product evaluation(s) per level)")
+
+
+def _digits_like(reliabilities):
+    experts = [Named("class"), Named("colour"), Named("layout")]
+    return [poe.Binding(e, c(i + 1), w, a, (c(0),), label=e.name)
+            for i, (e, w, a) in enumerate(zip(experts, (4.0, 2.0, 2.0), reliabilities))]
+
+
+def test_null_coefficients_rewrite_the_rule_as_guidance_against_each_experts_own_null():
+    """sum_i w_i (eps_i - n_i) + sum_j k_j n_j equals ``combine`` on random predictions, and the k_j sum to 1."""
+    g = torch.Generator().manual_seed(0)
+    cond, null = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
+    for rel in ((1.0, 1.0, 1.0), (4.0, 2.0, 2.0), (0.2, 0.0, 0.7)):
+        bindings = _digits_like(rel)
+        k = poe.null_coefficients(bindings)
+        assert [label for label, _ in k] == ["class", "colour", "layout"]
+        assert sum(v for _, v in k) == pytest.approx(1.0)
+        ws = [b.weight for b in bindings]
+        rewritten = sum(w * (cond[i] - null[i]) + k[i][1] * null[i] for i, w in enumerate(ws))
+        product, _ = poe.combine(list(cond), ws, list(null), list(rel))
+        torch.testing.assert_close(product, rewritten, rtol=0, atol=1e-5)
+    assert [v for _, v in poe.null_coefficients(_digits_like((1.0, 1.0, 1.0)))] == pytest.approx([5 / 3, -1 / 3, -1 / 3])
+    assert [v for _, v in poe.null_coefficients(_digits_like((4.0, 2.0, 2.0)))] == pytest.approx([0.5, 0.25, 0.25])
+
+
+def test_a_negative_null_coefficient_is_named_in_the_rule_and_weights_as_reliabilities_clear_it():
+    note = [line for line in describe_rule(_digits_like((1.0, 1.0, 1.0))).splitlines() if "note:" in line]
+    assert note == ["  note: net null weights w_j - (sum w - 1) a_j below 0 (colour -0.333, layout -0.333) subtract "
+                    "those experts' priors; reliabilities equal to the weights guide every expert against its own "
+                    "null (README, 'Choosing reliabilities')"]
+    assert "note:" not in describe_rule(_digits_like((4.0, 2.0, 2.0)))
+
+
+def test_one_expert_and_one_null_shared_by_bindings_is_one_coefficient_and_no_note():
+    """Classifier-free guidance split over two bindings of one model: its null is the whole base."""
+    m = Named("M")
+    bindings = [poe.Binding(m, c(1), 5.0, 1.0, (c(0),), label="cat"), poe.Binding(m, c(2), 3.0, 0.0, (c(0),), label="hat")]
+    assert poe.null_coefficients(bindings) == [("cat + hat", pytest.approx(1.0))]
+    assert "note:" not in describe_rule(bindings)
+
+
+def test_null_coefficients_are_undefined_where_the_rule_is_not_of_that_form():
+    a, b = Named("A"), Named("B")
+    assert poe.null_coefficients([poe.Binding(a, c(1), 4.0, 1.0, (c(0),)), poe.Binding(b, c(2), 2.0, 0.0, ())]) is None
+    assert poe.null_coefficients([poe.Binding(a, c(1), 4.0 * half(True), 1.0, (c(0),)),
+                                  poe.Binding(b, c(2), 2.0, 1.0, (c(0),))]) is None
+    assert poe.null_coefficients([poe.Binding(a, c(1), 4.0, 1.0, (c(0),), sigma_window=(0.5, math.inf)),
+                                  poe.Binding(b, c(2), 2.0, 1.0, (c(0),))]) is None
