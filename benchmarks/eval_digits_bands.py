@@ -7,7 +7,8 @@
 Both rows run through the pack's ComfyUI guider (``PoEGuider``, what PoEKSampler and
 SamplerCustomAdvanced run) with ComfyUI's ``dpmpp_2m`` sampler and ``karras`` scheduler, on the
 same targets, noise and judges as ``eval_digits.py``: the all-32 px product at weights (4, 2, 2)
-and reliabilities 1/3, and the same product with the class expert replaced by one trained on
+and reliabilities 1/3 (or, with ``--reliabilities weights``, equal to the weights), and the same
+product with the class expert replaced by one trained on
 2 x 2-pooled canvases (``tools/train_tiny.py --resolution 16 --patch 1``: the 32 px network's token
 grid on the 16 px canvas), which the guider evaluates on the pooled canvas at sigma / 2 and lifts
 into the piecewise-constant images (``samplers/bands.py``).
@@ -38,15 +39,15 @@ HEADING = "## Multimodal digits: a 16 px class expert on the 32 px canvas"
 CORRECTED_HEADING = "## Multimodal digits: the 16 px class expert, MCMC-corrected"
 
 
-def _class16_guider(handles, conds, keys, w, start: int, stop: int):
+def _class16_guider(handles, conds, keys, w, start: int, stop: int, reliability: str = "equal"):
     from unite_and_conquer.samplers.comfy import guider as comfy_guider
 
-    ws = ed.per_modality(w)
+    ws, rs = ed.per_modality(w), ed.reliabilities(w, reliability)
     bindings = []
     for key in keys:
         m = "class" if key == "class16" else key
         cond = {k: v[start:stop] for k, v in conds[m].items()}
-        bindings.append(Binding(handles[key], cond, ws[m], 1 / 3, null=(handles[key].expert.null_condition,), label=m))
+        bindings.append(Binding(handles[key], cond, ws[m], rs[m], null=(handles[key].expert.null_condition,), label=m))
     return comfy_guider.ProductGuider(bindings)
 
 
@@ -59,8 +60,10 @@ def _handles(class16: Path):
     return handles
 
 
-def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 250) -> ed.Result:
-    """One row: ``spec = (name, expert keys, weight, steps, corrector or None)`` on ``n`` targets."""
+def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 250,
+               reliability: str = "equal") -> ed.Result:
+    """One row: ``spec = (name, expert keys, weight, steps, corrector or None)`` on ``n`` targets, with
+    the reliabilities ``ed.reliabilities(weight, reliability)``."""
     from unite_and_conquer.samplers.comfy import correctors as comfy_correctors
     from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
 
@@ -72,7 +75,7 @@ def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 
     t0, images, evaluations = time.time(), [], steps
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        guider = _class16_guider(handles, conds, keys, w, start, stop)
+        guider = _class16_guider(handles, conds, keys, w, start, stop, reliability)
         sigmas = comfy_sampling.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0)
         if corrector is not None:
             evaluations = correctors.run_evaluations(sigmas, corrector)
@@ -82,11 +85,16 @@ def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 
     return ed.Result(name, ed._rates(ed.Judges().score(torch.cat(images), target)), time.time() - t0, evaluations)
 
 
-def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, class16: Path | None = None):
+def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, class16: Path | None = None,
+              reliability: str = "equal"):
     """The rows: all-32 px and 16 px class at ``weight`` (and the 16 px at ``extra_weights``); with
     ``corrected``, instead the 16 px class product plain, plain at as many product evaluations as
-    the default corrector costs, and corrected by it."""
-    label = ed.weight_label
+    the default corrector costs, and corrected by it. ``reliability`` only names the rows here."""
+    ra = ed.reliability_label(reliability)
+
+    def label(w):
+        return ed.weight_label(w) + ra
+
     all32, small = ("class", "colour", "layout"), ("class16", "colour", "layout")
     name16 = f"class 16 px (k = 2), colour 32 px, layout 32 px, w = {label(weight)}"
     if not corrected:
@@ -107,7 +115,7 @@ def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, cla
 
 
 def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, extra_weights=(),
-                corrected: bool = False, jobs: int = 1):
+                corrected: bool = False, jobs: int = 1, reliability: str = "equal"):
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
@@ -115,8 +123,8 @@ def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path
     results = [ed.Result("real held-out canvases (judges' check)", ed._rates(ed.Judges().score(target.images, target)),
                          0.0)]
     print(ed._row(results[0]), flush=True)
-    specs = row_specs(steps, weight, extra_weights, corrected, class16)
-    run = partial(sample_row, n=n, split=split, seed=seed, class16=class16)
+    specs = row_specs(steps, weight, extra_weights, corrected, class16, reliability)
+    run = partial(sample_row, n=n, split=split, seed=seed, class16=class16, reliability=reliability)
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             rows = list(pool.map(run, specs))
@@ -140,6 +148,8 @@ def main(argv=None):
     p.add_argument("--corrected", action="store_true",
                    help="the 16 px class product plain, at equal evaluations and with the default corrector, "
                         f"into the section '{CORRECTED_HEADING[3:]}'")
+    p.add_argument("--reliabilities", default="equal", choices=ed.RELIABILITIES,
+                   help="the products' reliabilities: 1/3 each, or each binding's weight (eval_digits.reliabilities)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="rows sampled in parallel processes")
     p.add_argument("--no-write", action="store_true")
@@ -153,19 +163,21 @@ def main(argv=None):
     t0 = time.time()
     extra = tuple(ed.parse_weight(w) for w in args.extra_weights.split(",") if w.strip())
     results = sample_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16),
-                          extra_weights=extra, corrected=args.corrected, jobs=args.jobs)
+                          extra_weights=extra, corrected=args.corrected, jobs=args.jobs, reliability=args.reliabilities)
     facts = run_facts("benchmarks/eval_digits_bands.py", argv,
                       f"{args.n} per row, split `{args.split}`, ComfyUI `dpmpp_2m` + `karras`, {args.steps} steps, "
                       f"through `PoEGuider` (the node path's guider), seed {args.seed}", t0, torch.get_num_threads(),
                       torch.__version__)
+    reliabilities = "reliabilities 1/3" if args.reliabilities == "equal" else "reliabilities equal to the weights"
+    suffix = "" if args.reliabilities == "equal" else ", reliabilities equal to the weights"
     if args.corrected:
         body = "\n".join([
             "The product of the 16 px class expert with the 32 px colour and layout experts (previous section), "
             "sampled plain, plain with as many product evaluations as the corrected run, and with the default "
             "corrector (`CorrectorConfig()`, PoECorrector's defaults) through `CorrectedKSampler`. Same targets, "
-            f"noise and judges; weights {ed.weight_label(args.weight)}, reliabilities 1/3.",
+            f"noise and judges; weights {ed.weight_label(args.weight)}, {reliabilities}.",
             "", *facts, "", ed.table(results), ""])
-        publish(CORRECTED_HEADING, body, not args.no_write)
+        publish(CORRECTED_HEADING + suffix, body, not args.no_write)
         return
     base, low = results[1].rates["all"], results[2].rates["all"]
     body = "\n".join([
@@ -174,7 +186,7 @@ def main(argv=None):
         "product with the 32 px colour and layout experts: the guider runs it on the pooled canvas at sigma / 2 and "
         "lifts its prediction into the piecewise-constant images (`samplers/bands.py`). Same targets, noise and "
         "judges as the all-32 px row; weights (class, colour, layout) = "
-        f"{ed.weight_label(args.weight)}, reliabilities 1/3.",
+        f"{ed.weight_label(args.weight)}, {reliabilities}.",
         "",
         *facts,
         "",
@@ -184,7 +196,7 @@ def main(argv=None):
         f"{low / base:.3f}" if base else "",
         "",
     ])
-    publish(HEADING, body, not args.no_write)
+    publish(HEADING + suffix, body, not args.no_write)
 
 
 if __name__ == "__main__":

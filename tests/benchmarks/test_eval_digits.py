@@ -89,6 +89,25 @@ def test_weights_parse_per_modality():
         ev.parse_weight("4/2")
 
 
+def test_reliabilities_equal_to_the_weights_guide_each_expert_against_its_own_null():
+    """--reliabilities weights: the null coefficients w_j - (sum w - 1) a_j become w_j / sum w (all
+    positive); with 1/3 each the colour and layout priors enter at -1/3."""
+    from unite_and_conquer.samplers import poe
+
+    experts = {m: type("Expert", (), {"null_condition": {"c": torch.ones(1)}})() for m in ev.MODALITIES}
+    conds = {m: {"c": torch.zeros(1)} for m in ev.MODALITIES}
+    weighted = ev.product_bindings(experts, conds, CI_WEIGHT, reliability="weights")
+    assert [b.reliability for b in weighted] == list(CI_WEIGHT)
+    assert [k for _, k in poe.null_coefficients(weighted)] == pytest.approx([0.5, 0.25, 0.25])
+    equal = ev.product_bindings(experts, conds, CI_WEIGHT)
+    assert [k for _, k in poe.null_coefficients(equal)] == pytest.approx([5 / 3, -1 / 3, -1 / 3])
+    names = ev.configuration_names(CI_STEPS, (CI_WEIGHT,), None, reliability="weights")
+    assert "product, w = (4, 2, 2), a = w" in names
+    with pytest.raises(ValueError, match=re.escape("unknown reliabilities 'pooled'; expected one of "
+                                                   "('equal', 'weights')")):
+        ev.reliabilities(CI_WEIGHT, "pooled")
+
+
 def test_product_beats_every_single_expert():
     """300 samples, seed 0, dpmpp_2m with CI_STEPS steps, each expert alone (w = 1) and the product
     at CI_WEIGHT (class/colour/layout).
