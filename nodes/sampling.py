@@ -233,9 +233,10 @@ class PoECorrector(io.ComfyNode):
                                tooltip="With step_rule sigma2: the Langevin step as a multiple of sigma^2, one "
                                        "constant for every product. Unused with step_rule snr."),
                 *sigma_window_inputs(d.sigma_window[0], "Correction runs for sigma_min <= sigma <= sigma_max (images "
-                                                        "in [-1, 1]); never at sigma = 0. Trained image experts lose "
-                                                        "from correction at the lowest levels, sharp products need it "
-                                                        "down to about 0.06 (BENCHMARKS.md, 'Corrector windows').",
+                                                        "in [-1, 1]); never at sigma = 0. Sharp products need it "
+                                                        "down to about 0.06 (BENCHMARKS.md, 'Corrector windows'); "
+                                                        "the digit experts lost there only while some null "
+                                                        "coefficient was negative (README, 'Choosing reliabilities').",
                                      "the correction window"),
                 io.Int.Input("leapfrog_steps", default=d.leapfrog_steps, min=1, max=100,
                              tooltip="U-HMC leapfrog steps per step."),

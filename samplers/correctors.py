@@ -56,9 +56,11 @@ class CorrectorConfig:
         sigma_window (`tuple[float, float]`, defaults to ``(0.06, inf)``): correction runs at the
             levels lo <= sigma <= hi; never at sigma = 0. RRR skips the lowest levels, where the
             summed score is already nearly exact. The default's 0.06 is measured (BENCHMARKS.md,
-            "Corrector windows"): the trained digit experts lose from correction below sigma 0.3,
-            most at the last levels below 0.1, while the sharpest analytic product needs the
-            levels down to about 0.06.
+            "Corrector windows"): the sharpest analytic product needs the levels down to about
+            0.06. The digit experts lost from correction below sigma 0.3 only while the rule's
+            null coefficients (``poe.null_coefficients``) were negative; with reliabilities equal
+            to the weights, correcting only those levels no longer loses ("Reliabilities and the
+            corrector"), though the digits still gain most above 0.3.
         leapfrog_steps (`int`, defaults to 1): U-HMC leapfrog steps per corrector step.
         refresh (`float`, defaults to 0.5): U-HMC momentum refresh per corrector step,
             ``v <- sqrt(1 - refresh) v + sqrt(refresh) z``; 1 is a full refresh (plain HMC
