@@ -66,7 +66,8 @@ def describe_rule(bindings: Sequence[Binding]) -> str:
 def _negative_null_note(bindings: Sequence[Binding]) -> list[str]:
     """A warning when some expert's prior enters the rule with a negative net weight (``poe.null_coefficients``)."""
     coefficients = null_coefficients(bindings)
-    negative = [(label, c) for label, c in coefficients or () if c < -1e-9]
+    # Not at rounding level: the paper's reliabilities 5/9 and 4/9, typed as 0.5556 and 0.4444, leave k = -0.0004.
+    negative = [(label, c) for label, c in coefficients or () if c < -0.01]
     if not negative or len(coefficients) < 2:
         return []
     listed = ", ".join(f"{label} {c:.3g}" for label, c in negative)

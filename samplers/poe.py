@@ -155,18 +155,20 @@ def null_coefficients(bindings: Sequence[Binding]) -> list[tuple[str, float]] | 
     per-expert guidance plus a base whose coefficients sum to 1. Bindings of one expert with one
     null share a coefficient. A negative one makes the base extrapolate away from that expert's
     prior; ``a_j`` proportional to ``w_j`` keeps every coefficient at ``w_j / W``. Returns
-    ``(labels, coefficient)`` per distinct (expert, null), or None where the rule is not of this
-    form: a binding without a null, spatial weights or reliabilities, noise windows, reliability
-    ramps, bands, or reliabilities from variance.
+    ``(labels, coefficient)`` per distinct (expert, null), or None where this reading does not
+    apply: a binding without a null in the pool (no null, or reliability 0: guidance against
+    another expert's null, as with a prior expert), a weight of 0 or below (a prior-only binding,
+    negation), spatial weights or reliabilities, noise windows, reliability ramps, bands, or
+    reliabilities from variance.
     """
     if any(not b.null or b.banded or b.reliability_ramp is not None or b.reliability_from_variance
            or b.sigma_window != (0.0, math.inf) or _scalar(b.weight) is None or _scalar(b.reliability) is None
            for b in bindings):
         return None
+    if any(_scalar(b.weight) <= 0 or _scalar(b.reliability) <= 0 for b in bindings):
+        return None
     total_w = sum(_scalar(b.weight) for b in bindings)
     total_a = sum(_scalar(b.reliability) for b in bindings)
-    if total_a <= 0:
-        return None
     groups: list[tuple[Any, tuple[Condition, ...], list[str], float]] = []
     for b in bindings:
         coef = _scalar(b.weight) - (total_w - 1) * _scalar(b.reliability) / total_a

@@ -117,7 +117,7 @@ def test_null_coefficients_rewrite_the_rule_as_guidance_against_each_experts_own
     """sum_i w_i (eps_i - n_i) + sum_j k_j n_j equals ``combine`` on random predictions, and the k_j sum to 1."""
     g = torch.Generator().manual_seed(0)
     cond, null = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
-    for rel in ((1.0, 1.0, 1.0), (4.0, 2.0, 2.0), (0.2, 0.0, 0.7)):
+    for rel in ((1.0, 1.0, 1.0), (4.0, 2.0, 2.0), (0.2, 0.1, 0.7)):
         bindings = _digits_like(rel)
         k = poe.null_coefficients(bindings)
         assert [label for label, _ in k] == ["class", "colour", "layout"]
@@ -136,19 +136,30 @@ def test_a_negative_null_coefficient_is_named_in_the_rule_and_weights_as_reliabi
                     "those experts' priors; reliabilities equal to the weights guide every expert against its own "
                     "null (README, 'Choosing reliabilities')"]
     assert "note:" not in describe_rule(_digits_like((4.0, 2.0, 2.0)))
+    a, b = Named("ADM"), Named("GLIDE")
+    paper = [poe.Binding(a, c(1), 5.0, 0.5556, (c(0),)), poe.Binding(b, c(2), 5.0, 0.4444, (c(0),))]
+    assert poe.null_coefficients(paper)[0][1] == pytest.approx(-0.0004, abs=1e-6)
+    assert "note:" not in describe_rule(paper)
 
 
 def test_one_expert_and_one_null_shared_by_bindings_is_one_coefficient_and_no_note():
     """Classifier-free guidance split over two bindings of one model: its null is the whole base."""
     m = Named("M")
-    bindings = [poe.Binding(m, c(1), 5.0, 1.0, (c(0),), label="cat"), poe.Binding(m, c(2), 3.0, 0.0, (c(0),), label="hat")]
+    bindings = [poe.Binding(m, c(1), 5.0, 1.0, (c(0),), label="cat"), poe.Binding(m, c(2), 3.0, 1.0, (c(0),), label="hat")]
     assert poe.null_coefficients(bindings) == [("cat + hat", pytest.approx(1.0))]
     assert "note:" not in describe_rule(bindings)
 
 
 def test_null_coefficients_are_undefined_where_the_rule_is_not_of_that_form():
+    """Also where a binding's own null is not in the pool: a prior expert's workflow (class w = 3 with
+    reliability 0, prior w = 0) is classifier-free guidance against another model's null, and says nothing."""
     a, b = Named("A"), Named("B")
     assert poe.null_coefficients([poe.Binding(a, c(1), 4.0, 1.0, (c(0),)), poe.Binding(b, c(2), 2.0, 0.0, ())]) is None
+    prior_expert = [poe.Binding(a, c(3), 3.0, 0.0, (c(0),), label="class"),
+                    poe.Binding(b, c(0), 0.0, 1.0, (c(0),), label="prior")]
+    assert poe.null_coefficients(prior_expert) is None and "note:" not in describe_rule(prior_expert)
+    negation = [poe.Binding(a, c(1), 3.0, 1.0, (c(0),)), poe.Binding(b, c(2), -1.0, 1.0, (c(0),))]
+    assert poe.null_coefficients(negation) is None
     assert poe.null_coefficients([poe.Binding(a, c(1), 4.0 * half(True), 1.0, (c(0),)),
                                   poe.Binding(b, c(2), 2.0, 1.0, (c(0),))]) is None
     assert poe.null_coefficients([poe.Binding(a, c(1), 4.0, 1.0, (c(0),), sigma_window=(0.5, math.inf)),
