@@ -172,7 +172,8 @@ def main(argv=None):
     suffix = "" if args.reliabilities == "equal" else ", reliabilities equal to the weights"
     if args.corrected:
         body = "\n".join([
-            "The product of the 16 px class expert with the 32 px colour and layout experts (previous section), "
+            "The product of the 16 px class expert with the 32 px colour and layout experts (section "
+            f"'{HEADING[3:]}'), "
             "sampled plain, plain with as many product evaluations as the corrected run, and with the default "
             "corrector (`CorrectorConfig()`, PoECorrector's defaults) through `CorrectedKSampler`. Same targets, "
             f"noise and judges; weights {ed.weight_label(args.weight)}, {reliabilities}.",
