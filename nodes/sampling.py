@@ -235,8 +235,8 @@ class PoECorrector(io.ComfyNode):
                 *sigma_window_inputs(d.sigma_window[0], "Correction runs for sigma_min <= sigma <= sigma_max (images "
                                                         "in [-1, 1]); never at sigma = 0. Sharp products need it "
                                                         "down to about 0.06 (BENCHMARKS.md, 'Corrector windows'); "
-                                                        "the digit experts lost there only while some null "
-                                                        "coefficient was negative (README, 'Choosing reliabilities').",
+                                                        "image experts lose less there with reliabilities "
+                                                        "equal to the weights (README, 'Choosing reliabilities').",
                                      "the correction window"),
                 io.Int.Input("leapfrog_steps", default=d.leapfrog_steps, min=1, max=100,
                              tooltip="U-HMC leapfrog steps per step."),
