@@ -6,9 +6,10 @@
 
 Both rows run through the pack's ComfyUI guider (``PoEGuider``, what PoEKSampler and
 SamplerCustomAdvanced run) with ComfyUI's ``dpmpp_2m`` sampler and ``karras`` scheduler, on the
-same targets, noise and judges as ``eval_digits.py``: the all-32 px product at weights (4, 2, 2)
-and reliabilities 1/3 (or, with ``--reliabilities weights``, equal to the weights), and the same
-product with the class expert replaced by one trained on 2 x 2-pooled canvases
+same targets and judges as ``eval_digits.py`` (the noise is ComfyUI's, from seed * 1000 + the first
+target of each chunk, so the rows here share it with each other, not with ``eval_digits.py``): the
+all-32 px product at weights (4, 2, 2) and reliabilities 1/3 (or, with ``--reliabilities weights``,
+equal to the weights), and the same product with the class expert replaced by one trained on 2 x 2-pooled canvases
 (``tools/train_tiny.py --resolution 16 --patch 1``: the 32 px network's token grid on the 16 px
 canvas), which the guider evaluates on the pooled canvas at sigma / 2 and lifts into the
 piecewise-constant images (``samplers/bands.py``).
