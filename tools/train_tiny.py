@@ -181,9 +181,12 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         # the head is dropped, to be trained again with --variance-head.
         config = {**config, "learned_sigma": False}
     if resolution is not None and resolution != config.get("resolution", digits.SIZE):
-        # A coarser expert starts from the full-size network's features (it is convolutional) and
-        # drops its variance head, which was calibrated at the other size.
-        config = {**config, "resolution": resolution, "learned_sigma": False}
+        # A coarser expert starts from the full-size network's features (it is convolutional); its
+        # variance head, calibrated at the other size, is dropped above like any retrained network's.
+        if variance_head:
+            raise ValueError(f"--variance-head trains a head for a finished expert at its own size; train the "
+                             f"{resolution} px network first, then its head with --init on that file")
+        config = {**config, "resolution": resolution}
     init_patch = int(config.get("patch", 1))
     if patch is not None:
         if init is None or variance_head:

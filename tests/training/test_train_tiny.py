@@ -119,6 +119,15 @@ def test_variance_head_keeps_the_expert_exactly_and_learns_the_variance(tmp_path
     assert more.prediction == "v" and json.loads(_meta(tmp_path / "more" / "tiny_class.safetensors")["uac_config"])[
         "learned_sigma"] is False
     assert not any(k.startswith("variance.") for k in more.network.state_dict())
+    # So does a coarser expert started from it; its head is trained afterwards, at its own size.
+    train_tiny.main(small + ["--steps", "1", "--out", str(tmp_path / "half"), "--init", str(tmp_path / "head"),
+                             "--resolution", "16"])
+    half = json.loads(_meta(tmp_path / "half" / "tiny_class.safetensors")["uac_config"])
+    assert (half["resolution"], half["learned_sigma"]) == (16, False)
+    with pytest.raises(ValueError, match="--variance-head trains a head for a finished expert at its own size; "
+                                         "train the 16 px network first, then its head with --init on that file"):
+        train_tiny.train("class", 1, 2, 0, 1e-3, 0.1, 0.9, 4, init=tmp_path / "head" / "tiny_class.safetensors",
+                         variance_head=True, resolution=16)
 
 
 @pytest.mark.parametrize("modality", ["class", "layout"])
