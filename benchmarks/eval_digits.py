@@ -241,7 +241,13 @@ def reliabilities(w: Weight, mode: str = "equal") -> dict[str, float]:
 
 
 def reliability_label(mode: str) -> str:
+    """What a row name adds for ``mode``."""
     return "" if mode == "equal" else ", a = w"
+
+
+def reliability_heading(mode: str) -> str:
+    """What a BENCHMARKS.md heading adds for ``mode``, so each mode's table has its own section."""
+    return "" if mode == "equal" else ", reliabilities equal to the weights"
 
 
 def product_bindings(experts: dict[str, Expert], conds, w: Weight, from_variance: bool = False,
@@ -495,8 +501,7 @@ def main(argv=None):
         only = tuple(name for name in configuration_names(args.steps, weights, corrected,
                                                           reliability=args.reliabilities) if name.startswith(prefix))
         heading = "## Multimodal digits: MCMC-corrected through the node path"
-    if args.reliabilities != "equal":
-        heading += ", reliabilities equal to the weights"
+    heading += reliability_heading(args.reliabilities)
     t0 = time.time()
     if args.jobs > 1:
         results = evaluate_parallel(args.jobs, args.n, args.split, args.steps, args.sampler, args.seed, weights,

@@ -170,7 +170,7 @@ def main(argv=None):
                       f"through `PoEGuider` (the node path's guider), seed {args.seed}", t0, torch.get_num_threads(),
                       torch.__version__)
     reliabilities = "reliabilities 1/3" if args.reliabilities == "equal" else "reliabilities equal to the weights"
-    suffix = "" if args.reliabilities == "equal" else ", reliabilities equal to the weights"
+    suffix = ed.reliability_heading(args.reliabilities)
     if args.corrected:
         body = "\n".join([
             "The product of the 16 px class expert with the 32 px colour and layout experts (section "
