@@ -157,11 +157,17 @@ def x0_nll(x0: torch.Tensor, x0_pred: torch.Tensor, values: torch.Tensor, t: tor
 def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: float, ema_decay: float,
           pool: int, log_every: int = 50, init: Path | None = None, min_snr: float = 0.0,
           checkpoint=None, checkpoint_every: int = 0, prediction: str | None = None,
-          variance_head: bool = False, resolution: int | None = None, patch: int | None = None):
+          variance_head: bool = False, resolution: int | None = None, patch: int | None = None,
+          widths: list[int] | None = None):
     """Train one expert; with ``variance_head``, only a learned-variance head on the frozen ``init``
     network (its predictions stay exactly those of ``init``); with ``patch`` below the ``init``
-    network's, from its weights rewritten by :func:`refine_patches`."""
+    network's, from its weights rewritten by :func:`refine_patches`; with ``widths``, a new network
+    of those level widths instead of the shipped config's."""
     config = default_config(modality)
+    if widths is not None:
+        if init is not None:
+            raise ValueError("--widths sets the levels of a new network; an --init network keeps its own")
+        config = {**config, "widths": list(widths)}
     if init is not None:
         # A later stage keeps the earlier run's architecture and prediction target.
         from safetensors import safe_open
@@ -295,6 +301,9 @@ def main(argv=None):
     p.add_argument("--patch", type=int, default=None,
                    help="pixel patch side of the network (a divisor of the --init network's; its weights are "
                         "rewritten by refine_patches); default: the --init file's")
+    p.add_argument("--widths", type=int, nargs="+", default=None,
+                   help="channels per level of a new network (default: the shipped config's 16 32 64); "
+                        "not with --init")
     p.add_argument("--name", default=None, help="file stem to write (default tiny_<modality>)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -318,7 +327,8 @@ def main(argv=None):
                                      f"prediction={config.get('prediction', 'eps')} split={modality}"
                                      + (" variance_head=x0_nll" if args.variance_head else "")
                                      + (f" resolution={args.resolution}" if args.resolution else "")
-                                     + (f" patch={args.patch}" if args.patch else "")}
+                                     + (f" patch={args.patch}" if args.patch else "")
+                                     + (f" widths={'/'.join(map(str, args.widths))}" if args.widths else "")}
             tmp = path.with_suffix(".tmp")
             save(net, config, tmp, torch.float32 if args.fp32 else torch.float16, extra)
             tmp.replace(path)
@@ -326,7 +336,7 @@ def main(argv=None):
         net, config = train(modality, args.steps, args.batch, args.seed, args.lr, args.dropout, args.ema, args.pool,
                             init=init, min_snr=args.min_snr, checkpoint=write, checkpoint_every=args.checkpoint_every,
                             prediction=args.prediction, variance_head=args.variance_head,
-                            resolution=args.resolution, patch=args.patch)
+                            resolution=args.resolution, patch=args.patch, widths=args.widths)
         write(net, config, args.steps)
         print(f"[{modality}] wrote {path} in {(time.time() - t0) / 60:.1f} min", flush=True)
 
