@@ -65,6 +65,8 @@ class ModelExpert:
     conditionings: list = field(default_factory=list)
     prepared: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    # The staged index tensor of the last call and its rows read on the host (see conditioning_rows).
+    _rows: tuple | None = field(default=None, repr=False)
 
     @property
     def model(self):
@@ -123,6 +125,7 @@ class ModelExpert:
         conds = comfy.samplers.process_conds(self.model, noise, conds, device, latent_image, denoise_mask, seed)
         self.options["transformer_options"]["sample_sigmas"] = sigmas
         self.prepared = [conds[f"c{i}"] for i in range(len(self.conditionings))]
+        self._rows = None
 
     def finish(self) -> None:
         try:
@@ -131,11 +134,20 @@ class ModelExpert:
             self.patcher.restore_hook_patches()
             comfy.sampler_helpers.cleanup_models({f"c{i}": c for i, c in enumerate(self.prepared)}, [])
             self.prepared = []
+            self._rows = None
+
+    def conditioning_rows(self, index: torch.Tensor, batch: int) -> list[int]:
+        """Which CONDITIONING each batch of rows asks for. The guider stages the index tensor on the
+        device once per run, so it is read back (a host sync) once per run, not at every step; the
+        tensor is kept with its rows, so a later tensor at the same address is never mistaken for it."""
+        if self._rows is None or self._rows[0] is not index:
+            self._rows = (index, index[::batch, 0].tolist())
+        return self._rows[1]
 
     def forward(self, x_rows: torch.Tensor, sigma_rows: torch.Tensor, stacked: dict, batch: int) -> torch.Tensor:
         """The denoised rows of ``run_plan``'s batched call: one ``calc_cond_batch`` over every
         requested CONDITIONING, at the model's own level and input."""
-        index = stacked[COND_KEY][::batch, 0].tolist()
+        index = self.conditioning_rows(stacked[COND_KEY], batch)
         x = x_rows[:batch]
         sigma = sigma_rows[:batch] if sigma_rows.ndim else sigma_rows.expand(batch)
         x_m, level = par.to_model_frame(self.frame, x, sigma)

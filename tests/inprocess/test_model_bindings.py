@@ -155,3 +155,12 @@ def test_node_refuses_reliability_without_negative_and_chains():
     sd15 = gaussian_model("eps", latent_format=comfy.latent_formats.SD15)
     with pytest.raises(ValueError, match="^PoEBindModel: input 'experts': binding 0"):
         node.execute(sd15, conditioning(0, 1), 1.0, 0.0, experts=out)
+
+
+def test_the_conditioning_rows_are_read_once_per_staged_index_tensor():
+    e = cm.ModelExpert(patcher=None, name="m")
+    staged = torch.tensor([[0], [0], [2], [2], [1], [1]])
+    assert e.conditioning_rows(staged, 2) == [0, 2, 1]
+    staged[2, 0] = 5                     # never done to a staged tensor: shows the rows are not read again
+    assert e.conditioning_rows(staged, 2) == [0, 2, 1]
+    assert e.conditioning_rows(torch.tensor([[1], [0]]), 1) == [1, 0]   # another tensor is read
