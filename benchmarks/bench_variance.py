@@ -211,9 +211,8 @@ def _digit_row(spec):
     t0 = time.time()
     out = ed.sample(ed.product_bindings(experts, conds, w, from_variance), n, steps, "dpmpp_2m", seed,
                     ed.common_range(experts))
-    rates = ed._rates(ed.Judges().score(out, target))
     name = f"product, w = {ed.weight_label(w)}, " + ("reliability from variance" if from_variance else "a = 1/3 each")
-    return ed.Result(name, rates, time.time() - t0, steps)
+    return ed.scored(name, out, target, ed.Judges(), time.time() - t0, steps)
 
 
 def digits_section(n: int, steps: int, weights, jobs: int, command: str) -> str:

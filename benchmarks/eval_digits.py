@@ -372,6 +372,32 @@ class Result:
     rates: dict[str, float]
     seconds: float
     evaluations: int = 0
+    class_by: dict[str, float] = dataclasses.field(default_factory=dict)   # :func:`class_breakdown`
+
+
+# Bands of the target box's height in pixels (digits.MIN_HEIGHT to MAX_HEIGHT): where the class is lost.
+HEIGHT_BANDS = ((12, 15), (15, 18), (18, 21), (21, 25))
+
+
+def class_breakdown(ok_class: torch.Tensor, target: digits.Batch) -> dict[str, float]:
+    """The class rate per band of the target box's height and per digit: a product that fails the
+    class mostly on small boxes or on one digit is limited by the class expert, not the rule."""
+    heights = (target.layout[:, 0] > 0.5).any(2).sum(1)
+    out = {}
+    for lo, hi in HEIGHT_BANDS:
+        m = (heights >= lo) & (heights < hi)
+        out[f"{lo}-{hi - 1} px"] = float(ok_class[m].float().mean()) if m.any() else math.nan
+    for k in range(10):
+        m = target.label == k
+        out[str(k)] = float(ok_class[m].float().mean()) if m.any() else math.nan
+    return out
+
+
+def scored(name: str, images: torch.Tensor, target: digits.Batch, judges: Judges, seconds: float = 0.0,
+           evaluations: int = 0) -> Result:
+    """A table row: the judges' rates of ``images`` on ``target`` and the class rate's breakdown."""
+    ok = judges.score(images, target)
+    return Result(name, _rates(ok), seconds, evaluations, class_breakdown(ok["class"], target))
 
 
 def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler: str = "dpmpp_2m",
@@ -385,14 +411,14 @@ def evaluate(n: int = 1000, split: str = "npm_heldout", steps: int = 30, sampler
     judges = Judges()
     conds = conditions(experts, target)
     common = common_range(experts)
-    results = [Result("real held-out canvases (judges' check)", _rates(judges.score(target.images, target)), 0.0)]
+    results = [scored("real held-out canvases (judges' check)", target.images, target, judges)]
     log(_row(results[0]))
     for name, config in configurations(experts, conds, steps, weights, corrected, common, reliability).items():
         if only is not None and name not in only:
             continue
         t0 = time.time()
         images_out = sample(config.bindings, n, config.steps, sampler, seed, common, config.corrector)
-        results.append(Result(name, _rates(judges.score(images_out, target)), time.time() - t0,
+        results.append(scored(name, images_out, target, judges, time.time() - t0,
                               evaluations(config.steps, config.corrector, common)))
         log(_row(results[-1]))
     return results, target
@@ -444,9 +470,17 @@ def _row(r: Result) -> str:
 
 
 def table(results: list[Result]) -> str:
+    """The rates, then the class rate per target box height and per digit (:func:`class_breakdown`)."""
     head = ("| configuration | class | colour | layout | all three | product evaluations | seconds |\n"
             "|---|---|---|---|---|---|---|")
-    return "\n".join([head] + [_row(r) for r in results])
+    rates = "\n".join([head] + [_row(r) for r in results])
+    keys = list(results[0].class_by)
+    if not keys:
+        return rates
+    by = ["| class rate of | " + " | ".join(f"box {k}" if k.endswith("px") else f"digit {k}" for k in keys) + " |",
+          "|---|" + "---|" * len(keys)]
+    by += [f"| {r.name} | " + " | ".join(f"{r.class_by[k]:.2f}" for k in keys) + " |" for r in results]
+    return rates + "\n\n" + "\n".join(by)
 
 
 def main(argv=None):

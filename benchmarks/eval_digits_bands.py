@@ -83,7 +83,7 @@ def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 
         latent = torch.zeros(stop - start, 3, 32, 32)
         images.append(comfy_sampling.sample(guider, latent, seed * 1000 + start, sampler, sigmas,
                                             preview=False).clamp(-1, 1))
-    return ed.Result(name, ed._rates(ed.Judges().score(torch.cat(images), target)), time.time() - t0, evaluations)
+    return ed.scored(name, torch.cat(images), target, ed.Judges(), time.time() - t0, evaluations)
 
 
 def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, class16: Path | None = None,
@@ -121,8 +121,7 @@ def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path
     from functools import partial
 
     target = ed.targets(n, split, seed)
-    results = [ed.Result("real held-out canvases (judges' check)", ed._rates(ed.Judges().score(target.images, target)),
-                         0.0)]
+    results = [ed.scored("real held-out canvases (judges' check)", target.images, target, ed.Judges())]
     print(ed._row(results[0]), flush=True)
     specs = row_specs(steps, weight, extra_weights, corrected, class16, reliability)
     run = partial(sample_row, n=n, split=split, seed=seed, class16=class16, reliability=reliability)

@@ -31,6 +31,23 @@ def test_judges_agree_with_real_held_out_canvases():
     assert rates["class"] >= 0.97          # 0.992 observed: the judge's own error on real digits
 
 
+def test_class_breakdown_splits_the_class_rate_by_box_height_and_digit():
+    images, labels = digits.split("heldout")
+    target = digits.make_canvases(images, labels, 40, seed=7)
+    heights = (target.layout[:, 0] > 0.5).any(2).sum(1)
+    ok = (heights >= 18) | (target.label == 3)          # right on every large box and on every 3
+    by = ev.class_breakdown(ok, target)
+    assert list(by) == ["12-14 px", "15-17 px", "18-20 px", "21-24 px"] + [str(k) for k in range(10)]
+    assert by["18-20 px"] == by["21-24 px"] == by["3"] == 1.0
+    small = heights < 15
+    assert by["12-14 px"] == pytest.approx(float((target.label[small] == 3).float().mean()))
+    row = ev.scored("real", target.images, target, ev.Judges())
+    assert row.rates["colour"] == 1.0 and set(row.class_by) == set(by)
+    text = ev.table([row])
+    assert "| class rate of | box 12-14 px | box 15-17 px | box 18-20 px | box 21-24 px | digit 0 |" in text
+    assert text.count("\n| real | ") == 2
+
+
 def test_splits_are_disjoint_and_sized():
     seen = {}
     for name in digits.SPLITS:
