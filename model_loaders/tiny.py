@@ -16,7 +16,8 @@ A safetensors file whose metadata holds ``uac_family = "tiny"`` and ``uac_config
 object with these fields:
 
     modality (`str`): ``class``, ``colour`` or ``layout``.
-    widths (`list[int]`): channels of the three levels, e.g. ``[32, 64, 64]``.
+    widths (`list[int]`): channels per level, the first at 32 / patch pixels and each next one at half
+        that, e.g. ``[16, 32, 64]`` (the shipped three levels).
     res_blocks (`int`): residual blocks per level on the way down (one more on the way up).
     attention (`bool`): one self-attention block at the lowest resolution.
     vocabulary (`list[str]`): the colour words, index order (colour expert only).
@@ -137,11 +138,12 @@ def iddpm_values(log_x0_variance: torch.Tensor, t: torch.Tensor, alphas_cumprod:
 
 
 class TinyUNet(nn.Module):
-    """A three-level UNet over 32 x 32 canvases with one condition path.
+    """A small UNet (three levels in the shipped experts) over 32 x 32 canvases with one condition path.
 
     Args:
         modality (`str`): which condition the network takes (see the module docstring).
-        widths (`tuple[int, int, int]`): channels of the three levels (32 / patch pixels and halvings).
+        widths (`tuple[int, ...]`): channels per level (32 / patch pixels and halvings; three in the
+            shipped experts).
         res_blocks (`int`): residual blocks per level going down; going up each level has one more.
         attention (`bool`): self-attention after each block of the lowest level.
         vocabulary_size (`int`): number of colour words (colour modality).

@@ -161,8 +161,8 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
           widths: list[int] | None = None):
     """Train one expert; with ``variance_head``, only a learned-variance head on the frozen ``init``
     network (its predictions stay exactly those of ``init``); with ``patch`` below the ``init``
-    network's, from its weights rewritten by :func:`refine_patches`; with ``widths``, a new network
-    of those level widths instead of the shipped config's."""
+    network's, from its weights rewritten by :func:`refine_patches`; without ``init``, ``widths`` and
+    ``patch`` set a new network's level widths and patch instead of the shipped config's."""
     config = default_config(modality)
     if widths is not None:
         if init is not None:
@@ -195,9 +195,11 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
         config = {**config, "resolution": resolution}
     init_patch = int(config.get("patch", 1))
     if patch is not None:
-        if init is None or variance_head:
-            raise ValueError("--patch refines an --init network's patches for a coarser expert; give it --init "
-                             "and leave out --variance-head")
+        if variance_head:
+            raise ValueError("--patch changes the network, and --variance-head trains a head on a finished one; "
+                             "train the network at its new patch first, then its head with --init on that file")
+        if int(config.get("resolution", digits.SIZE)) % patch:
+            raise ValueError(f"--patch must divide the canvas side {config.get('resolution', digits.SIZE)}, got {patch}")
         config = {**config, "patch": patch}  # without --variance-head, learned_sigma is already off
     seed = seed * 100 + MODALITY_INDEX[modality]
     torch.manual_seed(seed)
@@ -299,8 +301,8 @@ def main(argv=None):
                    help="canvas side the expert is trained at (a divisor of 32: the canvases are average-pooled); "
                         "default: the --init file's, or 32")
     p.add_argument("--patch", type=int, default=None,
-                   help="pixel patch side of the network (a divisor of the --init network's; its weights are "
-                        "rewritten by refine_patches); default: the --init file's")
+                   help="pixel patch side of the network: of a new one, or a divisor of the --init network's (its "
+                        "weights are rewritten by refine_patches); default: the --init file's, or the shipped 2")
     p.add_argument("--widths", type=int, nargs="+", default=None,
                    help="channels per level of a new network (default: the shipped config's 16 32 64); "
                         "not with --init")

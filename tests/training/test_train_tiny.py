@@ -169,19 +169,23 @@ def test_a_coarser_expert_can_keep_the_full_size_token_grid(tmp_path):
     expert = model_loaders.load_expert(str(path))
     out = expert.eps(torch.zeros(1, 3, 16, 16), torch.tensor([500.0]), expert.encode("class", 3))
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
-    with pytest.raises(ValueError, match=r"--patch refines an --init network's patches"):
-        train_tiny.main(small + ["--out", str(tmp_path / "x"), "--patch", "1"])
+    with pytest.raises(ValueError, match=r"--patch changes the network, and --variance-head trains a head"):
+        train_tiny.main(small + ["--out", str(tmp_path / "x"), "--init", str(tmp_path / "full"), "--patch", "1",
+                                 "--variance-head"])
 
 
-def test_a_new_network_takes_its_own_level_widths(tmp_path):
+def test_a_new_network_takes_its_own_level_widths_and_patch(tmp_path):
     torch.set_num_threads(1)
     small = ["--modality", "class", "--steps", "2", "--batch", "4", "--pool", "8"]
-    train_tiny.main(small + ["--out", str(tmp_path / "wide"), "--widths", "8", "16", "24"])
+    train_tiny.main(small + ["--out", str(tmp_path / "wide"), "--widths", "8", "8", "16", "24", "--patch", "1"])
     path = tmp_path / "wide" / "tiny_class.safetensors"
-    assert json.loads(_meta(path)["uac_config"])["widths"] == [8, 16, 24]
-    assert "widths=8/16/24" in _meta(path)["uac_training"]
+    config = json.loads(_meta(path)["uac_config"])
+    assert (config["widths"], config["patch"]) == ([8, 8, 16, 24], 1)
+    assert "patch=1 widths=8/8/16/24" in _meta(path)["uac_training"]
     expert = model_loaders.load_expert(str(path))
     out = expert.eps(torch.zeros(1, 3, 32, 32), torch.tensor([500.0]), expert.encode("class", 3))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="--widths sets the levels of a new network; an --init network keeps its own"):
         train_tiny.main(small + ["--out", str(tmp_path / "x"), "--init", str(tmp_path / "wide"), "--widths", "8", "16"])
+    with pytest.raises(ValueError, match="--patch must divide the canvas side 32, got 3"):
+        train_tiny.main(small + ["--out", str(tmp_path / "x"), "--patch", "3"])
