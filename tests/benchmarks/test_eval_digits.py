@@ -48,6 +48,12 @@ def test_class_breakdown_splits_the_class_rate_by_box_height_and_digit():
     assert text.count("\n| real | ") == 2
 
 
+def test_expert_facts_name_each_network():
+    lines = ev.expert_facts(ev.REPO / "models_tiny")
+    assert lines[0] == "- class expert: `tiny_class.safetensors`, widths 16/32/64, patch 2, 0.57M parameters"
+    assert [line.split(":")[0] for line in lines] == ["- class expert", "- colour expert", "- layout expert"]
+
+
 def test_splits_are_disjoint_and_sized():
     seen = {}
     for name in digits.SPLITS:
