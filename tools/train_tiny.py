@@ -265,6 +265,66 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
     return ema, config
 
 
+NOISE_BANDS = ((0, 200), (200, 500), (500, 800), (800, 1000))
+
+
+@torch.no_grad()
+def x0_errors(path: Path, split: str, n: int = 2000, seed: int = 5, batch: int = 500) -> dict[str, float]:
+    """Mean squared error of a trained expert's clean-image estimate on ``n`` placed digits of
+    ``split``, per band of training timesteps (:data:`NOISE_BANDS`).
+
+    On the expert's own split against ``npm_heldout`` it tells overfitting (a gap) from a network
+    that is too small (no gap, and a larger one does better); the low bands show the strokes, the
+    high ones the shape."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        config = read_config(f.metadata() or {})
+    net = network_from_config(config)
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    net.eval()
+    modality, factor = config["modality"], digits.SIZE // int(config.get("resolution", digits.SIZE))
+    alphas_cumprod = alphas_cumprod_for(config["schedule"]).float()
+    alpha, box, label = placement_pool(split, n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    colour = torch.randint(len(digits.COLOURS), (n,), generator=g)
+    x0 = digits.render(alpha, colour)
+    if factor > 1:
+        x0 = torch.nn.functional.avg_pool2d(x0, factor)
+        box = torch.nn.functional.avg_pool2d(box, factor).gt(0).float()
+    cond = condition_batch(modality, label, colour, box, torch.zeros(n, dtype=torch.bool), len(digits.COLOURS))
+    out = {}
+    for lo, hi in NOISE_BANDS:
+        t = torch.randint(lo, hi, (n,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        pred = torch.cat([net(x_t[i:i + batch], t[i:i + batch].float(), **{k: v[i:i + batch] for k, v in cond.items()})
+                          [:, :3] for i in range(0, n, batch)])
+        x0_pred = ab.sqrt() * x_t - (1 - ab).sqrt() * pred if config.get("prediction") == "v" else \
+            (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+        out[f"t {lo}-{hi - 1}"] = float((x0_pred - x0).pow(2).mean())
+    return out
+
+
+def x0_error_table(paths: list[Path], splits: list[str], n: int) -> str:
+    """:func:`x0_errors` of each file on each split (``own``: the expert's training split), as markdown."""
+    head = "| expert | network | split | " + " | ".join(f"t {lo}-{hi - 1}" for lo, hi in NOISE_BANDS) + " |"
+    rows = [head, "|---|---|---|" + "---|" * len(NOISE_BANDS)]
+    for path in paths:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            config = read_config(f.metadata() or {})
+        network = f"widths {'/'.join(map(str, config['widths']))}, patch {config.get('patch', 1)}"
+        for split in splits:
+            split = config["modality"] if split == "own" else split
+            errors = x0_errors(path, split, n)
+            rows.append(f"| {path} | {network} | {split} | " + " | ".join(f"{v:.4f}" for v in errors.values()) + " |")
+    return "\n".join(rows)
+
+
 def save(net: torch.nn.Module, config: dict, path: Path, dtype: torch.dtype, extra: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -307,8 +367,15 @@ def main(argv=None):
                    help="channels per level of a new network (default: the shipped config's 16 32 64); "
                         "not with --init")
     p.add_argument("--name", default=None, help="file stem to write (default tiny_<modality>)")
+    p.add_argument("--measure", type=Path, nargs="+", default=None, metavar="FILE",
+                   help="train nothing: print each expert file's x0 error per noise band (x0_errors) on its own "
+                        "training split and on npm_heldout")
+    p.add_argument("--measure-n", type=int, default=2000, help="placed digits per split for --measure")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.measure:
+        print(x0_error_table(args.measure, ["own", "npm_heldout"], args.measure_n), flush=True)
+        return
     modalities = ["class", "colour", "layout"] if args.modality == "all" else [args.modality]
     for modality in modalities:
         t0 = time.time()

@@ -189,3 +189,13 @@ def test_a_new_network_takes_its_own_level_widths_and_patch(tmp_path):
         train_tiny.main(small + ["--out", str(tmp_path / "x"), "--init", str(tmp_path / "wide"), "--widths", "8", "16"])
     with pytest.raises(ValueError, match="--patch must divide the canvas side 32, got 3"):
         train_tiny.main(small + ["--out", str(tmp_path / "x"), "--patch", "3"])
+
+
+def test_x0_error_grows_with_the_noise_band_and_reads_the_training_split(capsys):
+    torch.set_num_threads(1)
+    shipped = train_tiny.REPO / "models_tiny" / "tiny_class.safetensors"
+    errors = list(train_tiny.x0_errors(shipped, "heldout", n=64).values())
+    assert len(errors) == len(train_tiny.NOISE_BANDS)
+    assert all(a < b for a, b in zip(errors, errors[1:])) and errors[0] < 0.01
+    table = train_tiny.x0_error_table([shipped], ["own", "heldout"], 16)
+    assert "| widths 16/32/64, patch 2 | class |" in table and "| widths 16/32/64, patch 2 | heldout |" in table
