@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import runpy
 import sys
 import time
@@ -40,7 +41,11 @@ HEADING = "## Multimodal digits: a 16 px class expert on the 32 px canvas"
 CORRECTED_HEADING = "## Multimodal digits: the 16 px class expert, MCMC-corrected"
 
 
-def _class16_guider(handles, conds, keys, w, start: int, stop: int, reliability: str = "equal"):
+def _class16_guider(handles, conds, keys, w, start: int, stop: int, reliability: str = "equal",
+                    layout_sigma_min: float = 0.0):
+    """The product over ``keys``; with ``layout_sigma_min``, the layout binding takes part only at
+    sigma >= it (a binding's noise window, as the nodes set it), so that below it the class expert
+    alone draws the strokes inside the box that the higher levels placed."""
     from unite_and_conquer.samplers.comfy import guider as comfy_guider
 
     ws, rs = ed.per_modality(w), ed.reliabilities(w, reliability)
@@ -48,7 +53,9 @@ def _class16_guider(handles, conds, keys, w, start: int, stop: int, reliability:
     for key in keys:
         m = "class" if key == "class16" else key
         cond = {k: v[start:stop] for k, v in conds[m].items()}
-        bindings.append(Binding(handles[key], cond, ws[m], rs[m], null=(handles[key].expert.null_condition,), label=m))
+        window = (layout_sigma_min, math.inf) if m == "layout" else (0.0, math.inf)
+        bindings.append(Binding(handles[key], cond, ws[m], rs[m], null=(handles[key].expert.null_condition,), label=m,
+                                sigma_window=window))
     return comfy_guider.ProductGuider(bindings)
 
 
@@ -62,9 +69,10 @@ def _handles(class16: Path):
 
 
 def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 250,
-               reliability: str = "equal") -> ed.Result:
+               reliability: str = "equal", layout_sigma_min: float = 0.0) -> ed.Result:
     """One row: ``spec = (name, expert keys, weight, steps, corrector or None)`` on ``n`` targets, with
-    the reliabilities ``ed.reliabilities(weight, reliability)``."""
+    the reliabilities ``ed.reliabilities(weight, reliability)`` and the layout binding's window
+    (:func:`_class16_guider`)."""
     from unite_and_conquer.samplers.comfy import correctors as comfy_correctors
     from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
 
@@ -76,7 +84,7 @@ def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 
     t0, images, evaluations = time.time(), [], steps
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        guider = _class16_guider(handles, conds, keys, w, start, stop, reliability)
+        guider = _class16_guider(handles, conds, keys, w, start, stop, reliability, layout_sigma_min)
         sigmas = comfy_sampling.compute_sigmas(guider, "dpmpp_2m", "karras", steps, 1.0)
         if corrector is not None:
             evaluations = correctors.run_evaluations(sigmas, corrector)
@@ -87,11 +95,12 @@ def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 
 
 
 def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, class16: Path | None = None,
-              reliability: str = "equal"):
+              reliability: str = "equal", layout_sigma_min: float = 0.0):
     """The rows: all-32 px and 16 px class at ``weight`` (and the 16 px at ``extra_weights``); with
     ``corrected``, instead the 16 px class product plain, plain at as many product evaluations as
-    the default corrector costs, and corrected by it. ``reliability`` only names the rows here."""
-    ra = ed.reliability_label(reliability)
+    the default corrector costs, and corrected by it. ``reliability`` and ``layout_sigma_min`` only
+    name the rows here."""
+    ra = ed.reliability_label(reliability) + (f", layout at sigma >= {layout_sigma_min:g}" if layout_sigma_min else "")
 
     def label(w):
         return ed.weight_label(w) + ra
@@ -116,15 +125,16 @@ def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, cla
 
 
 def sample_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, extra_weights=(),
-                corrected: bool = False, jobs: int = 1, reliability: str = "equal"):
+                corrected: bool = False, jobs: int = 1, reliability: str = "equal", layout_sigma_min: float = 0.0):
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
     target = ed.targets(n, split, seed)
     results = [ed.scored("real held-out canvases (judges' check)", target.images, target, ed.Judges())]
     print(ed._row(results[0]), flush=True)
-    specs = row_specs(steps, weight, extra_weights, corrected, class16, reliability)
-    run = partial(sample_row, n=n, split=split, seed=seed, class16=class16, reliability=reliability)
+    specs = row_specs(steps, weight, extra_weights, corrected, class16, reliability, layout_sigma_min)
+    run = partial(sample_row, n=n, split=split, seed=seed, class16=class16, reliability=reliability,
+                  layout_sigma_min=layout_sigma_min)
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             rows = list(pool.map(run, specs))
@@ -150,6 +160,8 @@ def main(argv=None):
                         f"into the section '{CORRECTED_HEADING[3:]}'")
     p.add_argument("--reliabilities", default="equal", choices=ed.RELIABILITIES,
                    help="the products' reliabilities: 1/3 each, or each binding's weight (eval_digits.reliabilities)")
+    p.add_argument("--layout-sigma-min", type=float, default=0.0,
+                   help="the layout binding takes part only at sigma >= this (its noise window); 0: at every level")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="rows sampled in parallel processes")
     p.add_argument("--no-write", action="store_true")
@@ -163,13 +175,17 @@ def main(argv=None):
     t0 = time.time()
     extra = tuple(ed.parse_weight(w) for w in args.extra_weights.split(",") if w.strip())
     results = sample_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16),
-                          extra_weights=extra, corrected=args.corrected, jobs=args.jobs, reliability=args.reliabilities)
+                          extra_weights=extra, corrected=args.corrected, jobs=args.jobs, reliability=args.reliabilities,
+                          layout_sigma_min=args.layout_sigma_min)
     facts = run_facts("benchmarks/eval_digits_bands.py", argv,
                       f"{args.n} per row, split `{args.split}`, ComfyUI `dpmpp_2m` + `karras`, {args.steps} steps, "
                       f"through `PoEGuider` (the node path's guider), seed {args.seed}", t0, torch.get_num_threads(),
                       torch.__version__)
     reliabilities = "reliabilities 1/3" if args.reliabilities == "equal" else "reliabilities equal to the weights"
     suffix = ed.reliability_heading(args.reliabilities)
+    if args.layout_sigma_min:
+        suffix += f", layout at sigma >= {args.layout_sigma_min:g}"
+        reliabilities += f", the layout binding only at sigma >= {args.layout_sigma_min:g} (its noise window)"
     if args.corrected:
         body = "\n".join([
             "The product of the 16 px class expert with the 32 px colour and layout experts (section "

@@ -188,3 +188,22 @@ def test_the_corrected_16px_rows_compare_at_equal_evaluations():
     result = bands.sample_row(specs[2], 4, "heldout", 0, class16)
     assert result.evaluations == equal > 6
     assert set(result.rates) == {"class", "colour", "layout", "all"}
+
+
+def test_the_layout_window_keeps_the_layout_binding_to_the_high_noise_levels():
+    """eval_digits_bands.py --layout-sigma-min: only the layout binding gets the noise window, and
+    the rows say so."""
+    import math
+
+    from unite_and_conquer.benchmarks import eval_digits_bands as bands
+
+    ev.comfy_modules()
+    class16 = bands.REPO / "models_tiny" / "tiny_class_16.safetensors"
+    handles = bands._handles(class16)
+    conds = ev.conditions({m: handles[m].expert for m in ev.MODALITIES}, ev.targets(2, "heldout", 0))
+    guider = bands._class16_guider(handles, conds, ("class16", "colour", "layout"), CI_WEIGHT, 0, 2, "weights", 0.3)
+    windows = {b.label: b.sigma_window for b in guider.bindings}
+    assert windows == {"class": (0.0, math.inf), "colour": (0.0, math.inf), "layout": (0.3, math.inf)}
+    names = [spec[0] for spec in bands.row_specs(6, CI_WEIGHT, class16=class16, reliability="weights",
+                                                  layout_sigma_min=0.3)]
+    assert all(", a = w, layout at sigma >= 0.3" in name for name in names)
