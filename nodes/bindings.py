@@ -313,7 +313,9 @@ class PoEBindingSchedule(io.ComfyNode):
             category=f"{CATEGORY}/bindings",
             description="Limits one binding of the chain to a noise window (Kynkäänniemi et al.'s guidance "
                         "interval; 'layout early, detail late') and ramps its reliability with the noise level. "
-                        "Outside its window a binding costs no forward pass.",
+                        "Outside its window a binding costs no forward pass. A layout or segmentation binding "
+                        "with sigma_min about 0.3 places the content, then leaves the strokes to the other "
+                        "experts (README, 'Layout experts').",
             inputs=[
                 Experts.Input("experts", tooltip="The chain whose binding gets the window and ramp."),
                 index_input(),
