@@ -13,6 +13,9 @@ colour. Three independent judges score every generated image:
 - colour: the hue of the ink's mean colour, nearest of the six colour words' hues;
 - layout: IoU >= 0.5 between the ink's bounding box and the requested box.
 
+Each table also gives the class rate per height of the requested box and per digit
+(:func:`class_breakdown`), which shows where a product loses the class.
+
 The configurations are each expert alone, the mean of the three conditional eps (a naive
 mixture), and the product of experts (Unite and Conquer eq. 10) with weight w on every binding,
 or one weight per binding (``4/2/2`` is class 4, colour 2, layout 2), and reliabilities 1/3, so

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/eval_digits_bands.py                     # 1000 samples, npm held-out digits
     .venv/bin/python benchmarks/eval_digits_bands.py -n 200 --no-write
     .venv/bin/python benchmarks/eval_digits_bands.py --corrected --jobs 2  # the 16 px product, MCMC-corrected
+    .venv/bin/python benchmarks/eval_digits_bands.py --corrected --reliabilities weights --layout-sigma-min 0.3 --jobs 2
 
 Both rows run through the pack's ComfyUI guider (``PoEGuider``, what PoEKSampler and
 SamplerCustomAdvanced run) with ComfyUI's ``dpmpp_2m`` sampler and ``karras`` scheduler, on the

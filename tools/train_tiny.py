@@ -169,11 +169,7 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
             raise ValueError("--widths sets the levels of a new network; an --init network keeps its own")
         config = {**config, "widths": list(widths)}
     if init is not None:
-        # A later stage keeps the earlier run's architecture and prediction target.
-        from safetensors import safe_open
-
-        with safe_open(str(init), framework="pt") as f:
-            config = read_config(f.metadata() or {})
+        config = file_config(init)  # a later stage keeps the earlier run's architecture and prediction target
     elif variance_head:
         raise ValueError("--variance-head trains a head on a finished expert: give it --init")
     if prediction is not None:
@@ -268,6 +264,14 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
 NOISE_BANDS = ((0, 200), (200, 500), (500, 800), (800, 1000))
 
 
+def file_config(path: Path) -> dict:
+    """The network config in an expert file's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return read_config(f.metadata() or {})
+
+
 @torch.no_grad()
 def x0_errors(path: Path, split: str, n: int = 2000, seed: int = 5, batch: int = 500) -> dict[str, float]:
     """Mean squared error of a trained expert's clean-image estimate on ``n`` placed digits of
@@ -276,11 +280,9 @@ def x0_errors(path: Path, split: str, n: int = 2000, seed: int = 5, batch: int =
     On the expert's own split against ``npm_heldout`` it tells overfitting (a gap) from a network
     that is too small (no gap, and a larger one does better); the low bands show the strokes, the
     high ones the shape."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        config = read_config(f.metadata() or {})
+    config = file_config(path)
     net = network_from_config(config)
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     net.eval()
@@ -313,10 +315,7 @@ def x0_error_table(paths: list[Path], splits: list[str], n: int) -> str:
     head = "| expert | network | split | " + " | ".join(f"t {lo}-{hi - 1}" for lo, hi in NOISE_BANDS) + " |"
     rows = [head, "|---|---|---|" + "---|" * len(NOISE_BANDS)]
     for path in paths:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            config = read_config(f.metadata() or {})
+        config = file_config(path)
         network = f"widths {'/'.join(map(str, config['widths']))}, patch {config.get('patch', 1)}"
         for split in splits:
             split = config["modality"] if split == "own" else split
