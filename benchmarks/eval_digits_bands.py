@@ -42,6 +42,11 @@ HEADING = "## Multimodal digits: a 16 px class expert on the 32 px canvas"
 CORRECTED_HEADING = "## Multimodal digits: the 16 px class expert, MCMC-corrected"
 
 
+def layout_label(layout_sigma_min: float) -> str:
+    """How rows and headings name the layout binding's noise window (nothing when there is none)."""
+    return f", layout at sigma >= {layout_sigma_min:g}" if layout_sigma_min else ""
+
+
 def _class16_guider(handles, conds, keys, w, start: int, stop: int, reliability: str = "equal",
                     layout_sigma_min: float = 0.0):
     """The product over ``keys``; with ``layout_sigma_min``, the layout binding takes part only at
@@ -101,7 +106,7 @@ def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, cla
     ``corrected``, instead the 16 px class product plain, plain at as many product evaluations as
     the default corrector costs, and corrected by it. ``reliability`` and ``layout_sigma_min`` only
     name the rows here."""
-    ra = ed.reliability_label(reliability) + (f", layout at sigma >= {layout_sigma_min:g}" if layout_sigma_min else "")
+    ra = ed.reliability_label(reliability) + layout_label(layout_sigma_min)
 
     def label(w):
         return ed.weight_label(w) + ra
@@ -183,9 +188,8 @@ def main(argv=None):
                       f"through `PoEGuider` (the node path's guider), seed {args.seed}", t0, torch.get_num_threads(),
                       torch.__version__)
     reliabilities = "reliabilities 1/3" if args.reliabilities == "equal" else "reliabilities equal to the weights"
-    suffix = ed.reliability_heading(args.reliabilities)
+    suffix = ed.reliability_heading(args.reliabilities) + layout_label(args.layout_sigma_min)
     if args.layout_sigma_min:
-        suffix += f", layout at sigma >= {args.layout_sigma_min:g}"
         reliabilities += f", the layout binding only at sigma >= {args.layout_sigma_min:g} (its noise window)"
     if args.corrected:
         body = "\n".join([
