@@ -386,7 +386,8 @@ HEIGHT_BANDS = ((12, 15), (15, 18), (18, 21), (21, 25))
 def class_breakdown(ok_class: torch.Tensor, target: digits.Batch) -> dict[str, float]:
     """The class rate per band of the target box's height and per digit: a product that fails the
     class mostly on small boxes or on one digit is limited by the class expert, not the rule."""
-    heights = (target.layout[:, 0] > 0.5).any(2).sum(1)
+    boxes = mask_boxes(target.layout[:, 0] > 0.5)
+    heights = boxes[:, 1] - boxes[:, 0]
     out = {}
     for lo, hi in HEIGHT_BANDS:
         m = (heights >= lo) & (heights < hi)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import reduce
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,18 +97,28 @@ def noisy_batches(modality: str, schedule: str, batch: int, pool: int, seed: int
     while True:
         idx = torch.randint(pool, (batch,), generator=g)
         colour = torch.randint(vocab, (batch,), generator=g)
-        x0 = digits.render(alpha[idx], colour)
-        if factor > 1:
-            x0 = torch.nn.functional.avg_pool2d(x0, factor)
-            box_batch = torch.nn.functional.avg_pool2d(box[idx], factor).gt(0).float()
-        else:
-            box_batch = box[idx]
+        x0, box_batch = pooled(digits.render(alpha[idx], colour), box[idx], factor)
         t = torch.randint(len(alphas_cumprod), (batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         drop = torch.rand(batch, generator=g) < dropout
         yield x0, noise, t, x_t, condition_batch(modality, label[idx], colour, box_batch, drop, vocab)
+
+
+def pooled(x0: torch.Tensor, box: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canvases and their box maps at ``1 / factor`` of the size: the canvas average-pooled (D x0 of
+    ``samplers/bands.py``), the box covering every pooled pixel it touched."""
+    if factor == 1:
+        return x0, box
+    return F.avg_pool2d(x0, factor), F.avg_pool2d(box, factor).gt(0).float()
+
+
+def x0_estimate(x_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor, v: bool) -> torch.Tensor:
+    """The clean image a v- or eps-prediction implies at x_t (``alpha_bar`` broadcast to x_t)."""
+    if v:
+        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * prediction
+    return (x_t - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
 
 
 def refine_patches(weights: dict[str, torch.Tensor], patch: int, new_patch: int) -> dict[str, torch.Tensor]:
@@ -234,8 +245,7 @@ def train(modality: str, steps: int, batch: int, seed: int, lr: float, dropout: 
             x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
             out = net(x_t, t.float(), **cond)
             prediction_out, values = out[:, :3].detach(), out[:, 3:]
-            x0_pred = ab.sqrt() * x_t - (1 - ab).sqrt() * prediction_out if v_target else \
-                (x_t - (1 - ab).sqrt() * prediction_out) / ab.sqrt()
+            x0_pred = x0_estimate(x_t, prediction_out, ab, v_target)
             loss = x0_nll(x0, x0_pred, values, t, alphas_cumprod).mean()
         else:
             ab = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -291,10 +301,7 @@ def x0_errors(path: Path, split: str, n: int = 2000, seed: int = 5, batch: int =
     alpha, box, label = placement_pool(split, n, seed)
     g = torch.Generator().manual_seed(seed + 1)
     colour = torch.randint(len(digits.COLOURS), (n,), generator=g)
-    x0 = digits.render(alpha, colour)
-    if factor > 1:
-        x0 = torch.nn.functional.avg_pool2d(x0, factor)
-        box = torch.nn.functional.avg_pool2d(box, factor).gt(0).float()
+    x0, box = pooled(digits.render(alpha, colour), box, factor)
     cond = condition_batch(modality, label, colour, box, torch.zeros(n, dtype=torch.bool), len(digits.COLOURS))
     out = {}
     for lo, hi in NOISE_BANDS:
@@ -304,8 +311,7 @@ def x0_errors(path: Path, split: str, n: int = 2000, seed: int = 5, batch: int =
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         pred = torch.cat([net(x_t[i:i + batch], t[i:i + batch].float(), **{k: v[i:i + batch] for k, v in cond.items()})
                           [:, :3] for i in range(0, n, batch)])
-        x0_pred = ab.sqrt() * x_t - (1 - ab).sqrt() * pred if config.get("prediction") == "v" else \
-            (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+        x0_pred = x0_estimate(x_t, pred, ab, config.get("prediction") == "v")
         out[f"t {lo}-{hi - 1}"] = float((x0_pred - x0).pow(2).mean())
     return out
 
