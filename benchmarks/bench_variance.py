@@ -160,7 +160,7 @@ def analytic_section(n: int, steps: int, command: str) -> str:
         "nulls differ). Precision weighting helps a little when the wrong null is the broader one (an expert that "
         "knows little about a region predicts a high variance there) and hurts clearly when the wrong null is "
         "over-confident, because it trusts whichever null is narrowest; it is therefore not a default. The "
-        "digits are measured in the next section.",
+        f"digits are measured in \"{DIGITS_HEADING[3:]}\".",
         "",
     ])
 

@@ -132,3 +132,57 @@ def test_the_web_extension_renders_summaries_as_text_only():
         assert sink not in js, sink
     init = (REPO / "__init__.py").read_text(encoding="utf-8")
     assert 'WEB_DIRECTORY = "./web"' in init
+
+
+BENCHMARKS = REPO / "BENCHMARKS.md"
+HISTORY = REPO / "docs" / "benchmark_history.md"
+
+
+def heading_anchor(title):
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def anchors(path):
+    return {heading_anchor(h) for h in re.findall(r"(?m)^#{1,6} (.+)$", path.read_text(encoding="utf-8"))}
+
+
+def test_every_link_to_a_section_finds_it():
+    """Links with an anchor, in the READMEs, BENCHMARKS.md and docs/, name a heading of the file they point to
+    (sections move between BENCHMARKS.md and docs/benchmark_history.md)."""
+    docs = [REPO / "README.md", REPO / "tools" / "README.md", BENCHMARKS, *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for doc in docs:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", doc.read_text(encoding="utf-8")):
+            dest = (doc.parent / target).resolve() if target else doc
+            if dest.suffix == ".md":
+                assert dest.is_file() and anchor in anchors(dest), f"{doc.relative_to(REPO)}: {target}#{anchor}"
+                checked += 1
+    assert checked >= 20
+
+
+def test_benchmarks_open_with_the_table_of_current_figures():
+    """One table before the first section; each row that cites a section links to a section of BENCHMARKS.md
+    and copies its figures from it (every decimal of the row is in that section); each superseded section in
+    docs/benchmark_history.md starts by linking to what replaced it."""
+    text = BENCHMARKS.read_text(encoding="utf-8")
+    head, *sections = re.split(r"(?m)^(?=## )", text)
+    by_title = {s.split("\n", 1)[0][3:]: s for s in sections}
+    rows = [line for line in head.splitlines() if line.startswith("|")]
+    assert rows[:2] == ["| question | current figure | section | command | date |", "|---|---|---|---|---|"]
+    assert len(rows) >= 15
+    for row in rows[2:]:
+        question, figure, section, command, date = (c.strip() for c in row.strip("|").split("|"))
+        link = re.fullmatch(r"\[(.+)\]\(#(.+)\)", section)
+        if not link:
+            assert section in ("-", "every section below", "pending (issue 28)"), row
+            continue
+        assert link[1] in by_title and link[2] == heading_anchor(link[1]), row
+        for number in re.findall(r"\d+\.\d+", figure):
+            assert re.search(rf"(?<![\d.]){re.escape(number)}(?!\d)", by_title[link[1]]), (question, number)
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", date) and date in by_title[link[1]], (question, date)
+    history = re.split(r"(?m)^(?=## )", HISTORY.read_text(encoding="utf-8"))[1:]
+    assert history and not {h.split("\n", 1)[0][3:] for h in history} & set(by_title)
+    for moved in history:
+        first = moved.split("\n\n")[1]
+        assert re.match(r"> Replaced by \[[^]]+\]\(\.\./BENCHMARKS\.md#[^)]+\).* Why: ", first), moved[:80]

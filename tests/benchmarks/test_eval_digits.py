@@ -103,6 +103,28 @@ def test_write_section_keeps_other_sections(tmp_path):
     assert other.read_text() == "# Benchmarks\n\n## Multimodal digits\n\nx\n"
 
 
+def test_write_section_lands_below_the_opening_table(tmp_path):
+    """BENCHMARKS.md opens with the table of current figures, before any section: a re-measured section
+    replaces its namesake in place, a new one goes at the end, and the table and the other sections stay."""
+    real = report.BENCHMARKS.read_text()
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(real)
+    report.write_section("## Multimodal digits", "re-measured\n", path)
+    report.write_section("## A new benchmark", "new\n", path)
+
+    def split(text):
+        head, *sections = re.split(r"(?m)^(?=## )", text)
+        return head, {s.split("\n", 1)[0]: s.rstrip("\n") for s in sections}
+
+    head, before = split(real)
+    new_head, after = split(path.read_text())
+    assert "| question | current figure | section | command | date |" in head and new_head == head
+    assert list(after) == [*before, "## A new benchmark"]
+    assert after["## Multimodal digits"] == "## Multimodal digits\n\nre-measured"
+    assert after["## A new benchmark"] == "## A new benchmark\n\nnew"
+    assert all(after[h] == before[h] for h in before if h != "## Multimodal digits")
+
+
 def test_weights_parse_per_modality():
     assert ev.parse_weight("2") == 2.0 and ev.parse_weight("4/2/2") == (4.0, 2.0, 2.0)
     assert ev.per_modality(3) == {"class": 3.0, "colour": 3.0, "layout": 3.0}
