@@ -38,6 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script: ComfyUI 0.3.75 writes the model files; register the pack's package
     sys.path.insert(0, str(REPO / ".cache" / "ComfyUI"))
+    from comfy.cli_args import args as comfy_args  # its device is chosen at the first import of model_management
+
+    comfy_args.cpu = True
     runpy.run_path(str(REPO / "__init__.py"))
 if str(REPO / "tools") not in sys.path:
     sys.path.insert(0, str(REPO / "tools"))

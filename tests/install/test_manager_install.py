@@ -1,8 +1,9 @@
 """Install tier: the pack installed the way users install it, by ComfyUI-Manager's own CLI.
 
-``cm-cli install file://localhost/<clone>`` (PyPI ``comfyui-manager``, installed by tools/setup_env.sh into
-.cache/cm-venv) clones the repository into a fresh copy of ComfyUI under the repository's name,
-``unite-and-conquer``, and pip-installs requirements.txt into cm-venv. That venv sees the test venv's
+``cm-cli install file://localhost/<clone>`` (PyPI ``comfyui-manager``, installed by tools/setup_env.sh
+into .cache/cm-venv for ComfyUI 0.3.75, and the ``comfyui_manager==4.2.2`` that 0.33.0 pins into
+.cache/cm-venv-0.33.0) clones the repository into a fresh copy of ComfyUI under the repository's name,
+``unite-and-conquer``, and pip-installs requirements.txt into cm-venv. That venv sees the ComfyUI venv's
 packages through a .pth file, so every requirement is already satisfied there and the shared venv is
 never written to; pip runs with no index, so a requirement that is not satisfied fails the install
 instead of downloading. Then a ComfyUI server on the copy, run by cm-venv's Python, must list every
@@ -25,7 +26,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 from comfy_client import COMFY, ComfyServer  # noqa: E402
 
-CM_VENV = REPO / ".cache" / "cm-venv"
+
+def comfyui_version() -> str:
+    return re.search(r'__version__\s*=\s*"([^"]+)"', (COMFY / "comfyui_version.py").read_text()).group(1)
+
+
+# One cm-venv per ComfyUI (tools/setup_env.sh): 0.3.75 pins no Manager and gets the newest; 0.33.0 gets
+# the comfyui_manager its manager_requirements.txt pins, over its own venv.
+CM_VENV = REPO / ".cache" / ("cm-venv" if comfyui_version() == "0.3.75" else f"cm-venv-{comfyui_version()}")
 CM_CLI = CM_VENV / "bin" / "cm-cli"
 CLONE_NAME = "unite-and-conquer"
 
