@@ -51,9 +51,11 @@ def pack_node_ids() -> set[str]:
 
 def fresh_comfyui(dest: Path) -> Path:
     """A copy of the test ComfyUI without the pack, its outputs or its user data."""
-    skip = {"__pycache__", "output", "input", "user", "temp"}
+    # Only the top-level data folders: 0.33's comfy_api has a package named "input" of its own.
+    top = {"output", "input", "user", "temp"}
     shutil.copytree(COMFY, dest, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if n in skip
+                    ignore=lambda d, names: [n for n in names if n == "__pycache__"
+                                             or (Path(d) == COMFY and n in top)
                                              or (Path(d).name == "custom_nodes" and n == "unite_and_conquer")])
     # The Manager reads its settings here: pip (which sees the shared venv's packages) rather than uv
     # (which does not), and no network.
