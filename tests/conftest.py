@@ -29,6 +29,23 @@ if COMFY.is_dir() and str(COMFY) not in sys.path:
 runpy.run_path(str(REPO / "__init__.py"))  # registers the package unite_and_conquer
 
 
+def comfyui_version() -> str:
+    """The version of the ComfyUI under test (UAC_COMFYUI; tools/test.sh runs 0.3.75, then 0.33.0)."""
+    try:
+        text = (COMFY / "comfyui_version.py").read_text()
+    except OSError:
+        return "none"
+    return text.split("__version__", 1)[1].split('"')[1]
+
+
+def pytest_report_header(config):
+    return f"ComfyUI {comfyui_version()} at {COMFY}, Python {sys.executable}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_sep("-", f"these tests ran on ComfyUI {comfyui_version()} ({COMFY})")
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

@@ -3,9 +3,10 @@
 A real ComfyUI server with the pack serves its pinned frontend (comfyui-frontend-package). The browser
 finds the pack's nodes through the node search box, loads every shipped UI workflow, checks that the
 frontend turns each into exactly its API copy, and queues workflows with the Run button. Screenshots go
-to tests/artifacts/.
+to tests/artifacts/ (tests/artifacts/comfyui-0.33.0/ on 0.33.0).
 
-Every test runs against two frontends: the comfyui-frontend-package that ComfyUI 0.3.75 pins (1.32.9)
+Every test runs against two frontends: the comfyui-frontend-package that the ComfyUI under test pins
+in its requirements.txt (PINNED: 1.32.9 for 0.3.75, 1.48.7 for 0.33.0, served from that ComfyUI's venv)
 and the newest on PyPI (NEWEST, installed with ``pip install --no-deps --target`` into .cache/ and
 served with ``--front-end-root``; skipped with the reason when it cannot be had). The pack's web
 extension (web/js) is checked on both: node summaries as plain text after a run, the class picker
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,11 +30,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
-from comfy_client import ComfyServer, load_api_workflow  # noqa: E402
+from comfy_client import COMFY, ComfyServer, load_api_workflow  # noqa: E402
 import workflow_ui  # noqa: E402
 
-ARTIFACTS = REPO / "tests" / "artifacts"
-PINNED, NEWEST = "1.32.9", "1.58.1"
+
+
+def comfyui_version() -> str:
+    return re.search(r'__version__\s*=\s*"([^"]+)"', (COMFY / "comfyui_version.py").read_text()).group(1)
+
+
+# 0.3.75's screenshots keep their names (tools/README.md points at one); another ComfyUI's go in a subfolder.
+ARTIFACTS = REPO / "tests" / "artifacts" / ("" if comfyui_version() == "0.3.75" else f"comfyui-{comfyui_version()}")
+
+
+def pinned_frontend() -> str:
+    """The comfyui-frontend-package version the ComfyUI under test pins (and its venv has)."""
+    found = re.search(r"^comfyui-frontend-package==(\S+)", (COMFY / "requirements.txt").read_text(), re.M)
+    return found.group(1)
+
+
+PINNED, NEWEST = pinned_frontend(), "1.58.1"
 FRONTENDS = (PINNED, NEWEST)
 WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json"))
 DEMO = REPO / "example_workflows" / "tiny_demo.json"
@@ -325,6 +342,17 @@ def open_issues(driver) -> None:
     details.click()
 
 
+def reports_in_dialogs(driver, what: str, timeout: float = 15) -> bool:
+    """Whether this frontend reports ``what`` ("missing nodes", "missing models") in a dialog (1.32.9) or
+    in the Issues panel behind a notice (newer ones): waits for whichever appears first."""
+    found = wait_for(driver, "if (Array.from(document.querySelectorAll('.p-dialog, [role=dialog]'))"
+                             "  .some(d => d.innerText.toLowerCase().includes(arguments[0]))) return 'dialog';"
+                             "return Array.from(document.querySelectorAll('button'))"
+                             "  .some(b => /view details/i.test(b.innerText)) ? 'notice' : null;",
+                     timeout, f"a dialog or a notice about {what}", what)
+    return found == "dialog"
+
+
 def test_a_missing_node_is_reported(page, server):
     """The check below would be empty if the frontend never reported missing nodes."""
     bogus = {"last_node_id": 1, "last_link_id": 0, "links": [], "groups": [], "config": {}, "extra": {},
@@ -332,7 +360,7 @@ def test_a_missing_node_is_reported(page, server):
                                         "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [],
                                         "properties": {}, "widgets_values": []}]}
     load_graph(page, bogus)
-    if server.frontend == PINNED:
+    if reports_in_dialogs(page, "missing nodes"):
         shown = wait_for(page, "return Array.from(document.querySelectorAll('.p-dialog, [role=dialog]'))"
                                ".map(d => d.innerText).find(t => /missing nodes/i.test(t)) || null", 10,
                          "the missing-nodes dialog")
@@ -550,8 +578,10 @@ def test_missing_model_shows_comfys_notice_with_the_download_link(page, server):
                      "url": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_diffusion.pt"}
     close_dialogs(page)
     page.execute_script("app.graph.clear()")
-    if server.frontend == PINNED:
-        load_graph(page, ui)
+    page.execute_script("window.__uacCopied = [];"
+                        "navigator.clipboard.writeText = t => { window.__uacCopied.push(t); return Promise.resolve(); };")
+    load_graph(page, ui)
+    if reports_in_dialogs(page, "missing models"):
         shown = wait_for(page, "return Array.from(document.querySelectorAll('.p-dialog, [role=dialog]'))"
                                ".map(d => d.innerText).find(t => /missing models/i.test(t)) || null", 15,
                          "the missing-models dialog")
@@ -562,9 +592,6 @@ def test_missing_model_shows_comfys_notice_with_the_download_link(page, server):
         close_dialogs(page)
         return
     # Newer frontends list missing models in the Issues panel, each with a button that copies its link.
-    page.execute_script("window.__uacCopied = [];"
-                        "navigator.clipboard.writeText = t => { window.__uacCopied.push(t); return Promise.resolve(); };")
-    load_graph(page, ui)
     open_issues(page)
     button = wait_for(page, "return Array.from(document.querySelectorAll('button')).find(b => "
                             "/copy url/i.test(b.getAttribute('aria-label') || '') && "

@@ -1,8 +1,9 @@
 """Install tier: the pack installed the way users install it, by ComfyUI-Manager's own CLI.
 
-``cm-cli install file://localhost/<clone>`` (PyPI ``comfyui-manager``, installed by tools/setup_env.sh into
-.cache/cm-venv) clones the repository into a fresh copy of ComfyUI under the repository's name,
-``unite-and-conquer``, and pip-installs requirements.txt into cm-venv. That venv sees the test venv's
+``cm-cli install file://localhost/<clone>`` (PyPI ``comfyui-manager``, installed by tools/setup_env.sh
+into .cache/cm-venv for ComfyUI 0.3.75, and the ``comfyui_manager==4.2.2`` that 0.33.0 pins into
+.cache/cm-venv-0.33.0) clones the repository into a fresh copy of ComfyUI under the repository's name,
+``unite-and-conquer``, and pip-installs requirements.txt into cm-venv. That venv sees the ComfyUI venv's
 packages through a .pth file, so every requirement is already satisfied there and the shared venv is
 never written to; pip runs with no index, so a requirement that is not satisfied fails the install
 instead of downloading. Then a ComfyUI server on the copy, run by cm-venv's Python, must list every
@@ -25,7 +26,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 from comfy_client import COMFY, ComfyServer  # noqa: E402
 
-CM_VENV = REPO / ".cache" / "cm-venv"
+
+def comfyui_version() -> str:
+    return re.search(r'__version__\s*=\s*"([^"]+)"', (COMFY / "comfyui_version.py").read_text()).group(1)
+
+
+# One cm-venv per ComfyUI (tools/setup_env.sh): 0.3.75 pins no Manager and gets the newest; 0.33.0 gets
+# the comfyui_manager its manager_requirements.txt pins, over its own venv.
+CM_VENV = REPO / ".cache" / ("cm-venv" if comfyui_version() == "0.3.75" else f"cm-venv-{comfyui_version()}")
 CM_CLI = CM_VENV / "bin" / "cm-cli"
 CLONE_NAME = "unite-and-conquer"
 
@@ -43,9 +51,11 @@ def pack_node_ids() -> set[str]:
 
 def fresh_comfyui(dest: Path) -> Path:
     """A copy of the test ComfyUI without the pack, its outputs or its user data."""
-    skip = {"__pycache__", "output", "input", "user", "temp"}
+    # Only the top-level data folders: 0.33's comfy_api has a package named "input" of its own.
+    top = {"output", "input", "user", "temp"}
     shutil.copytree(COMFY, dest, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if n in skip
+                    ignore=lambda d, names: [n for n in names if n == "__pycache__"
+                                             or (Path(d) == COMFY and n in top)
                                              or (Path(d).name == "custom_nodes" and n == "unite_and_conquer")])
     # The Manager reads its settings here: pip (which sees the shared venv's packages) rather than uv
     # (which does not), and no network.

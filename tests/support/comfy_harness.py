@@ -62,7 +62,11 @@ def run_prompt(prompt: dict, executor=None):
     if not valid[0]:
         raise PromptFailed("validation", {"error": valid[1], "node_errors": valid[3]})
     if executor is None:
-        executor = execution.PromptExecutor(RecordingServer(), cache_type=False, cache_args={"lru": 0, "ram": 0})
+        # main.py's keys: 0.33's PromptExecutor.execute reads cache_args["ram"] and ["ram_inactive"] (the
+        # RAM-pressure cache's headrooms) whatever the cache type; 0.3.75 reads neither. The classic cache
+        # (cache_type=False) keeps each prompt's outputs until the next prompt, on both.
+        executor = execution.PromptExecutor(RecordingServer(), cache_type=False,
+                                            cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(prompt, prompt_id, {}, valid[2])
     if not executor.success:
         errors = [d for e, d in executor.status_messages if e == "execution_error"]

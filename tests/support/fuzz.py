@@ -126,8 +126,12 @@ def cached_nodes(entry: dict) -> set[str]:
 
 def free_cache(server: ComfyServer) -> None:
     """Ask ComfyUI to drop its output cache (and unload models) before the next prompt, so it
-    recomputes every node instead of returning cached outputs."""
+    recomputes every node instead of returning cached outputs. (0.33's RAM-pressure cache keeps the
+    outputs of every earlier prompt; 0.3.75's classic cache only the last prompt's.)"""
     server.request("/free", {"unload_models": True, "free_memory": True})
+    # The prompt worker applies the flags when it wakes (at once, it is notified); a prompt queued in
+    # the same instant could be taken first.
+    time.sleep(0.5)
 
 
 def wait_end(server: ComfyServer, prompt_id: str, timeout: float) -> dict:

@@ -1,6 +1,8 @@
 """Tiny random-weight models built from ComfyUI's own model classes and configs (no downloads)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import comfy.model_patcher
@@ -22,6 +24,20 @@ CHROMA_RADIANCE_CONFIG = {
     "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 1, "nerf_max_freqs": 4, "nerf_tile_size": 0,
     "nerf_final_head_type": "linear", "nerf_embedder_dtype": torch.float32, "dtype": torch.float32,
 }
+
+# Four fields ComfyUI 0.33 added to ChromaRadianceParams (required: no defaults), with the values its
+# model_detection gives a Chroma Radiance checkpoint that has no pooled vector and no x0/sequential markers.
+# A ComfyUI whose dataclass lacks a field gets its config without it.
+CHROMA_RADIANCE_NEWER_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None, "use_x0": False,
+                                "use_sequential_txt_ids": False}
+
+
+def chroma_radiance_config() -> dict:
+    """CHROMA_RADIANCE_CONFIG with the fields the running ComfyUI's ChromaRadianceParams declares."""
+    from comfy.ldm.chroma_radiance.model import ChromaRadianceParams
+
+    declared = {f.name for f in dataclasses.fields(ChromaRadianceParams)}
+    return dict(CHROMA_RADIANCE_CONFIG, **{k: v for k, v in CHROMA_RADIANCE_NEWER_FIELDS.items() if k in declared})
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
@@ -45,7 +61,7 @@ def tiny_sd15(seed: int):
 
 def tiny_chroma_radiance(seed: int):
     """A Chroma Radiance-architecture pixel-space flow model at width 64 (patch 16)."""
-    return _patcher(comfy.supported_models.ChromaRadiance, CHROMA_RADIANCE_CONFIG, seed)
+    return _patcher(comfy.supported_models.ChromaRadiance, chroma_radiance_config(), seed)
 
 
 def text_conditioning(seed: int, tokens: int = 7, width: int = 32, pooled: bool = False):

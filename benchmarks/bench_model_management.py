@@ -1,0 +1,301 @@
+"""ComfyUI's model management under the pack: MODEL experts and native experts through 20 prompts on one server.
+
+    .venv/bin/python benchmarks/bench_model_management.py                 # both ComfyUIs, into BENCHMARKS.md
+    .venv/bin/python benchmarks/bench_model_management.py --no-write --comfyui 0.33.0 --prompts 8
+
+Each prompt samples two products from one seed: two MODEL experts (tiny random-weight SD2-architecture
+UNets, two seeds, read by the stock UNETLoader and bound by PoEBindModel with the stock LotusConditioning)
+and the three native tiny experts (class, colour, layout; PoEExpertLoader). One product cannot hold both:
+a latent MODEL and a pixel expert do not share a space, and the pack refuses the mix. Both products run
+in every prompt, so ComfyUI's model management holds both kinds of patcher at once (the SD2 UNets as
+ComfyUI builds them, the native experts as the pack builds them).
+
+The seeds repeat (``SEEDS``). Before a prompt whose seed was seen, ``POST /free`` with ``unload_models``
+and ``free_memory`` makes ComfyUI unload every model and drop its caches (0.33.0's RAM-pressure cache
+would otherwise answer a repeated graph), so that prompt loads every model again and must sample the
+same latent and the same image as the first time. Per prompt: its wall time, whether both samplers ran,
+how many models ComfyUI logged as loaded, and the server's resident memory afterwards. A new seed
+without /free reuses the loaded models.
+
+The server runs on each ComfyUI with that ComfyUI's own venv (``.venv`` for 0.3.75, ``.cache/venv-0.33.0``
+for 0.33.0, both made by tools/setup_env.sh); this script's own Python writes the model files once.
+tests/server/test_model_management.py runs the same series, shorter, as a correctness test.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import re
+import runpy
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script: ComfyUI 0.3.75 writes the model files; register the pack's package
+    sys.path.insert(0, str(REPO / ".cache" / "ComfyUI"))
+    from comfy.cli_args import args as comfy_args  # its device is chosen at the first import of model_management
+
+    comfy_args.cpu = True
+    runpy.run_path(str(REPO / "__init__.py"))
+if str(REPO / "tools") not in sys.path:
+    sys.path.insert(0, str(REPO / "tools"))
+
+from comfy_client import ComfyServer  # noqa: E402
+
+SECTION = "## ComfyUI 0.3.75 and 0.33.0: model management over 20 prompts"
+# 20 prompts, 12 seeds; 8 prompts repeat a seed, none right after itself.
+SEEDS = (1, 2, 3, 1, 4, 2, 5, 6, 1, 7, 3, 8, 2, 9, 10, 4, 1, 11, 5, 12)
+UNETS = ("uac_mm_sd2_a.safetensors", "uac_mm_sd2_b.safetensors")
+NATIVE = {"class": "uac_mm_class.safetensors", "colour": "uac_mm_colour.safetensors",
+          "layout": "uac_mm_layout.safetensors"}
+MODEL_SAMPLER, NATIVE_SAMPLER = "7", "30"
+COMFYUIS = {"0.3.75": (REPO / ".cache" / "ComfyUI", REPO / ".venv" / "bin" / "python"),
+            "0.33.0": (REPO / ".cache" / "ComfyUI-0.33.0", REPO / ".cache" / "venv-0.33.0" / "bin" / "python")}
+# ComfyUI's log lines (0.33 prefixes them with a coloured level): one "got prompt" as a prompt is queued,
+# "Requested to load <model class>" per model it loads, "Prompt executed in" when the prompt ends.
+LOAD_LINE = re.compile(r"Requested to load (\w+)")
+
+
+def write_models(folder: Path) -> Path:
+    """The two SD2 UNets and the three native experts (fixed random weights), and an extra_model_paths
+    file that lists them; returns that file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from unite_and_conquer.model_loaders import tiny
+    from unite_and_conquer.tests.support.tiny_comfy_models import write_tiny_sd2_unet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(UNETS):
+        write_tiny_sd2_unet(folder / name, seed)
+    for seed, (modality, name) in enumerate(NATIVE.items()):
+        config = dict(tiny.default_config(modality), widths=[8, 16, 16])
+        torch.manual_seed(seed)
+        net = tiny.network_from_config(config)
+        save_file({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}, str(folder / name),
+                  metadata=tiny.metadata_for(config))
+    paths = folder / "extra_model_paths.yaml"
+    paths.write_text(f"uac_model_management:\n  diffusion_models: {folder}\n  experts: {folder}\n")
+    return paths
+
+
+def prompt(seed: int, steps: int = 3, prefix: str = "uac_mm") -> dict:
+    """Both products from one seed: the MODEL product saves its latent, the native product its image."""
+    def loader(name):
+        return {"class_type": "PoEExpertLoader",
+                "inputs": {"expert_name": name, "family": "auto", "dtype": "fp32", "schedule": "published"}}
+
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[0], "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[1], "weight_dtype": "default"}},
+        "3": {"class_type": "LotusConditioning", "inputs": {}},
+        "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
+        "5": {"class_type": "PoEBindModel", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                       "weight": 1.5, "reliability": 0.5}},
+        "6": {"class_type": "PoEBindModel", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                       "weight": 1.0, "reliability": 0.5, "experts": ["5", 0]}},
+        MODEL_SAMPLER: {"class_type": "PoEKSampler", "inputs": {
+            "experts": ["6", 0], "seed": seed, "steps": steps, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0, "width": 32, "height": 32, "batch_size": 1}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": [MODEL_SAMPLER, 0], "filename_prefix": prefix}},
+        "21": loader(NATIVE["class"]), "22": loader(NATIVE["colour"]), "23": loader(NATIVE["layout"]),
+        "24": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 32, "height": 32}},
+        "25": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 12, "height": 16}},
+        "26": {"class_type": "MaskComposite", "inputs": {"destination": ["24", 0], "source": ["25", 0], "x": 10,
+                                                         "y": 8, "operation": "add"}},
+        "27": {"class_type": "PoEBindClass", "inputs": {"expert": ["21", 0], "class": "3", "class_index": -1,
+                                                        "weight": 1.0, "reliability": 1.0, "null": "trained",
+                                                        "null_k": 8}},
+        "28": {"class_type": "PoEBindText", "inputs": {"expert": ["22", 0], "text": "red", "weight": 1.0,
+                                                       "reliability": 1.0, "experts": ["27", 0]}},
+        "29": {"class_type": "PoEBindSegmentation", "inputs": {"expert": ["23", 0], "source": "mask", "slot": "auto",
+                                                               "weight": 1.0, "reliability": 1.0,
+                                                               "map_mask": ["26", 0], "label_colour": "#ffffff",
+                                                               "experts": ["28", 0]}},
+        NATIVE_SAMPLER: {"class_type": "PoEKSampler", "inputs": {
+            "experts": ["29", 0], "seed": seed, "steps": steps, "sampler_name": "euler", "scheduler": "karras",
+            "denoise": 1.0, "width": 0, "height": 0, "batch_size": 1}},
+        "31": {"class_type": "SaveImage", "inputs": {"images": [NATIVE_SAMPLER, 1], "filename_prefix": prefix}},
+    }
+
+
+@dataclass
+class PromptRecord:
+    seed: int
+    freed: bool                 # /free (unload every model, drop the caches) just before it
+    seconds: float
+    samplers_ran: bool          # neither sampler's output came from ComfyUI's cache
+    loads: list[str]            # the models ComfyUI logged "Requested to load" for, in order
+    rss_mb: float               # the server's resident memory after it (with its children)
+    latent: str                 # sha256 of the MODEL product's latent
+    image: str                  # sha256 of the native product's decoded pixels
+
+
+@dataclass
+class Series:
+    comfyui: str
+    startup_s: float
+    records: list[PromptRecord] = field(default_factory=list)
+
+    def same_seed_same_output(self) -> bool:
+        first: dict[int, tuple[str, str]] = {}
+        for r in self.records:
+            if first.setdefault(r.seed, (r.latent, r.image)) != (r.latent, r.image):
+                return False
+        return True
+
+    def distinct_seeds_differ(self) -> bool:
+        by_seed = {r.seed: (r.latent, r.image) for r in self.records}
+        latents = {v[0] for v in by_seed.values()}
+        images = {v[1] for v in by_seed.values()}
+        return len(latents) == len(images) == len(by_seed)
+
+    def rss_growth_mb(self, settle: int = 4) -> float:
+        """The last prompt's RSS over the lowest after the first ``settle`` prompts (imports, pools)."""
+        rss = [r.rss_mb for r in self.records]
+        return rss[-1] - min(rss[settle:])
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+def cached_nodes(entry: dict) -> set[str]:
+    return {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
+
+
+def prompt_log(server: ComfyServer, index: int, timeout: float = 30) -> str:
+    """What the server logged for its ``index``-th prompt (0-based), once that prompt's last line is written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = server.log_path.read_text(errors="replace")
+        if text.count("Prompt executed in") > index or time.monotonic() > deadline:
+            return text.split("got prompt")[index + 1].split("Prompt executed in")[0]
+        time.sleep(0.1)
+
+
+def run_series(server: ComfyServer, seeds=SEEDS, steps: int = 3, timeout: float = 300) -> list[PromptRecord]:
+    """``seeds`` as prompts, one after another on ``server``, with /free before each repeated seed."""
+    from PIL import Image
+
+    records, seen = [], set()
+    for i, seed in enumerate(seeds):
+        freed = seed in seen
+        if freed:
+            server.request("/free", {"unload_models": True, "free_memory": True})
+            time.sleep(1.0)  # the worker thread applies the flags when it wakes, before the next prompt
+        seen.add(seed)
+        t0 = time.monotonic()
+        entry = server.run(prompt(seed, steps, prefix=f"uac_mm_{i:02d}"), timeout=timeout)
+        seconds = time.monotonic() - t0
+        (latent_item,) = entry["outputs"]["8"]["latents"]
+        latent = (server.workdir / "output" / latent_item["subfolder"] / latent_item["filename"]).read_bytes()
+        from safetensors.torch import load as load_safetensors
+
+        latent_hash = hashlib.sha256(load_safetensors(latent)["latent_tensor"].numpy().tobytes()).hexdigest()
+        ((_, png),) = server.images(entry)
+        pixels = Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+        records.append(PromptRecord(
+            seed=seed, freed=freed, seconds=seconds,
+            samplers_ran=not ({MODEL_SAMPLER, NATIVE_SAMPLER} & cached_nodes(entry)),
+            loads=LOAD_LINE.findall(prompt_log(server, i)),
+            rss_mb=rss_mb(server.proc.pid), latent=latent_hash, image=hashlib.sha256(pixels).hexdigest()))
+    return records
+
+
+def measure(version: str, models: Path, workdir: Path, seeds=SEEDS, steps: int = 3) -> Series:
+    comfy_dir, python = COMFYUIS[version]
+    t0 = time.monotonic()
+    server = ComfyServer(workdir, python=str(python), comfy_dir=comfy_dir,
+                         extra_args=("--extra-model-paths-config", str(models)))
+    server.start(timeout=300)
+    try:
+        found = server.get_json("/system_stats")["system"]["comfyui_version"]
+        assert found == version, f"{comfy_dir} runs ComfyUI {found}, not {version}"
+        series = Series(version, time.monotonic() - t0)
+        series.records = run_series(server, seeds, steps)
+        assert server.alive()
+    finally:
+        server.stop()
+    return series
+
+
+def table(series: Series) -> str:
+    rows = ["| prompt | seed | /free before | s | both samplers ran | models loaded | RSS MB |",
+            "|---:|---:|:---:|---:|:---:|---|---:|"]
+    for i, r in enumerate(series.records, 1):
+        loads = ", ".join(f"{n} x{r.loads.count(n)}" for n in dict.fromkeys(r.loads)) or "none"
+        rows.append(f"| {i} | {r.seed} | {'yes' if r.freed else ''} | {r.seconds:.2f} | "
+                    f"{'yes' if r.samplers_ran else 'NO'} | {loads} | {r.rss_mb:.0f} |")
+    return "\n".join(rows)
+
+
+def summary(series: Series) -> str:
+    rec = series.records
+    rss = [r.rss_mb for r in rec]
+    fresh = [r.seconds for r in rec[1:] if not r.freed]
+    freed = [r.seconds for r in rec if r.freed]
+    return (f"| ComfyUI {series.comfyui} | {series.startup_s:.1f} | {rec[0].seconds:.2f} | "
+            f"{statistics.median(fresh):.2f} | {statistics.median(freed) if freed else float('nan'):.2f} | "
+            f"{'yes' if all(r.samplers_ran for r in rec) else 'NO'} | "
+            f"{'yes' if series.same_seed_same_output() else 'NO'} | {'yes' if series.distinct_seeds_differ() else 'NO'} | "
+            f"{rss[0]:.0f} / {max(rss):.0f} / {rss[-1]:.0f} | {series.rss_growth_mb():+.0f} |")
+
+
+def main(argv: list[str] | None = None) -> list[Series]:
+    import torch
+
+    from report import cpu_name, publish  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", action="append", choices=sorted(COMFYUIS),
+                    help="which ComfyUI to run (repeatable; default: every one tools/setup_env.sh made)")
+    ap.add_argument("--prompts", type=int, default=len(SEEDS), help="the first N seeds of SEEDS")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    cli = argv if argv is not None else sys.argv[1:]
+    started = time.time()
+    versions = args.comfyui or [v for v, (c, p) in COMFYUIS.items() if (c / "comfyui_version.py").is_file()
+                                and p.exists()]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = write_models(Path(tmp) / "models")
+        for version in versions:
+            results.append(measure(version, models, Path(tmp) / version, SEEDS[:args.prompts], args.steps))
+            print(f"ComfyUI {version}\n{table(results[-1])}\n", flush=True)
+    body = [
+        "Two MODEL experts (tiny SD2-architecture UNets, `UNETLoader`) and three native tiny experts "
+        "(`PoEExpertLoader`), each set in its own product, both sampled in every prompt from one seed "
+        f"({args.steps} euler steps, 32 px); {len(SEEDS[:args.prompts])} prompts in a row on one `main.py --cpu` "
+        "server per ComfyUI, with that ComfyUI's own venv. Before each repeated seed, `POST /free` "
+        "(`unload_models`, `free_memory`) unloads every model and drops the caches. Correctness is checked by "
+        "`tests/server/test_model_management.py` on both ComfyUIs.",
+        "",
+        f"- command: `{' '.join(['.venv/bin/python benchmarks/bench_model_management.py', *cli])}`",
+        f"- machine: {cpu_name()} (2 cores, shared with other jobs), torch {torch.__version__}, CPU",
+        f"- date: {time.strftime('%Y-%m-%d')}, total {(time.time() - started) / 60:.1f} min",
+        "",
+        "| ComfyUI | start-up s | first prompt s (loads all) | new seed s (median) | after /free s (median) "
+        "| every sampler ran | same seed, same latent and image | distinct seeds differ "
+        "| RSS MB first / max / last | RSS last - min after prompt 4 |",
+        "|---|---:|---:|---:|---:|:---:|:---:|:---:|---:|---:|",
+        *[summary(s) for s in results],
+    ]
+    for s in results:
+        body += ["", f"Per prompt, ComfyUI {s.comfyui} (models loaded: ComfyUI's \"Requested to load\" log lines):",
+                 "", table(s)]
+    publish(SECTION, "\n".join(body), write=not args.no_write)
+    return results
+
+
+if __name__ == "__main__":
+    main()
