@@ -131,24 +131,6 @@ def test_per_pixel_all_zero_reliability_falls_back_to_uniform_mean():
     assert r[0].tolist() == [0.5, 0.25] and r[1].tolist() == [0.5, 0.75]
 
 
-@pytest.mark.parametrize("bindings, message", [
-    ([], "the product has no bindings: connect at least one PoEBind* node"),
-    ([poe.Binding("E", c(1), 2.0, 0.0), poe.Binding("F", c(1), -1.0, 0.0)],
-     "F: a negative weight (negation) pushes away from the pooled null, but every reliability is 0: give at least "
-     "one binding with a null a reliability > 0"),
-    ([poe.Binding("E", c(1), 2.0, 0.0, (c(0),))],
-     "the weights sum to 2, not 1, so the rule needs a pooled null, but every reliability is 0: give at least one "
-     "binding with a null a reliability > 0"),
-    ([poe.Binding("E", c(1), 2.0, 1.0)],
-     "E: reliability is > 0 but this binding has no null condition (its expert has no trained null); set the "
-     "reliability to 0 or choose how the null is formed"),
-])
-def test_undefined_rules_are_refused(bindings, message):
-    with pytest.raises(ValueError) as err:
-        poe.validate_bindings(bindings)
-    assert str(err.value) == message
-
-
 def test_nan_from_an_expert_is_named():
     class Bad(CountingExpert):
         def __call__(self, x, sigma, cond):
