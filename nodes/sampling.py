@@ -1,6 +1,7 @@
 """Sampling nodes: a KSampler for products, a GUIDER for SamplerCustomAdvanced, and its SIGMAS."""
 from __future__ import annotations
 
+import comfy.sample
 import torch
 from comfy_api.v0_0_2 import io
 
@@ -31,7 +32,8 @@ def _latent(node: str, guider: ProductGuider, width, height, batch_size, latent_
     product = guider.product
     latent_input = "latent_image"
     if latent_image is not None:
-        samples = latent_image["samples"].float()
+        # As ComfyUI's own KSampler does: an empty (all-zero) latent takes the product's channels.
+        samples = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"]).float()
     else:
         if product.size is None and (width == 0 or height == 0):
             raise ValueError(f"{node}: inputs 'width' and 'height' must be set (a product of MODELs has no native "

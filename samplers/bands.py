@@ -83,13 +83,13 @@ def dct2(x: torch.Tensor) -> torch.Tensor:
     """DCT-II of the last two dimensions (orthonormal, so :func:`idct2` is its transpose)."""
     qh = dct_matrix(x.shape[-2], x.dtype, x.device)
     qw = dct_matrix(x.shape[-1], x.dtype, x.device)
-    return torch.einsum("fh,...hw,gw->...fg", qh, x, qw)
+    return qh @ x @ qw.T
 
 
 def idct2(c: torch.Tensor) -> torch.Tensor:
     qh = dct_matrix(c.shape[-2], c.dtype, c.device)
     qw = dct_matrix(c.shape[-1], c.dtype, c.device)
-    return torch.einsum("fh,...fg,gw->...hw", qh, c, qw)
+    return qh.T @ c @ qw
 
 
 def radial_frequency(h: int, w: int) -> torch.Tensor:
@@ -107,7 +107,8 @@ def radial_frequency(h: int, w: int) -> torch.Tensor:
 class Band:
     """A weight profile over frequency: ``values[0]`` below ``edges[0]``, ``values[j]`` between edges
     j-1 and j, ``values[-1]`` above the last edge; each step is a raised-cosine ``transition`` wide
-    (0: a hard edge). Frequencies are :func:`radial_frequency`, 1 = Nyquist.
+    (0: a hard edge, and a coefficient exactly on it takes the value above it, so bands that share an
+    edge split the coefficients exactly). Frequencies are :func:`radial_frequency`, 1 = Nyquist.
 
     Args:
         edges (`tuple[float, ...]`): increasing band edges in [0, 1].
@@ -242,6 +243,17 @@ def _scalar(v) -> float | None:
 def levels_of(factors: Sequence[int]) -> list[int]:
     """The resolution levels K_1 = 1 < K_2 < ... of a product: 1 and every expert's factor."""
     return sorted({1} | {int(k) for k in factors})
+
+
+def level_words(levels: Sequence[int], m: int) -> str:
+    """How messages name the band S_m of level ``levels[m]`` (the detail between its blocks and the next level's)."""
+    level = levels[m]
+    coarser = levels[m + 1] if m + 1 < len(levels) else None
+    if level == 1:
+        return f"the detail finer than {coarser} x {coarser} blocks" if coarser else "the canvas"
+    if coarser:
+        return f"the detail between {level} x {level} and {coarser} x {coarser} blocks"
+    return f"the {level} x {level} block means"
 
 
 def _filter(v: torch.Tensor, band: Band | None, k: int) -> torch.Tensor:

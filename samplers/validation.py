@@ -308,14 +308,6 @@ def _total_words(bindings: Sequence[Binding]) -> str:
     return f"{float(t):.4g}" if t.numel() == 1 else f"{float(t.min()):.4g}..{float(t.max()):.4g} per pixel"
 
 
-def _band_words(level: int, coarser: int | None) -> str:
-    if level == 1:
-        return f"the detail finer than {coarser} x {coarser} blocks" if coarser else "the canvas"
-    if coarser:
-        return f"the detail between {level} x {level} and {coarser} x {coarser} blocks"
-    return f"the {level} x {level} block means"
-
-
 def check_rule(active: Sequence[Binding], shape: tuple[int, ...]) -> None:
     """The rule of the bindings ``active`` at one noise level is defined on a canvas of ``shape``:
     wherever the null term does not vanish (``bands.null_levels``), a null at that resolution or finer
@@ -335,10 +327,9 @@ def check_rule(active: Sequence[Binding], shape: tuple[int, ...]) -> None:
         if not banded:
             raise ProductError(f"the weights sum to {_total_words(active)}, not 1, so the rule needs a pooled null, but "
                                "every reliability is 0: give at least one binding with a null a reliability > 0")
-        coarser = levels[m + 1] if m + 1 < len(levels) else None
         finest = shape[-1] // level
         raise ProductError(
-            f"on {_band_words(level, coarser)}, the weights acting there (with their bands) do not sum to 1, so the "
+            f"on {bands.level_words(levels, m)}, the weights acting there (with their bands) do not sum to 1, so the "
             f"rule needs a pooled null there, but no binding whose expert makes {finest}px images or larger has a "
             "null with a reliability > 0: give one a null and a reliability > 0, or make the weights there sum "
             "to 1 (complementary bands of weight 1 need no null)")

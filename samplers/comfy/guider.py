@@ -93,7 +93,7 @@ class ProductGuider(comfy.samplers.CFGGuider):
         bindings = model_experts.resolve(bindings)
         self.model_experts = model_experts.model_experts(bindings)
         self.chain = bindings
-        self.product = validation.prepare(bindings) if latent is None else validation.validate(bindings, latent)
+        self.product = validation.prepare(bindings)
         self.bindings = list(self.product.bindings)
         self.handles: list[ExpertHandle] = list(self.product.experts)
         product = ProductModel(self.product.alphas_cumprod, [h.model for h in self.handles])
@@ -108,6 +108,8 @@ class ProductGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({})
         # Each expert's stacked conditions on its own device, built once (poe.product_prediction).
         self.staged: dict = {}
+        if latent is not None:
+            self.fit(latent)
 
     @property
     def sigma_range(self) -> tuple[float, float]:
@@ -118,8 +120,11 @@ class ProductGuider(comfy.samplers.CFGGuider):
         """Validate the product on ``latent`` (``validation.validate``, raising ``ProductError``) and take
         its resolution factors and schedule: a product with MODELs takes any canvas, and a smaller expert's
         factor and noise range follow the canvas."""
-        product = validation.validate(self.chain, latent)
-        if product.sigma_range != self.product.sigma_range:
+        # A MODEL binding's mask was drawn before the latent's size was known: it is fitted to the latent first.
+        chain = model_experts.fit_spatial(self.chain, latent.shape) if len(latent.shape) == 4 else self.chain
+        product = validation.validate(chain, latent)
+        # The schedule follows the canvas: its range, and its shape, which is a canvas-sized expert's.
+        if not torch.equal(product.alphas_cumprod, self.product.alphas_cumprod):
             self.model_patcher.model.model_sampling = ContinuousModelSampling(product.alphas_cumprod)
         self.product, self.bindings = product, list(product.bindings)
 
@@ -153,7 +158,6 @@ class ProductGuider(comfy.samplers.CFGGuider):
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
                      *args, **kwargs):
         # MODEL experts prepare their conds for this run as CFGGuider does for its one model.
-        self._run_bindings = model_experts.fit_spatial(self.bindings, noise.shape)
         try:
             # process_conds sees the latent as CFGGuider.inner_sample hands it over (inpainting models read it).
             latent_in = latent_image
@@ -166,13 +170,11 @@ class ProductGuider(comfy.samplers.CFGGuider):
         finally:
             for m in self.model_experts:
                 m.finish()
-            self._run_bindings = self.bindings
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         try:
             # Experts loaded on other devices get x there; their predictions come back to x's device.
-            bindings = getattr(self, "_run_bindings", self.bindings)
-            denoised, pooled = poe.product_prediction(x, timestep, bindings, self._eps_fn(model_options, x.shape[0]),
+            denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options, x.shape[0]),
                                                       self.staged, device_of=lambda h: h.device,
                                                       prediction="denoised")
         except FloatingPointError as err:
