@@ -305,16 +305,17 @@ class ForwardPlan:
     variance_calls: frozenset[int] = frozenset()  # calls that also return Var[x0 | x] (their nulls need it)
 
 
-def plan_forwards(bindings: Sequence[Binding], shape: tuple[int, ...] = (64, 64)) -> ForwardPlan:
+def plan_forwards(bindings: Sequence[Binding], shape: tuple[int, ...] = (64, 64),
+                  needed: list[bool] | None = None) -> ForwardPlan:
     """Group the rows of all bindings by expert, so each expert runs one forward per step.
 
     A null runs only where it is not multiplied by zero: its binding's reliability is non-zero, and
     the null term acts on some band that its expert's null covers (:func:`null_levels` on a canvas
-    of ``shape``: a null at factor k is part of the pooled null on every level K >= k). A binding of
-    weight 0 runs no conditional row.
+    of ``shape``, or ``needed`` when the caller has them: a null at factor k is part of the pooled
+    null on every level K >= k). A binding of weight 0 runs no conditional row.
     """
     levels = bands_mod.levels_of([int(b.resolution_factor) for b in bindings])
-    needed = null_levels(bindings, shape)
+    needed = null_levels(bindings, shape) if needed is None else needed
     # The coarsest level on which the null term acts: nulls at factors up to it are used.
     reach = max((level for level, n in zip(levels, needed) if n), default=0)
     calls: list[ExpertCall] = []
@@ -424,7 +425,8 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     where each expert runs when they sit on different devices (:func:`run_plan`); the rule itself
     is computed on ``x``'s device. ``prediction`` says what ``eps_fn`` returns (``eps`` or
     ``denoised``); it matters only for experts at a lower resolution, whose lift into the canvas
-    scales noise by 1/k (``bands.lift_scale``).
+    scales noise by 1/k (``bands.lift_scale``). ``staged`` also keeps, per set of active bindings, the
+    levels where the null term acts (:func:`null_levels`).
     """
     s = float(torch.as_tensor(sigma).flatten()[0])
     active = at_sigma(bindings, s)
@@ -432,7 +434,7 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
         raise ValueError(f"no binding is active at sigma={s:.4g}: widen at least one binding's sigma window")
     # Which products are defined is validation's (samplers/validation.py), checked once before sampling
     # at every level of the schedule; the guards below only stop a product that skipped it.
-    plan = plan_forwards(active, tuple(x.shape))
+    plan = plan_forwards(active, tuple(x.shape), _null_levels_once(active, tuple(x.shape), staged))
     variances: list[list[torch.Tensor]] = []
     outs = run_plan(plan, x, sigma, eps_fn, staged, device_of, variances)
     cond_preds, weights = [], []
@@ -464,6 +466,19 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
                          "supplies a null with reliability > 0")
     _check_finite([out] if pooled is None else [out, pooled], plan, outs, s)
     return out, pooled
+
+
+def _null_levels_once(active: Sequence[Binding], shape: tuple[int, ...], staged: dict | None) -> list[bool]:
+    """:func:`null_levels`, computed once per set of active weights and bands in a sampling run (``staged``):
+    they change only at window edges, and a banded canvas costs a few DCTs to probe."""
+    if staged is None:
+        return null_levels(active, shape)
+    # Ramps replace a binding but keep its weight and band objects; the entry keeps them too, so no id in its
+    # key is reused while the cache lives.
+    key = ("null_levels", tuple((id(b.weight), id(b.band), int(b.resolution_factor)) for b in active), shape[-2:])
+    if key not in staged:
+        staged[key] = ([(b.weight, b.band) for b in active], null_levels(active, shape))
+    return staged[key][1]
 
 
 def _banded_prediction(x: torch.Tensor, active: Sequence[Binding], plan: ForwardPlan, outs: list[list[torch.Tensor]],

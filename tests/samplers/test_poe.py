@@ -226,11 +226,13 @@ def test_staged_conditions_are_stacked_once_per_run_and_change_nothing(monkeypat
     for step in range(3):
         out, u = poe.product_prediction(X, SIGMA, bindings, eps_fn, staged)
         assert torch.equal(out, want) and torch.equal(u, want_u)
-    assert stacked == [2, 2] and len(staged) == 2  # once per expert, not once per step
+    conditions = [k for k in staged if k[0] != "null_levels"]
+    assert stacked == [2, 2] and len(conditions) == 2  # once per expert, not once per step
+    assert len(staged) == 3                             # and where the null term acts, once per set of bindings
     # Another batch size is another entry, not a wrong one.
     x3 = torch.cat([X, X[:1]])
     out3, _ = poe.product_prediction(x3, SIGMA, bindings, eps_fn, staged)
-    assert torch.equal(out3[:2], want) and len(staged) == 4
+    assert torch.equal(out3[:2], want) and len(staged) == 5
 
 
 def test_nan_in_the_null_rows_is_named_too():

@@ -1,6 +1,11 @@
-"""A graph fuzz over chains of bindings: seeded graph specs (hypothesis strategies), the graphs built through
-the pack's own nodes, every path that samples a product, an independent reference of the documented rule,
-and an independent oracle of which graphs the rule refuses.
+"""A graph fuzz over chains of bindings: seeded graph specs, the graphs built through the pack's own nodes,
+every path that samples a product, an independent reference of the documented rule, and an independent
+oracle of which graphs the rule refuses.
+
+Hypothesis draws the seeds (:func:`graph_specs`, derandomized in the tests); every choice of a graph comes
+from ``random.Random(seed)`` (:func:`graph_spec`), with odds chosen so that each kind of binding, latent and
+refusal is common (hypothesis' own integers lean to the ends of their ranges). The seed reproduces the graph:
+``graph_spec(seed).describe()`` prints it.
 
 A graph is a chain of 1-4 bindings drawn from every binding node: the shipped tiny experts (``models_tiny``:
 PoEBindClass on the 32 px and 16 px digit experts, PoEBindText on the colour expert, PoEBindSegmentation on
