@@ -68,8 +68,9 @@ def clamp_sigmas(sigmas: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def latent_facts(latent_image: torch.Tensor, noise: torch.Tensor | None = None) -> validation.Latent:
     """What validation reads of a LATENT's samples: its shape (a nested latent has none of its own) and
     whether its values are finite."""
-    if getattr(latent_image, "is_nested", False):
-        return validation.Latent(("nested",) + tuple(t.ndim for t in latent_image.unbind()))
+    if getattr(latent_image, "is_nested", False):      # several latents packed together: not one image batch
+        parts = latent_image.unbind()
+        return validation.Latent((len(parts), *parts[0].shape))
     return validation.Latent(tuple((noise if noise is not None else latent_image).shape),
                              bool(torch.isfinite(latent_image).all()))
 
