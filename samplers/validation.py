@@ -22,6 +22,10 @@ Three stages, each a function of plain data, run in this order on every path:
 can know before its latent arrives); :func:`validate` runs all three. The checks carry no ComfyUI
 names: experts are read through their attributes (``name``, ``resolution``, ``image_channels``, and
 for ComfyUI MODELs ``space`` and ``refusal``).
+
+A new way of sampling a product (particles, OR/AND groups) calls ``validate(bindings, Latent(shape,
+finite))`` once its latent is known, samples the bindings it returns (each with its resolution factor),
+and reports a :class:`ProductError` through :meth:`ProductError.named` with its own node's name.
 """
 from __future__ import annotations
 
