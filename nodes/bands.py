@@ -31,7 +31,12 @@ class PoEBandWeights(io.ComfyNode):
                                        "and cutoff_high; ramp down/up: a smooth fade from cutoff to cutoff_high; "
                                        "bands: one weight per band, from band_edges and band_weights."),
                 io.Float.Input("cutoff", default=0.25, min=0.0, max=1.0, step=0.01,
-                               tooltip="The band edge, as a fraction of the Nyquist frequency."),
+                               tooltip="The band edge, as a fraction of the Nyquist frequency. A coefficient exactly "
+                                       "on a hard edge goes to the band above it: 0.25 sits on the 16th coefficient of "
+                                       "a 64-px latent (on every grid whose side is a multiple of 4), which belongs to "
+                                       "the high-pass, never to both bands. Complementary low- and high-pass bindings "
+                                       "with one cutoff split the frequencies exactly; with weights 1 they need no "
+                                       "null."),
                 io.Float.Input("cutoff_high", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Upper edge for band-pass, end of the ramp for the ramps."),
                 io.Float.Input("transition", default=0.0, min=0.0, max=1.0, step=0.01,

@@ -8,8 +8,7 @@ import math
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..samplers import poe
-from ..samplers.prepare import image_shape
+from ..samplers import poe, validation
 
 log = logging.getLogger("unite_and_conquer")
 
@@ -25,11 +24,15 @@ def node_input(node: str, name: str, fix: str = ""):
     try:
         yield
     except (ValueError, KeyError, TypeError) as err:
-        # A KeyError's str() is the repr of its key: unquote it; other messages stay as they are.
-        msg = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
-        if len(msg) > 600:
-            msg = msg[:600] + "..."
-        raise ValueError(f"{node}: input '{name}': {msg}{(' ' + fix) if fix else ''}") from None
+        raise _named(node, name, err, fix) from None
+
+
+def _named(node: str, name: str, err: Exception, fix: str = "") -> ValueError:
+    # A KeyError's str() is the repr of its key: unquote it; other messages stay as they are.
+    msg = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+    if len(msg) > 600:
+        msg = msg[:600] + "..."
+    return ValueError(f"{node}: input '{name}': {msg}{(' ' + fix) if fix else ''}")
 
 
 def check_choice(node: str, name: str, value, options, what: str = "value") -> None:
@@ -69,21 +72,28 @@ def check_finite(node: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{node}: input '{name}' contains NaN or Inf values; fix the node that produced it")
 
 
-def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str) -> list[poe.Binding]:
-    """A new list with ``binding`` appended; the upstream list is never mutated (cached outputs)."""
-    bindings = list(previous or [])
-    if bindings:
-        first, new = poe.unwrap(bindings[0].expert), poe.unwrap(binding.expert)
-        (r1, c1), (r2, c2) = image_shape(first), image_shape(new)
-        # A smaller expert may join when its size divides the other's: it then runs on the pooled canvas.
-        if c1 != c2 or max(r1, r2) % min(r1, r2):
-            raise ValueError(
-                f"{node}: input 'expert': {new.name} makes {new.resolution}px images with {new.image_channels} "
-                f"channels but the chained experts ({first.name}) make {first.resolution}px with "
-                f"{first.image_channels}. Experts of a product share the channels, and their sizes must be integer "
-                "multiples of one another (a smaller expert runs on the pooled canvas).")
-    bindings.append(binding)
+def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str, expert_input: str = "expert"
+          ) -> list[poe.Binding]:
+    """A new list with ``binding`` appended, checked as a chain (``validation.check_chain``: one space,
+    nesting sizes), in any order of binding kinds; the upstream list is never mutated (cached outputs)."""
+    bindings = list(previous or []) + [binding]
+    try:
+        validation.check_chain(bindings)
+    except validation.ProductError as err:
+        raise ValueError(f"{node}: input '{expert_input}': {err}") from None
     return bindings
+
+
+@contextlib.contextmanager
+def product_input(node: str, latent_input: str = "latent_image"):
+    """Re-raise a refusal of ``samplers/validation.py`` naming the node and the input at fault (the chain,
+    or the latent: ``latent_input``), and other library errors as :func:`node_input` does for 'experts'."""
+    try:
+        yield
+    except validation.ProductError as err:
+        raise err.named(node, latent_input) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise _named(node, "experts", err) from None
 
 
 def weight_input(default: float = 1.0) -> io.Float.Input:

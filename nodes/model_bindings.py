@@ -7,10 +7,12 @@ from comfy_api.v0_0_2 import io
 from ..conditions import maps
 from ..samplers import poe
 from ..samplers.comfy import model_experts as comfy_models
+from ..samplers.comfy.guider import checked_for_stock_samplers
 from ..samplers.comfy.models import conditioning_of
+from ..samplers.validation import who
 from ..samplers.describe import describe
-from .common import (CATEGORY, Experts, check_number, check_unit_range, experts_input, index_input, indexed_chain, log,
-                     mask_inputs, node_input, reliability_input, weight_input)
+from .common import (CATEGORY, Experts, chain, check_number, check_unit_range, experts_input, index_input,
+                     indexed_chain, log, mask_inputs, node_input, reliability_input, weight_input)
 
 
 def _mask_scale(mask, feather_px: int, invert: bool, outside: float):
@@ -69,9 +71,7 @@ class PoEBindModel(io.ComfyNode):
         nulls = () if negative is None else ({"conditioning": negative},)
         b = poe.Binding(comfy_models.ModelSource(model, name), {"conditioning": positive}, weight, reliability,
                         nulls, label=label)
-        bindings = list(experts or []) + [b]
-        # latent_format_of names the node and the input itself.
-        comfy_models.latent_format_of(bindings, node)
+        bindings = chain(experts, b, node, "model")
         text = describe(b)
         log.info("%s: %s", node, text)
         return io.NodeOutput(bindings, ui={"text": (text,)})
@@ -88,7 +88,10 @@ class PoEEncodeCondition(io.ComfyNode):
                         "stock KSampler or CFGGuider samples that expert alone (cfg plays the binding's weight). Any "
                         "PoEBind* node encodes the condition: class, text, segmentation, sketch, image. The negative "
                         "is the binding's null (several conditions, such as 'mean of k random classes', are averaged "
-                        "by ComfyUI); it is empty when the binding has no null.",
+                        "by ComfyUI); it is empty when the binding has no null. The stock sampler checks what it "
+                        "samples as PoEKSampler would (the latent against the expert's size, a null where cfg is not "
+                        "1, the binding's noise window); a binding with a mask or a band is refused here, since one "
+                        "cfg cannot apply them.",
             inputs=[
                 Experts.Input("experts", tooltip="A chain; the chosen binding is converted."),
                 index_input(),
@@ -101,7 +104,17 @@ class PoEEncodeCondition(io.ComfyNode):
     def execute(cls, experts, index) -> io.NodeOutput:
         node = "PoEEncodeCondition"
         bindings = indexed_chain(node, experts, index)
-        b = bindings[index]
+        i = index % len(bindings)
+        b = bindings[i]
+        # A stock sampler applies one cfg to every pixel and frequency: what it cannot apply is refused here,
+        # not dropped (PoEKSampler and PoEGuider sample such a binding).
+        if any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in (b.weight, b.reliability)):
+            raise ValueError(f"{node}: input 'experts': {who(i, b)} has a mask, but a stock sampler applies one cfg "
+                             "to the whole image; sample it with PoEKSampler or PoEGuider, or remove the mask")
+        if b.band is not None and not b.band.all_pass:
+            raise ValueError(f"{node}: input 'experts': {who(i, b)} has a band ({b.band.describe()}), but a stock "
+                             "sampler applies one cfg to every frequency; sample it with PoEKSampler or PoEGuider, or "
+                             "remove the PoEBandWeights node")
         if isinstance(b.expert, comfy_models.ModelSource):
             model, positive = b.expert.patcher, b.condition["conditioning"]
             negative = [c for n in b.null for c in n["conditioning"]]
@@ -109,6 +122,6 @@ class PoEEncodeCondition(io.ComfyNode):
             model = b.expert.patcher
             positive = conditioning_of([b.condition])
             negative = conditioning_of(b.null)
-        if any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in (b.weight, b.reliability)):
-            log.warning("%s: the binding's mask is not carried into the CONDITIONING", node)
+        # The sampler validates the one-binding product it runs (weight = its cfg) on its latent, as PoEKSampler would.
+        model = checked_for_stock_samplers(model, b, node)
         return io.NodeOutput(model, positive, negative, ui={"text": (describe(b),)})

@@ -1,65 +1,51 @@
 """Sampling nodes: a KSampler for products, a GUIDER for SamplerCustomAdvanced, and its SIGMAS."""
 from __future__ import annotations
 
+import comfy.sample
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..samplers import correctors, poe
+from ..samplers import correctors, validation
 from ..samplers.comfy import sampling as comfy_sampling
 from ..samplers.comfy.correctors import with_corrector
-from ..samplers.comfy.guider import ProductGuider
+from ..samplers.comfy.guider import ProductGuider, latent_facts
 from ..samplers.comfy.model_experts import is_pixel_space
 from ..samplers.comfy.resampling import with_resampling
 from ..samplers.describe import describe_corrector, describe_rule
-from .common import (CATEGORY, Experts, check_choice, check_finite, log, node_input, pixels_to_image, sigma_window,
+from .common import (CATEGORY, Experts, check_choice, log, node_input, pixels_to_image, product_input, sigma_window,
                      sigma_window_inputs)
 
 Corrector = io.Custom("POE_CORRECTOR")
 
 
 def _guider(node: str, experts) -> ProductGuider:
+    """The product of a chain, checked as far as it can be before a latent arrives (``validation.prepare``)."""
     if not experts:
         raise ValueError(f"{node}: input 'experts' is empty: connect a PoEBind* node")
-    with node_input(node, "experts"):
-        return ProductGuider(experts)
+    with product_input(node):
+        return ProductGuider(experts, node)
 
 
-def _latent(node: str, guider, width, height, batch_size, latent_image):
-    resolution, channels = guider.product.resolution, guider.product.image_channels
-    if resolution is None:
-        return _model_latent(node, guider, width, height, batch_size, latent_image)
+def _latent(node: str, guider: ProductGuider, width, height, batch_size, latent_image):
+    """The LATENT PoEKSampler samples, validated with the product (``validation.validate``): latent_image, or
+    zeros of width x height (0: the largest expert's size) in the product's space. Returns (samples, noise mask)."""
+    product = guider.product
+    latent_input = "latent_image"
     if latent_image is not None:
-        samples = latent_image["samples"]
-        if samples.ndim != 4 or tuple(samples.shape[1:]) != (channels, resolution, resolution):
-            raise ValueError(f"{node}: input 'latent_image' has shape {tuple(samples.shape)}, but the experts make "
-                             f"{channels} x {resolution} x {resolution} pixel images. Use a pixel-space latent of that "
-                             "size (for example VAEEncode with the pixel_space VAE on a resized image).")
-        check_finite(node, "latent_image", samples)
-        return samples.float(), latent_image.get("noise_mask"), latent_image.get("batch_index")
-    for name, v in (("width", width), ("height", height)):
-        if v not in (0, resolution):
-            raise ValueError(f"{node}: input '{name}' is {v}, but the experts were trained at {resolution} px and "
-                             f"pixel-space experts are not resized. Set {name} to {resolution} (or 0 for automatic).")
-    return torch.zeros(batch_size, channels, resolution, resolution), None, None
-
-
-def _model_latent(node: str, guider, width, height, batch_size, latent_image):
-    """A product of MODELs only: the latent of their format, from latent_image or width x height."""
-    fmt = guider.model_patcher.model.latent_format
-    channels = fmt.latent_channels
-    if latent_image is not None:
-        samples = latent_image["samples"]
-        if samples.ndim != 4 or samples.shape[1] != channels:
-            raise ValueError(f"{node}: input 'latent_image' has shape {tuple(samples.shape)}, but the models work on "
-                             f"{type(fmt).__name__} latents with {channels} channels; encode the image with that "
-                             "family's VAE")
-        check_finite(node, "latent_image", samples)
-        return samples.float(), latent_image.get("noise_mask"), latent_image.get("batch_index")
-    if width == 0 or height == 0:
-        raise ValueError(f"{node}: inputs 'width' and 'height' must be set (a product of MODELs has no native size), "
-                         "or connect a latent_image")
-    down = 1 if is_pixel_space(fmt) else 8   # ComfyUI's image latents are 1/8 size
-    return torch.zeros(batch_size, channels, height // down, width // down), None, None
+        # As ComfyUI's own KSampler does: an empty (all-zero) latent takes the product's channels.
+        samples = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"]).float()
+    else:
+        if product.size is None and (width == 0 or height == 0):
+            raise ValueError(f"{node}: inputs 'width' and 'height' must be set (a product of MODELs has no native "
+                             "size), or connect a latent_image")
+        # ComfyUI's image latents are 1/8 of the image; pixel latents are the image.
+        down = 1 if product.space == validation.PIXELS else 8
+        h, w = (height or product.size * down) // down, (width or product.size * down) // down
+        samples = torch.zeros(batch_size, product.channels, h, w)
+        latent_input = "height" if height and h != product.size else "width"
+    with product_input(node, latent_input):
+        guider.fit(latent_facts(samples))
+    return samples, None if latent_image is None else latent_image.get("noise_mask")
 
 
 def _image(guider, samples):
@@ -95,8 +81,11 @@ class PoEKSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1 samples from noise; below 1 refines latent_image (img2img)."),
                 io.Int.Input("width", default=0, min=0, max=4096, step=8,
-                             tooltip="0 = the experts' resolution. Pixel-space experts sample at their own size."),
-                io.Int.Input("height", default=0, min=0, max=4096, step=8, tooltip="0 = the experts' resolution."),
+                             tooltip="0 = the largest expert's size. Native experts are never resized: the canvas "
+                                     "is the largest one's size, and a smaller expert whose size divides it runs on "
+                                     "the pooled canvas; with a ComfyUI MODEL in the product, any multiple of it."),
+                io.Int.Input("height", default=0, min=0, max=4096, step=8,
+                             tooltip="0 = the largest expert's size (see width)."),
                 io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per run."),
                 io.Latent.Input("latent_image", optional=True,
                                 tooltip="Optional pixel latent (B x 3 x H x W in [-1, 1]) to start from; its noise "
@@ -130,14 +119,12 @@ class PoEKSampler(io.ComfyNode):
         check_choice(node, "sampler_name", sampler_name, comfy_sampling.SAMPLER_NAMES, "sampler")
         check_choice(node, "scheduler", scheduler, comfy_sampling.SCHEDULER_NAMES, "scheduler")
         guider = _guider(node, experts)
-        latent, noise_mask, _ = _latent(node, guider, width, height, batch_size, latent_image)
-        with node_input(node, "experts"):
-            poe.check_batch(guider.bindings, latent.shape[0])
+        latent, noise_mask = _latent(node, guider, width, height, batch_size, latent_image)
         if latent_image is None and denoise < 1.0:
             raise ValueError(f"{node}: input 'denoise' is {denoise} but there is no latent_image to refine; "
                              "connect one or set denoise to 1")
         sigmas = comfy_sampling.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
-        rule = describe_rule(guider.bindings)
+        rule = describe_rule(guider.bindings, latent.shape)
         sampler = comfy_sampling.sampler_object(sampler_name)
         corrected = None
         if corrector is not None:
@@ -169,7 +156,9 @@ class PoEGuider(io.ComfyNode):
             display_name="Product-of-Experts Guider",
             category=f"{CATEGORY}/sampling",
             description="The product as a GUIDER for SamplerCustomAdvanced. Use PoEScheduler for SIGMAS inside "
-                        "the experts' common noise range (other schedules are clamped to it).",
+                        "the experts' common noise range (other schedules are clamped to it). The product is checked "
+                        "when the sampler hands it its latent, exactly as PoEKSampler checks it: the canvas against "
+                        "every expert's size, the channels, the batch, and the nulls the rule needs there.",
             inputs=[Experts.Input("experts", tooltip="The chained bindings (PoEBind* nodes).")],
             outputs=[io.Guider.Output(display_name="GUIDER")],
         )
@@ -177,7 +166,8 @@ class PoEGuider(io.ComfyNode):
     @classmethod
     def execute(cls, experts) -> io.NodeOutput:
         guider = _guider("PoEGuider", experts)
-        return io.NodeOutput(guider, ui={"text": (describe_rule(guider.bindings),)})
+        size = guider.product.size
+        return io.NodeOutput(guider, ui={"text": (describe_rule(guider.bindings, (size, size) if size else None),)})
 
 
 class PoEScheduler(io.ComfyNode):
@@ -188,7 +178,9 @@ class PoEScheduler(io.ComfyNode):
             display_name="Product-of-Experts Scheduler",
             category=f"{CATEGORY}/sampling",
             description="SIGMAS from a ComfyUI scheduler over the noise range that every expert of the product can "
-                        "serve (the intersection of their training schedules).",
+                        "serve (the intersection of their training schedules), on the canvas of the largest expert. A "
+                        "smaller expert serves sigma where sigma/k is in its range, so with a ComfyUI MODEL and a "
+                        "larger latent the range moves; the guider then clamps the sigmas to it.",
             inputs=[
                 Experts.Input("experts", tooltip="The chained bindings whose common noise range is used."),
                 io.Combo.Input("scheduler", options=comfy_sampling.SCHEDULER_NAMES, default="karras",

@@ -83,13 +83,13 @@ def dct2(x: torch.Tensor) -> torch.Tensor:
     """DCT-II of the last two dimensions (orthonormal, so :func:`idct2` is its transpose)."""
     qh = dct_matrix(x.shape[-2], x.dtype, x.device)
     qw = dct_matrix(x.shape[-1], x.dtype, x.device)
-    return torch.einsum("fh,...hw,gw->...fg", qh, x, qw)
+    return qh @ x @ qw.T
 
 
 def idct2(c: torch.Tensor) -> torch.Tensor:
     qh = dct_matrix(c.shape[-2], c.dtype, c.device)
     qw = dct_matrix(c.shape[-1], c.dtype, c.device)
-    return torch.einsum("fh,...fg,gw->...hw", qh, c, qw)
+    return qh.T @ c @ qw
 
 
 def radial_frequency(h: int, w: int) -> torch.Tensor:
@@ -107,7 +107,8 @@ def radial_frequency(h: int, w: int) -> torch.Tensor:
 class Band:
     """A weight profile over frequency: ``values[0]`` below ``edges[0]``, ``values[j]`` between edges
     j-1 and j, ``values[-1]`` above the last edge; each step is a raised-cosine ``transition`` wide
-    (0: a hard edge). Frequencies are :func:`radial_frequency`, 1 = Nyquist.
+    (0: a hard edge, and a coefficient exactly on it takes the value above it, so bands that share an
+    edge split the coefficients exactly). Frequencies are :func:`radial_frequency`, 1 = Nyquist.
 
     Args:
         edges (`tuple[float, ...]`): increasing band edges in [0, 1].
@@ -163,7 +164,7 @@ def low_pass(cutoff: float, transition: float = 0.0) -> Band:
 
 
 def high_pass(cutoff: float, transition: float = 0.0) -> Band:
-    return Band((cutoff,), (0.0, 1.0), transition, f"high-pass > {cutoff:.3g}")
+    return Band((cutoff,), (0.0, 1.0), transition, f"high-pass >= {cutoff:.3g}")
 
 
 def band_pass(lo: float, hi: float, transition: float = 0.0) -> Band:
@@ -211,43 +212,6 @@ def project(x: torch.Tensor, k: int) -> torch.Tensor:
     return upsample(pool(x, k), k)
 
 
-def resolution_factor(canvas: tuple[int, int], expert: tuple[int, int], who: str = "expert") -> int:
-    """k with canvas = k * expert size on both axes; anything else is refused."""
-    (h, w), (eh, ew) = canvas, expert
-    if eh <= 0 or ew <= 0 or h % eh or w % ew or h // eh != w // ew:
-        raise ValueError(f"{who} makes {eh} x {ew} images, and the canvas is {h} x {w}: a lower-resolution expert "
-                         f"needs the canvas to be the same integer multiple of its size on both sides")
-    return h // eh
-
-
-def with_resolution_factors(bindings: Sequence, node: str | None = None, canvas: int | None = None):
-    """The bindings (``poe.Binding``) with each expert's resolution factor k = canvas / its resolution,
-    and the canvas side (default: the largest expert's). Experts without a fixed resolution (ComfyUI
-    MODELs) take the canvas (k = 1); sizes that are not an integer multiple, or latent experts below
-    the canvas, are refused. Returns (bindings, canvas); canvas ``None`` when no expert has a size."""
-    experts = [getattr(b.expert, "expert", b.expert) for b in bindings]
-    sizes = [getattr(e, "resolution", None) for e in experts]
-    known = [s for s in sizes if s]
-    if not known:
-        return list(bindings), canvas
-    canvas = canvas or max(known)
-    out = []
-    for i, (b, e, size) in enumerate(zip(bindings, experts, sizes), 1):
-        if not size:
-            out.append(b)
-            continue
-        who = (f"{node}: input 'experts': " if node else "") + f"binding {i} ({e.name})"
-        if size > canvas:
-            raise ValueError(f"{who} makes {size}px images, larger than the {canvas}px canvas; sample at {size}px or "
-                             "more, a multiple of every expert's size")
-        k = resolution_factor((canvas, canvas), (size, size), who)
-        if k > 1 and getattr(e, "latent", False):
-            raise ValueError(f"{who} works in a latent space, which does not pool like pixels, so it cannot serve a "
-                             "larger canvas; use it at its own size")
-        out.append(b if k == b.resolution_factor else replace(b, resolution_factor=k))
-    return out, canvas
-
-
 def at_canvas(v, h: int, w: int, k: int):
     """A weight or reliability given at the expert's own size (H/k x W/k) lifted to the canvas; others as given."""
     if k > 1 and isinstance(v, torch.Tensor) and v.ndim >= 2 and tuple(v.shape[-2:]) == (h // k, w // k):
@@ -276,17 +240,71 @@ def _scalar(v) -> float | None:
     return None
 
 
-def level_needs_null(weights: Sequence, band_list: Sequence[Band | None], factors: Sequence[int], level: int) -> bool:
-    """Whether the pooled null matters on the band of factor ``level`` (P_level minus the next coarser):
-    it cancels only where the weights acting there are scalars without a band that sum to 1."""
-    acting = [(w, b) for w, b, k in zip(weights, band_list, factors) if k <= level]
-    if any(b is not None and not b.all_pass for _, b in acting):
-        return True
-    ws = [_scalar(w) for w, _ in acting]
-    if None in ws:
-        total = sum(torch.as_tensor(w, dtype=torch.float64) for w, _ in acting)
-        return not bool(torch.isclose(total, torch.tensor(1.0, dtype=torch.float64)).all())
-    return not math.isclose(sum(ws), 1.0, rel_tol=1e-9, abs_tol=1e-12)
+def levels_of(factors: Sequence[int]) -> list[int]:
+    """The resolution levels K_1 = 1 < K_2 < ... of a product: 1 and every expert's factor."""
+    return sorted({1} | {int(k) for k in factors})
+
+
+def level_words(levels: Sequence[int], m: int) -> str:
+    """How messages name the band S_m of level ``levels[m]`` (the detail between its blocks and the next level's)."""
+    level = levels[m]
+    coarser = levels[m + 1] if m + 1 < len(levels) else None
+    if level == 1:
+        return f"the detail finer than {coarser} x {coarser} blocks" if coarser else "the canvas"
+    if coarser:
+        return f"the detail between {level} x {level} and {coarser} x {coarser} blocks"
+    return f"the {level} x {level} block means"
+
+
+def _filter(v: torch.Tensor, band: Band | None, k: int) -> torch.Tensor:
+    """F_i v: the band at full resolution, or for an expert at factor k, ``U band(D v)`` on its own grid."""
+    return band_filter(v, band) if k == 1 else upsample(band_filter(pool(v, k), band), k)
+
+
+def null_levels(weights: Sequence, band_list: Sequence[Band | None], factors: Sequence[int],
+                shape: tuple[int, ...], tol: float = 1e-9) -> list[bool]:
+    """Per level K_m (:func:`levels_of`): whether the null term acts on the band S_m = P_{K_m} - P_{K_{m+1}}.
+
+    The rule is ``eps = C u + sum_i w_i F_i eps_i`` with ``C = I - sum_i w_i F_i``, so the pooled null u
+    matters on S_m only where C does not vanish there; a null whose expert speaks on no such band is
+    multiplied by zero and need not run. Weights may be spatial (lifted to the canvas, :func:`at_canvas`).
+
+    - Without bands, every expert acting on S_m (k_i <= K_m) is the identity there (P_{k_i} v = v) and
+      the others are zero (S_m is orthogonal to P_{k_i}), so C is multiplication by ``1 - sum_{k_i <= K_m} w_i``
+      and vanishes iff those weights sum to 1 at every pixel.
+    - With bands, C restricted to S_m is applied to one random element of S_m (float64, fixed seed): a
+      linear map that sends a random vector of a subspace to 0 vanishes on it with probability one.
+      Complementary bands of weight 1 (``low_pass(c)`` and ``high_pass(c)``) give C = 0 on every grid.
+    """
+    h, w = shape[-2:]
+    levels = levels_of(factors)
+    lifted = [at_canvas(wt, h, w, int(k)) for wt, k in zip(weights, factors)]
+    banded = any(b is not None and not b.all_pass for b in band_list)
+    out = []
+    for m, level in enumerate(levels):
+        coarser = levels[m + 1] if m + 1 < len(levels) else None
+        if not banded:
+            acting = [wt for wt, k in zip(lifted, factors) if int(k) <= level]
+            ws = [_scalar(wt) for wt in acting]
+            if None not in ws:
+                out.append(not math.isclose(sum(ws), 1.0, rel_tol=tol, abs_tol=tol))
+                continue
+            total = sum((torch.as_tensor(wt, dtype=torch.float64).cpu() for wt in acting), torch.zeros(()))
+            out.append(not bool(torch.isclose(total, torch.ones((), dtype=torch.float64), rtol=tol, atol=tol).all()))
+            continue
+        spatial = [torch.as_tensor(wt).cpu() for wt in lifted if _scalar(wt) is None]
+        batch = max([t.shape[0] for t in spatial if t.ndim == 4] or [1])
+        channels = max([t.shape[1] for t in spatial if t.ndim == 4] or [1])
+        g = torch.Generator().manual_seed(m)
+        v = torch.randn(batch, channels, h, w, dtype=torch.float64, generator=g)
+        v = project(v, level) - (project(v, coarser) if coarser else 0)
+        cv = v.clone()
+        for wt, band, k in zip(lifted, band_list, factors):
+            s = _scalar(wt)
+            term = _filter(v, band, int(k))
+            cv -= term * s if s is not None else term * torch.as_tensor(wt, dtype=torch.float64).cpu()
+        out.append(bool(cv.norm() > tol * max(float(v.norm()), 1e-300)))
+    return out
 
 
 def pooled_null(null_preds: Sequence[torch.Tensor], reliabilities: Sequence, factors: Sequence[int],

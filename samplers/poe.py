@@ -136,15 +136,20 @@ def total_weight(bindings: Sequence[Binding]) -> torch.Tensor:
     return sum(torch.as_tensor(b.weight, dtype=torch.float64) for b in bindings)
 
 
-def needs_pooled_null(bindings: Sequence[Binding]) -> bool:
-    """Whether the rule uses the pooled null: its coefficient ``1 - sum_i w_i`` is non-zero at some
-    pixel. Masked weights count per pixel, so 1.5 on one half and 0.5 on the other need it. With
-    bands or resolution factors it is needed on every band where the weights acting there carry a
-    band or do not sum to 1 (``bands.level_needs_null``)."""
-    if any(b.banded for b in bindings):
-        return any(_level_needs(bindings))
-    total = torch.as_tensor(total_weight(bindings))
-    return not bool(torch.isclose(total, torch.ones_like(total)).all())
+def null_levels(bindings: Sequence[Binding], shape: tuple[int, ...]) -> list[bool]:
+    """Per resolution level (``bands.levels_of``), whether the rule's null term acts there on a canvas of
+    ``shape``: its coefficient ``I - sum_i w_i F_i`` is non-zero at some pixel or frequency
+    (``bands.null_levels``). Masked weights count per pixel, so 1.5 on one half and 0.5 on the other
+    need it; complementary bands of weight 1 do not. The forward plan, validation and the rule text
+    all read it here."""
+    return bands_mod.null_levels([b.weight for b in bindings], [b.band for b in bindings],
+                                 [int(b.resolution_factor) for b in bindings], shape)
+
+
+def needs_pooled_null(bindings: Sequence[Binding], shape: tuple[int, ...] = (64, 64)) -> bool:
+    """Whether the rule uses the pooled null anywhere (:func:`null_levels`). ``shape`` matters only for
+    bands, whose response depends on the grid (64 x 64 when the canvas is not known yet)."""
+    return any(null_levels(bindings, shape))
 
 
 def null_coefficients(bindings: Sequence[Binding]) -> list[tuple[str, float]] | None:
@@ -183,115 +188,12 @@ def null_coefficients(bindings: Sequence[Binding]) -> list[tuple[str, float]] | 
     return [(" + ".join(labels), c) for _, _, labels, c in groups]
 
 
-def validate_bindings(bindings: Sequence[Binding], allow_negative: bool = True) -> None:
-    """Refuse products whose rule is undefined, before any sampling starts.
-
-    Negative weights are negation ("NOT this", Liu et al. 2022, Composable Diffusion): in the
-    form ``u + sum_i w_i (eps_i - u)`` a negative w_i pushes away from the pooled null ``u``
-    along the binding's own direction, so negation needs a pooled null to push from.
-    """
-    if not bindings:
-        raise ValueError("the product has no bindings: connect at least one PoEBind* node")
-    for b in bindings:
-        name = b.label or _expert_name(b.expert)
-        if torch.as_tensor(b.reliability).lt(0).any():
-            raise ValueError(f"{name}: reliability must be >= 0")
-        if torch.as_tensor(b.weight).lt(0).any() and not allow_negative:
-            raise ValueError(f"{name}: weight must be >= 0")
-        if not b.null and not _is_zero(b.reliability):
-            raise ValueError(f"{name}: reliability is > 0 but this binding has no null condition (its expert has "
-                             "no trained null); set the reliability to 0 or choose how the null is formed")
-    for b in bindings:
-        if int(b.resolution_factor) != b.resolution_factor or b.resolution_factor < 1:
-            raise ValueError(f"{b.label or _expert_name(b.expert)}: resolution factor must be a positive integer, "
-                             f"got {b.resolution_factor}")
-        if b.resolution_factor > 1 and b.reliability_from_variance:
-            raise ValueError(f"{b.label or _expert_name(b.expert)}: reliability from variance is not available for "
-                             "an expert at a lower resolution than the canvas; remove PoEReliabilityFromVariance")
-    with_null = [b for b in bindings if b.null and not _is_zero(b.reliability)]
-    if len({b.reliability_from_variance for b in with_null}) > 1:
-        off = next(b for b in with_null if not b.reliability_from_variance)
-        raise ValueError(f"{off.label or _expert_name(off.expert)}: reliability from variance is on for some bindings "
-                         "and off for this one; apply it to the whole chain, after its last binding")
-    if any(b.banded for b in bindings):
-        _validate_levels(bindings)
-        return
-    no_null = all(_is_zero(b.reliability) for b in bindings)
-    if no_null and any(torch.as_tensor(b.weight).lt(0).any() for b in bindings):
-        negated = next(b for b in bindings if torch.as_tensor(b.weight).lt(0).any())
-        raise ValueError(f"{negated.label or _expert_name(negated.expert)}: a negative weight (negation) pushes away "
-                         "from the pooled null, but every reliability is 0: give at least one binding with a null "
-                         "a reliability > 0")
-    if no_null and needs_pooled_null(bindings):
-        raise ValueError(
-            f"the weights sum to {float(torch.as_tensor(total_weight(bindings)).mean()):.4g}, not 1, so the rule needs a "
-            "pooled null, but every reliability is 0: give at least one binding with a null a reliability > 0"
-        )
-
-
-def factor_levels(bindings: Sequence[Binding]) -> list[int]:
-    """The distinct resolution factors, finest first, always starting at 1 (``bands.pooled_null``)."""
-    return sorted({1} | {int(b.resolution_factor) for b in bindings})
-
-
-def _level_needs(bindings: Sequence[Binding]) -> list[bool]:
-    w = [b.weight for b in bindings]
-    bl = [b.band for b in bindings]
-    ks = [int(b.resolution_factor) for b in bindings]
-    return [bands_mod.level_needs_null(w, bl, ks, level) for level in factor_levels(bindings)]
-
-
-def _validate_levels(bindings: Sequence[Binding]) -> None:
-    """With bands or resolution factors, the pooled null is needed per band (``bands.pooled_null``):
-    wherever the weights acting there carry a band or do not sum to 1, a null at that resolution or
-    finer must have a reliability > 0."""
-    for level, needed in zip(factor_levels(bindings), _level_needs(bindings)):
-        if needed and not any(b.null and not _is_zero(b.reliability) and b.resolution_factor <= level
-                              for b in bindings):
-            finer = "" if level == 1 else f" (detail finer than {level}x{level} blocks)"
-            raise ValueError(
-                f"the bindings acting at full resolution{finer} have bands or weights that do not sum to 1, so the "
-                "rule needs a pooled null there, but no full-resolution binding supplies one: give a binding whose "
-                "expert makes canvas-sized images a null and a reliability > 0")
-
-
-def check_batch(bindings: Sequence[Binding], batch: int) -> None:
-    """Every per-image tensor of every binding must have batch 1 (shared) or the sampler's batch."""
-    for i, b in enumerate(bindings, 1):
-        name = b.label or _expert_name(b.expert)
-        parts = [("weight", b.weight), ("reliability", b.reliability)]
-        parts += [(f"condition input {k!r}", v) for c in (b.condition, *b.null) for k, v in c.items()]
-        for what, v in parts:
-            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] not in (1, batch):
-                raise ValueError(f"binding {i} ({name}): its {what} has a batch of {v.shape[0]}, but the sampler "
-                                 f"makes {batch} image(s); give it a batch of 1 (shared) or {batch}")
-
-
-def check_sigma_coverage(bindings: Sequence[Binding], lo: float, hi: float) -> None:
-    """Every sigma in [lo, hi] must have active bindings whose rule is defined (windows and ramps)."""
-    probes = {lo, hi}
-    for b in bindings:
-        for edge in b.sigma_window + (b.reliability_ramp[::2] if b.reliability_ramp else ()):
-            for s in (edge * (1 - 1e-6), edge * (1 + 1e-6)):
-                if lo <= s <= hi:
-                    probes.add(s)
-    for s in sorted(probes):
-        active = at_sigma(bindings, s)
-        if not active:
-            raise ValueError(f"no binding is active at sigma={s:.4g}; the sampler runs from {hi:.4g} down to "
-                             f"{lo:.4g}: widen a binding's noise window so that every noise level is covered")
-        try:
-            validate_bindings(active)
-        except ValueError as err:
-            raise ValueError(f"at sigma={s:.4g} (with the noise windows and reliability ramps): {err}") from None
-
-
 def normalise_reliabilities(reliabilities: Sequence[Scalar]) -> list[torch.Tensor]:
     """a_j / sum_k a_k, per pixel for tensors; uniform where every reliability is 0.
 
     The uniform fallback only matters for spatial reliabilities, where a region can be left
-    without any reliability; the scalar all-zero case is refused by :func:`validate_bindings`
-    whenever it would be used.
+    without any reliability; the scalar all-zero case is refused whenever it would be used
+    (``validation.check_rule``).
     """
     a = [torch.as_tensor(r, dtype=torch.float32) for r in reliabilities]
     total = sum(a)
@@ -399,17 +301,23 @@ class ForwardPlan:
     cond_index: list[tuple[int, int]]            # binding -> (call, row)
     null_index: list[list[tuple[int, int]]]      # binding -> [(call, row), ...], empty if unused
     bindings: list[Binding]
-    needs_null: bool
+    null_levels: list[bool]                      # per resolution level: whether the null term acts there
     variance_calls: frozenset[int] = frozenset()  # calls that also return Var[x0 | x] (their nulls need it)
 
 
-def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
+def plan_forwards(bindings: Sequence[Binding], shape: tuple[int, ...] = (64, 64),
+                  needed: list[bool] | None = None) -> ForwardPlan:
     """Group the rows of all bindings by expert, so each expert runs one forward per step.
 
-    Nulls are requested only when the rule uses the pooled null (:func:`needs_pooled_null`) and
-    only for bindings whose reliability is non-zero.
+    A null runs only where it is not multiplied by zero: its binding's reliability is non-zero, and
+    the null term acts on some band that its expert's null covers (:func:`null_levels` on a canvas
+    of ``shape``, or ``needed`` when the caller has them: a null at factor k is part of the pooled
+    null on every level K >= k). A binding of weight 0 runs no conditional row.
     """
-    needs_null = needs_pooled_null(bindings)
+    levels = bands_mod.levels_of([int(b.resolution_factor) for b in bindings])
+    needed = null_levels(bindings, shape) if needed is None else needed
+    # The coarsest level on which the null term acts: nulls at factors up to it are used.
+    reach = max((level for level, n in zip(levels, needed) if n), default=0)
     calls: list[ExpertCall] = []
     by_expert: dict[tuple[int, int], int] = {}
 
@@ -424,13 +332,13 @@ def plan_forwards(bindings: Sequence[Binding]) -> ForwardPlan:
     for b in bindings:
         c = call_for(b.expert, int(b.resolution_factor))
         cond_index.append((c, calls[c].row(b.condition)) if not _is_zero(b.weight) else (c, -1))
-        if needs_null and not _is_zero(b.reliability):
+        if int(b.resolution_factor) <= reach and not _is_zero(b.reliability):
             null_index.append([(c, calls[c].row(n)) for n in b.null])
         else:
             null_index.append([])
     variance_calls = frozenset(c for b, idx in zip(bindings, null_index) if b.reliability_from_variance
                                for c, _ in idx)
-    return ForwardPlan(calls, cond_index, null_index, list(bindings), needs_null, variance_calls)
+    return ForwardPlan(calls, cond_index, null_index, list(bindings), needed, variance_calls)
 
 
 def _stacked(call: ExpertCall, batch: int, device: torch.device, staged: dict | None) -> Condition:
@@ -517,14 +425,16 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     where each expert runs when they sit on different devices (:func:`run_plan`); the rule itself
     is computed on ``x``'s device. ``prediction`` says what ``eps_fn`` returns (``eps`` or
     ``denoised``); it matters only for experts at a lower resolution, whose lift into the canvas
-    scales noise by 1/k (``bands.lift_scale``).
+    scales noise by 1/k (``bands.lift_scale``). ``staged`` also keeps, per set of active bindings, the
+    levels where the null term acts (:func:`null_levels`).
     """
     s = float(torch.as_tensor(sigma).flatten()[0])
     active = at_sigma(bindings, s)
     if not active:
         raise ValueError(f"no binding is active at sigma={s:.4g}: widen at least one binding's sigma window")
-    validate_bindings(active)
-    plan = plan_forwards(active)
+    # Which products are defined is validation's (samplers/validation.py), checked once before sampling
+    # at every level of the schedule; the guards below only stop a product that skipped it.
+    plan = plan_forwards(active, tuple(x.shape), _null_levels_once(active, tuple(x.shape), staged))
     variances: list[list[torch.Tensor]] = []
     outs = run_plan(plan, x, sigma, eps_fn, staged, device_of, variances)
     cond_preds, weights = [], []
@@ -551,11 +461,24 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
         _check_finite([pooled], plan, outs, s)
         return pooled, pooled
     out, pooled = combine(cond_preds, weights, null_preds, rel)
-    if pooled is None and plan.needs_null:
+    if pooled is None and any(plan.null_levels):
         raise ValueError(f"the weights sum to {float(torch.as_tensor(total_weight(active)).mean()):.4g} at sigma={s:.4g} but no active binding "
                          "supplies a null with reliability > 0")
     _check_finite([out] if pooled is None else [out, pooled], plan, outs, s)
     return out, pooled
+
+
+def _null_levels_once(active: Sequence[Binding], shape: tuple[int, ...], staged: dict | None) -> list[bool]:
+    """:func:`null_levels`, computed once per set of active weights and bands in a sampling run (``staged``):
+    they change only at window edges, and a banded canvas costs a few DCTs to probe."""
+    if staged is None:
+        return null_levels(active, shape)
+    # Ramps replace a binding but keep its weight and band objects; the entry keeps them too, so no id in its
+    # key is reused while the cache lives.
+    key = ("null_levels", tuple((id(b.weight), id(b.band), int(b.resolution_factor)) for b in active), shape[-2:])
+    if key not in staged:
+        staged[key] = ([(b.weight, b.band) for b in active], null_levels(active, shape))
+    return staged[key][1]
 
 
 def _banded_prediction(x: torch.Tensor, active: Sequence[Binding], plan: ForwardPlan, outs: list[list[torch.Tensor]],
@@ -572,8 +495,8 @@ def _banded_prediction(x: torch.Tensor, active: Sequence[Binding], plan: Forward
         if idx:
             null_preds.append(lifted(b, _row_mean(outs, idx)))
             null_factors.append(int(b.resolution_factor))
-    levels = factor_levels(active)
-    pooled = bands_mod.pooled_null(null_preds, rel, null_factors, tuple(x.shape), levels, _level_needs(active))
+    levels = bands_mod.levels_of([int(b.resolution_factor) for b in active])
+    pooled = bands_mod.pooled_null(null_preds, rel, null_factors, tuple(x.shape), levels, plan.null_levels)
     cond = [(b, lifted(b, outs[c][r])) for b, (c, r) in zip(active, plan.cond_index) if r >= 0]
     if not cond:
         if pooled is None:

@@ -166,7 +166,7 @@ def test_the_package_and_its_pure_layers_import_without_comfyui():
     """Registered from a script, the package and its pure layers load no ComfyUI module and leave the
     pack's folder off sys.path."""
     code = ("import runpy, sys; runpy.run_path(sys.argv[1]); "
-            "import unite_and_conquer.samplers.prepare, unite_and_conquer.samplers.describe, "
+            "import unite_and_conquer.samplers.validation, unite_and_conquer.samplers.describe, "
             "unite_and_conquer.model_loaders, unite_and_conquer.conditions.maps; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[2].split(',')))); "
             "print(any(p.rstrip('/') == sys.argv[3] for p in sys.path))")

@@ -8,8 +8,9 @@ One job per module:
   (``comfy.ops``), so ModelPatcher can cast, stream and partially load them.
 - ``model_experts``: any ComfyUI MODEL as an expert (PoEBindModel): its conds prepared and evaluated
   the way ComfyUI's guider does, at its own noise level (``parameterization``).
-- ``guider``: the product as a ``CFGGuider`` subclass (``ProductGuider``) that overrides only
-  ``predict_noise``.
+- ``guider``: the product as a ``CFGGuider`` subclass (``ProductGuider``) that overrides
+  ``predict_noise``, and ``sample`` to validate the product on the latent it was given
+  (``samplers/validation.py``); the same check for a stock sampler on one binding's MODEL.
 - ``sampling``: ComfyUI's sampler and scheduler lists, sigmas over the common range, and one
   call that runs a sampler.
 - ``intervals``: what running a sampler one interval at a time needs (shared by the next two).
@@ -27,7 +28,9 @@ docs/comfyui_api.md compares each with the newest upstream ComfyUI:
 - comfy.model_sampling.ModelSamplingDiscrete (``set_sigmas``, ``timestep``, ``log_sigmas``,
   ``sigma_min``, ``sigma_max``, ``calculate_input``, ``calculate_denoised``, ``noise_scaling``,
   ``inverse_noise_scaling``), comfy.model_sampling.EPS, comfy.model_sampling.CONST
-- comfy.model_patcher.ModelPatcher (``set_additional_models``, ``load_device``, ``model``)
+- comfy.model_patcher.ModelPatcher (``set_additional_models``, ``load_device``, ``model``, ``clone``,
+  ``add_wrapper_with_key``), comfy.patcher_extension.WrappersMP (``OUTER_SAMPLE``: the wrapper gets
+  the guider as ``executor.class_obj``, with its ``cfg``)
 - comfy.model_management.get_torch_device, comfy.model_management.unet_offload_device,
   comfy.model_management.unet_dtype, comfy.model_management.intermediate_device,
   comfy.model_management.soft_empty_cache,

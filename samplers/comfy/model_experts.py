@@ -24,21 +24,10 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from .. import parameterization as par
-from .. import poe
+from .. import poe, validation
+from .models import ExpertModel
 
 COND_KEY = "uac_conditioning"   # a MODEL binding's condition row: the index of its CONDITIONING
-
-
-@dataclass(eq=False)
-class ModelSource:
-    """What a PoEBindModel binding carries: the MODEL and a name for messages. Its condition is
-    ``{"conditioning": CONDITIONING}`` until a guider resolves it (:func:`resolve`)."""
-    patcher: Any
-    name: str
-
-    @property
-    def latent_format(self):
-        return self.patcher.model.latent_format
 
 
 def model_frame(patcher, name: str = "the MODEL") -> str:
@@ -56,8 +45,50 @@ def is_pixel_space(latent_format) -> bool:
     return isinstance(latent_format, comfy.latent_formats.ChromaRadiance)
 
 
+class ModelFacts:
+    """What ``samplers/validation.py`` reads of a MODEL (``validation.ExpertFacts``): its space (pixels,
+    or its latent format's name), channels, size (a native expert's MODEL keeps its expert's; other
+    MODELs take any size) and whether its model sampling can join a product at all."""
+    patcher: Any
+    name: str
+
+    @property
+    def latent_format(self):
+        return self.patcher.model.latent_format
+
+    @property
+    def space(self) -> str:
+        fmt = self.latent_format
+        return validation.PIXELS if is_pixel_space(fmt) else type(fmt).__name__
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.latent_format.latent_channels)
+
+    @property
+    def resolution(self) -> int | None:
+        model = self.patcher.model
+        return model.expert.resolution if isinstance(model, ExpertModel) else None
+
+    @property
+    def refusal(self) -> str | None:
+        try:
+            model_frame(self.patcher, self.name)
+        except ValueError as err:
+            return str(err).removeprefix(f"{self.name}: ")
+        return None
+
+
 @dataclass(eq=False)
-class ModelExpert:
+class ModelSource(ModelFacts):
+    """What a PoEBindModel binding carries: the MODEL and a name for messages. Its condition is
+    ``{"conditioning": CONDITIONING}`` until a guider resolves it (:func:`resolve`)."""
+    patcher: Any
+    name: str
+
+
+@dataclass(eq=False)
+class ModelExpert(ModelFacts):
     """One MODEL inside one guider: every distinct CONDITIONING of its bindings, and per run its
     prepared conds and options. Bindings of one MODEL share it, so they share one forward."""
     patcher: Any
@@ -79,14 +110,6 @@ class ModelExpert:
     @property
     def frame(self) -> str:
         return model_frame(self.patcher, self.name)
-
-    @property
-    def latent_format(self):
-        return self.patcher.model.latent_format
-
-    # What samplers/prepare.py reads of an expert: no native size, the levels as a VP table.
-    resolution = None
-    image_channels = None
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -180,30 +203,12 @@ def model_experts(bindings: Sequence[poe.Binding]) -> list[ModelExpert]:
     return list(seen.values())
 
 
-def binding_name(i: int, b: poe.Binding) -> str:
-    return f"binding {i} ({getattr(b.expert, 'name', '?')}{' · ' + b.label if b.label else ''})"
-
-
-def latent_format_of(bindings: Sequence[poe.Binding], node: str = "PoEKSampler"):
-    """The product's latent format: the MODELs' shared one, or pixels. A latent MODEL next to a
-    pixel expert, or two latent formats, is refused naming both bindings."""
-    first = None
-    for i, b in enumerate(bindings):
-        fmt = getattr(b.expert, "latent_format", None) if isinstance(b.expert, (ModelSource, ModelExpert)) else \
-            comfy.latent_formats.ChromaRadiance()
-        if first is None:
-            first = (i, b, fmt)
-            continue
-        j, bj, fj = first
-        if type(fmt) is not type(fj) or fmt.latent_channels != fj.latent_channels:
-            def what(f):
-                return "pixels (3 channels)" if is_pixel_space(f) else \
-                    f"{type(f).__name__} latents ({f.latent_channels} channels)"
-            raise ValueError(
-                f"{node}: input 'experts': {binding_name(j, bj)} works on {what(fj)} but {binding_name(i, b)} works on "
-                f"{what(fmt)}. Experts of one product must share one space: latent models only with models of the "
-                "same latent format, pixel-space models (Chroma Radiance) with the native pixel experts.")
-    return first[2] if first else comfy.latent_formats.ChromaRadiance()
+def latent_format_of(bindings: Sequence[poe.Binding]):
+    """The product's latent format: its MODELs' (validation has checked they share one), else pixels."""
+    for b in bindings:
+        if isinstance(b.expert, (ModelSource, ModelExpert)):
+            return b.expert.latent_format
+    return comfy.latent_formats.ChromaRadiance()
 
 
 def control_models(experts: Sequence[ModelExpert], dtype) -> list:

@@ -11,7 +11,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from .guider import ProductGuider
+from .guider import ProductGuider, clamp_sigmas  # noqa: F401  (clamp_sigmas: re-exported)
 
 SAMPLER_NAMES = comfy.samplers.SAMPLER_NAMES
 SCHEDULER_NAMES = comfy.samplers.SCHEDULER_NAMES
@@ -25,14 +25,6 @@ def compute_sigmas(guider: ProductGuider, sampler_name: str, scheduler: str, ste
     return ks.sigmas
 
 
-def clamp_sigmas(sigmas: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Keep custom schedules inside the range every expert can serve (0 stays 0: the last step)."""
-    # Schedulers compute in float64 and land within rounding of the ends; those stay as they are,
-    # so a lone expert runs on the very sigmas a stock sampler would.
-    outside = (sigmas < lo * (1 - 1e-5)) | (sigmas > hi * (1 + 1e-5))
-    return torch.where((sigmas > 0) & outside, sigmas.clamp(lo, hi), sigmas)
-
-
 def sample(guider: ProductGuider, latent: torch.Tensor, seed: int, sampler, sigmas: torch.Tensor,
            noise_mask: torch.Tensor | None = None, add_noise: bool = True, preview: bool = True,
            noise_scale: float = 1.0) -> torch.Tensor:
@@ -40,8 +32,6 @@ def sample(guider: ProductGuider, latent: torch.Tensor, seed: int, sampler, sigm
     samples in [-1, 1] space."""
     if sigmas.numel() == 0:
         return latent
-    lo, hi = guider.sigma_range
-    sigmas = clamp_sigmas(sigmas, lo, hi)
     noise = comfy.sample.prepare_noise(latent, seed) * noise_scale if add_noise else torch.zeros_like(latent)
     steps = len(sigmas) - 1
     callback = latent_preview.prepare_callback(guider.model_patcher, steps) if preview else None

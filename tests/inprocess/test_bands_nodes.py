@@ -45,7 +45,7 @@ def test_band_node_sets_the_last_binding_and_describes_it():
     chain = bind_class(e2, 1, experts=bind_class(e1, 2))
     out, text = band(chain, "high-pass", 0.3)
     assert out[0] is chain[0] and out[1].band == bands.high_pass(0.3)
-    assert text == "B · class 1: b · w=1 · a=1 · high-pass > 0.3"
+    assert text == "B · class 1: b · w=1 · a=1 · high-pass >= 0.3"
     out, _ = band(chain, "bands", index=0, band_edges="0.2, 0.6", band_weights="1, 2, 0.5")
     assert out[0].band.edges == (0.2, 0.6) and out[0].band.values == (1.0, 2.0, 0.5)
     with pytest.raises(ValueError) as err:
@@ -69,7 +69,7 @@ def test_low_and_high_pass_of_one_expert_sample_like_it():
     a, _, _ = ksample(whole)
     b, _, rule = ksample(split)
     torch.testing.assert_close(a["samples"], b["samples"], atol=1e-4, rtol=0)
-    assert "low-pass < 0.3" in rule and "high-pass > 0.3" in rule and "bands: eps = u + sum_i w_i F_i" in rule
+    assert "low-pass < 0.3" in rule and "high-pass >= 0.3" in rule and "eps = u + sum_i w_i F_i(eps_i - u)" in rule
 
 
 def test_lower_resolution_expert_joins_a_larger_canvas():
@@ -109,9 +109,10 @@ def test_canvas_that_is_not_a_multiple_is_refused():
     chain = [poe.Binding(a, gaussian(0, 1), 1.0), poe.Binding(b, gaussian(0, 1), 1.0)]
     with pytest.raises(ValueError) as err:
         ProductGuider(chain)
-    assert str(err.value) == ("binding 2 (B) makes 6 x 6 images, and the canvas is 8 x 8: "
-                              "a lower-resolution expert needs the canvas to be the same integer multiple of its size "
-                              "on both sides")
+    assert str(err.value) == ("binding 0 (A) makes 8px images and binding 1 (B) 6px: a smaller expert runs on the "
+                              "pooled canvas, so each expert's size must divide the larger ones (their blocks must "
+                              "nest); sample them at one size, or use an upsampler stage (PoEBindImage) to change the "
+                              "size")
 
 
 

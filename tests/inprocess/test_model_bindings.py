@@ -153,7 +153,8 @@ def test_node_refuses_reliability_without_negative_and_chains():
     out = node.execute(gaussian_model("flow", 3.0), conditioning(0, 1), 1.0, 0.0, experts=out).result[0]
     assert len(out) == 2
     sd15 = gaussian_model("eps", latent_format=comfy.latent_formats.SD15)
-    with pytest.raises(ValueError, match="^PoEBindModel: input 'experts': binding 0"):
+    with pytest.raises(ValueError, match=r"^PoEBindModel: input 'model': binding 0 \(GaussianConfig MODEL · MODEL \+ "
+                                         r"conditioning\) works on pixels \(3 channels\) but binding 2"):
         node.execute(sd15, conditioning(0, 1), 1.0, 0.0, experts=out)
 
 

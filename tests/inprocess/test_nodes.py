@@ -76,8 +76,9 @@ def test_same_seed_same_image_and_no_state_leak_between_graphs():
     ("empty", "PoEKSampler: input 'experts' is empty: connect a PoEBind* node"),
     ("no_null", "PoEKSampler: input 'experts': the weights sum to 2, not 1, so the rule needs a pooled null, but "
                 "every reliability is 0: give at least one binding with a null a reliability > 0"),
-    ("size", "PoEKSampler: input 'width' is 64, but the experts were trained at 8 px and pixel-space experts are not "
-             "resized. Set width to 8 (or 0 for automatic)."),
+    ("size", "PoEKSampler: input 'width': binding 0 (gauss · class 1: b) makes 8 x 8 images, and the canvas is 8 x 64: "
+             "an expert smaller than the canvas runs on its k x k pooled image, so the canvas must be the same integer "
+             "multiple of its size on both sides; sample at 8 x 8, the largest expert's size"),
 ])
 def test_sampler_errors_name_the_node_input_and_fix(case, message):
     e = analytic()
@@ -91,10 +92,9 @@ def test_sampler_errors_name_the_node_input_and_fix(case, message):
 def test_mixed_resolutions_are_refused_when_chaining():
     small, big = analytic(name="Small", resolution=8), analytic(name="Big", resolution=12)
     chain, _ = bind_class(small, 1)
-    with pytest.raises(ValueError, match=r"^PoEBindClass: input 'expert': Big makes 12px images with 3 channels but "
-                                         r"the chained experts \(Small\) make 8px with 3\. Experts of a product "
-                                         r"share the channels, and their sizes must be integer multiples of one "
-                                         r"another \(a smaller expert runs on the pooled canvas\)\.$"):
+    with pytest.raises(ValueError, match=r"^PoEBindClass: input 'expert': binding 1 \(Big · class 1: b\) makes 12px "
+                                         r"images and binding 0 \(Small · class 1: b\) 8px: a smaller expert runs on "
+                                         r"the pooled canvas, so each expert's size must divide the larger ones"):
         bind_class(big, 1, experts=chain)
     assert len(bind_class(analytic(name="Double", resolution=16), 1, experts=chain)[0]) == 2
 

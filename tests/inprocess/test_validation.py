@@ -126,9 +126,10 @@ HANDLED = {
         "PoEBindClass: input 'mask': a MASK must be B x H x W, got shape (1, 1, 8, 8)"),
     "chained experts of another resolution": (
         lambda t: bind_class(analytic("Big", resolution=12), experts=chain_of()),
-        "PoEBindClass: input 'expert': Big makes 12px images with 3 channels but the chained experts (gauss) make "
-        "8px with 3. Experts of a product share the channels, and their sizes must be integer multiples of one "
-        "another (a smaller expert runs on the pooled canvas)."),
+        "PoEBindClass: input 'expert': binding 1 (Big · class 1: b) makes 12px images and binding 0 (gauss · class "
+        "1: b) 8px: a smaller expert runs on the pooled canvas, so each expert's size must divide the larger ones "
+        "(their blocks must nest); sample them at one size, or use an upsampler stage (PoEBindImage) to change the "
+        "size"),
     # PoEBindText
     "empty text": (
         lambda t: text(t["colour"], "  \n "),
@@ -204,18 +205,19 @@ HANDLED = {
     # PoEKSampler, PoEGuider, PoEScheduler
     "height other than the experts'": (
         lambda t: ksample(chain_of(), height=16),
-        "PoEKSampler: input 'height' is 16, but the experts were trained at 8 px and pixel-space experts are not "
-        "resized. Set height to 8 (or 0 for automatic)."),
+        "PoEKSampler: input 'height': binding 0 (gauss · class 1: b) makes 8 x 8 images, and the canvas is 16 x 8: "
+        "an expert smaller than the canvas runs on its k x k pooled image, so the canvas must be the same integer "
+        "multiple of its size on both sides; sample at 8 x 8, the largest expert's size"),
     "denoise below 1 without a latent": (
         lambda t: ksample(chain_of(), denoise=0.5),
         "PoEKSampler: input 'denoise' is 0.5 but there is no latent_image to refine; connect one or set denoise to 1"),
     "latent of another shape": (
         lambda t: ksample(chain_of(), latent={"samples": torch.zeros(1, 4, 16, 16)}),
-        "PoEKSampler: input 'latent_image' has shape (1, 4, 16, 16), but the experts make 3 x 8 x 8 pixel images. Use "
-        "a pixel-space latent of that size (for example VAEEncode with the pixel_space VAE on a resized image)."),
+        "PoEKSampler: input 'latent_image': the latent has 4 channels, but the experts work on pixels (3 channels); "
+        "make the latent with EmptyChromaRadianceLatentImage, or VAEEncode with the pixel_space VAE"),
     "NaN latent": (
         lambda t: ksample(chain_of(), latent={"samples": torch.full((1, 3, 8, 8), float("nan"))}),
-        "PoEKSampler: input 'latent_image' contains NaN or Inf values; fix the node that produced it"),
+        "PoEKSampler: input 'latent_image': the latent contains NaN or Inf values; fix the node that produced it"),
     "weights without a pooled null": (
         lambda t: ksample(bind_class(analytic(), weight=3.0, reliability=0.0).args[0]),
         "PoEKSampler: input 'experts': the weights sum to 3, not 1, so the rule needs a pooled null, but every "

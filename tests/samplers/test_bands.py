@@ -97,14 +97,6 @@ def test_band_profiles():
         bands.Band((0.5,), (1.0,))
 
 
-def test_resolution_factor_refuses_non_multiples():
-    assert bands.resolution_factor((32, 32), (16, 16)) == 2
-    assert bands.resolution_factor((256, 256), (64, 64)) == 4
-    with pytest.raises(ValueError, match="makes 12 x 12 images, and the canvas is 32 x 32: a lower-resolution "
-                                         "expert needs the canvas to be the same integer multiple"):
-        bands.resolution_factor((32, 32), (12, 12), "X")
-
-
 # --- frequency bands: per-frequency closed form ------------------------------------------------------
 
 
@@ -203,18 +195,13 @@ def test_pooled_expert_with_full_resolution_one_matches_closed_form(mode):
     assert torch.allclose(prec, prec.T, atol=1e-12)
 
 
-def test_pooled_expert_needs_a_full_resolution_null():
+def test_pooled_expert_with_full_resolution_weights_summing_to_one_runs_without_a_fine_null():
+    # Weights that sum to 1 on the fine detail need no null there: a full-resolution w = 1 with a coarse guide.
     h = w = 4
     full = DenseGaussian("full", h, w, [(torch.zeros(16), torch.eye(16))])
     low = DenseGaussian("low", 2, 2, [(torch.zeros(4), torch.eye(4)), (torch.zeros(4), torch.eye(4))])
-    bindings = [poe.Binding(full, g(0), 2.0, 0.0), poe.Binding(low, g(0), 2.0, 1.0, (g(1),), resolution_factor=2)]
-    with pytest.raises(ValueError, match="the bindings acting at full resolution have bands or weights that do not "
-                                         "sum to 1, so the rule needs a pooled null there, but no full-resolution "
-                                         "binding supplies one"):
-        poe.validate_bindings(bindings)
-    # Weights that sum to 1 on the fine detail need no null there: a full-resolution w = 1 with a coarse guide.
     ok = [poe.Binding(full, g(0), 1.0, 0.0), poe.Binding(low, g(0), 2.0, 1.0, (g(1),), resolution_factor=2)]
-    poe.validate_bindings(ok)
+    assert poe.null_levels(ok, (1, 1, h, w)) == [False, True]
     x = torch.randn(1, 1, h, w)
     out, _ = poe.product_prediction(x, torch.tensor(0.5), ok, eps_fn)
     assert torch.isfinite(out).all()

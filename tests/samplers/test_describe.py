@@ -36,7 +36,7 @@ def test_masked_weights_summing_to_one_on_average_still_need_the_null():
                 poe.Binding(b, c(2), 0.5 * half(False), 0.5 * half(False), (c(0),), label="bottom")]
     assert poe.needs_pooled_null(bindings)
     plan = poe.plan_forwards(bindings)
-    assert plan.needs_null and all(plan.null_index)
+    assert plan.null_levels == [True] and all(plan.null_index)
     rule = describe_rule(bindings)
     assert NO_NULL not in rule
     assert "sum of weights = 0.5..1.5 per pixel" in rule
@@ -48,7 +48,7 @@ def test_weights_summing_to_one_at_every_pixel_run_no_null_and_say_so():
                 poe.Binding(b, c(2), half(False), 0.5, (c(0),), label="bottom")]
     assert not poe.needs_pooled_null(bindings)
     plan = poe.plan_forwards(bindings)
-    assert not plan.needs_null and plan.null_index == [[], []]
+    assert plan.null_levels == [False] and plan.null_index == [[], []]
     assert NO_NULL in describe_rule(bindings) and "sum of weights = 1..1 per pixel" in describe_rule(bindings)
     scalar = [poe.Binding(a, c(1), 0.25, 0.5, (c(0),)), poe.Binding(b, c(2), 0.75, 0.5, (c(0),))]
     assert "sum of weights = 1\n" in describe_rule(scalar) and NO_NULL in describe_rule(scalar)
@@ -64,9 +64,12 @@ def test_banded_weights_report_their_total_per_frequency():
     split = [poe.Binding(a, c(1), 5.0, 0.5, (c(0),), label="layout", band=lo),
              poe.Binding(b, c(2), 5.0, 0.5, (c(0),), label="texture", band=hi)]
     lines = describe_rule(split).splitlines()
-    assert lines[1:3] == ["sum of weights = 10",
-                          "  per frequency, sum_i w_i F_i(f) = 5 (the weight the null term balances in each band)"]
-    assert lines[3].endswith("low-pass < 0.25 (transition 0.1)")
+    # The band form opens the text: the plain formula's weight sum (10) says nothing about a banded product.
+    assert lines[0] == ("product of 2 binding(s) over 2 expert(s): eps = u + sum_i w_i F_i(eps_i - u),  "
+                        "u = sum_j a_j eps_j(x, null_j) per band")
+    assert lines[1] == "  per frequency, sum_i w_i F_i(f) = 5 (the weight the null term balances in each band)"
+    assert "sum of weights" not in describe_rule(split)
+    assert lines[2].endswith("low-pass < 0.25 (transition 0.1)")
     one_band = [poe.Binding(a, c(1), 4.0, 0.5, (c(0),), band=bands.low_pass(0.5)), poe.Binding(b, c(2), 1.0, 0.5, (c(0),))]
     assert "  per frequency, sum_i w_i F_i(f) = 1..5 (" in describe_rule(one_band)
     assert "per frequency" not in describe_rule([poe.Binding(a, c(1), 4.0, 0.5, (c(0),)),

@@ -137,14 +137,14 @@ def test_equal_variances_leave_the_reliabilities_as_they_are():
 def test_a_chain_half_from_variance_is_refused():
     from dataclasses import replace
 
-    from unite_and_conquer.samplers import poe
+    from unite_and_conquer.samplers import validation
 
     bindings = _bindings(True, 1.0, 1.0)
     bindings[1] = replace(bindings[1], reliability_from_variance=False)
-    with pytest.raises(ValueError) as err:
-        poe.product_prediction(torch.zeros(1, 3, 4, 4), torch.tensor(1.0), bindings, _eps_fn)
-    assert str(err.value) == ("B: reliability from variance is on for some bindings and off for this one; apply it "
-                              "to the whole chain, after its last binding")
+    with pytest.raises(validation.ProductError) as err:
+        validation.check_rule(bindings, (1, 3, 4, 4))
+    assert str(err.value) == ("binding 1 (B · B): reliability from variance is on for some bindings and off for this "
+                              "one; apply it to the whole chain, after its last binding")
 
 
 def test_reliability_from_variance_refuses_experts_without_a_variance():

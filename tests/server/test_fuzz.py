@@ -113,3 +113,90 @@ def test_a_valid_prompt_after_the_fuzz_gives_the_reference_image(fuzz_run):
 def test_every_pack_execution_error_names_its_node(fuzz_run):
     unnamed = fuzz_run["unnamed"]
     assert not unnamed, "\n".join(f"{n}x {k}" for k, n in unnamed.items())
+
+
+# --- graphs of bindings through the real server -----------------------------------------------------------------
+# A seeded sample of the in-process graph fuzz (tests/inprocess/test_graph_fuzz.py, support/graph_fuzz.py), written
+# as API prompts of stock and pack nodes and posted through each path that samples a product: PoEKSampler,
+# PoEGuider + PoEScheduler + SamplerCustomAdvanced, and the stock KSampler on PoEEncodeCondition's MODEL against
+# PoEKSampler on that binding alone. The in-process fuzz checks the numbers against the rule; here the server must
+# give the same outcome on every path: the same image, or a refusal naming the node and the input in the same
+# words, of the kind the oracle expects.
+
+N_GRAPHS = 24
+GRAPH_SEED = 4099
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    import random
+
+    from support import graph_fuzz as gf
+    from support.comfy_harness import comfy_nodes
+
+    comfy_nodes()      # the oracle reads the tiny experts' schedules through the pack's loader
+    rnd = random.Random(GRAPH_SEED)
+    out = []
+    while len(out) < N_GRAPHS:
+        spec = gf.graph_spec(rnd.randrange(2**32))
+        if gf.server_ready(spec):
+            out.append(spec)
+    return out
+
+
+def outcome(server, prompt: dict) -> tuple[str, object]:
+    """("image", decoded pixels) or ("refused", execution_error), never an HTTP refusal (the prompts are valid)."""
+    status, answer = post(server, prompt)
+    assert status == 200, f"HTTP {status}: {str(answer)[:500]}"
+    entry = fuzz.wait_end(server, answer["prompt_id"], 120)
+    if entry["status"]["status_str"] == "success":
+        return "image", fuzz.pixels(server, entry)
+    return "refused", execution_error(entry)
+
+
+def test_graphs_give_one_outcome_on_every_path_through_the_server(server, graphs):
+    import numpy as np
+
+    from support import graph_fuzz as gf
+
+    tally: collections.Counter = collections.Counter()
+    started = time.monotonic()
+    for n, spec in enumerate(graphs):
+        where = f"graph {n} (seed {spec.seed}):\n{spec.describe()}"
+        got = {path: outcome(server, gf.api_prompt(spec, path, f"graph{n}_{path}")) for path in ("ksampler", "custom")}
+        kinds = {path: kind for path, (kind, _) in got.items()}
+        assert len(set(kinds.values())) == 1, f"{where}\npaths disagree: {got}"
+        if kinds["ksampler"] == "refused":
+            bodies = set()
+            for path, (_, err) in got.items():
+                m = gf.NAMED.match(err["exception_message"])
+                assert m and err["node_type"].startswith(("PoE", "SamplerCustomAdvanced")), f"{where}\n{path}: {err}"
+                bodies.add(m.group(3))
+            assert len(bodies) == 1, f"{where}\nrefused with different words: {bodies}"
+            kind = gf.refusal_kind(bodies.pop())
+            assert kind in gf.oracle(spec), f"{where}\nrefused as {kind}, oracle: {gf.oracle(spec)}"
+            tally[f"refused: {kind}"] += 1
+        else:
+            assert not gf.oracle(spec), f"{where}\nsampled, but the oracle expects {gf.oracle(spec)}"
+            a, b = (np.frombuffer(got[p][1][0], np.uint8).astype(int) for p in ("ksampler", "custom"))
+            tally["sampled"] += 1
+            if spec.canvas == max(gf.size_of(x.kind) or 0 for x in spec.bindings):
+                # On the largest expert's canvas PoEScheduler's sigmas are PoEKSampler's: the same image.
+                assert np.abs(a - b).max() <= 1, f"{where}\nPoEKSampler and SamplerCustomAdvanced differ"
+        b = spec.bindings[spec.stock_index]
+        if b.weight < 0 or b.mask or b.band:
+            continue
+        stock = outcome(server, gf.api_prompt(spec, "stock", f"graph{n}_stock"))
+        solo = outcome(server, gf.api_prompt(spec.solo(spec.stock_index), "ksampler", f"graph{n}_solo"))
+        assert stock[0] == solo[0], f"{where}\nstock {stock} vs PoEKSampler on the binding alone {solo}"
+        if stock[0] == "refused":
+            s, p = (gf.NAMED.match(x[1]["exception_message"]) for x in (stock, solo))
+            assert s and p and s.group(3) == p.group(3), f"{where}\n{stock[1]}\n{solo[1]}"
+            tally["stock and solo: refused"] += 1
+        else:
+            a, c = (np.frombuffer(x[1][0], np.uint8).astype(int) for x in (stock, solo))
+            assert np.abs(a - c).max() <= 1, f"{where}\nthe stock KSampler and PoEKSampler differ"
+            tally["stock and solo: sampled"] += 1
+    print(f"\n{len(graphs)} graphs through the server in {time.monotonic() - started:.0f}s: {dict(tally)}")
+    assert tally["sampled"] >= 4 and sum(v for k, v in tally.items() if k.startswith("refused")) >= 4
+    assert server.alive()

@@ -77,7 +77,7 @@ def test_the_band_product_equals_the_per_frequency_rule(graph):
 
     wf, models, conds = graph
     chain, = run_graph(wf, "10", models, conds)
-    assert [b.band.describe() for b in chain] == ["low-pass < 0.25 (transition 0.1)", "high-pass > 0.25 (transition 0.1)"]
+    assert [b.band.describe() for b in chain] == ["low-pass < 0.25 (transition 0.1)", "high-pass >= 0.25 (transition 0.1)"]
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     lo = wf["8"]["inputs"]
     profile = response(16, 16, lo["cutoff"], lo["transition"])
@@ -112,11 +112,12 @@ def test_the_graph_samples_and_reports_each_bindings_band(graph):
     latent, _, rule = run_graph(wf, "11", models, conds)
     assert latent["samples"].shape == (1, 4, 16, 16) and torch.isfinite(latent["samples"]).all()
     lines = rule.splitlines()
-    assert lines[0].startswith("product of 2 binding(s) over 2 expert(s)")
-    # Complementary profiles: the total the null term balances is 5 at every frequency, not the 10 of the sum.
-    assert lines[1:5] == [
-        "sum of weights = 10",
+    # The band form opens the text. Complementary profiles: the total the null term balances is 5 at every
+    # frequency (the plain sum of weights, 10, is not shown).
+    assert lines[0] == ("product of 2 binding(s) over 2 expert(s): eps = u + sum_i w_i F_i(eps_i - u),  "
+                        "u = sum_j a_j eps_j(x, null_j) per band")
+    assert lines[1:4] == [
         "  per frequency, sum_i w_i F_i(f) = 5 (the weight the null term balances in each band)",
         "  1. SD15 MODEL · MODEL + conditioning · w=5 · a=0.5 · low-pass < 0.25 (transition 0.1)",
-        "  2. SD15 MODEL · MODEL + conditioning · w=5 · a=0.5 · high-pass > 0.25 (transition 0.1)"]
-    assert lines[5].startswith("  bands: eps = u + sum_i w_i F_i(eps_i - u)")
+        "  2. SD15 MODEL · MODEL + conditioning · w=5 · a=0.5 · high-pass >= 0.25 (transition 0.1)"]
+    assert lines[4].startswith("  bands: F_i is each binding's band (DCT)")
