@@ -211,8 +211,9 @@ HANDLED = {
     "denoise below 1 without a latent": (
         lambda t: ksample(chain_of(), denoise=0.5),
         "PoEKSampler: input 'denoise' is 0.5 but there is no latent_image to refine; connect one or set denoise to 1"),
+    # Not all zeros: like the stock KSampler, PoEKSampler gives an empty (all-zero) latent the product's channels.
     "latent of another shape": (
-        lambda t: ksample(chain_of(), latent={"samples": torch.zeros(1, 4, 16, 16)}),
+        lambda t: ksample(chain_of(), latent={"samples": torch.ones(1, 4, 16, 16)}),
         "PoEKSampler: input 'latent_image': the latent has 4 channels, but the experts work on pixels (3 channels); "
         "make the latent with EmptyChromaRadianceLatentImage, or VAEEncode with the pixel_space VAE"),
     "NaN latent": (
