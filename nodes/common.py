@@ -9,6 +9,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..samplers import poe
+from ..samplers.comfy import model_experts as comfy_models
 from ..samplers.prepare import image_shape
 
 log = logging.getLogger("unite_and_conquer")
@@ -72,8 +73,11 @@ def check_finite(node: str, name: str, t: torch.Tensor) -> None:
 def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str) -> list[poe.Binding]:
     """A new list with ``binding`` appended; the upstream list is never mutated (cached outputs)."""
     bindings = list(previous or [])
-    if bindings:
-        first, new = poe.unwrap(bindings[0].expert), poe.unwrap(binding.expert)
+    new = poe.unwrap(binding.expert)
+    # ComfyUI MODELs have no native size: the first binding that has one sets the sizes to check against.
+    sized = [e for e in (poe.unwrap(b.expert) for b in bindings) if e.resolution is not None]
+    if sized and new.resolution is not None:
+        first = sized[0]
         (r1, c1), (r2, c2) = image_shape(first), image_shape(new)
         # A smaller expert may join when its size divides the other's: it then runs on the pooled canvas.
         if c1 != c2 or max(r1, r2) % min(r1, r2):
@@ -83,6 +87,8 @@ def chain(previous: list[poe.Binding] | None, binding: poe.Binding, node: str) -
                 f"{first.image_channels}. Experts of a product share the channels, and their sizes must be integer "
                 "multiples of one another (a smaller expert runs on the pooled canvas).")
     bindings.append(binding)
+    # A native (pixel) expert after a latent MODEL is refused here, naming both bindings, as PoEBindModel does.
+    comfy_models.latent_format_of(bindings, node)
     return bindings
 
 

@@ -36,6 +36,10 @@ class ModelSource:
     patcher: Any
     name: str
 
+    # No native size or channels (what nodes/common.py's chain and samplers/prepare.py read of an expert).
+    resolution = None
+    image_channels = None
+
     @property
     def latent_format(self):
         return self.patcher.model.latent_format
