@@ -1,19 +1,32 @@
-"""ComfyUI's model management under the pack: MODEL experts and native experts through 20 prompts on one server.
+"""ComfyUI's model management under the pack: two MODEL experts and the native experts in one product, through
+20 prompts on one server.
 
     .venv/bin/python benchmarks/bench_model_management.py                 # both ComfyUIs, into BENCHMARKS.md
     .venv/bin/python benchmarks/bench_model_management.py --no-write --comfyui 0.33.0 --prompts 8
 
-Each prompt samples two products from one seed: two MODEL experts (tiny random-weight SD2-architecture
-UNets, two seeds, read by the stock UNETLoader and bound by PoEBindModel with the stock LotusConditioning)
-and the three native tiny experts (class, colour, layout; PoEExpertLoader). One product cannot hold both:
-a latent MODEL and a pixel expert do not share a space, and the pack refuses the mix. Both products run
-in every prompt, so ComfyUI's model management holds both kinds of patcher at once (the SD2 UNets as
-ComfyUI builds them, the native experts as the pack builds them).
+Each prompt samples two products from one seed. The first, the headline, holds two MODEL experts and
+the three native tiny experts in ONE product: two Chroma Radiance models (pixel-space flow MODELs, two
+seeds of random weights, read from files by the stock UNETLoader), bound by PoEBindModel with a stock
+CLIPTextEncode conditioning (a random-weight CLIP-L read by the stock CLIPLoader) and its
+ConditioningZeroOut as one binding's negative, then the class, colour and layout experts
+(PoEExpertLoader) chained after them; it samples on the natives' 32 px canvas (2 x 2 of Chroma
+Radiance's 16 px patches). The second is a latent product: two tiny SD2-architecture UNets with the stock
+LotusConditioning (a latent MODEL cannot share a product with a pixel expert; the pack refuses it). So
+ComfyUI's model management holds ten models at once: two Chroma Radiance, the CLIP-L and two SD2 UNets as
+ComfyUI builds them, the three native experts and the two products' weightless models as the pack builds
+them.
+
+Why Chroma Radiance is big and why CLIP-L: ComfyUI's model detection fixes every width of a Chroma
+Radiance file but the block counts and the context width (tests/support/tiny_comfy_models.py,
+CHROMA_RADIANCE_FILE_CONFIG), so the smallest it reads is 1.1e9 parameters, 4.2 GB each in fp32 on a
+CPU. And on ComfyUI 0.3.75, Flux-family models read ``pooled_output`` from the CONDITIONING
+unconditionally (``model_base.Flux.encode_adm``), which LotusConditioning lacks (KeyError); CLIPTextEncode
+sets it (0.33.0 reads it with ``.get``).
 
 The seeds repeat (``SEEDS``). Before a prompt whose seed was seen, ``POST /free`` with ``unload_models``
 and ``free_memory`` makes ComfyUI unload every model and drop its caches (0.33.0's RAM-pressure cache
 would otherwise answer a repeated graph), so that prompt loads every model again and must sample the
-same latent and the same image as the first time. Per prompt: its wall time, whether both samplers ran,
+same latents and the same image as the first time. Per prompt: its wall time, whether both samplers ran,
 how many models ComfyUI logged as loaded, and the server's resident memory afterwards. A new seed
 without /free reuses the loaded models.
 
@@ -26,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import re
 import runpy
 import statistics
@@ -171,6 +185,7 @@ class PromptRecord:
 class Series:
     comfyui: str
     startup_s: float
+    torch: str = ""
     records: list[PromptRecord] = field(default_factory=list)
 
     def same_seed_same_output(self) -> bool:
@@ -250,9 +265,9 @@ def measure(version: str, models: Path, workdir: Path, seeds=SEEDS, steps: int =
                          extra_args=("--extra-model-paths-config", str(models)))
     server.start(timeout=300)
     try:
-        found = server.get_json("/system_stats")["system"]["comfyui_version"]
-        assert found == version, f"{comfy_dir} runs ComfyUI {found}, not {version}"
-        series = Series(version, time.monotonic() - t0)
+        system = server.get_json("/system_stats")["system"]
+        assert system["comfyui_version"] == version, f"{comfy_dir} runs ComfyUI {system['comfyui_version']}, not {version}"
+        series = Series(version, time.monotonic() - t0, system.get("pytorch_version", "?"))
         series.records = run_series(server, seeds, steps)
         assert server.alive()
     finally:
@@ -298,26 +313,36 @@ def main(argv: list[str] | None = None) -> list[Series]:
     started = time.time()
     versions = args.comfyui or [v for v, (c, p) in COMFYUIS.items() if (c / "comfyui_version.py").is_file()
                                 and p.exists()]
-    results = []
+    results, load = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.monotonic()
         models = write_models(Path(tmp) / "models")
+        written = time.monotonic() - t0
         for version in versions:
             results.append(measure(version, models, Path(tmp) / version, SEEDS[:args.prompts], args.steps))
             print(f"ComfyUI {version}\n{table(results[-1])}\n", flush=True)
+    n = len(SEEDS[:args.prompts])
     body = [
-        "Two MODEL experts (tiny SD2-architecture UNets, `UNETLoader`) and three native tiny experts "
-        "(`PoEExpertLoader`), each set in its own product, both sampled in every prompt from one seed "
-        f"({args.steps} euler steps, 32 px); {len(SEEDS[:args.prompts])} prompts in a row on one `main.py --cpu` "
-        "server per ComfyUI, with that ComfyUI's own venv. Before each repeated seed, `POST /free` "
-        "(`unload_models`, `free_memory`) unloads every model and drops the caches. Correctness is checked by "
-        "`tests/server/test_model_management.py` on both ComfyUIs.",
+        "Each prompt samples two products from one seed. The mixed product, the headline: two Chroma Radiance "
+        "MODELs (pixel space, random weights, read by `UNETLoader` from bf16 files and run in fp32; the smallest "
+        "that ComfyUI's detection reads, 1.1e9 parameters, 4.2 GB each once loaded) with a `CLIPTextEncode` "
+        "conditioning (a random-weight CLIP-L read by `CLIPLoader`), bound by `PoEBindModel`, and the three native "
+        "tiny experts (class, colour, layout; `PoEExpertLoader`) chained after them, on the natives' 32 px canvas. "
+        "The latent product: two tiny SD2-architecture UNets with `LotusConditioning`. "
+        f"{args.steps} euler steps each; {n} prompts in a row on one `main.py --cpu` server per ComfyUI, with that "
+        "ComfyUI's own venv. Before each repeated seed, `POST /free` (`unload_models`, `free_memory`) unloads "
+        "every model and drops the caches, so that prompt loads all ten models again. Correctness is checked by "
+        "`tests/server/test_model_management.py` (three prompts, one step) on both ComfyUIs.",
         "",
         f"- command: `{' '.join(['.venv/bin/python benchmarks/bench_model_management.py', *cli])}`",
-        f"- machine: {cpu_name()} (2 cores, shared with other jobs), torch {torch.__version__}, CPU",
-        f"- date: {time.strftime('%Y-%m-%d')}, total {(time.time() - started) / 60:.1f} min",
+        f"- machine: {cpu_name()} (2 cores, shared with other jobs: load average {load:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end), CPU; torch "
+        + ", ".join(f"{s.torch} (ComfyUI {s.comfyui})" for s in results),
+        f"- date: {time.strftime('%Y-%m-%d')}, total {(time.time() - started) / 60:.1f} min "
+        f"(writing the model files {written:.0f} s)",
         "",
         "| ComfyUI | start-up s | first prompt s (loads all) | new seed s (median) | after /free s (median) "
-        "| every sampler ran | same seed, same latent and image | distinct seeds differ "
+        "| every sampler ran | same seed, same latents and image | distinct seeds differ "
         "| RSS MB first / max / last | RSS last - min after prompt 4 |",
         "|---|---:|---:|---:|---:|:---:|:---:|:---:|---:|---:|",
         *[summary(s) for s in results],
