@@ -1,19 +1,32 @@
-"""ComfyUI's model management under the pack: MODEL experts and native experts through 20 prompts on one server.
+"""ComfyUI's model management under the pack: two MODEL experts and the native experts in one product, through
+20 prompts on one server.
 
     .venv/bin/python benchmarks/bench_model_management.py                 # both ComfyUIs, into BENCHMARKS.md
     .venv/bin/python benchmarks/bench_model_management.py --no-write --comfyui 0.33.0 --prompts 8
 
-Each prompt samples two products from one seed: two MODEL experts (tiny random-weight SD2-architecture
-UNets, two seeds, read by the stock UNETLoader and bound by PoEBindModel with the stock LotusConditioning)
-and the three native tiny experts (class, colour, layout; PoEExpertLoader). One product cannot hold both:
-a latent MODEL and a pixel expert do not share a space, and the pack refuses the mix. Both products run
-in every prompt, so ComfyUI's model management holds both kinds of patcher at once (the SD2 UNets as
-ComfyUI builds them, the native experts as the pack builds them).
+Each prompt samples two products from one seed. The first, the headline, holds two MODEL experts and
+the three native tiny experts in ONE product: two Chroma Radiance models (pixel-space flow MODELs, two
+seeds of random weights, read from files by the stock UNETLoader), bound by PoEBindModel with a stock
+CLIPTextEncode conditioning (a random-weight CLIP-L read by the stock CLIPLoader) and its
+ConditioningZeroOut as one binding's negative, then the class, colour and layout experts
+(PoEExpertLoader) chained after them; it samples on the natives' 32 px canvas (2 x 2 of Chroma
+Radiance's 16 px patches). The second is a latent product: two tiny SD2-architecture UNets with the stock
+LotusConditioning (a latent MODEL cannot share a product with a pixel expert; the pack refuses it). So
+ComfyUI's model management holds ten models at once: two Chroma Radiance, the CLIP-L and two SD2 UNets as
+ComfyUI builds them, the three native experts and the two products' weightless models as the pack builds
+them.
+
+Why Chroma Radiance is big and why CLIP-L: ComfyUI's model detection fixes every width of a Chroma
+Radiance file but the block counts and the context width (tests/support/tiny_comfy_models.py,
+CHROMA_RADIANCE_FILE_CONFIG), so the smallest it reads is 1.1e9 parameters, 4.2 GB each in fp32 on a
+CPU. And on ComfyUI 0.3.75, Flux-family models read ``pooled_output`` from the CONDITIONING
+unconditionally (``model_base.Flux.encode_adm``), which LotusConditioning lacks (KeyError); CLIPTextEncode
+sets it (0.33.0 reads it with ``.get``).
 
 The seeds repeat (``SEEDS``). Before a prompt whose seed was seen, ``POST /free`` with ``unload_models``
 and ``free_memory`` makes ComfyUI unload every model and drop its caches (0.33.0's RAM-pressure cache
 would otherwise answer a repeated graph), so that prompt loads every model again and must sample the
-same latent and the same image as the first time. Per prompt: its wall time, whether both samplers ran,
+same latents and the same image as the first time. Per prompt: its wall time, whether both samplers ran,
 how many models ComfyUI logged as loaded, and the server's resident memory afterwards. A new seed
 without /free reuses the loaded models.
 
@@ -26,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import re
 import runpy
 import statistics
@@ -50,10 +64,14 @@ from comfy_client import ComfyServer  # noqa: E402
 SECTION = "## ComfyUI 0.3.75 and 0.33.0: model management over 20 prompts"
 # 20 prompts, 12 seeds; 8 prompts repeat a seed, none right after itself.
 SEEDS = (1, 2, 3, 1, 4, 2, 5, 6, 1, 7, 3, 8, 2, 9, 10, 4, 1, 11, 5, 12)
+RADIANCE = ("uac_mm_radiance_a.safetensors", "uac_mm_radiance_b.safetensors")
+CLIP = "uac_mm_clip_l.safetensors"
 UNETS = ("uac_mm_sd2_a.safetensors", "uac_mm_sd2_b.safetensors")
 NATIVE = {"class": "uac_mm_class.safetensors", "colour": "uac_mm_colour.safetensors",
           "layout": "uac_mm_layout.safetensors"}
-MODEL_SAMPLER, NATIVE_SAMPLER = "7", "30"
+# The two samplers and the SaveLatent of each: the mixed product (two Chroma Radiance MODELs and the three
+# native experts, the headline) and the latent product (two SD2 UNets).
+MIXED_SAMPLER, MIXED_LATENT, LATENT_SAMPLER, LATENT_LATENT = "17", "19", "27", "28"
 COMFYUIS = {"0.3.75": (REPO / ".cache" / "ComfyUI", REPO / ".venv" / "bin" / "python"),
             "0.33.0": (REPO / ".cache" / "ComfyUI-0.33.0", REPO / ".cache" / "venv-0.33.0" / "bin" / "python")}
 # ComfyUI's log lines (0.33 prefixes them with a coloured level): one "got prompt" as a prompt is queued,
@@ -62,15 +80,19 @@ LOAD_LINE = re.compile(r"Requested to load (\w+)")
 
 
 def write_models(folder: Path) -> Path:
-    """The two SD2 UNets and the three native experts (fixed random weights), and an extra_model_paths
-    file that lists them; returns that file."""
+    """The two Chroma Radiance models, the CLIP-L, the two SD2 UNets and the three native experts (fixed
+    random weights), and an extra_model_paths file that lists them; returns that file."""
     import torch
     from safetensors.torch import save_file
 
     from unite_and_conquer.model_loaders import tiny
-    from unite_and_conquer.tests.support.tiny_comfy_models import write_tiny_sd2_unet
+    from unite_and_conquer.tests.support.tiny_comfy_models import (write_chroma_radiance_file, write_clip_l,
+                                                                   write_tiny_sd2_unet)
 
     folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(RADIANCE):
+        write_chroma_radiance_file(folder / name, seed)
+    write_clip_l(folder / CLIP, 0)
     for seed, name in enumerate(UNETS):
         write_tiny_sd2_unet(folder / name, seed)
     for seed, (modality, name) in enumerate(NATIVE.items()):
@@ -80,47 +102,65 @@ def write_models(folder: Path) -> Path:
         save_file({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}, str(folder / name),
                   metadata=tiny.metadata_for(config))
     paths = folder / "extra_model_paths.yaml"
-    paths.write_text(f"uac_model_management:\n  diffusion_models: {folder}\n  experts: {folder}\n")
+    paths.write_text(f"uac_model_management:\n  diffusion_models: {folder}\n  text_encoders: {folder}\n"
+                     f"  experts: {folder}\n")
     return paths
 
 
-def prompt(seed: int, steps: int = 3, prefix: str = "uac_mm") -> dict:
-    """Both products from one seed: the MODEL product saves its latent, the native product its image."""
+def prompt(seed: int, steps: int = 2, prefix: str = "uac_mm") -> dict:
+    """Both products from one seed. The mixed product: Chroma Radiance A (UNETLoader) with a CLIPTextEncode
+    positive and its ConditioningZeroOut as negative, Chroma Radiance B with the positive alone (reliability
+    0), then the class, colour and layout experts, on the natives' 32 px canvas; it saves its latent and
+    image. The latent product: the two SD2 UNets with LotusConditioning; it saves its latent."""
     def loader(name):
         return {"class_type": "PoEExpertLoader",
                 "inputs": {"expert_name": name, "family": "auto", "dtype": "fp32", "schedule": "published"}}
 
+    def sampler(experts, scheduler, size):
+        return {"class_type": "PoEKSampler", "inputs": {
+            "experts": [experts, 0], "seed": seed, "steps": steps, "sampler_name": "euler", "scheduler": scheduler,
+            "denoise": 1.0, "width": size, "height": size, "batch_size": 1}}
+
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[0], "weight_dtype": "default"}},
-        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[1], "weight_dtype": "default"}},
-        "3": {"class_type": "LotusConditioning", "inputs": {}},
-        "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
-        "5": {"class_type": "PoEBindModel", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                       "weight": 1.5, "reliability": 0.5}},
-        "6": {"class_type": "PoEBindModel", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                       "weight": 1.0, "reliability": 0.5, "experts": ["5", 0]}},
-        MODEL_SAMPLER: {"class_type": "PoEKSampler", "inputs": {
-            "experts": ["6", 0], "seed": seed, "steps": steps, "sampler_name": "euler", "scheduler": "normal",
-            "denoise": 1.0, "width": 32, "height": 32, "batch_size": 1}},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": [MODEL_SAMPLER, 0], "filename_prefix": prefix}},
-        "21": loader(NATIVE["class"]), "22": loader(NATIVE["colour"]), "23": loader(NATIVE["layout"]),
-        "24": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 32, "height": 32}},
-        "25": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 12, "height": 16}},
-        "26": {"class_type": "MaskComposite", "inputs": {"destination": ["24", 0], "source": ["25", 0], "x": 10,
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": RADIANCE[0], "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": RADIANCE[1], "weight_dtype": "default"}},
+        "3": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP, "type": "stable_diffusion"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": "a red square on grey"}},
+        "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}},
+        "6": {"class_type": "PoEBindModel", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                       "weight": 1.0, "reliability": 0.5}},
+        "7": {"class_type": "PoEBindModel", "inputs": {"model": ["2", 0], "positive": ["4", 0], "weight": 0.5,
+                                                       "reliability": 0.0, "experts": ["6", 0]}},
+        "8": loader(NATIVE["class"]), "9": loader(NATIVE["colour"]), "10": loader(NATIVE["layout"]),
+        "11": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 32, "height": 32}},
+        "12": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 12, "height": 16}},
+        "13": {"class_type": "MaskComposite", "inputs": {"destination": ["11", 0], "source": ["12", 0], "x": 10,
                                                          "y": 8, "operation": "add"}},
-        "27": {"class_type": "PoEBindClass", "inputs": {"expert": ["21", 0], "class": "3", "class_index": -1,
+        "14": {"class_type": "PoEBindClass", "inputs": {"expert": ["8", 0], "class": "3", "class_index": -1,
                                                         "weight": 1.0, "reliability": 1.0, "null": "trained",
-                                                        "null_k": 8}},
-        "28": {"class_type": "PoEBindText", "inputs": {"expert": ["22", 0], "text": "red", "weight": 1.0,
-                                                       "reliability": 1.0, "experts": ["27", 0]}},
-        "29": {"class_type": "PoEBindSegmentation", "inputs": {"expert": ["23", 0], "source": "mask", "slot": "auto",
+                                                        "null_k": 8, "experts": ["7", 0]}},
+        "15": {"class_type": "PoEBindText", "inputs": {"expert": ["9", 0], "text": "red", "weight": 1.0,
+                                                       "reliability": 1.0, "experts": ["14", 0]}},
+        "16": {"class_type": "PoEBindSegmentation", "inputs": {"expert": ["10", 0], "source": "mask", "slot": "auto",
                                                                "weight": 1.0, "reliability": 1.0,
-                                                               "map_mask": ["26", 0], "label_colour": "#ffffff",
-                                                               "experts": ["28", 0]}},
-        NATIVE_SAMPLER: {"class_type": "PoEKSampler", "inputs": {
-            "experts": ["29", 0], "seed": seed, "steps": steps, "sampler_name": "euler", "scheduler": "karras",
-            "denoise": 1.0, "width": 0, "height": 0, "batch_size": 1}},
-        "31": {"class_type": "SaveImage", "inputs": {"images": [NATIVE_SAMPLER, 1], "filename_prefix": prefix}},
+                                                               "map_mask": ["13", 0], "label_colour": "#ffffff",
+                                                               "experts": ["15", 0]}},
+        MIXED_SAMPLER: sampler("16", "karras", 0),
+        "18": {"class_type": "SaveImage", "inputs": {"images": [MIXED_SAMPLER, 1], "filename_prefix": prefix}},
+        MIXED_LATENT: {"class_type": "SaveLatent", "inputs": {"samples": [MIXED_SAMPLER, 0],
+                                                              "filename_prefix": f"{prefix}_mixed"}},
+        "21": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[0], "weight_dtype": "default"}},
+        "22": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[1], "weight_dtype": "default"}},
+        "23": {"class_type": "LotusConditioning", "inputs": {}},
+        "24": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["23", 0]}},
+        "25": {"class_type": "PoEBindModel", "inputs": {"model": ["21", 0], "positive": ["23", 0],
+                                                        "negative": ["24", 0], "weight": 1.5, "reliability": 0.5}},
+        "26": {"class_type": "PoEBindModel", "inputs": {"model": ["22", 0], "positive": ["23", 0],
+                                                        "negative": ["24", 0], "weight": 1.0, "reliability": 0.5,
+                                                        "experts": ["25", 0]}},
+        LATENT_SAMPLER: sampler("26", "normal", 32),
+        LATENT_LATENT: {"class_type": "SaveLatent", "inputs": {"samples": [LATENT_SAMPLER, 0],
+                                                               "filename_prefix": f"{prefix}_latent"}},
     }
 
 
@@ -132,28 +172,29 @@ class PromptRecord:
     samplers_ran: bool          # neither sampler's output came from ComfyUI's cache
     loads: list[str]            # the models ComfyUI logged "Requested to load" for, in order
     rss_mb: float               # the server's resident memory after it (with its children)
-    latent: str                 # sha256 of the MODEL product's latent
-    image: str                  # sha256 of the native product's decoded pixels
+    mixed_latent: str           # sha256 of the mixed product's latent (float32 bytes)
+    mixed_image: str            # sha256 of the mixed product's saved pixels
+    sd2_latent: str             # sha256 of the latent product's latent
+
+    @property
+    def outputs(self) -> tuple[str, str, str]:
+        return self.mixed_latent, self.mixed_image, self.sd2_latent
 
 
 @dataclass
 class Series:
     comfyui: str
     startup_s: float
+    torch: str = ""
     records: list[PromptRecord] = field(default_factory=list)
 
     def same_seed_same_output(self) -> bool:
-        first: dict[int, tuple[str, str]] = {}
-        for r in self.records:
-            if first.setdefault(r.seed, (r.latent, r.image)) != (r.latent, r.image):
-                return False
-        return True
+        first: dict[int, tuple[str, str, str]] = {}
+        return all(first.setdefault(r.seed, r.outputs) == r.outputs for r in self.records)
 
     def distinct_seeds_differ(self) -> bool:
-        by_seed = {r.seed: (r.latent, r.image) for r in self.records}
-        latents = {v[0] for v in by_seed.values()}
-        images = {v[1] for v in by_seed.values()}
-        return len(latents) == len(images) == len(by_seed)
+        by_seed = {r.seed: r.outputs for r in self.records}
+        return all(len({v[k] for v in by_seed.values()}) == len(by_seed) for k in range(3))
 
     def rss_growth_mb(self, settle: int = 4) -> float:
         """The last prompt's RSS over the lowest after the first ``settle`` prompts (imports, pools)."""
@@ -182,7 +223,15 @@ def prompt_log(server: ComfyServer, index: int, timeout: float = 30) -> str:
         time.sleep(0.1)
 
 
-def run_series(server: ComfyServer, seeds=SEEDS, steps: int = 3, timeout: float = 300) -> list[PromptRecord]:
+def latent_hash(server: ComfyServer, entry: dict, node: str) -> str:
+    from safetensors.torch import load as load_safetensors
+
+    (item,) = entry["outputs"][node]["latents"]
+    data = (server.workdir / "output" / item["subfolder"] / item["filename"]).read_bytes()
+    return hashlib.sha256(load_safetensors(data)["latent_tensor"].numpy().tobytes()).hexdigest()
+
+
+def run_series(server: ComfyServer, seeds=SEEDS, steps: int = 2, timeout: float = 1200) -> list[PromptRecord]:
     """``seeds`` as prompts, one after another on ``server``, with /free before each repeated seed."""
     from PIL import Image
 
@@ -196,31 +245,29 @@ def run_series(server: ComfyServer, seeds=SEEDS, steps: int = 3, timeout: float 
         t0 = time.monotonic()
         entry = server.run(prompt(seed, steps, prefix=f"uac_mm_{i:02d}"), timeout=timeout)
         seconds = time.monotonic() - t0
-        (latent_item,) = entry["outputs"]["8"]["latents"]
-        latent = (server.workdir / "output" / latent_item["subfolder"] / latent_item["filename"]).read_bytes()
-        from safetensors.torch import load as load_safetensors
-
-        latent_hash = hashlib.sha256(load_safetensors(latent)["latent_tensor"].numpy().tobytes()).hexdigest()
         ((_, png),) = server.images(entry)
         pixels = Image.open(io.BytesIO(png)).convert("RGB").tobytes()
         records.append(PromptRecord(
             seed=seed, freed=freed, seconds=seconds,
-            samplers_ran=not ({MODEL_SAMPLER, NATIVE_SAMPLER} & cached_nodes(entry)),
-            loads=LOAD_LINE.findall(prompt_log(server, i)),
-            rss_mb=rss_mb(server.proc.pid), latent=latent_hash, image=hashlib.sha256(pixels).hexdigest()))
+            samplers_ran=not ({MIXED_SAMPLER, LATENT_SAMPLER} & cached_nodes(entry)),
+            loads=LOAD_LINE.findall(prompt_log(server, i)), rss_mb=rss_mb(server.proc.pid),
+            mixed_latent=latent_hash(server, entry, MIXED_LATENT), mixed_image=hashlib.sha256(pixels).hexdigest(),
+            sd2_latent=latent_hash(server, entry, LATENT_LATENT)))
+        print(f"  prompt {i + 1}: seed {seed}{' after /free' if freed else ''}, {seconds:.1f} s, "
+              f"RSS {records[-1].rss_mb:.0f} MB, loaded {records[-1].loads}", flush=True)
     return records
 
 
-def measure(version: str, models: Path, workdir: Path, seeds=SEEDS, steps: int = 3) -> Series:
+def measure(version: str, models: Path, workdir: Path, seeds=SEEDS, steps: int = 2) -> Series:
     comfy_dir, python = COMFYUIS[version]
     t0 = time.monotonic()
     server = ComfyServer(workdir, python=str(python), comfy_dir=comfy_dir,
                          extra_args=("--extra-model-paths-config", str(models)))
     server.start(timeout=300)
     try:
-        found = server.get_json("/system_stats")["system"]["comfyui_version"]
-        assert found == version, f"{comfy_dir} runs ComfyUI {found}, not {version}"
-        series = Series(version, time.monotonic() - t0)
+        system = server.get_json("/system_stats")["system"]
+        assert system["comfyui_version"] == version, f"{comfy_dir} runs ComfyUI {system['comfyui_version']}, not {version}"
+        series = Series(version, time.monotonic() - t0, system.get("pytorch_version", "?"))
         series.records = run_series(server, seeds, steps)
         assert server.alive()
     finally:
@@ -259,33 +306,43 @@ def main(argv: list[str] | None = None) -> list[Series]:
     ap.add_argument("--comfyui", action="append", choices=sorted(COMFYUIS),
                     help="which ComfyUI to run (repeatable; default: every one tools/setup_env.sh made)")
     ap.add_argument("--prompts", type=int, default=len(SEEDS), help="the first N seeds of SEEDS")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     cli = argv if argv is not None else sys.argv[1:]
     started = time.time()
     versions = args.comfyui or [v for v, (c, p) in COMFYUIS.items() if (c / "comfyui_version.py").is_file()
                                 and p.exists()]
-    results = []
+    results, load = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.monotonic()
         models = write_models(Path(tmp) / "models")
+        written = time.monotonic() - t0
         for version in versions:
             results.append(measure(version, models, Path(tmp) / version, SEEDS[:args.prompts], args.steps))
             print(f"ComfyUI {version}\n{table(results[-1])}\n", flush=True)
+    n = len(SEEDS[:args.prompts])
     body = [
-        "Two MODEL experts (tiny SD2-architecture UNets, `UNETLoader`) and three native tiny experts "
-        "(`PoEExpertLoader`), each set in its own product, both sampled in every prompt from one seed "
-        f"({args.steps} euler steps, 32 px); {len(SEEDS[:args.prompts])} prompts in a row on one `main.py --cpu` "
-        "server per ComfyUI, with that ComfyUI's own venv. Before each repeated seed, `POST /free` "
-        "(`unload_models`, `free_memory`) unloads every model and drops the caches. Correctness is checked by "
-        "`tests/server/test_model_management.py` on both ComfyUIs.",
+        "Each prompt samples two products from one seed. The mixed product, the headline: two Chroma Radiance "
+        "MODELs (pixel space, random weights, read by `UNETLoader` from bf16 files and run in fp32; the smallest "
+        "that ComfyUI's detection reads, 1.1e9 parameters, 4.2 GB each once loaded) with a `CLIPTextEncode` "
+        "conditioning (a random-weight CLIP-L read by `CLIPLoader`), bound by `PoEBindModel`, and the three native "
+        "tiny experts (class, colour, layout; `PoEExpertLoader`) chained after them, on the natives' 32 px canvas. "
+        "The latent product: two tiny SD2-architecture UNets with `LotusConditioning`. "
+        f"{args.steps} euler steps each; {n} prompts in a row on one `main.py --cpu` server per ComfyUI, with that "
+        "ComfyUI's own venv. Before each repeated seed, `POST /free` (`unload_models`, `free_memory`) unloads "
+        "every model and drops the caches, so that prompt loads all ten models again. Correctness is checked by "
+        "`tests/server/test_model_management.py` (three prompts, one step) on both ComfyUIs.",
         "",
         f"- command: `{' '.join(['.venv/bin/python benchmarks/bench_model_management.py', *cli])}`",
-        f"- machine: {cpu_name()} (2 cores, shared with other jobs), torch {torch.__version__}, CPU",
-        f"- date: {time.strftime('%Y-%m-%d')}, total {(time.time() - started) / 60:.1f} min",
+        f"- machine: {cpu_name()} (2 cores, shared with other jobs: load average {load:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end), CPU; torch "
+        + ", ".join(f"{s.torch} (ComfyUI {s.comfyui})" for s in results),
+        f"- date: {time.strftime('%Y-%m-%d')}, total {(time.time() - started) / 60:.1f} min "
+        f"(writing the model files {written:.0f} s)",
         "",
         "| ComfyUI | start-up s | first prompt s (loads all) | new seed s (median) | after /free s (median) "
-        "| every sampler ran | same seed, same latent and image | distinct seeds differ "
+        "| every sampler ran | same seed, same latents and image | distinct seeds differ "
         "| RSS MB first / max / last | RSS last - min after prompt 4 |",
         "|---|---:|---:|---:|---:|:---:|:---:|:---:|---:|---:|",
         *[summary(s) for s in results],

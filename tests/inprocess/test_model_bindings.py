@@ -14,6 +14,7 @@ from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
 from unite_and_conquer.samplers.comfy.guider import ProductGuider
 from unite_and_conquer.samplers.comfy.models import wrap_expert
 from support.analytic import gaussian, gaussian_expert, product_gaussian
+from unite_and_conquer.nodes import bindings as native_nodes
 from unite_and_conquer.nodes import model_bindings as bind_nodes
 import comfy.latent_formats
 import comfy.samplers
@@ -157,6 +158,25 @@ def test_node_refuses_reliability_without_negative_and_chains():
                                          r"conditioning\) works on pixels \(3 channels\) but binding 2"):
         node.execute(sd15, conditioning(0, 1), 1.0, 0.0, experts=out)
 
+
+
+def test_native_binding_nodes_chain_after_a_model_binding():
+    """A native binding after a PoEBindModel: a pixel-space MODEL joins (a MODEL has no size of its own, so
+    the natives' sizes are checked among themselves), a latent MODEL is refused naming both bindings."""
+    ac = alphas_cumprod_for("linear")
+    native8, native6 = (wrap_expert(gaussian_expert(ac, f"native{r}", resolution=r)) for r in (8, 6))
+    flow = bind_nodes.PoEBindModel.execute(gaussian_model("flow", 3.0), conditioning(0, 1), 1.0, 0.0).result[0]
+    out = native_nodes.PoEBindPrior.execute(native8, 1.0, 0.0, experts=flow).result[0]
+    assert [type(b.expert).__name__ for b in out] == ["ModelSource", "ExpertHandle"]
+    with pytest.raises(ValueError, match="^PoEBindPrior: input 'expert': native6 makes 6px images with 3 channels but "
+                                         r"the chained experts \(native8\) make 8px"):
+        native_nodes.PoEBindPrior.execute(native6, 1.0, 0.0, experts=out)
+    sd15 = bind_nodes.PoEBindModel.execute(gaussian_model("eps", latent_format=comfy.latent_formats.SD15),
+                                           conditioning(0, 1), 1.0, 0.0).result[0]
+    with pytest.raises(ValueError, match=r"^PoEBindPrior: input 'experts': binding 0 \(GaussianConfig MODEL · MODEL "
+                                         r"\+ conditioning\) works on SD15 latents \(4 channels\) but binding 1 "
+                                         r"\(native8 · prior \(unconditional\)\) works on pixels"):
+        native_nodes.PoEBindPrior.execute(native8, 1.0, 0.0, experts=sd15)
 
 def test_the_conditioning_rows_are_read_once_per_staged_index_tensor():
     e = cm.ModelExpert(patcher=None, name="m")

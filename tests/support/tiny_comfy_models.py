@@ -136,3 +136,91 @@ def stock_denoised(patcher, cond, x, sigma):
     guider.set_cfg(1.0)
     return guider.sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"),
                          torch.tensor([sigma, 0.0]), disable_pbar=True, seed=0)
+
+
+
+def _random_state(shapes: dict[str, torch.Size], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Fixed random weights for a state dict's shapes, at a scale that keeps activations O(1): matrices
+    N(0, 1 / fan_in), norm scales 1, other vectors N(0, 0.02^2). The values are windows of one pool of
+    2^22 + 15 normal draws (a period coprime with every width here), so that a billion weights take a
+    copy rather than a billion draws."""
+    pool = torch.randn(2**22 + 15, generator=torch.Generator().manual_seed(seed))
+    out, offset = {}, 0
+    for key in sorted(shapes):
+        shape = shapes[key]
+        n = shape.numel()
+        if len(shape) == 1 and (key.endswith(".scale") or "norm" in key):
+            out[key] = torch.ones(shape, dtype=dtype)
+            continue
+        start = offset % pool.numel()
+        values = pool.repeat(-(-(n + start) // pool.numel()))[start:start + n]
+        scale = shape[1:].numel() ** -0.5 if len(shape) >= 2 else 0.02
+        out[key] = (values * scale).to(dtype).view(shape).contiguous()
+        offset += n
+    return out
+
+
+# The smallest Chroma Radiance that ComfyUI's model detection reads from a file: detection fixes the
+# hidden size (3072: 24 heads x 128 RoPE dims on 0.3.75, the approximator's out_dim on both), the
+# guidance approximator (5 layers of 5120), the NeRF head (4 blocks, each generating its pixel MLP from
+# the 3072-wide token: 151M parameters a block) and, on 0.3.75, the 16 px patch; only the block counts and
+# the context width are free. One double block and no single block leave 1.11e9 parameters: 2.2 GB in
+# bf16 on disk, 4.4 GB once ComfyUI loads it in fp32 on a CPU. A 32 px image is 2 x 2 patches, the
+# native tiny experts' canvas; the context width 768 is CLIP-L's (write_clip_l).
+CHROMA_RADIANCE_FILE_CONFIG = {
+    "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3, "context_in_dim": 768,
+    "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 0,
+    "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 16, "qkv_bias": True, "in_dim": 64, "out_dim": 3072,
+    "hidden_dim": 5120, "n_layers": 5, "nerf_hidden_size": 64, "nerf_mlp_ratio": 4, "nerf_depth": 4,
+    "nerf_max_freqs": 8, "nerf_tile_size": 512, "nerf_final_head_type": "linear",
+    "nerf_embedder_dtype": torch.float32,
+}
+
+
+def chroma_radiance_file_state(seed: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """CHROMA_RADIANCE_FILE_CONFIG's diffusion model as UNETLoader reads it (no prefix), with the RMSNorm
+    keys named ``.scale`` as Chroma Radiance checkpoints have them (0.3.75's names; 0.33 names them
+    ``.weight`` and converts on load), so one file serves both ComfyUIs. Checks that the running
+    ComfyUI's detection gives the config back."""
+    import comfy.model_detection
+    from comfy.ldm.chroma_radiance.model import ChromaRadianceParams
+
+    declared = {f.name for f in dataclasses.fields(ChromaRadianceParams)}
+    config = dict(CHROMA_RADIANCE_FILE_CONFIG,
+                  **{k: v for k, v in CHROMA_RADIANCE_NEWER_FIELDS.items() if k in declared})
+    meta = comfy.supported_models.ChromaRadiance(dict(config, dtype=torch.float32)).get_model({}, device="meta")
+    shapes = {(k[:-len(".weight")] + ".scale" if len(v.shape) == 1 and "norm" in k and k.endswith(".weight") else k):
+              v.shape for k, v in meta.diffusion_model.state_dict().items()}
+    state = _random_state(shapes, seed, dtype)
+    detected = comfy.model_detection.detect_unet_config(state, "")
+    wrong = {k: (v, detected.get(k)) for k, v in config.items() if detected.get(k) != v}
+    if wrong:
+        raise RuntimeError(f"ComfyUI's detection reads this Chroma Radiance differently (written, read): {wrong}")
+    return state
+
+
+def write_chroma_radiance_file(path, seed: int):
+    from safetensors.torch import save_file
+
+    save_file(chroma_radiance_file_state(seed), str(path))
+    return path
+
+
+def write_clip_l(path, seed: int):
+    """A CLIP-L text encoder (ComfyUI's SD1 config, random weights, fp16) for the stock CLIPLoader
+    (type stable_diffusion): CLIPTextEncode then gives a 77 x 768 CONDITIONING with a pooled_output,
+    which ComfyUI 0.3.75's Flux-family models (Chroma Radiance) require (LotusConditioning has none)."""
+    import json
+    import os
+
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.sd1_clip
+    from safetensors.torch import save_file
+
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
+        config = json.load(f)
+    meta = comfy.clip_model.CLIPTextModel(config, torch.float32, "meta", comfy.ops.manual_cast)
+    shapes = {k: v.shape for k, v in meta.state_dict().items()}
+    save_file(_random_state(shapes, seed, torch.float16), str(path))
+    return path
