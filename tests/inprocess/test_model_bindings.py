@@ -168,15 +168,16 @@ def test_native_binding_nodes_chain_after_a_model_binding():
     flow = bind_nodes.PoEBindModel.execute(gaussian_model("flow", 3.0), conditioning(0, 1), 1.0, 0.0).result[0]
     out = native_nodes.PoEBindPrior.execute(native8, 1.0, 0.0, experts=flow).result[0]
     assert [type(b.expert).__name__ for b in out] == ["ModelSource", "ExpertHandle"]
-    with pytest.raises(ValueError, match="^PoEBindPrior: input 'expert': native6 makes 6px images with 3 channels but "
-                                         r"the chained experts \(native8\) make 8px"):
+    with pytest.raises(ValueError, match=r"^PoEBindPrior: input 'expert': binding 1 \(native8 · prior \(unconditional\)\) "
+                                         r"makes 8px images and binding 2 \(native6 · prior \(unconditional\)\) 6px: "):
         native_nodes.PoEBindPrior.execute(native6, 1.0, 0.0, experts=out)
     sd15 = bind_nodes.PoEBindModel.execute(gaussian_model("eps", latent_format=comfy.latent_formats.SD15),
                                            conditioning(0, 1), 1.0, 0.0).result[0]
-    with pytest.raises(ValueError, match=r"^PoEBindPrior: input 'experts': binding 0 \(GaussianConfig MODEL · MODEL "
+    with pytest.raises(ValueError, match=r"^PoEBindPrior: input 'expert': binding 0 \(GaussianConfig MODEL · MODEL "
                                          r"\+ conditioning\) works on SD15 latents \(4 channels\) but binding 1 "
                                          r"\(native8 · prior \(unconditional\)\) works on pixels"):
         native_nodes.PoEBindPrior.execute(native8, 1.0, 0.0, experts=sd15)
+
 
 def test_the_conditioning_rows_are_read_once_per_staged_index_tensor():
     e = cm.ModelExpert(patcher=None, name="m")
