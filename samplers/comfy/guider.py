@@ -17,6 +17,10 @@ from .models import VARIANCE_SINK, ExpertHandle, ProductModel
 
 log = logging.getLogger("unite_and_conquer")
 
+# A list under this model_options key receives a poe.Terms record of every evaluation (the per-term
+# predictions that particle weights and OR / AND read: samplers/comfy/particles.py and sde.py).
+TERMS_SINK = "uac_terms"
+
 
 def _step_of(sigma: float, model_options: dict) -> str:
     sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
@@ -129,7 +133,7 @@ class ProductGuider(comfy.samplers.CFGGuider):
             bindings = getattr(self, "_run_bindings", self.bindings)
             denoised, pooled = poe.product_prediction(x, timestep, bindings, self._eps_fn(model_options, x.shape[0]),
                                                       self.staged, device_of=lambda h: h.device,
-                                                      prediction="denoised")
+                                                      prediction="denoised", terms=model_options.get(TERMS_SINK))
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
         # CFG++ samplers read the unconditional prediction here: the product's is the pooled null.
