@@ -84,6 +84,7 @@ from typing import Sequence
 
 import torch
 
+from .correctors import CorrectorConfig
 from .poe import Binding, Terms, total_weight, unwrap
 
 OUTPUTS = ("all", "draw", "best")
@@ -104,11 +105,12 @@ class ParticleConfig:
             resampling of each group, so the set is an unweighted draw from the target (copies are
             possible); ``"draw"``: one particle per group, drawn with probability proportional to its
             weight; ``"best"``: the highest-weight particle of each group.
-        move (`str`, defaults to ``"resampled"``): when an MCMC corrector, if one is given, runs:
+        move (`str`, defaults to ``"resampled"``): when the MCMC corrector, if one is given, runs:
             ``"resampled"``: only at the level after a step whose particles were resampled
             (resample-move, Gilks & Berzuini 2001), to separate the copies; ``"levels"``: at every level
             of its window, as the corrector alone does. The corrector targets pi_sigma, so the weights
-            stay valid.
+            stay valid (to its own accuracy: U-HMC and ULA have no accept step).
+        corrector (`correctors.CorrectorConfig`, *optional*): the MCMC move (``correctors``).
     """
 
     particles: int = 4
@@ -116,6 +118,7 @@ class ParticleConfig:
     ess_threshold: float = 0.5
     output: str = "all"
     move: str = "resampled"
+    corrector: CorrectorConfig | None = None
 
     def __post_init__(self):
         if int(self.particles) != self.particles or self.particles < 1:
@@ -231,10 +234,11 @@ def systematic_indices(weights: torch.Tensor, generator: torch.Generator | None 
 
 def resample(log_w: torch.Tensor, k: int, threshold: float, generator: torch.Generator | None = None,
              force: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Resample the groups whose ESS is below ``threshold * K`` (all with ``force``). Returns the
-    indices into the batch for every particle (``None`` when no group is resampled) and a boolean
-    mask of the resampled groups; their log-weights must be reset to 0."""
+    """Resample the groups whose ESS is below ``threshold * K`` (all with ``force`` or a threshold of 1).
+    Returns the indices into the batch for every particle (``None`` when no group is resampled) and a
+    boolean mask of the resampled groups; their log-weights must be reset to 0."""
     groups = _groups(log_w, k)
+    force = force or threshold >= 1
     low = torch.ones(groups.shape[0], dtype=torch.bool) if force else (ess(log_w, k) < threshold * k).cpu()
     if not bool(low.any()):
         return None, low

@@ -73,8 +73,11 @@ import torch
 from .poe import Binding, Terms, unwrap
 
 KINDS = ("or", "and")
-# Each AND coefficient is clipped to this range, then the coefficients are renormalised to sum 1.
-AND_CLIP = (-1.0, 2.0)
+# Each AND coefficient is clipped to this range, then the coefficients are renormalised to sum 1. Chosen
+# on one Gaussian pair among (-1, 2), (-10, 11) and (-100, 101) (BENCHMARKS.md, "OR / AND: AND of two
+# Gaussians"): the solved coefficients reach hundreds at high noise, where the members nearly agree and
+# a large coefficient moves the image little; clipped there, the tracked densities drift apart.
+AND_CLIP = (-100.0, 101.0)
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,6 +28,7 @@ with no target for the weights (``particles.check_bindings``).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import struct
@@ -39,7 +40,7 @@ import comfy.model_management
 import comfy.samplers
 
 from .. import particles
-from ..correctors import CorrectorConfig, CorrectorReport, in_window
+from ..correctors import CorrectorReport, in_window
 from ..particles import ParticleConfig, ParticleReport
 from .correctors import CorrectedKSampler
 from .guider import TERMS_SINK
@@ -84,7 +85,7 @@ def check_stochastic(sampler) -> None:
 def with_particles(sampler, config: ParticleConfig) -> "ParticleKSampler":
     """``sampler`` (a name, a SAMPLER from KSamplerSelect or a custom sampler node, PoESDESampler's,
     or a PoECorrectedSampler around one of them; ``None``: ``poe_euler_maruyama``) with weighted
-    particles. A corrector around the sampler becomes the particles' move step."""
+    particles. The move step is ``config.corrector``, or the corrector around the sampler."""
     if sampler is None:
         sampler = SDEKSampler()
     elif isinstance(sampler, str):
@@ -93,13 +94,15 @@ def with_particles(sampler, config: ParticleConfig) -> "ParticleKSampler":
         raise ValueError("this sampler already has particles; connect the plain sampler to the particle sampler once")
     if isinstance(sampler, ResampledKSampler):
         raise ValueError("RePaint resampling (PoEResample) cannot run inside particles; remove it")
-    corrector = None
     if isinstance(sampler, CorrectedKSampler):
-        corrector = sampler.config
+        if config.corrector is not None:
+            raise ValueError("two correctors: the sampler is already corrected (PoECorrectedSampler) and the particles "
+                             "have their own; keep one")
+        config = dataclasses.replace(config, corrector=sampler.config)
         sampler = comfy.samplers.KSAMPLER(sampler.sampler_function, sampler.extra_options, sampler.inpaint_options)
     check_splittable(sampler, "particles", "it cannot carry particles; choose another sampler")
     check_stochastic(sampler)
-    return ParticleKSampler(sampler, config, corrector)
+    return ParticleKSampler(sampler, config)
 
 
 class StepNoise:
@@ -116,6 +119,18 @@ class StepNoise:
         key = struct.pack("<qdd", self.seed, float(sigma), float(sigma_next))
         g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
         return torch.randn(self.shape, generator=g, dtype=self.dtype).to(self.device)
+
+
+def repeat_conditions(bindings, k: int) -> list:
+    """The chain with every per-image condition tensor (batch > 1) repeated K times in place, so that
+    each group of K consecutive particles shares its image's conditions."""
+    def rows(condition):
+        if not isinstance(condition, dict):
+            return condition
+        return {key: v.repeat_interleave(k, 0) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] > 1 else v
+                for key, v in condition.items()}
+
+    return [dataclasses.replace(b, condition=rows(b.condition), null=tuple(rows(n) for n in b.null)) for b in bindings]
 
 
 def _refuse_inside_another_walk(*args, **kwargs):
@@ -157,16 +172,15 @@ class ParticleKSampler(IntervalKSampler):
 
     Args:
         base (`comfy.samplers.KSAMPLER`): the stochastic sampler that moves the particles.
-        config (`ParticleConfig`): particles per image, lambda, the ESS threshold, the output.
-        corrector (`CorrectorConfig`, *optional*): the move step (``config.move`` says when).
+        config (`ParticleConfig`): particles per image, lambda, the ESS threshold, the output, the move.
     """
 
-    def __init__(self, base: comfy.samplers.KSAMPLER, config: ParticleConfig, corrector: CorrectorConfig | None = None):
+    def __init__(self, base: comfy.samplers.KSAMPLER, config: ParticleConfig):
         # Anything that splits this sampler into intervals would call sampler_function and lose the particles.
         super().__init__(_refuse_inside_another_walk, base.extra_options, base.inpaint_options)
         self.base = base
         self.config = config
-        self.corrector = corrector
+        self.corrector = config.corrector
         self.last_report = ParticleReport()
         self.last_corrector_report = CorrectorReport()
 
