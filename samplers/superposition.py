@@ -103,6 +103,12 @@ def _name(b: Binding) -> str:
     return b.label or getattr(unwrap(b.expert), "name", type(b.expert).__name__)
 
 
+def member_name(i: int, b: Binding) -> str:
+    """A member as the rule text numbers its bindings: ``2. SD15 MODEL · a flamingo``."""
+    name = getattr(unwrap(b.expert), "name", type(b.expert).__name__)
+    return f"{i + 1}. {name} · {b.label}" if b.label and b.label != name else f"{i + 1}. {name}"
+
+
 def groups_of(bindings: Sequence[Binding]) -> list[Group]:
     """The distinct groups of a chain, in the order of their first member."""
     seen: list[Group] = []
@@ -142,12 +148,11 @@ def make_group(bindings: Sequence[Binding], indices: Sequence[int], kind: str, w
         lo, hi = clip
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < 1.0 / n < hi):
             raise ValueError(f"the AND clip range ({lo:g}, {hi:g}) must be finite and contain the even share 1/{n}")
-    labels = " | ".join(_name(bindings[i]) for i in indices)
-    group = Group(kind, float(weight), priors, tuple(clip), f"{kind.upper()}({labels})")
+    group = Group(kind, float(weight), priors, tuple(clip), f"{kind.upper()}({', '.join(str(i + 1) for i in indices)})")
     for i, p in zip(indices, priors):
         if bindings[i].group is not None:
-            raise ValueError(f"binding {i} ({_name(bindings[i])}) is already in {bindings[i].group.label}; a binding "
-                             "belongs to one group")
+            raise ValueError(f"binding {i + 1} ({_name(bindings[i])}) is already in {bindings[i].group.label}; a "
+                             "binding belongs to one group")
         bindings[i] = replace(bindings[i], group=group, weight=weight * p)
     check_groups(bindings)
     return bindings
@@ -166,7 +171,7 @@ def check_groups(bindings: Sequence[Binding]) -> None:
                              "group node again after changing its members")
         for i in idx:
             b = bindings[i]
-            name = f"binding {i} ({_name(b)}) in {g.label}"
+            name = f"binding {i + 1} ({_name(b)}) in {g.label}"
             if torch.as_tensor(b.weight).numel() > 1 or torch.as_tensor(b.reliability).numel() > 1:
                 raise ValueError(f"{name} has a mask: a member is one density for the whole image; remove the mask")
             if b.banded:
@@ -334,7 +339,7 @@ def describe_groups(bindings: Sequence[Binding]) -> str:
     """The groups of a chain and their rule, for the rule text ('' without groups)."""
     lines = []
     for g in groups_of(bindings):
-        names = [_name(bindings[i]) for i in member_indices(bindings, g)]
+        names = [member_name(i, bindings[i]) for i in member_indices(bindings, g)]
         if g.kind == "or":
             parts = ", ".join(f"{n} (pi={p:.3g})" for n, p in zip(names, g.priors))
             lines.append(f"  {g.label}: mixture of {parts}, weight {g.weight:g}: members weighted w_G kappa_m, "

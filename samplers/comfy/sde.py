@@ -49,7 +49,7 @@ class Composition:
         self.reports = {}
         report.groups = []
         for g in self.groups:
-            names = [superposition._name(bindings[i]) for i in superposition.member_indices(bindings, g)]
+            names = [superposition.member_name(i, bindings[i]) for i in superposition.member_indices(bindings, g)]
             self.reports[g] = superposition.GroupReport(g.label, g.kind, names, clip=g.clip)
             report.groups.append(self.reports[g])
         self._members_eps: dict = {}

@@ -103,11 +103,11 @@ def test_the_group_nodes_make_the_last_bindings_a_group_and_describe_it():
     out = composition.PoEOrGroup.execute(experts=chain[:2], members=2, priors="3, 1", weight=2.0)
     grouped = out.args[0]
     assert [b.weight for b in grouped] == [1.5, 0.5] and grouped[0].group.priors == (0.75, 0.25)
-    assert "OR(A | B): mixture of A (pi=0.75), B (pi=0.25), weight 2" in out.ui["text"][0]
+    assert "OR(1, 2): mixture of 1. gauss · A (pi=0.75), 2. gauss · B (pi=0.25), weight 2" in out.ui["text"][0]
     out = composition.PoEAndGroup.execute(experts=chain, members=2, weight=1.0, clip_min=-10.0, clip_max=11.0)
     grouped = out.args[0]
     assert grouped[0].group is None and grouped[1].group is grouped[2].group and grouped[2].group.kind == "and"
-    assert "AND(B | class)" in out.ui["text"][0]
+    assert "AND(2, 3): AND of 2. gauss · B, 3. other · class, weight 1" in out.ui["text"][0]
 
 
 @pytest.mark.parametrize("call, message", [
@@ -138,8 +138,8 @@ def test_ksampler_runs_an_or_group_and_reports_it():
     grouped = composition.PoEOrGroup.execute(experts=members(expert()), members=2, priors="", weight=1.0).args[0]
     latent, image, rule = ksample(grouped, batch=3)
     assert latent["samples"].shape == (3, 3, 2, 2) and image.shape == (3, 2, 2, 3)
-    assert "OR(A | B): mixture of A (pi=0.5), B (pi=0.5)" in rule
-    assert "groups did: OR(A | B): images by the member that leads at the end:" in rule
+    assert "OR(1, 2): mixture of 1. gauss · A (pi=0.5), 2. gauss · B (pi=0.5)" in rule
+    assert "groups did: OR(1, 2): images by the member that leads at the end: 1. gauss · A " in rule
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -164,7 +164,7 @@ def test_bad_groups_are_refused(indices, kind, kwargs, message):
 
 def test_members_belong_to_one_group_and_one_and_group_per_chain():
     grouped = make_group(chain(), [0, 1], "or")
-    with pytest.raises(ValueError, match=r"binding 1 \(B\) is already in OR\(A \| B\)"):
+    with pytest.raises(ValueError, match=r"binding 2 \(B\) is already in OR\(1, 2\)"):
         make_group(grouped, [1, 2], "and")
     four = chain() + [poe.Binding(LinearExpert(), c(4), 1.0, 1.0, (c(0),), label="D")]
     first = make_group(four, [0, 1], "and")
@@ -178,7 +178,7 @@ def test_a_member_with_a_mask_or_window_is_refused():
     grouped = make_group(chain(), [0, 1], "or")
     masked = list(grouped)
     masked[1] = dataclasses.replace(masked[1], weight=torch.ones(1, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"binding 1 \(B\) in OR\(A \| B\) has a mask"):
+    with pytest.raises(ValueError, match=r"binding 2 \(B\) in OR\(1, 2\) has a mask"):
         superposition.check_groups(masked)
     windowed = list(grouped)
     windowed[0] = dataclasses.replace(windowed[0], sigma_window=(0.5, math.inf))
@@ -189,5 +189,5 @@ def test_a_member_with_a_mask_or_window_is_refused():
 def test_the_rule_text_names_the_groups():
     grouped = make_group(chain(), [0, 1], "or", priors=[4, 1])
     text = superposition.describe_groups(grouped)
-    assert "OR(A | B): mixture of A (pi=0.8), B (pi=0.2), weight 1" in text
+    assert "OR(1, 2): mixture of 1. L · A (pi=0.8), 2. L · B (pi=0.2), weight 1" in text
     assert superposition.describe_groups(chain()) == ""
