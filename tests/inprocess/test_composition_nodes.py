@@ -216,3 +216,22 @@ def test_the_particle_sampler_node_wraps_samplers_for_samplercustomadvanced():
     assert wrapped.corrector == CorrectorConfig(steps=1)
     out = run([poe.Binding(expert(), gaussian(1.0, 0.5), 2.0, 1.0, (gaussian(0.0, 1.0),))], wrapped, n=4, steps=6)
     assert out.shape == (4, 3, 2, 2) and "2 particle(s) per image x 2 image(s)" in wrapped.summary()
+
+
+@pytest.mark.parametrize("node", [composition.PoEParticles, composition.PoEParticleSampler, composition.PoESDESampler,
+                                  composition.PoEOrGroup, composition.PoEAndGroup])
+def test_every_composition_node_describes_itself_and_each_input(node):
+    schema = node.define_schema()
+    assert len(schema.description) > 80 and schema.category.startswith("unite_and_conquer/")
+    for inp in schema.inputs:
+        assert inp.tooltip and len(inp.tooltip) > 20, (schema.node_id, inp.id)
+
+
+def test_the_particle_node_defaults_are_the_librarys():
+    d = ParticleConfig()
+    inputs = {i.id: i for i in composition.PoEParticles.define_schema().inputs}
+    assert (inputs["particles_per_image"].default, inputs["temperature"].default, inputs["ess_threshold"].default,
+            inputs["output"].default, inputs["move"].default) == (d.particles, d.temperature, d.ess_threshold,
+                                                                  d.output, d.move)
+    clip = {i.id: getattr(i, "default", None) for i in composition.PoEAndGroup.define_schema().inputs}
+    assert (clip["clip_min"], clip["clip_max"]) == superposition.AND_CLIP
