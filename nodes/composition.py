@@ -47,8 +47,8 @@ class PoEParticles(io.ComfyNode):
                                        "the plain sampler: biased, but they degenerate less in high dimension; 0 is "
                                        "the plain sampler."),
                 io.Float.Input("ess_threshold", default=d.ess_threshold, min=0.0, max=1.0, step=0.01,
-                               tooltip="A group is resampled (systematically) when its effective sample size falls "
-                                       "below this fraction of K. 1: every step; 0: never."),
+                               tooltip="A group is resampled (systematically) when its effective sample size falls to "
+                                       "this fraction of K or below. 1: every step; 0: never."),
                 io.Combo.Input("output", options=list(OUTPUTS), default=d.output,
                                tooltip="all: every particle, after a final resampling (a draw from the target; "
                                        "copies are possible). draw: one per group, drawn by weight. best: the "

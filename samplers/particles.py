@@ -58,8 +58,8 @@ separate, so they are refused. The initial weights are uniform: with sum beta = 
 N(0, sigma_max^2) up to O(|x0|^2 / sigma_max^2).
 
 **Resampling.** Particles come in groups of K, one group per output image; a group shares its
-conditions. When a group's effective sample size ``(sum w)^2 / sum w^2`` falls below ``ess_threshold
-* K``, the group is resampled systematically (Carpenter, Clifford & Fearnhead 1999: one uniform per
+conditions. When a group's effective sample size ``(sum w)^2 / sum w^2`` falls to ``ess_threshold * K``
+or below, the group is resampled systematically (Carpenter, Clifford & Fearnhead 1999: one uniform per
 group, K evenly spaced points on the weights' CDF, so particle i is copied floor(K w_i) or
 floor(K w_i) + 1 times) and its weights reset to uniform.
 
@@ -100,7 +100,7 @@ class ParticleConfig:
         temperature (`float`, defaults to 1.0): lambda in [0, 1], the factor on each log-weight
             increment. 1 is exact; below 1 is tempered and biased (module docstring).
         ess_threshold (`float`, defaults to 0.5): a group is resampled when its effective sample size
-            falls below this fraction of K; 1 resamples at every step, 0 never.
+            falls to this fraction of K or below; 1 resamples at every step, 0 never.
         output (`str`, defaults to ``"all"``): ``"all"``: every particle, after a final systematic
             resampling of each group, so the set is an unweighted draw from the target (copies are
             possible); ``"draw"``: one particle per group, drawn with probability proportional to its
@@ -234,12 +234,13 @@ def systematic_indices(weights: torch.Tensor, generator: torch.Generator | None 
 
 def resample(log_w: torch.Tensor, k: int, threshold: float, generator: torch.Generator | None = None,
              force: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Resample the groups whose ESS is below ``threshold * K`` (all with ``force`` or a threshold of 1).
+    """Resample the groups whose ESS is at or below ``threshold * K`` (all with ``force`` or a threshold of
+    1; "at" matters for K = 2, whose ESS never falls below 1).
     Returns the indices into the batch for every particle (``None`` when no group is resampled) and a
     boolean mask of the resampled groups; their log-weights must be reset to 0."""
     groups = _groups(log_w, k)
     force = force or threshold >= 1
-    low = torch.ones(groups.shape[0], dtype=torch.bool) if force else (ess(log_w, k) < threshold * k).cpu()
+    low = torch.ones(groups.shape[0], dtype=torch.bool) if force else (ess(log_w, k) <= threshold * k).cpu()
     if not bool(low.any()):
         return None, low
     within = torch.arange(k).expand(groups.shape[0], k).clone()

@@ -138,6 +138,8 @@ def test_only_groups_below_the_threshold_are_resampled_within_themselves():
     assert idx[:4].tolist() == [0, 1, 2, 3]
     assert set(idx[4:].tolist()) <= {4, 5, 6, 7} and idx[4:].tolist().count(4) >= 3
     assert particles.resample(log_w, k, 0.0)[0] is None
+    # Two particles, one carrying all the weight: ESS 1 = 0.5 x K is enough to resample.
+    assert particles.resample(torch.tensor([0.0, -1e9], dtype=torch.float64), 2, 0.5)[1].tolist() == [True]
     idx, low = particles.resample(log_w, k, 0.0, force=True)
     assert low.all()
     with pytest.raises(ValueError, match="do not split into groups of 3"):
