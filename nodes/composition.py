@@ -225,6 +225,8 @@ def sampler_for(node: str, sampler_name: str, bindings, corrector, particles, re
     """PoEKSampler's checks of groups and particles against its other inputs, and the plain SAMPLER
     for ``sampler_name`` (the pack's own included)."""
     if superposition.groups_of(bindings):
+        with node_input(node, "experts"):
+            superposition.check_groups(bindings)
         if sampler_name != comfy_sde.SAMPLER_NAME:
             raise ValueError(f"{node}: input 'sampler_name' is {sampler_name!r}, but the chain has an OR / AND group, "
                              "whose members' log-densities only the pack's SDE step tracks: choose "

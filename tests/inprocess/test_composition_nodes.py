@@ -157,6 +157,17 @@ def test_ksampler_refuses_what_a_group_cannot_run_with(kw, message):
     assert str(err.value).startswith(message)
 
 
+def test_ksampler_refuses_a_member_given_a_noise_window_after_grouping():
+    import dataclasses
+
+    with_nulls = [dataclasses.replace(b, reliability=0.5, null=(gaussian(0.0, 1.0),)) for b in members(expert())]
+    grouped = list(superposition.make_group(with_nulls, [0, 1], "or"))
+    grouped[1] = dataclasses.replace(grouped[1], sigma_window=(0.5, math.inf))
+    with pytest.raises(ValueError) as err:
+        ksample(grouped)
+    assert str(err.value).startswith("PoEKSampler: input 'experts': binding 2 (B) in OR(1, 2) has a noise window")
+
+
 @pytest.mark.parametrize("output, rows", [("all", 6), ("draw", 2), ("best", 2)])
 def test_ksampler_with_particles_runs_k_per_image_and_reports_ess(output, rows):
     handle = expert()
