@@ -40,13 +40,14 @@ class Case:
     var_range: tuple[float, float] = (0.2, 1.0)
     null_mean_range: tuple[float, float] = (-0.5, 0.5)
     null_var_range: tuple[float, float] = (1.0, 1.5)
+    shape: tuple[int, int, int] = SHAPE   # channels x side x side; the experts' resolution is the side
 
     def parameters(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per expert (mean, variance, null mean, null variance), each 1 x 3 x 4 x 4, drawn from ``seed``."""
+        """Per expert (mean, variance, null mean, null variance), each 1 x ``shape``, drawn from ``seed``."""
         g = torch.Generator().manual_seed(self.seed)
 
         def draw(lo, hi):
-            return lo + (hi - lo) * torch.rand((1, *SHAPE), generator=g)
+            return lo + (hi - lo) * torch.rand((1, *self.shape), generator=g)
 
         return [(draw(*self.mean_range), draw(*self.var_range), draw(*self.null_mean_range),
                  draw(*self.null_var_range)) for _ in self.parts]
@@ -93,7 +94,8 @@ def bindings(case: Case):
     models = comfy_modules()[0]
     out = []
     for i, (part, (m, v, mn, vn)) in enumerate(zip(case.parts, case.parameters())):
-        handle = models.wrap_expert(gaussian_expert(alphas_cumprod_for(part.schedule), f"gauss-{part.schedule}-{i}", 4))
+        handle = models.wrap_expert(gaussian_expert(alphas_cumprod_for(part.schedule), f"gauss-{part.schedule}-{i}",
+                                                  case.shape[-1]))
         out.append(Binding(handle, {"mu": m, "var": v}, part.weight, part.reliability, ({"mu": mn, "var": vn},),
                            label=f"expert {i}"))
     return out
@@ -109,7 +111,7 @@ def noise_floor(case: Case, samples: int, seed: int = 0) -> float:
     """W2 of ``samples`` exact draws from the closed form: what sampling noise alone gives."""
     mean, var = case.closed_form()
     g = torch.Generator().manual_seed(10_000 + seed)
-    return w2(mean + var.sqrt() * torch.randn((samples, *SHAPE), generator=g), mean, var)
+    return w2(mean + var.sqrt() * torch.randn((samples, *case.shape), generator=g), mean, var)
 
 
 @dataclass
@@ -133,7 +135,7 @@ def run(case: Case, sampler: str, steps: int, corrector=None, samples: int = 409
     bs = bindings(case)
     guider = guiders.ProductGuider(bs)
     sigmas = sampling.compute_sigmas(guider, sampler, scheduler, steps, 1.0)
-    latent = torch.zeros(samples, *SHAPE)
+    latent = torch.zeros(samples, *case.shape)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     base = sampling.sampler_object(sampler)
     chosen = base if corrector is None else comfy_correctors.with_corrector(base, corrector)

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/eval_digits_bands.py -n 200 --no-write
     .venv/bin/python benchmarks/eval_digits_bands.py --corrected --jobs 2  # the 16 px product, MCMC-corrected
     .venv/bin/python benchmarks/eval_digits_bands.py --corrected --reliabilities weights --layout-sigma-min 0.3 --jobs 2
+    .venv/bin/python benchmarks/eval_digits_bands.py --particles 4 --reliabilities weights --steps 60 --jobs 2
 
 Both rows run through the pack's ComfyUI guider (``PoEGuider``, what PoEKSampler and
 SamplerCustomAdvanced run) with ComfyUI's ``dpmpp_2m`` sampler and ``karras`` scheduler, on the
@@ -40,6 +41,7 @@ from unite_and_conquer.samplers.poe import Binding  # noqa: E402
 
 HEADING = "## Multimodal digits: a 16 px class expert on the 32 px canvas"
 CORRECTED_HEADING = "## Multimodal digits: the 16 px class expert, MCMC-corrected"
+PARTICLES_HEADING = "## Multimodal digits: weighted particles"
 
 
 def layout_label(layout_sigma_min: float) -> str:
@@ -48,11 +50,13 @@ def layout_label(layout_sigma_min: float) -> str:
 
 
 def _class16_guider(handles, conds, keys, w, start: int, stop: int, reliability: str = "equal",
-                    layout_sigma_min: float = 0.0):
+                    layout_sigma_min: float = 0.0, repeat: int = 1):
     """The product over ``keys``; with ``layout_sigma_min``, the layout binding takes part only at
     sigma >= it (a binding's noise window, as the nodes set it), so that below it the class expert
-    alone draws the strokes inside the box that the higher levels placed."""
+    alone draws the strokes inside the box that the higher levels placed. ``repeat``: each target's
+    conditions repeated for its K particles (PoEKSampler does the same)."""
     from unite_and_conquer.samplers.comfy import guider as comfy_guider
+    from unite_and_conquer.samplers.comfy import particles as comfy_particles
 
     ws, rs = ed.per_modality(w), ed.reliabilities(w, reliability)
     bindings = []
@@ -62,6 +66,8 @@ def _class16_guider(handles, conds, keys, w, start: int, stop: int, reliability:
         window = (layout_sigma_min, math.inf) if m == "layout" else (0.0, math.inf)
         bindings.append(Binding(handles[key], cond, ws[m], rs[m], null=(handles[key].expert.null_condition,), label=m,
                                 sigma_window=window))
+    if repeat > 1:
+        bindings = comfy_particles.repeat_conditions(bindings, repeat)
     return comfy_guider.ProductGuider(bindings)
 
 
@@ -98,6 +104,78 @@ def sample_row(spec, n: int, split: str, seed: int, class16: Path, chunk: int = 
         images.append(comfy_sampling.sample(guider, latent, seed * 1000 + start, sampler, sigmas,
                                             preview=False).clamp(-1, 1))
     return ed.scored(name, torch.cat(images), target, ed.Judges(), time.time() - t0, evaluations)
+
+
+def particle_row(name: str, keys, w, steps: int, config, sampler_name: str, n: int, split: str, seed: int,
+                 class16: Path, chunk: int = 250, reliability: str = "equal") -> tuple[ed.Result, str]:
+    """One row sampled with weighted particles (``samplers/comfy/particles.py``): K particles per target
+    (``config``: a ``ParticleConfig`` with output ``draw`` or ``best``, one image per target) moved by
+    ``sampler_name`` (``poe_euler_maruyama`` or a ComfyUI ancestral / SDE sampler), through the guider
+    and ``comfy_sampling.sample`` as PoEKSampler runs them. Returns the row (its evaluations per output
+    image: K per step, plus the move step's) and the particle summary of the last chunk."""
+    from unite_and_conquer.samplers.comfy import particles as comfy_particles
+    from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
+    from unite_and_conquer.samplers.comfy import sde as comfy_sde
+
+    if config.output == "all":
+        raise ValueError("the judges score one image per target: give the particles output 'draw' or 'best'")
+    k = config.particles
+    target = ed.targets(n, split, seed)
+    handles = _handles(class16)
+    conds = ed.conditions({m: handles[m].expert for m in ed.MODALITIES}, target)
+    t0, images, moved, runs, summary = time.time(), [], 0, 0, ""
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        guider = _class16_guider(handles, conds, keys, w, start, stop, reliability, repeat=k)
+        sigmas = comfy_sampling.compute_sigmas(guider, sampler_name, "karras", steps, 1.0)
+        sampler = comfy_particles.with_particles(comfy_sde.sampler_object(sampler_name), config)
+        latent = torch.zeros((stop - start) * k, 3, 32, 32)
+        images.append(comfy_sampling.sample(guider, latent, seed * 1000 + start, sampler, sigmas,
+                                            preview=False).clamp(-1, 1))
+        moved, runs, summary = moved + sampler.last_corrector_report.levels, runs + 1, sampler.summary()
+    per_move = correctors.evaluations_per_level(config.corrector) if config.corrector is not None else 0
+    evaluations = round(k * (steps + per_move * moved / runs))
+    return ed.scored(name, torch.cat(images), target, ed.Judges(), time.time() - t0, evaluations), summary
+
+
+def particle_rows(n: int, split: str, steps: int, seed: int, weight, class16: Path, config, sampler_name: str,
+                  reliability: str = "equal", jobs: int = 1):
+    """The all-32 px product sampled by ``sampler_name`` without weights, at equal evaluations (K times
+    the steps), and with ``config``'s particles; plus the particle summary. (Not the 16 px class expert:
+    a lower-resolution expert weights the pooled null per band, which leaves the weights without a
+    target, so particles refuse it: ``particles.check_bindings``.)"""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from unite_and_conquer.samplers.particles import ParticleConfig
+
+    target = ed.targets(n, split, seed)
+    results = [ed.scored("real held-out canvases (judges' check)", target.images, target, ed.Judges())]
+    all32 = ("class", "colour", "layout")
+    base = f"class 32 px, colour 32 px, layout 32 px, w = {ed.weight_label(weight)}" + ed.reliability_label(reliability)
+    k = config.particles
+    plain = ParticleConfig(particles=1, temperature=0.0, ess_threshold=0.0, output="best")
+    specs = [(f"{base}, {sampler_name}, no weights", plain, steps),
+             (f"{base}, {sampler_name}, no weights, {k * steps} steps (equal evaluations)", plain, k * steps),
+             (f"{base}, {sampler_name}, {k} particles, lambda {config.temperature:g}, ESS threshold "
+              f"{config.ess_threshold:g}, output {config.output}" +
+              (f", move: {ed.corrector_label(config.corrector)} ({config.move})" if config.corrector else ""),
+              config, steps)]
+    run = partial(particle_row, keys=all32, w=weight, sampler_name=sampler_name, n=n, split=split, seed=seed,
+                  class16=class16, reliability=reliability)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(_particle_job, [(run, spec) for spec in specs]))
+    else:
+        rows = [_particle_job((run, spec)) for spec in specs]
+    for r, _ in rows:
+        print(ed._row(r), flush=True)
+    return results + [r for r, _ in rows], rows[-1][1]
+
+
+def _particle_job(job):
+    run, (name, config, steps) = job
+    return run(name, steps=steps, config=config)
 
 
 def row_specs(steps: int, weight, extra_weights=(), corrected: bool = False, class16: Path | None = None,
@@ -168,6 +246,16 @@ def main(argv=None):
                    help="the products' reliabilities: 1/3 each, or each binding's weight (eval_digits.reliabilities)")
     p.add_argument("--layout-sigma-min", type=float, default=0.0,
                    help="the layout binding takes part only at sigma >= this (its noise window); 0: at every level")
+    p.add_argument("--particles", type=int, default=0,
+                   help="K > 0: the all-32 px product with K weighted particles per target (no noise window), "
+                        f"beside the same sampler without weights, into the section '{PARTICLES_HEADING[3:]}'")
+    p.add_argument("--particle-sampler", default="poe_euler_maruyama",
+                   help="the stochastic sampler that moves the particles (poe_euler_maruyama or an ancestral / SDE one)")
+    p.add_argument("--particle-lambda", type=float, default=1.0, help="the weight temperature lambda in [0, 1]")
+    p.add_argument("--ess-threshold", type=float, default=0.5, help="resample a group below this ESS / K")
+    p.add_argument("--particle-output", default="draw", choices=["draw", "best"])
+    p.add_argument("--particle-move", default="", choices=["", "resampled", "levels"],
+                   help="with the default corrector as the move step: after resampling, or at every level")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="rows sampled in parallel processes")
     p.add_argument("--no-write", action="store_true")
@@ -180,6 +268,9 @@ def main(argv=None):
     comfy_args.cpu = comfy_args.cpu or not torch.cuda.is_available()
     t0 = time.time()
     extra = tuple(ed.parse_weight(w) for w in args.extra_weights.split(",") if w.strip())
+    if args.particles:
+        particles_main(args, argv, t0)
+        return
     results = sample_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16),
                           extra_weights=extra, corrected=args.corrected, jobs=args.jobs, reliability=args.reliabilities,
                           layout_sigma_min=args.layout_sigma_min)
@@ -219,6 +310,29 @@ def main(argv=None):
         "",
     ])
     publish(HEADING + suffix, body, not args.no_write)
+
+
+def particles_main(args, argv, t0) -> None:
+    from unite_and_conquer.samplers.particles import ParticleConfig
+
+    if args.layout_sigma_min:
+        raise SystemExit("--particles: a noise window leaves the weights without a target; drop --layout-sigma-min")
+    move = {"move": args.particle_move, "corrector": correctors.CorrectorConfig()} if args.particle_move else {}
+    config = ParticleConfig(particles=args.particles, temperature=args.particle_lambda,
+                            ess_threshold=args.ess_threshold, output=args.particle_output, **move)
+    results, summary = particle_rows(args.n, args.split, args.steps, args.seed, args.weight, Path(args.class16),
+                                     config, args.particle_sampler, args.reliabilities, args.jobs)
+    facts = run_facts("benchmarks/eval_digits_bands.py", argv,
+                      f"{args.n} per row, split `{args.split}`, `{args.particle_sampler}` + `karras`, {args.steps} steps "
+                      f"unless the row says otherwise, through `PoEGuider` and `ParticleKSampler`, seed {args.seed}",
+                      t0, torch.get_num_threads(), torch.__version__)
+    body = "\n".join([
+        "The all-32 px product (class, colour and layout experts; particles refuse the 16 px class expert, whose "
+        "per-band null leaves the weights without a target), the layout binding at every level (particles refuse "
+        "noise windows), sampled without weights, without weights at K times the steps (equal evaluations), and with K "
+        "Feynman-Kac particles per target, one output per target. Same targets and judges as eval_digits.py.",
+        "", *facts, "", ed.table(results), "", "Particle summary of the last chunk:", "", "```", summary, "```", ""])
+    publish(PARTICLES_HEADING + ed.reliability_heading(args.reliabilities), body, not args.no_write)
 
 
 if __name__ == "__main__":

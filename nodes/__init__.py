@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .bands import PoEBandWeights
+from .composition import PoEAndGroup, PoEOrGroup, PoEParticles, PoEParticleSampler, PoESDESampler
 from .bindings import (PoEBindClass, PoEBindImage, PoEBindInpaint, PoEBindingSchedule, PoEBindPrior,
                        PoEBindSegmentation, PoEBindSketch, PoEBindText, PoEReliabilityFromVariance)
 from .known_regions import PoEImageToLatent, PoEResample
@@ -17,6 +18,7 @@ NODES: list[type[io.ComfyNode]] = [
     PoEBindClass, PoEBindText, PoEBindSegmentation, PoEBindSketch, PoEBindImage, PoEBindInpaint, PoEBindPrior,
     PoEBindModel, PoEEncodeCondition, PoEBindingSchedule, PoEReliabilityFromVariance, PoEBandWeights,
     PoEKSampler, PoEGuider, PoEScheduler, PoECorrector, PoECorrectedSampler,
+    PoEParticles, PoEParticleSampler, PoESDESampler, PoEOrGroup, PoEAndGroup,
     PoEReliabilitySweep, PoEImageGrid, PoEResample, PoEImageToLatent,
 ]
 

@@ -12,10 +12,13 @@ from ..samplers.comfy.guider import ProductGuider, latent_facts
 from ..samplers.comfy.model_experts import is_pixel_space
 from ..samplers.comfy.resampling import with_resampling
 from ..samplers.describe import describe_corrector, describe_rule
+from . import composition
 from .common import (CATEGORY, Experts, check_choice, log, node_input, pixels_to_image, product_input, sigma_window,
                      sigma_window_inputs)
 
 Corrector = io.Custom("POE_CORRECTOR")
+# ComfyUI's samplers and the pack's own SDE step (which alone runs OR / AND groups).
+KSAMPLER_NAMES = comfy_sampling.SAMPLER_NAMES + [composition.comfy_sde.SAMPLER_NAME]
 
 
 def _guider(node: str, experts) -> ProductGuider:
@@ -26,9 +29,10 @@ def _guider(node: str, experts) -> ProductGuider:
         return ProductGuider(experts, node)
 
 
-def _latent(node: str, guider: ProductGuider, width, height, batch_size, latent_image):
+def _latent(node: str, guider: ProductGuider, width, height, batch_size, latent_image, particles=None):
     """The LATENT PoEKSampler samples, validated with the product (``validation.validate``): latent_image, or
-    zeros of width x height (0: the largest expert's size) in the product's space. Returns (samples, noise mask)."""
+    zeros of width x height (0: the largest expert's size) in the product's space, each image repeated for its
+    particles when there are any. Returns (samples, noise mask)."""
     product = guider.product
     latent_input = "latent_image"
     if latent_image is not None:
@@ -43,9 +47,13 @@ def _latent(node: str, guider: ProductGuider, width, height, batch_size, latent_
         h, w = (height or product.size * down) // down, (width or product.size * down) // down
         samples = torch.zeros(batch_size, product.channels, h, w)
         latent_input = "height" if height and h != product.size else "width"
+    noise_mask = None if latent_image is None else latent_image.get("noise_mask")
+    if particles is not None:
+        # Validated at the sampled batch, which the particles' repeated conditions match.
+        samples = composition.particle_latent(node, samples, noise_mask, particles)
     with product_input(node, latent_input):
         guider.fit(latent_facts(samples))
-    return samples, None if latent_image is None else latent_image.get("noise_mask")
+    return samples, noise_mask
 
 
 def _image(guider, samples):
@@ -73,9 +81,10 @@ class PoEKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed. The same seed and graph give the same image."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."),
-                io.Combo.Input("sampler_name", options=comfy_sampling.SAMPLER_NAMES, default="dpmpp_2m",
+                io.Combo.Input("sampler_name", options=KSAMPLER_NAMES, default="dpmpp_2m",
                                tooltip="Any ComfyUI sampler. CFG++ variants use the pooled null as their "
-                                       "unconditional prediction. 'ddim' is ComfyUI's DDIM (eta 0)."),
+                                       "unconditional prediction. 'ddim' is ComfyUI's DDIM (eta 0). "
+                                       "'poe_euler_maruyama' is the pack's SDE step, which OR / AND groups need."),
                 io.Combo.Input("scheduler", options=comfy_sampling.SCHEDULER_NAMES, default="karras",
                                tooltip="Any ComfyUI scheduler, over the noise range every expert can serve."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -102,6 +111,11 @@ class PoEKSampler(io.ComfyNode):
                                      "so the completion harmonises with the kept pixels. 1 = off."),
                 io.Int.Input("resample_jump", default=10, min=1, max=1000, optional=True,
                              tooltip="RePaint jump length: steps per resampled block."),
+                composition.Particles.Input("particles", optional=True,
+                                            tooltip="Optional weighted particles (PoEParticles): K particles per "
+                                                    "image, batch_size x K in all; needs a stochastic sampler "
+                                                    "(poe_euler_maruyama or an ancestral / SDE one). The corrector "
+                                                    "input becomes their move step."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="Pixel-space latent in [-1, 1] (ComfyUI's "
@@ -114,20 +128,25 @@ class PoEKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, experts, seed, steps, sampler_name, scheduler, denoise, width, height, batch_size,
                 latent_image=None, noise_temperature=1.0, corrector=None, resample_count=1,
-                resample_jump=10) -> io.NodeOutput:
+                resample_jump=10, particles=None) -> io.NodeOutput:
         node = "PoEKSampler"
-        check_choice(node, "sampler_name", sampler_name, comfy_sampling.SAMPLER_NAMES, "sampler")
+        check_choice(node, "sampler_name", sampler_name, KSAMPLER_NAMES, "sampler")
         check_choice(node, "scheduler", scheduler, comfy_sampling.SCHEDULER_NAMES, "scheduler")
+        if particles is not None:
+            experts = composition.particle_chain(node, experts, particles)
         guider = _guider(node, experts)
-        latent, noise_mask = _latent(node, guider, width, height, batch_size, latent_image)
+        latent, noise_mask = _latent(node, guider, width, height, batch_size, latent_image, particles)
         if latent_image is None and denoise < 1.0:
             raise ValueError(f"{node}: input 'denoise' is {denoise} but there is no latent_image to refine; "
                              "connect one or set denoise to 1")
         sigmas = comfy_sampling.compute_sigmas(guider, sampler_name, scheduler, steps, denoise)
-        rule = describe_rule(guider.bindings, latent.shape)
-        sampler = comfy_sampling.sampler_object(sampler_name)
+        rule = describe_rule(guider.bindings, latent.shape) + composition.describe_chain(guider.bindings)
+        sampler = composition.sampler_for(node, sampler_name, guider.bindings, corrector, particles, resample_count)
         corrected = None
-        if corrector is not None:
+        if particles is not None:
+            sampler = composition.with_particles(node, sampler, particles, corrector)
+            rule += f"\nparticles: {composition.describe_particles(particles)}"
+        elif corrector is not None:
             with node_input(node, "sampler_name" if corrector.method != "none" else "corrector"):
                 sampler = corrected = with_corrector(sampler, corrector)
             rule += f"\ncorrector: {describe_corrector(corrector)}"
@@ -142,6 +161,7 @@ class PoEKSampler(io.ComfyNode):
         if report is not None:
             rule += f"\ncorrector did: {report.summary()}"
             log.info("%s: corrector did: %s", node, report.summary())
+        rule += composition.report_lines(sampler)
         out = {"samples": samples}
         if noise_mask is not None:
             out["noise_mask"] = noise_mask
@@ -167,7 +187,8 @@ class PoEGuider(io.ComfyNode):
     def execute(cls, experts) -> io.NodeOutput:
         guider = _guider("PoEGuider", experts)
         size = guider.product.size
-        return io.NodeOutput(guider, ui={"text": (describe_rule(guider.bindings, (size, size) if size else None),)})
+        rule = describe_rule(guider.bindings, (size, size) if size else None) + composition.describe_chain(guider.bindings)
+        return io.NodeOutput(guider, ui={"text": (rule,)})
 
 
 class PoEScheduler(io.ComfyNode):

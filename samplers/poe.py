@@ -66,6 +66,9 @@ class Binding:
         resolution_factor (`int`, defaults to 1): k when the expert makes images k times smaller than the
             canvas: it is evaluated on the k x k average-pooled input at sigma / k and its prediction
             lifted into the piecewise-constant subspace P (weight w there, 0 on I - P; ``bands``).
+        group (*optional*): the OR / AND group (``superposition.Group``) this binding is a member of.
+            A member's weight is then set by the group at every step, per image, so only the samplers
+            of ``superposition`` (which read the per-term predictions) can sample it.
     """
 
     expert: Any
@@ -79,6 +82,7 @@ class Binding:
     reliability_from_variance: bool = False
     band: Band | None = None
     resolution_factor: int = 1
+    group: Any = None
 
     @property
     def banded(self) -> bool:
@@ -413,9 +417,33 @@ def _row_mean(per_call: list[list[torch.Tensor]], idx: list[tuple[int, int]]) ->
     return _weighted_sum([1 / len(idx)] * len(idx), [per_call[c][r] for c, r in idx])
 
 
+@dataclass
+class Terms:
+    """The terms one evaluation of the rule combined, as ``eps_fn`` returned them (noise or denoised
+    predictions): what particle weights (``particles``) and OR / AND (``superposition``) read, so
+    neither runs a forward of its own. Filled by :func:`product_prediction` when given a list.
+
+    Args:
+        sigma (`float`): the level the rule was evaluated at (the sampler's own sigma).
+        bindings (`list[Binding]`): the bindings active there, in chain order.
+        cond (`list`): each binding's conditional prediction, ``None`` where its weight is 0.
+        nulls (`list[list[torch.Tensor]]`): the rows each binding's null averages (one for a trained
+            null, k for a mean over k conditions), empty where its null is not pooled.
+        reliabilities (`list`): the normalised a_j of the bindings whose nulls are pooled, in order.
+        pooled (`torch.Tensor` or `None`): the pooled null u; output (`torch.Tensor`): the rule's result.
+    """
+    sigma: float
+    bindings: list[Binding]
+    cond: list[torch.Tensor | None]
+    nulls: list[list[torch.Tensor]]
+    reliabilities: list[Scalar]
+    pooled: torch.Tensor | None
+    output: torch.Tensor
+
+
 def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[Binding], eps_fn: EpsFn,
                        staged: dict | None = None, device_of: DeviceOf | None = None,
-                       prediction: str = "eps") -> tuple[torch.Tensor, torch.Tensor | None]:
+                       prediction: str = "eps", terms: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The product's prediction at ``(x, sigma)`` and the pooled null (``None`` when unused).
 
     ``eps_fn`` returns either noise or denoised predictions; the rule is affine with coefficients
@@ -426,12 +454,18 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     is computed on ``x``'s device. ``prediction`` says what ``eps_fn`` returns (``eps`` or
     ``denoised``); it matters only for experts at a lower resolution, whose lift into the canvas
     scales noise by 1/k (``bands.lift_scale``). ``staged`` also keeps, per set of active bindings, the
-    levels where the null term acts (:func:`null_levels`).
+    levels where the null term acts (:func:`null_levels`). ``terms``: a list to which a :class:`Terms`
+    record of this evaluation is appended (not for bands and resolution factors).
     """
     s = float(torch.as_tensor(sigma).flatten()[0])
     active = at_sigma(bindings, s)
     if not active:
         raise ValueError(f"no binding is active at sigma={s:.4g}: widen at least one binding's sigma window")
+    if terms is None and any(b.group is not None for b in active):
+        raise ValueError("the chain has an OR / AND group (PoEOrGroup, PoEAndGroup), whose members' weights change "
+                         "at every step with each image's log-densities: sample it with the pack's SDE step (sampler "
+                         "'poe_euler_maruyama' in PoEKSampler, or PoESDESampler as the SAMPLER of "
+                         "SamplerCustomAdvanced)")
     # Which products are defined is validation's (samplers/validation.py), checked once before sampling
     # at every level of the schedule; the guards below only stop a product that skipped it.
     plan = plan_forwards(active, tuple(x.shape), _null_levels_once(active, tuple(x.shape), staged))
@@ -452,6 +486,9 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
     if null_vars:
         rel = precision_reliabilities(null_vars, rel)
     if any(b.banded for b in active):
+        if terms is not None:
+            raise ValueError("bands and lower-resolution experts weight each frequency on its own, so the rule has no "
+                             "per-term exponents for particles or OR / AND; remove PoEBandWeights or the smaller expert")
         return _banded_prediction(x, active, plan, outs, rel, prediction, s)
     if not cond_preds:
         # The empty set: every weight is 0, and the rule reduces to the pooled prior u.
@@ -459,12 +496,16 @@ def product_prediction(x: torch.Tensor, sigma: torch.Tensor, bindings: Sequence[
             raise ValueError("every weight is 0 and no binding supplies a null: the product is empty")
         pooled = combine([], [], null_preds, rel)[1]
         _check_finite([pooled], plan, outs, s)
+        if terms is not None:
+            terms.append(_terms(s, active, plan, outs, rel, pooled, pooled))
         return pooled, pooled
     out, pooled = combine(cond_preds, weights, null_preds, rel)
     if pooled is None and any(plan.null_levels):
         raise ValueError(f"the weights sum to {float(torch.as_tensor(total_weight(active)).mean()):.4g} at sigma={s:.4g} but no active binding "
                          "supplies a null with reliability > 0")
     _check_finite([out] if pooled is None else [out, pooled], plan, outs, s)
+    if terms is not None:
+        terms.append(_terms(s, active, plan, outs, rel, pooled, out))
     return out, pooled
 
 
@@ -479,6 +520,13 @@ def _null_levels_once(active: Sequence[Binding], shape: tuple[int, ...], staged:
     if key not in staged:
         staged[key] = ([(b.weight, b.band) for b in active], null_levels(active, shape))
     return staged[key][1]
+
+
+def _terms(s: float, active: Sequence[Binding], plan: ForwardPlan, outs: list[list[torch.Tensor]],
+           rel: Sequence[Scalar], pooled: torch.Tensor | None, out: torch.Tensor) -> Terms:
+    cond = [outs[c][r] if r >= 0 else None for c, r in plan.cond_index]
+    nulls = [[outs[c][r] for c, r in idx] for idx in plan.null_index]
+    return Terms(s, list(active), cond, nulls, normalise_reliabilities(rel) if rel else [], pooled, out)
 
 
 def _banded_prediction(x: torch.Tensor, active: Sequence[Binding], plan: ForwardPlan, outs: list[list[torch.Tensor]],

@@ -16,6 +16,8 @@ One job per module:
 - ``intervals``: what running a sampler one interval at a time needs (shared by the next two).
 - ``correctors``: the MCMC corrector between intervals (``with_corrector``).
 - ``resampling``: RePaint resampling along a jump schedule (``with_resampling``).
+- ``sde``: the pack's Euler–Maruyama step as a ComfyUI sampler (``poe_euler_maruyama``), with OR / AND groups.
+- ``particles``: Feynman–Kac weighted particles inside stochastic samplers (``with_particles``).
 
 ComfyUI surface. Every ComfyUI name these modules use is listed here, so an upgrade of ComfyUI
 is checked against this list (``tests/test_layers.py`` fails on a name used but not listed);
@@ -54,5 +56,9 @@ docs/comfyui_api.md compares each with the newest upstream ComfyUI:
   comfy.ops.manual_cast (``GroupNorm``, ``LayerNorm``, ``Embedding``, ``comfy_cast_weights``),
   comfy.model_management.unet_manual_cast
 - latent_preview.prepare_callback (progress bar and x0 previews)
-- model_options keys: ``transformer_options`` (``sample_sigmas``), ``sampler_post_cfg_function``
+- model_options keys: ``transformer_options`` (``sample_sigmas``), ``sampler_post_cfg_function``; the pack's own ``uac_terms``
+  (``guider.TERMS_SINK``)
+- k-diffusion sampler functions' contract (``particles``): ``(model, x, sigmas, extra_args, callback, disable,
+  **options)``, a ``noise_sampler`` option, and one callback ``{"i", "x", "denoised"}`` per step right after its
+  first model call; ``KSamplerX0Inpaint.sigmas`` and ``.inner_model`` (the guider)
 """

@@ -18,6 +18,10 @@ from .models import VARIANCE_SINK, ContinuousModelSampling, ExpertHandle, Produc
 
 log = logging.getLogger("unite_and_conquer")
 
+# A list under this model_options key receives a poe.Terms record of every evaluation (the per-term
+# predictions that particle weights and OR / AND read: samplers/comfy/particles.py and sde.py).
+TERMS_SINK = "uac_terms"
+
 
 def _step_of(sigma: float, model_options: dict) -> str:
     sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
@@ -177,7 +181,7 @@ class ProductGuider(comfy.samplers.CFGGuider):
             # Experts loaded on other devices get x there; their predictions come back to x's device.
             denoised, pooled = poe.product_prediction(x, timestep, self.bindings, self._eps_fn(model_options, x.shape[0]),
                                                       self.staged, device_of=lambda h: h.device,
-                                                      prediction="denoised")
+                                                      prediction="denoised", terms=model_options.get(TERMS_SINK))
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}{_step_of(float(timestep.flatten()[0]), model_options)}") from None
         # CFG++ samplers read the unconditional prediction here: the product's is the pooled null.

@@ -15,7 +15,8 @@ PACK_NODES = {"PoEExpertLoader", "PoEBindClass", "PoEBindText", "PoEBindSegmenta
               "PoEBindImage", "PoEBindPrior", "PoEBindingSchedule", "PoEKSampler", "PoEGuider", "PoEScheduler",
               "PoEReliabilitySweep", "PoEImageGrid", "PoECorrector", "PoECorrectedSampler",
               "PoETextEncoderLoader", "PoEResample", "PoEImageToLatent", "PoEBindInpaint",
-              "PoEReliabilityFromVariance", "PoEBandWeights", "PoEBindModel", "PoEEncodeCondition"}
+              "PoEReliabilityFromVariance", "PoEBandWeights", "PoEBindModel", "PoEEncodeCondition",
+              "PoEParticles", "PoEParticleSampler", "PoESDESampler", "PoEOrGroup", "PoEAndGroup"}
 DEMO = REPO / "example_workflows" / "api" / "tiny_demo.json"
 
 

@@ -1,0 +1,274 @@
+"""Feynman–Kac particles on products with a closed form: Gaussian products with a negative null
+exponent, and a Gaussian-mixture product whose mode weights are known.
+
+    .venv/bin/python benchmarks/bench_particles.py [--seeds 3] [--write]
+
+Everything samples through the node path: ``ProductGuider`` with the pack's Euler–Maruyama sampler
+(``poe_euler_maruyama``) or ComfyUI's ``euler_ancestral``, plain or inside ``ParticleKSampler``
+(``samplers/comfy/particles.py``), Karras schedule over the experts' common range.
+
+- **Gaussian products** (``analytic_cases.CASES``: every case has weights summing above 1, so its
+  pooled nulls enter with negative exponents), at the cases' own 3 x 4 x 4 (48 dimensions) and at
+  3 x 1 x 1 (3 dimensions), 200 steps. W2 between the per-pixel Gaussian fitted to the samples and the
+  closed form, against the noise floor of as many exact samples; every figure is the mean over
+  ``--seeds`` seeds. The ESS threshold and lambda are chosen on the first case ("choice") and reported
+  on the other three.
+- **8 particles per output**: 512 outputs, each drawn by weight from its own group of 8 (4096
+  particles, ``output = "draw"``), against 512 samples of the same sampler without weights.
+- **A mixture product**: expert A's data are two modes (means -1 and +1, variance 0.2, weights 1/2
+  each) over 3 x 2 x 2, expert B's N(0.05, 1); both at weight 1 with their nulls N(0, 1) and N(0, 2) at
+  reliability 1/2, so the product is a two-mode mixture whose mode weights are (0.242, 0.758)
+  (``tests/support/analytic.mixture_product``). Samples are assigned to the mode of larger posterior.
+
+``--write`` puts the sections "## Particles: ..." at the end of BENCHMARKS.md (or replaces them).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import runpy
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script: the pack's __init__.py registers the package unite_and_conquer
+    runpy.run_path(str(REPO / "__init__.py"))
+
+import torch  # noqa: E402
+
+from unite_and_conquer.benchmarks import analytic_cases as cases  # noqa: E402
+from unite_and_conquer.benchmarks.report import publish, run_facts  # noqa: E402
+from unite_and_conquer.samplers.particles import ParticleConfig  # noqa: E402
+
+GAUSSIAN_HEADING = "## Particles: Gaussian products with a negative null exponent"
+MIXTURE_HEADING = "## Particles: a Gaussian-mixture product with known mode weights"
+STEPS = 200
+SMALL = (3, 1, 1)
+# The screen on the choice case: (ESS threshold, lambda).
+SCREEN = [(0.3, 1.0), (0.5, 1.0), (0.7, 1.0), (1.0, 1.0), (0.5, 0.5)]
+
+
+def modules():
+    cases.comfy_modules()
+    from unite_and_conquer.samplers.comfy import guider, particles, sampling, sde
+
+    return guider, particles, sampling, sde
+
+
+def sampler(name: str, config: ParticleConfig | None):
+    _, particles, sampling, sde = modules()
+    base = sde.sampler_object(name)
+    return base if config is None else particles.with_particles(base, config)
+
+
+def sample(bindings, chosen, n: int, shape, seed: int, steps: int = STEPS):
+    guider, _, sampling, _ = modules()
+    g = guider.ProductGuider(bindings)
+    sigmas = sampling.compute_sigmas(g, "euler", "karras", steps, 1.0)
+    latent = torch.zeros(n, *shape)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    return g.sample(noise, latent, chosen, sigmas, disable_pbar=True, seed=seed)
+
+
+def gaussian_w2(case, name: str, config: ParticleConfig | None, outputs: int, seed: int) -> tuple[float, str]:
+    """W2 of ``outputs`` images of ``case`` (with K particles per output when ``config``)."""
+    chosen = sampler(name, config)
+    per = config.particles if config is not None and config.output != "all" else 1
+    out = sample(cases.bindings(case), chosen, outputs * per, case.shape, seed)
+    mean, var = case.closed_form()
+    summary = chosen.summary().splitlines()[0] if config is not None else ""
+    return cases.w2(out, mean, var), summary
+
+
+def floor(case, n: int, seeds: int) -> float:
+    return sum(cases.noise_floor(case, n, seed) for seed in range(seeds)) / seeds
+
+
+def describe(name: str, config: ParticleConfig | None) -> str:
+    if config is None:
+        return f"{name}, no weights"
+    per = f"{config.particles} per output, {config.output}" if config.output != "all" else \
+        f"groups of {config.particles}, all after a final resampling"
+    return f"{name}, particles ({per}), ESS threshold {config.ess_threshold:g}, lambda {config.temperature:g}"
+
+
+def gaussian_section(seeds: int, argv, t0) -> tuple[str, float, float]:
+    lines = []
+    choice, reported = cases.CASES[0], cases.CASES[1:]
+    shapes = [("48 dims", cases.SHAPE), ("3 dims", SMALL)]
+    # Choice: the threshold and lambda on the first case, at both sizes.
+    screen = ["| ESS threshold | lambda | " + " | ".join(f"W2 / floor, {label}" for label, _ in shapes) + " |",
+              "|---:|---:|" + "---:|" * len(shapes)]
+    scores = []
+    for threshold, lam in SCREEN:
+        config = ParticleConfig(particles=512, ess_threshold=threshold, temperature=lam)
+        ratios = []
+        for _, shape in shapes:
+            case = dataclasses.replace(choice, shape=shape)
+            w2s = [gaussian_w2(case, "poe_euler_maruyama", config, 512, seed)[0] for seed in range(seeds)]
+            ratios.append(sum(w2s) / seeds / floor(case, 512, seeds))
+        scores.append((sum(ratios), threshold, lam))
+        screen.append(f"| {threshold:g} | {lam:g} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+        print(screen[-1], flush=True)
+    _, threshold, lam = min(scores)
+    chosen = ParticleConfig(particles=512, ess_threshold=threshold, temperature=lam)
+    exact = dataclasses.replace(chosen, temperature=1.0)
+    rows = [("poe_euler_maruyama", None, 512), ("poe_euler_maruyama", chosen, 512),
+            *([("poe_euler_maruyama", exact, 512)] if lam != 1.0 else []),
+            ("euler_ancestral", None, 512), ("euler_ancestral", chosen, 512),
+            ("poe_euler_maruyama", ParticleConfig(particles=8, ess_threshold=threshold, temperature=lam,
+                                                  output="draw"), 512)]
+    table = ["| case | dims | sampler | outputs | W2 | noise floor | W2 / floor |", "|---|---:|---|---:|---:|---:|---:|"]
+    ratios_8 = []
+    for case0 in reported:
+        for label, shape in shapes:
+            case = dataclasses.replace(case0, shape=shape)
+            fl = floor(case, 512, seeds)
+            plain_em = None
+            for name, config, outputs in rows:
+                w2 = sum(gaussian_w2(case, name, config, outputs, seed)[0] for seed in range(seeds)) / seeds
+                if name == "poe_euler_maruyama" and config is None:
+                    plain_em = w2
+                if config is not None and config.output == "draw":
+                    ratios_8.append((case.name, label, w2 / plain_em))
+                table.append(f"| {case.name} | {label} | {describe(name, config)} | {outputs} | {w2:.3f} | {fl:.3f} | "
+                             f"{w2 / fl:.2f} |")
+                print(table[-1], flush=True)
+    eight = "; ".join(f"{name}, {label}: {r:.2f}" for name, label, r in ratios_8)
+    accuracy = step_accuracy()
+    return "\n".join([
+        "Products of Gaussian experts with a closed form (`benchmarks/analytic_cases.py`; weights summing above 1, "
+        "so the pooled nulls enter with negative exponents), sampled through PoEGuider with the pack's "
+        "Euler–Maruyama step or ComfyUI's euler_ancestral, plain or with Feynman–Kac particles "
+        "(`ParticleKSampler`), 200 Karras steps. W2 between the per-pixel Gaussian fitted to the outputs and the "
+        f"closed form; every figure is the mean over {seeds} seeds, the floor that of as many exact samples. One "
+        "particle run costs one product evaluation per particle and step, as the plain sampler.",
+        "",
+        *run_facts("benchmarks/bench_particles.py", argv, f"512 outputs per run, {seeds} seeds", t0, 1,
+                   torch.__version__),
+        "",
+        f"Choice (on '{choice.name}', one group of 512 particles, output after a final resampling):",
+        "",
+        *screen,
+        "",
+        f"Chosen: ESS threshold {threshold:g}, lambda {lam:g}. Reported on the other cases:",
+        "",
+        *table,
+        "",
+        f"8 particles per output against the same sampler without weights (W2 ratio, target <= 0.8): {eight}.",
+        "",
+        "The step's own error, which no weight removes: one expert N(1, 0.5) alone over 3 x 1 x 1, 65536 samples, "
+        "variance of the outputs / 0.5:",
+        "",
+        *accuracy,
+        "",
+    ]), threshold, lam
+
+
+def step_accuracy() -> list[str]:
+    """The Euler–Maruyama step alone on one Gaussian expert: its variance against the closed form."""
+    from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+    from unite_and_conquer.samplers.comfy import models as comfy_models
+    from unite_and_conquer.samplers.poe import Binding
+    from unite_and_conquer.tests.support.analytic import gaussian, gaussian_expert
+
+    handle = comfy_models.wrap_expert(gaussian_expert(alphas_cumprod_for("linear"), "gauss", 1))
+    lines = ["| sampler | steps | variance ratio |", "|---|---:|---:|"]
+    for name in ("poe_euler_maruyama", "euler_ancestral"):
+        for steps in (200, 800):
+            out = sample([Binding(handle, gaussian(1.0, 0.5))], sampler(name, None), 65536, SMALL, 0, steps)
+            lines.append(f"| {name} | {steps} | {float(out.double().var()) / 0.5:.3f} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def mixture_setup():
+    from unite_and_conquer.model_loaders.schedules import alphas_cumprod_for
+    from unite_and_conquer.samplers.poe import Binding
+    from unite_and_conquer.tests.support import analytic
+
+    models = modules()[0]  # noqa: F841  (ComfyUI is up)
+    from unite_and_conquer.samplers.comfy import models as comfy_models
+
+    shape = (3, 2, 2)
+    a = comfy_models.wrap_expert(analytic.mixture_expert(alphas_cumprod_for("linear"), "mixture", 2))
+    b = comfy_models.wrap_expert(analytic.gaussian_expert(alphas_cumprod_for("cosine"), "gauss", 2))
+    full = lambda v: torch.full((1, *shape), float(v))  # noqa: E731
+    bindings = [Binding(a, analytic.mixture([-1.0, 1.0], [0.2, 0.2], [0.5, 0.5], shape), 1.0, 0.5,
+                        (analytic.mixture([0.0, 0.0], [1.0, 1.0], [1.0, 1.0], shape),), label="two modes"),
+                Binding(b, {"mu": full(0.05), "var": full(1.0)}, 1.0, 0.5, ({"mu": full(0.0), "var": full(2.0)},),
+                        label="gaussian")]
+    truth = analytic.mixture_product(
+        [(full(-1.0)[0].double(), full(0.2)[0].double(), 0.5), (full(1.0)[0].double(), full(0.2)[0].double(), 0.5)],
+        [(full(0.05)[0].double(), full(1.0)[0].double(), 1.0), (full(0.0)[0].double(), full(1.0)[0].double(), -0.5),
+         (full(0.0)[0].double(), full(2.0)[0].double(), -0.5)])
+    return bindings, truth, shape
+
+
+def mode_of(samples: torch.Tensor, truth) -> torch.Tensor:
+    logs = torch.stack([math.log(w) - ((samples.double() - m) ** 2 / (2 * v) + 0.5 * torch.log(2 * math.pi * v)).flatten(1).sum(1)
+                        for w, m, v in truth])
+    return logs.argmax(0)
+
+
+def mixture_section(seeds: int, argv, t0, threshold: float, lam: float) -> str:
+    bindings, truth, shape = mixture_setup()
+    lams = sorted({lam, 1.0}, reverse=True)
+    rows = [("poe_euler_maruyama", None, 4096), ("euler_ancestral", None, 4096),
+            *[("poe_euler_maruyama", ParticleConfig(particles=512, ess_threshold=threshold, temperature=t), 4096)
+              for t in lams],
+            ("euler_ancestral", ParticleConfig(particles=512, ess_threshold=threshold, temperature=lam), 4096),
+            *[("poe_euler_maruyama", ParticleConfig(particles=8, ess_threshold=threshold, temperature=t, output="draw"),
+               512) for t in lams]]
+    table = ["| sampler | outputs | share of mode 2 | per-mode variance / closed form (mode 1, mode 2) |",
+             "|---|---:|---:|---|",
+             f"| closed form | - | {truth[1][0]:.3f} | 1, 1 |"]
+    for name, config, outputs in rows:
+        shares, ratios = [], []
+        for seed in range(seeds):
+            per = config.particles if config is not None and config.output != "all" else 1
+            out = sample(bindings, sampler(name, config), outputs * per, shape, seed)
+            mode = mode_of(out, truth)
+            shares.append(float((mode == 1).double().mean()))
+            ratios.append([float(out[mode == c].double().var(0).mean() / truth[c][2].mean()) if (mode == c).sum() > 2
+                           else float("nan") for c in (0, 1)])
+        r = [sum(x[c] for x in ratios) / seeds for c in (0, 1)]
+        table.append(f"| {describe(name, config)} | {outputs} | {sum(shares) / seeds:.3f} | {r[0]:.2f}, {r[1]:.2f} |")
+        print(table[-1], flush=True)
+    return "\n".join([
+        "Expert A's data are two modes over 3 x 2 x 2 (means -1 and +1 in every pixel, variance 0.2, weights 1/2 "
+        "each; `tests/support/analytic.GaussianMixtureEps`), expert B's N(0.05, 1); both at weight 1, with their "
+        "nulls N(0, 1) and N(0, 2) at reliability 1/2. The product is a two-mode mixture whose second mode weighs "
+        f"{truth[1][0]:.3f} (`analytic.mixture_product`); each output is assigned to the mode of larger posterior. "
+        f"Through PoEGuider, 200 Karras steps, ESS threshold {threshold:g} as chosen in '{GAUSSIAN_HEADING[3:]}', "
+        f"lambda 1 (exact) and the chosen {lam:g}; mean over {seeds} seeds.",
+        "",
+        *run_facts("benchmarks/bench_particles.py", argv, f"as in the table, {seeds} seeds", t0, 1, torch.__version__),
+        "",
+        *table,
+        "",
+    ])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--only", choices=["gaussian", "mixture"], help="one section")
+    parser.add_argument("--threshold", type=float, default=None, help="with --only mixture: the chosen ESS threshold")
+    parser.add_argument("--lam", type=float, default=1.0, help="with --only mixture: the chosen lambda")
+    parser.add_argument("--write", action="store_true", help="write the sections into BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    threshold, lam = args.threshold, args.lam
+    if args.only != "mixture":
+        body, threshold, lam = gaussian_section(args.seeds, argv, t0)
+        publish(GAUSSIAN_HEADING, body, args.write)
+    if args.only != "gaussian":
+        publish(MIXTURE_HEADING, mixture_section(args.seeds, argv, time.time(), threshold if threshold is not None else 0.5,
+                                                 lam), args.write)
+
+
+if __name__ == "__main__":
+    main()
