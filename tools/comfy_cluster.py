@@ -36,8 +36,10 @@ FOLDER = "ComfyUI-Distributed"
 # Three servers share this machine's cores: one torch thread each keeps them from fighting over them.
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}
 # How long the master's collector waits for a silent worker before it probes it and, if the worker is
-# gone, goes on without it (Distributed's "worker timeout" setting; its default is 60 s).
-WORKER_TIMEOUT_S = 10
+# gone, goes on without it (Distributed's "worker timeout" setting; its default is 60 s). A live worker
+# that answers the probe (within 2 s) as busy is waited for again, so this bounds how long a dead one
+# holds up the prompt; 20 s keeps live workers on a loaded machine from being probed often.
+WORKER_TIMEOUT_S = 20
 
 
 def unavailable() -> str | None:

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,6 +115,10 @@ def test_workers_are_remote_workers_on_the_loopback(cluster):
     assert len(ports) == 1 + WORKERS
     for s in cluster.servers:
         assert s.proc.args[s.proc.args.index("--listen") + 1] == "127.0.0.1"
+        # What the process really listens on: its one port, on the loopback only.
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(s.proc.pid).net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening == {("127.0.0.1", s.port)}
         info = s.get_json("/object_info/DistributedCollector")
         assert "DistributedCollector" in info and "PoEKSampler" in s.get_json("/object_info/PoEKSampler")
 
@@ -184,7 +189,8 @@ def test_a_worker_killed_mid_run_is_reported_and_no_image_is_lost(cluster, refer
     # master, and the worker that is left (still first in the configuration) takes the next seed.
     entry, dispatched = cluster.run(distributed_prompt("digits", seeds[-1]), timeout=600)
     assert dispatched == WORKERS - 1
-    assert "Worker 2 (2) is offline, skipping." in cluster.master_log()
+    name = next(w["name"] for w in cluster.config()["workers"] if w["id"] == victim_id)
+    assert f"Worker {name} ({victim_id}) is offline, skipping." in cluster.master_log()
     again = comfy_cluster.participant_seeds(seeds[-1], WORKERS - 1)
     after = pixels(cluster.master, entry)
     assert_same_images(after, expected(reference, "digits", again), again)
