@@ -72,11 +72,12 @@ class PoEExpertLoader(io.ComfyNode):
                                          "convolution kernels read directly. Same results up to float rounding."),
                 io.Combo.Input("device", options=comfy_models.device_choices(), default="auto", optional=True,
                                tooltip="Where this expert runs. 'auto' is ComfyUI's device (its GPU, or the CPU "
-                                       "with --cpu). With several GPUs, put two big experts on different ones "
-                                       "(cuda:0, cuda:1): each GPU holds one set of weights and both forwards run "
-                                       "side by side. 'cpu' keeps a small expert off the GPU, leaving its memory "
-                                       "to the big ones. The sampler moves the image to each expert and its "
-                                       "prediction back: same results up to float rounding."),
+                                       "with --cpu). With several GPUs, put big experts that do not fit on one GPU "
+                                       "together on different ones (cuda:0, cuda:1): each GPU holds its expert's "
+                                       "weights. 'cpu' keeps a small expert off the GPU, leaving its memory to the "
+                                       "big ones. ComfyUI-Distributed's local workers see one GPU each: leave them "
+                                       "at 'auto' there (docs/scaling.md). The sampler moves the image to each "
+                                       "expert and its prediction back: same results up to float rounding."),
             ],
             outputs=[Expert.Output(display_name="expert"),
                      io.Model.Output(display_name="MODEL",

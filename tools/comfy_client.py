@@ -39,8 +39,9 @@ class ComfyServer:
     """``main.py --cpu --listen 127.0.0.1 --port <free>`` with its own output folder and log."""
 
     def __init__(self, workdir: Path, python: str = sys.executable, extra_args: tuple[str, ...] = (), cpu: bool = True,
-                 comfy_dir: Path = COMFY, pack_name: str = PACK_NAME):
+                 comfy_dir: Path = COMFY, pack_name: str = PACK_NAME, env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
+        self.env = dict(env or {})
         self.comfy_dir = Path(comfy_dir)
         self.pack_name = pack_name
         self.python = python
@@ -63,7 +64,7 @@ class ComfyServer:
                 "--disable-auto-launch", *self.extra_args]
         if self.cpu:
             args.insert(2, "--cpu")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
@@ -96,6 +97,12 @@ class ComfyServer:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as when a machine drops out: no shutdown handlers run."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -157,3 +157,21 @@ if [ "${UAC_SKIP_TEST_DEPS:-0}" != 1 ] \
     echo "warning: no npm; tests/test_version_range.py needs node-semver and will skip" >&2
   fi
 fi
+
+# --- Scale-out tier dependency (tests/scaleout) ----------------------------------------------------
+# ComfyUI-Distributed 1.4.4 (Apache-2.0, no Python dependencies of its own), unpacked from
+# ../shared/distributed into .cache/. The tier copies it into each test server's custom_nodes/, as a
+# user installs it. It runs on the default ComfyUI 0.3.75 (.cache/ComfyUI). Never fails the set-up:
+# without the tarball the tier skips and says why.
+dist_tar="$root/../shared/distributed/ComfyUI-Distributed-1.4.4.tar.gz"
+dist_dir="$cache/ComfyUI-Distributed-1.4.4"
+if [ "${UAC_SKIP_TEST_DEPS:-0}" != 1 ] && [ ! -f "$dist_dir/pyproject.toml" ]; then
+  if [ -f "$dist_tar" ]; then
+    dist_tmp="$(mktemp -d "$cache/distributed.XXXXXX")"
+    { tar -xzf "$dist_tar" -C "$dist_tmp" && rm -rf "$dist_dir" && mv "$dist_tmp/ComfyUI-Distributed" "$dist_dir"; } \
+      || echo "warning: could not unpack $dist_tar; the scale-out tier (tests/scaleout) will skip" >&2
+    rm -rf "$dist_tmp"
+  else
+    echo "warning: $dist_tar not found; the scale-out tier (tests/scaleout) will skip" >&2
+  fi
+fi

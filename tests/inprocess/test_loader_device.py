@@ -4,7 +4,9 @@ On a CPU-only machine every device is the CPU, so the tests here check the optio
 builds, the per-expert device the guider hands the product rule, and that sampling is unchanged.
 The moves between devices themselves are checked without a GPU in
 ``tests/samplers/test_poe.py::test_experts_on_other_devices_get_x_and_conditions_there`` (fake
-CUDA tensors). The two ``skipif`` tests at the end sample on real GPUs; they run on a GPU machine.
+CUDA tensors), and here for a product built by the nodes: with two fake GPUs, each expert's patcher,
+ComfyUI's loading and each forward use the device its loader names. The two ``skipif`` tests at the
+end sample on real GPUs; they run on a GPU machine.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import comfy.model_management
+import comfy.sampler_helpers
 import folder_paths
 
 from unite_and_conquer.nodes import bindings, loaders, sampling
@@ -28,7 +31,7 @@ CPU_AUTO = comfy.model_management.get_torch_device().type == "cpu"
 def experts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("experts_device")
     folder_paths.add_model_folder_path("experts", str(folder))
-    return {m: write_tiny(folder / f"uac_device_{m}.safetensors", m).name for m in ("class", "colour")}
+    return {m: write_tiny(folder / f"uac_device_{m}.safetensors", m).name for m in ("class", "colour", "layout")}
 
 
 def load(name, device=None, dtype="fp32"):
@@ -162,3 +165,76 @@ def test_experts_on_two_gpus_sample_what_one_gpu_samples(experts, monkeypatch):
 def test_an_expert_on_the_cpu_beside_one_on_the_gpu(experts, monkeypatch):
     # The CPU's and the GPU's fp32 kernels round differently; three steps keep that near 1e-6.
     sample_split(experts, monkeypatch, "cuda:0", "cpu", rel_tol=1e-4)
+
+
+# --- two fake GPUs: a product's experts where their loaders put them -----------------------------
+
+PLACES = {"class": "cuda:1", "colour": "cuda:0", "layout": "cpu"}
+
+
+def fake_gpus(monkeypatch, count: int = 2):
+    """torch reports ``count`` CUDA devices, so the loader offers cuda:0..; the experts load in fp32,
+    so nothing asks the absent GPUs what dtypes they run."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def placed_product(experts, places=PLACES):
+    """Class 3 + red + a layout box, each expert loaded on its device in ``places``."""
+    handles = {m: load(experts[m], device=d)[0] for m, d in places.items()}
+    chain = product(handles["class"], handles["colour"])
+    box = torch.zeros(1, 32, 32)
+    box[:, 8:24, 10:22] = 1.0
+    chain = bindings.PoEBindSegmentation.execute(expert=handles["layout"], source="mask", slot="auto", weight=1.0,
+                                                 reliability=1.0, map_mask=box, experts=chain).args[0]
+    return handles, guider.ProductGuider(chain)
+
+
+def test_with_two_gpus_comfyui_loads_each_expert_of_a_product_where_its_loader_says(experts, monkeypatch):
+    fake_gpus(monkeypatch)
+    assert device_choices() == ["auto", "cpu", "cuda:0", "cuda:1"]
+    handles, g = placed_product(experts)
+    assert {m: h.device for m, h in handles.items()} == {m: torch.device(d) for m, d in PLACES.items()}
+    # Between prompts the weights wait on the CPU (ComfyUI's offload device without --highvram).
+    assert {h.patcher.offload_device for h in handles.values()} == {torch.device("cpu")}
+    assert load(experts["class"], device="cuda:1")[1].endswith(" · on cuda:1")
+    # The guider hands the rule each expert's own device.
+    assert [h.device for h in g.handles] == [torch.device(PLACES[m]) for m in ("class", "colour", "layout")]
+    # ComfyUI's own loading: prepare_sampling asks load_models_gpu for the product and every expert
+    # with it; each patcher's load_device is where load_models_gpu puts its weights.
+    asked = []
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda models, *a, **k: asked.extend(models))
+    comfy.sampler_helpers.prepare_sampling(g.model_patcher, (2, 3, 32, 32), {}, g.model_options)
+    loads = {id(m.model): m.load_device for m in asked}
+    assert {m: loads[id(h.model)] for m, h in handles.items()} == {m: torch.device(d) for m, d in PLACES.items()}
+
+
+def test_with_two_gpus_each_expert_runs_on_its_device_and_its_prediction_comes_back(experts, monkeypatch):
+    """Fake tensors (torch's FakeTensorMode) carry devices and refuse any op that mixes two. Each
+    expert's model is moved to its device, as ComfyUI's load does; then one step's forwards run
+    through the guider's own expert calls, with the sampler's x on cuda:0."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_gpus(monkeypatch)
+    _, g = placed_product(experts)
+    seen = record_forwards(monkeypatch)
+    plan = poe.plan_forwards(g.bindings)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for h in g.handles:
+            h.model.to(h.device)
+        x = torch.randn(2, 3, 32, 32).to("cuda:0")
+        sigma = torch.full((2,), 1.5).to("cuda:0")
+        outs = poe.run_plan(plan, x, sigma, g._eps_fn({}), {}, device_of=lambda h: h.device)
+    assert {p.device for preds in outs for p in preds} == {torch.device("cuda:0")}
+    assert [(name, device) for name, device, *_ in seen] == [(h.name, h.device) for h in g.handles]
+    assert_each_forward_on_its_device(seen)
+
+    # The fake devices catch a misplaced expert: weights on cuda:1 where the patcher says cuda:0.
+    _, g = placed_product(experts)
+    plan = poe.plan_forwards(g.bindings)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for h, device in zip(g.handles, ("cuda:1", "cuda:1", "cpu")):
+            h.model.to(device)
+        x = torch.randn(2, 3, 32, 32).to("cuda:0")
+        with pytest.raises(RuntimeError, match="cuda:0.*cuda:1|cuda:1.*cuda:0"):
+            poe.run_plan(plan, x, torch.full((2,), 1.5).to("cuda:0"), g._eps_fn({}), {},
+                         device_of=lambda h: h.device)
