@@ -510,7 +510,7 @@ def _proj(x, k):
 
 
 def _response(band: tuple | None, h: int, w: int) -> np.ndarray | None:
-    """PoEBandWeights' profile over the DCT coefficients (docs/method.md 'Bands'; a coefficient on an edge goes above it)."""
+    """PoEBandWeights' profile over the DCT coefficients (docs/method.md 'Bands'; one on an edge goes above)."""
     if band is None:
         return None
     mode, c, ch, tr = band
