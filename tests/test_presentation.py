@@ -175,7 +175,7 @@ def test_benchmarks_open_with_the_table_of_current_figures():
         question, figure, section, command, date = (c.strip() for c in row.strip("|").split("|"))
         link = re.fullmatch(r"\[(.+)\]\(#(.+)\)", section)
         if not link:
-            assert section in ("-", "every section below", "pending (issue 28)"), row
+            assert section in ("-", "every section below"), row
             continue
         assert link[1] in by_title and link[2] == heading_anchor(link[1]), row
         for number in re.findall(r"\d+\.\d+", figure):
