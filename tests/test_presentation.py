@@ -229,3 +229,16 @@ def test_figures_that_cite_benchmarks_are_copied_from_it(path):
             assert any(re.search(pattern, s) for s in sources), (path.name, number, block[:120])
             checked += 1
     assert checked >= 3
+
+
+def test_every_relative_link_names_a_file_of_the_repository():
+    """Links to files (documents, modules, images) in the READMEs, BENCHMARKS.md and docs/ point at files that exist."""
+    docs = [README, REPO / "tools" / "README.md", BENCHMARKS, *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)", doc.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue
+            assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)}: {target}"
+            checked += 1
+    assert checked >= 20
