@@ -175,7 +175,7 @@ def test_benchmarks_open_with_the_table_of_current_figures():
         question, figure, section, command, date = (c.strip() for c in row.strip("|").split("|"))
         link = re.fullmatch(r"\[(.+)\]\(#(.+)\)", section)
         if not link:
-            assert section in ("-", "every section below", "pending (issue 28)"), row
+            assert section in ("-", "every section below"), row
             continue
         assert link[1] in by_title and link[2] == heading_anchor(link[1]), row
         for number in re.findall(r"\d+\.\d+", figure):
@@ -186,3 +186,59 @@ def test_benchmarks_open_with_the_table_of_current_figures():
     for moved in history:
         first = moved.split("\n\n")[1]
         assert re.match(r"> Replaced by \[[^]]+\]\(\.\./BENCHMARKS\.md#[^)]+\).* Why: ", first), moved[:80]
+
+
+README = REPO / "README.md"
+
+
+def test_the_readme_gives_the_two_commands_and_ci_runs_its_test_command():
+    """The README's two commands stay as they are, and `.ci/run` runs exactly the test command it gives."""
+    block = re.search(r"(?ms)^## Two commands\n.*?```bash\n(.*?)```", README.read_text(encoding="utf-8"))[1]
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["./tools/demo.sh", "./tools/test.sh"]
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not line.lstrip().startswith("#") and not line.startswith(("set ", "cd "))]
+    assert ci == [commands[1]]
+
+
+def cited_blocks(path):
+    """(block, sources) for each paragraph or list item of ``path`` that cites BENCHMARKS.md: the sources are
+    its opening table and every section the block links to."""
+    text = BENCHMARKS.read_text(encoding="utf-8")
+    head, *sections = re.split(r"(?m)^(?=## )", text)
+    by_anchor = {heading_anchor(s.split("\n", 1)[0][3:]): s for s in sections}
+    body = re.sub(r"(?s)```.*?```", "", path.read_text(encoding="utf-8"))
+    for para in re.split(r"\n\s*\n", body):
+        for block in re.split(r"\n(?=- )", para):
+            if "BENCHMARKS.md" not in block:
+                continue
+            linked = re.findall(r"BENCHMARKS\.md#([^)\s]+)\)", block)
+            assert all(a in by_anchor for a in linked), (path.name, linked)
+            yield block, [head] + [by_anchor[a] for a in linked]
+
+
+@pytest.mark.parametrize("path", [README, REPO / "docs" / "method.md"], ids=["README", "method"])
+def test_figures_that_cite_benchmarks_are_copied_from_it(path):
+    """Every decimal figure in a paragraph that cites BENCHMARKS.md is in its opening table or in a section the
+    paragraph links to (no rounding, no stale copy); versions (x.y.z) and numbers glued to a unit (0.57M) aside."""
+    checked = 0
+    for block, sources in cited_blocks(path):
+        prose = re.sub(r"`[^`]*`", "", block)
+        for number in re.findall(r"(?<![\w.])(\d+\.\d+)(?![\w.])", prose):
+            pattern = rf"(?<![\d.]){re.escape(number)}(?!\d)"
+            assert any(re.search(pattern, s) for s in sources), (path.name, number, block[:120])
+            checked += 1
+    assert checked >= 3
+
+
+def test_every_relative_link_names_a_file_of_the_repository():
+    """Links to files (documents, modules, images) in the READMEs, BENCHMARKS.md and docs/ point at files that exist."""
+    docs = [README, REPO / "tools" / "README.md", BENCHMARKS, *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)", doc.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue
+            assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)}: {target}"
+            checked += 1
+    assert checked >= 20

@@ -26,7 +26,7 @@ Paths (each returns an :class:`Outcome`: predictions at a few sigmas, or the ref
 
 The reference (:func:`reference_denoised`) computes each expert's own prediction independently (closed forms
 for the Gaussian MODELs; the tiny networks called directly at their own continuous timestep, on the pooled
-input at sigma/k for an expert k times smaller) and combines them by the rule as README and ``bands.py``
+input at sigma/k for an expert k times smaller) and combines them by the rule as docs/method.md and ``bands.py``
 state it, with scipy's DCT: ``D = u + sum_i w_i F_i(D_i - u)``, the pooled null ``u`` mixed per resolution
 level from the nulls defined there. The oracle (:func:`oracle`) says which rules a graph breaks, from the
 spec alone: one space, the latent's channels, the canvas against each size, an expert of the canvas's size,
@@ -473,7 +473,7 @@ def _is_flow(ms) -> bool:
 # --- the reference rule ------------------------------------------------------------------------------------------
 
 def _t_of(sigma: float, alphas_cumprod: torch.Tensor) -> float:
-    """The continuous timestep of a VE level, linear in log sigma between table entries (README)."""
+    """The continuous timestep of a VE level, linear in log sigma between table entries (``noise_levels``)."""
     ac = alphas_cumprod.double().numpy()
     log_sig = np.log(np.sqrt((1 - ac) / ac))
     return float(np.interp(math.log(sigma), log_sig, np.arange(len(ac))))
@@ -510,7 +510,7 @@ def _proj(x, k):
 
 
 def _response(band: tuple | None, h: int, w: int) -> np.ndarray | None:
-    """PoEBandWeights' profile over the DCT coefficients (README 'Bands'; a coefficient on an edge goes above it)."""
+    """PoEBandWeights' profile over the DCT coefficients (docs/method.md 'Bands'; one on an edge goes above)."""
     if band is None:
         return None
     mode, c, ch, tr = band
@@ -649,7 +649,7 @@ def reference_denoised(spec: GraphSpec, x: torch.Tensor, s: float) -> torch.Tens
 
 def sigma_range(spec: GraphSpec) -> tuple[float, float]:
     """The noise levels every expert serves on this canvas: the intersection of their ranges, an expert k times
-    smaller serving k times its own (README, 'Bands and resolutions'); a MODEL's own levels in VE terms."""
+    smaller serving k times its own (docs/method.md, 'Bands and resolutions'); a MODEL's own levels in VE terms."""
     from unite_and_conquer.samplers.comfy.model_experts import ModelExpert
 
     ranges = []
