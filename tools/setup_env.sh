@@ -82,8 +82,9 @@ elif [ -f "$c33_tar" ]; then
   mkdir -p "$c33/custom_nodes"
   ln -sfn "$root" "$c33/custom_nodes/unite_and_conquer"
   [ -x "$v33/bin/python" ] || "$py" -m venv "$v33"
-  # The test packages the ComfyUI-facing tiers import (the reference implementations stay in .venv).
-  grep -E '^(pytest|websocket-client|selenium)\b' "$root/requirements-test.txt" > "$cache/venv-0.33.0-test-requirements.txt"
+  # The test packages the ComfyUI-facing tiers import: the harness, Selenium, and hypothesis for the graph
+  # fuzz (the reference implementations stay in .venv).
+  grep -E '^(pytest|websocket-client|selenium|hypothesis)\b' "$root/requirements-test.txt" > "$cache/venv-0.33.0-test-requirements.txt"
   # torch and torchvision are pinned below. torchaudio stays: 0.33's comfy/sd.py imports it (through the
   # LTX audio VAE), so nothing in comfy.sd or latent_preview loads without it; PyPI's newest (2.11.1)
   # asks for torch>=2.11 and runs beside 2.14.1.

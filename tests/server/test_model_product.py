@@ -159,7 +159,7 @@ def test_mixed_spaces_and_sizes_are_refused_naming_both_and_the_queue_goes_on(se
     assert err["node_id"] == "5" and err["node_type"] == "PoEBindModel"
     # ComfyUI ends exception_message with a newline.
     assert err["exception_message"].rstrip("\n") == (
-        "PoEBindModel: input 'experts': binding 0 (Tiny digits · class · class 3) works on pixels (3 channels) but "
+        "PoEBindModel: input 'model': binding 0 (Tiny digits · class · class 3) works on pixels (3 channels) but "
         "binding 1 (SD20 MODEL · MODEL + conditioning) works on SD15 latents (4 channels). Experts of one product "
         "must share one space: latent models only with models of the same latent format, pixel-space models "
         "(Chroma Radiance) with the native pixel experts.")
@@ -170,7 +170,7 @@ def test_mixed_spaces_and_sizes_are_refused_naming_both_and_the_queue_goes_on(se
     err = error_of(server, formats)
     assert err["node_id"] == "6"
     assert err["exception_message"].rstrip("\n") == (
-        "PoEBindModel: input 'experts': binding 0 (SD20 MODEL · MODEL + conditioning) works on SD15 latents "
+        "PoEBindModel: input 'model': binding 0 (SD20 MODEL · MODEL + conditioning) works on SD15 latents "
         "(4 channels) but binding 1 (SD3 MODEL · MODEL + conditioning) works on SD3 latents (16 channels). Experts "
         "of one product must share one space: latent models only with models of the same latent format, "
         "pixel-space models (Chroma Radiance) with the native pixel experts.")
@@ -190,9 +190,10 @@ def test_mixed_spaces_and_sizes_are_refused_naming_both_and_the_queue_goes_on(se
     err = error_of(server, sizes)
     assert err["node_id"] == "23"
     assert err["exception_message"].rstrip("\n") == (
-        "PoEBindClass: input 'expert': Tiny digits · class · 48px makes 48px images with 3 channels but the chained "
-        "experts (Tiny digits · class) make 32px with 3. Experts of a product share the channels, and their sizes must be "
-        "integer multiples of one another (a smaller expert runs on the pooled canvas).")
+        "PoEBindClass: input 'expert': binding 1 (Tiny digits · class · 48px · class 5) makes 48px images and "
+        "binding 0 (Tiny digits · class · class 3) 32px: a smaller expert runs on the pooled canvas, so each expert's "
+        "size must divide the larger ones (their blocks must nest); sample them at one size, or use an upsampler "
+        "stage (PoEBindImage) to change the size")
 
     latent = saved_latent(server, run_ok(server, model_prompt(seed=4, prefix="after_refusals")))
     assert torch.isfinite(latent).all()
