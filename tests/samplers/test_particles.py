@@ -12,6 +12,8 @@ from unite_and_conquer.samplers import particles, poe, sde
 from unite_and_conquer.samplers.bands import Band
 from unite_and_conquer.samplers.particles import ParticleConfig
 
+from support.analytic import LinearExpert, call_expert, shift
+
 # Gaussian terms N(m_k, diag(v_k)) in 5 dimensions with exponents summing to 1, one negative (a null).
 G = torch.Generator().manual_seed(3)
 MEANS = [torch.randn(5, generator=G, dtype=torch.float64) for _ in range(3)]
@@ -66,31 +68,15 @@ def test_denoised_and_eps_predictions_give_the_same_increment():
         particles.log_weight_increment([(eps[0], 1.0), (eps[1], 1.5)], sigma, sigma_next, "eps")
 
 
-class LinearExpert:
-    def __init__(self, name):
-        self.name = name
-
-    def __call__(self, x, sigma, cond):
-        return 0.3 * x + cond["c"].view(-1, 1, 1, 1)
-
-
-def eps_fn(expert, x, sigma, cond):
-    return expert(x, sigma, cond)
-
-
-def c(v):
-    return {"c": torch.tensor([float(v)])}
-
-
 def test_the_exponents_reproduce_the_rule_and_sum_to_one():
     """w_i on each conditional row, -(sum w - 1) a_j / n on each of the n rows of a pooled null (a
     mean over two classes here), 0 for a prior-only binding's conditional (it has none)."""
     a, b = LinearExpert("A"), LinearExpert("B")
-    bindings = [poe.Binding(a, c(1), 3.0, 1.0, (c(0),)), poe.Binding(b, c(2), 1.5, 2.0, (c(-1), c(-2))),
-                poe.Binding(a, c(5), 0.0, 1.0, (c(0),))]
+    bindings = [poe.Binding(a, shift(1), 3.0, 1.0, (shift(0),)), poe.Binding(b, shift(2), 1.5, 2.0, (shift(-1), shift(-2))),
+                poe.Binding(a, shift(5), 0.0, 1.0, (shift(0),))]
     x = torch.randn(2, 3, 4, 4, generator=G)
     sink = []
-    out, pooled = poe.product_prediction(x, torch.tensor(1.2), bindings, eps_fn, terms=sink)
+    out, pooled = poe.product_prediction(x, torch.tensor(1.2), bindings, call_expert, terms=sink)
     (terms,) = sink
     ex = particles.exponents(terms)
     betas = [beta for _, beta in ex]
@@ -102,11 +88,11 @@ def test_the_exponents_reproduce_the_rule_and_sum_to_one():
 
 def test_without_a_list_the_prediction_is_unchanged_and_records_nothing():
     a = LinearExpert("A")
-    bindings = [poe.Binding(a, c(1), 2.0, 1.0, (c(0),))]
+    bindings = [poe.Binding(a, shift(1), 2.0, 1.0, (shift(0),))]
     x = torch.randn(2, 3, 4, 4, generator=G)
-    plain = poe.product_prediction(x, torch.tensor(1.0), bindings, eps_fn)[0]
+    plain = poe.product_prediction(x, torch.tensor(1.0), bindings, call_expert)[0]
     sink = []
-    with_terms = poe.product_prediction(x, torch.tensor(1.0), bindings, eps_fn, terms=sink)[0]
+    with_terms = poe.product_prediction(x, torch.tensor(1.0), bindings, call_expert, terms=sink)[0]
     assert torch.equal(plain, with_terms) and len(sink) == 1
 
 
@@ -181,9 +167,9 @@ def test_the_config_refuses_values_outside_their_range():
 def test_products_without_a_target_are_refused_naming_the_binding(change, message):
     import dataclasses
 
-    b = poe.Binding(LinearExpert("A"), c(1), 2.0, 1.0, (c(0),), label="cat")
+    b = poe.Binding(LinearExpert("A"), shift(1), 2.0, 1.0, (shift(0),), label="cat")
     with pytest.raises(ValueError, match=message) as err:
-        particles.check_bindings([poe.Binding(LinearExpert("B"), c(2)), dataclasses.replace(b, **change)])
+        particles.check_bindings([poe.Binding(LinearExpert("B"), shift(2)), dataclasses.replace(b, **change)])
     assert str(err.value).startswith("binding 2 (cat)")
 
 

@@ -11,6 +11,8 @@ import torch
 from unite_and_conquer.samplers import poe, sde, superposition
 from unite_and_conquer.samplers.superposition import make_group
 
+from support.analytic import LinearExpert, call_expert, shift
+
 G = torch.Generator().manual_seed(5)
 
 
@@ -96,25 +98,10 @@ def test_and_clips_then_renormalises_and_falls_back_to_even_shares():
     torch.testing.assert_close(kappa, torch.full((2, 3), 0.5, dtype=torch.float64))
 
 
-class LinearExpert:
-    name = "L"
-
-    def __call__(self, x, sigma, cond):
-        return 0.3 * x + cond["c"].view(-1, 1, 1, 1)
-
-
-def eps_fn(expert, x, sigma, cond):
-    return expert(x, sigma, cond)
-
-
-def c(v):
-    return {"c": torch.tensor([float(v)])}
-
-
 def chain():
     e = LinearExpert()
-    return [poe.Binding(e, c(1), 2.0, 1.0, (c(0),), label="A"), poe.Binding(e, c(2), 3.0, 1.0, (c(0),), label="B"),
-            poe.Binding(e, c(-3), 1.5, 1.0, (c(0),), label="class")]
+    return [poe.Binding(e, shift(1), 2.0, 1.0, (shift(0),), label="A"), poe.Binding(e, shift(2), 3.0, 1.0, (shift(0),), label="B"),
+            poe.Binding(e, shift(-3), 1.5, 1.0, (shift(0),), label="class")]
 
 
 def test_the_mixed_rule_is_the_rule_with_each_member_at_w_g_kappa():
@@ -126,7 +113,7 @@ def test_the_mixed_rule_is_the_rule_with_each_member_at_w_g_kappa():
     assert g.priors == (0.75, 0.25) and grouped[1].group is g and grouped[2].group is None
     x = torch.randn(4, 3, 4, 4, generator=G)
     sink = []
-    poe.product_prediction(x, torch.tensor(0.8), grouped, eps_fn, terms=sink)
+    poe.product_prediction(x, torch.tensor(0.8), grouped, call_expert, terms=sink)
     (terms,) = sink
     at_priors = torch.tensor([[0.75] * 4, [0.25] * 4], dtype=torch.float64)
     torch.testing.assert_close(superposition.mix(terms, g, at_priors), terms.output)
@@ -134,7 +121,7 @@ def test_the_mixed_rule_is_the_rule_with_each_member_at_w_g_kappa():
     for j in range(4):
         rebound = [poe.Binding(b.expert, b.condition, w, 1.0, b.null) for b, w in
                    zip(grouped, (2.0 * float(kappa[0, j]), 2.0 * float(kappa[1, j]), 1.5))]
-        direct = poe.product_prediction(x[j:j + 1], torch.tensor(0.8), rebound, eps_fn)[0]
+        direct = poe.product_prediction(x[j:j + 1], torch.tensor(0.8), rebound, call_expert)[0]
         torch.testing.assert_close(superposition.mix(terms, g, kappa)[j:j + 1], direct, atol=1e-5, rtol=1e-5)
     # The rest of the rule: the members' part removed, in eps (here every term is an eps).
     rest = superposition.base_prediction(terms, g)
@@ -146,7 +133,7 @@ def test_a_grouped_chain_needs_the_per_term_predictions():
     grouped = make_group(chain(), [0, 1], "and")
     x = torch.randn(2, 3, 4, 4, generator=G)
     with pytest.raises(ValueError, match="sample it with the pack's SDE step"):
-        poe.product_prediction(x, torch.tensor(0.8), grouped, eps_fn)
+        poe.product_prediction(x, torch.tensor(0.8), grouped, call_expert)
 
 
 @pytest.mark.parametrize("indices, kind, kwargs, message", [
@@ -166,7 +153,7 @@ def test_members_belong_to_one_group_and_one_and_group_per_chain():
     grouped = make_group(chain(), [0, 1], "or")
     with pytest.raises(ValueError, match=r"binding 2 \(B\) is already in OR\(1, 2\)"):
         make_group(grouped, [1, 2], "and")
-    four = chain() + [poe.Binding(LinearExpert(), c(4), 1.0, 1.0, (c(0),), label="D")]
+    four = chain() + [poe.Binding(LinearExpert(), shift(4), 1.0, 1.0, (shift(0),), label="D")]
     first = make_group(four, [0, 1], "and")
     with pytest.raises(ValueError, match="more than one AND group"):
         make_group(first, [2, 3], "and")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from support import fuzz
+from support.model_prompts import two_unet_product
 from support.tiny_comfy_models import write_tiny_sd2_unet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,14 +46,7 @@ def group_prompt(kind: str | None, seed: int = 1, steps: int = 3, sampler: str =
     """UNETLoader x 2 -> PoEBindModel x 2 (one Lotus prompt, zeroed null) -> PoEOrGroup / PoEAndGroup ->
     PoEKSampler -> SaveLatent."""
     prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[0], "weight_dtype": "default"}},
-        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": second, "weight_dtype": "default"}},
-        "3": {"class_type": "LotusConditioning", "inputs": {}},
-        "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
-        "5": {"class_type": "PoEBindModel", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                       "weight": 1.0, "reliability": 0.5}},
-        "6": {"class_type": "PoEBindModel", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                       "weight": 1.0, "reliability": 0.5, "experts": ["5", 0]}},
+        **two_unet_product((UNETS[0], second), weights=(1.0, 1.0)),
         SAMPLER_ID: {"class_type": "PoEKSampler", "inputs": {"experts": ["7", 0] if kind else ["6", 0], "seed": seed,
                                                              "steps": steps, "sampler_name": sampler,
                                                              "scheduler": "karras", "denoise": 1.0, "width": 32,

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from support import fuzz
+from support.model_prompts import two_unet_product
 from support.tiny_comfy_models import write_tiny_lora, write_tiny_sd2_unet, write_tiny_sd3_mmdit
 
 UNETS = ("uac_tiny_sd2_a.safetensors", "uac_tiny_sd2_b.safetensors")
@@ -63,14 +64,7 @@ def model_prompt(seed: int = 1, steps: int = 3, lora: float | None = None, hook:
                  prefix: str = "uac_model") -> dict:
     """UNETLoader x 2 -> PoEBindModel x 2 (Lotus prompt, zeroed null) -> PoEKSampler -> SaveLatent + SaveImage."""
     prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[0], "weight_dtype": "default"}},
-        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[1], "weight_dtype": "default"}},
-        "3": {"class_type": "LotusConditioning", "inputs": {}},
-        "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
-        "5": {"class_type": "PoEBindModel", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                       "weight": 1.5, "reliability": 0.5}},
-        "6": {"class_type": "PoEBindModel", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                       "weight": 1.0, "reliability": 0.5, "experts": ["5", 0]}},
+        **two_unet_product(UNETS),
         SAMPLER_ID: {"class_type": "PoEKSampler", "inputs": {"experts": ["6", 0], "seed": seed, "steps": steps,
                                                              "sampler_name": "euler", "scheduler": "normal",
                                                              "denoise": 1.0, "width": 32, "height": 32,

@@ -131,3 +131,25 @@ def mixture_product(modes: list[tuple[torch.Tensor, torch.Tensor, float]],
     top = max(lz for lz, _, _ in out)
     total = sum(math.exp(lz - top) for lz, _, _ in out)
     return [(math.exp(lz - top) / total, mean, var) for lz, mean, var in out]
+
+
+class LinearExpert:
+    """An expert whose eps is affine in x and its condition's shift ``c``: enough for the per-term
+    bookkeeping of particles and OR / AND, where only which prediction goes where matters."""
+
+    def __init__(self, name: str = "L"):
+        self.name = name
+
+    def __call__(self, x, sigma, cond):
+        return 0.3 * x + cond["c"].view(-1, 1, 1, 1)
+
+
+def call_expert(expert, x, sigma, cond):
+    """The ``eps_fn`` of ``poe.product_prediction`` for experts that are plain callables."""
+    return expert(x, sigma, cond)
+
+
+def shift(v: float) -> dict[str, torch.Tensor]:
+    """A :class:`LinearExpert` condition."""
+    return {"c": torch.tensor([float(v)])}
+

@@ -20,6 +20,8 @@ if str(REPO / "tools") not in sys.path:
 import comfy_cluster  # noqa: E402
 from comfy_client import load_api_workflow  # noqa: E402
 
+from .model_prompts import two_unet_product  # noqa: E402
+
 TINY_MCMC = REPO / "example_workflows" / "api" / "tiny_mcmc.json"
 UNETS = ("uac_scaleout_sd2_a.safetensors", "uac_scaleout_sd2_b.safetensors")
 BATCH = 4
@@ -41,14 +43,7 @@ def model_prompt(seed: int) -> dict:
     """The two UNets bound with PoEBindModel (the stock Lotus prompt and its zeroed null), 4 Euler
     steps at 64 px (8 x 8 latents); the IMAGE is ComfyUI's latent-to-RGB preview of the product."""
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[0], "weight_dtype": "default"}},
-        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": UNETS[1], "weight_dtype": "default"}},
-        "3": {"class_type": "LotusConditioning", "inputs": {}},
-        "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
-        "5": {"class_type": "PoEBindModel", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                       "weight": 1.5, "reliability": 0.5}},
-        "6": {"class_type": "PoEBindModel", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                       "weight": 1.0, "reliability": 0.5, "experts": ["5", 0]}},
+        **two_unet_product(UNETS),
         "7": {"class_type": "PoEKSampler", "inputs": {"experts": ["6", 0], "seed": seed, "steps": 4,
                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
                                                       "width": 64, "height": 64, "batch_size": BATCH}},
