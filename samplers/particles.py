@@ -177,10 +177,6 @@ def exponents(terms: Terms) -> list[tuple[torch.Tensor, float]]:
     return out
 
 
-def _row_sq(t: torch.Tensor) -> torch.Tensor:
-    return t.double().pow(2).flatten(1).sum(1)
-
-
 def log_weight_increment(terms: Sequence[tuple[torch.Tensor, float]], sigma: float, sigma_next: float,
                          prediction: str = "denoised") -> torch.Tensor:
     """d log w of one step from sigma to sigma_next (VE levels), per particle (float64), from the
@@ -193,9 +189,12 @@ def log_weight_increment(terms: Sequence[tuple[torch.Tensor, float]], sigma: flo
     betas = [b for _, b in terms]
     if not math.isclose(sum(betas), 1.0, abs_tol=1e-6):
         raise ValueError(f"the rule's exponents sum to {sum(betas):.6g}, not 1")
-    preds = [p.double() for p, _ in terms]
-    mean = sum(b * p for b, p in zip(betas, preds))
-    spread = sum(b * _row_sq(p - mean) for b, p in zip(betas, preds))
+    # One stacked K x B x N float64 tensor: a handful of kernels instead of several per term (the step's
+    # cost beside the forwards, BENCHMARKS.md "Particles: cost of the particle step on the CPU").
+    beta = torch.tensor(betas, dtype=torch.float64, device=terms[0][0].device)
+    preds = torch.stack([p.flatten(1) for p, _ in terms]).double()
+    deviation = preds.sub_(torch.tensordot(beta, preds, 1))
+    spread = beta @ deviation.pow_(2).sum(2)
     delta = sigma**2 - sigma_next**2
     scale = delta / (2 * sigma**2) if prediction == "eps" else delta / (2 * sigma**4)
     return -scale * spread
@@ -268,7 +267,8 @@ def select_output(log_w: torch.Tensor, k: int, output: str, generator: torch.Gen
 class ParticleReport:
     """What the particles did over one run: per step the level, the mean and smallest ESS / K over the
     groups and how many groups were resampled, and at the end the largest normalised weight of each
-    group before the output was chosen."""
+    group before the output was chosen and how many distinct starting particles each group's particles
+    descend from (1: resampling has collapsed the group onto one lineage)."""
 
     particles: int = 0
     groups: int = 0
@@ -278,6 +278,7 @@ class ParticleReport:
     ess_min: list = field(default_factory=list)
     resampled: list = field(default_factory=list)
     final_max_weight: list = field(default_factory=list)
+    ancestors: list = field(default_factory=list)
     output: str = ""
 
     def record(self, sigma: float, log_w: torch.Tensor, resampled_groups: int) -> None:
@@ -287,8 +288,11 @@ class ParticleReport:
         self.ess_min.append(float(e.min()))
         self.resampled.append(int(resampled_groups))
 
-    def finish(self, log_w: torch.Tensor, output: str) -> None:
+    def finish(self, log_w: torch.Tensor, output: str, ancestry: torch.Tensor | None = None) -> None:
+        """``ancestry``: for every particle, the index of the starting particle it descends from."""
         self.final_max_weight = normalised_weights(log_w, self.particles).max(1).values.float().tolist()
+        if ancestry is not None:
+            self.ancestors = [len(set(row)) for row in ancestry.view(-1, self.particles).tolist()]
         self.output = output
 
     def summary(self) -> str:
@@ -302,8 +306,10 @@ class ParticleReport:
                  f"(at sigma {self.sigmas[worst]:.3g})"]
         if self.final_max_weight:
             top = self.final_max_weight
-            lines.append(f"  final largest weight in a group: mean {sum(top) / len(top):.3f}, max {max(top):.3f}; "
-                         f"output: {self.output}")
+            lineage = f"; distinct ancestors per group: mean {sum(self.ancestors) / len(self.ancestors):.2f} of " \
+                      f"{self.particles}" if self.ancestors else ""
+            lines.append(f"  final largest weight in a group: mean {sum(top) / len(top):.3f}, max {max(top):.3f}"
+                         f"{lineage}; output: {self.output}")
         lines.append("  ESS / K per step: " + " ".join(f"{e:.2f}" + ("*" if r else "")
                                                        for e, r in zip(self.ess_mean, self.resampled))
                      + "  (* = resampled)")
