@@ -21,7 +21,7 @@ equal evaluations beside it.
   (K, lambda, ESS threshold, steps, resample-move); each run is scored twice, with output ``draw`` and
   ``best`` (the run's final log-weights, captured before the output is chosen: the same particles). The
   rule, fixed before screening: the highest "all three" among the settings whose product evaluations per
-  output are at most :data:`BUDGET`.
+  output are at most :data:`BUDGET` (a tie goes to the earlier row).
 - **Report** (``--report``): the chosen setting, run exactly as the node runs it; beside it the same
   sampler without weights at equal evaluations, the default corrector (ComfyUI's dpmpp_2m, 30 Karras
   steps, 134 evaluations), and plain dpmpp_2m at 30 steps.
@@ -197,7 +197,8 @@ def screen(args, argv, t0) -> None:
         f"The all-32 px product, w = {ed.weight_label(WEIGHT)}, reliabilities equal to the weights, the layout binding "
         f"at every level (no window), `{SAMPLER}` + Karras, through `PoEGuider` and `ParticleKSampler`; each run scored "
         "with output draw and best (the same particles). The rule, fixed before screening: the highest all-three rate "
-        f"among the settings at most {BUDGET} product evaluations per output (the default corrector's).",
+        f"among the settings at most {BUDGET} product evaluations per output (the default corrector's); a tie goes to "
+        "the earlier row.",
         "",
         *run_facts("benchmarks/eval_digits_particles.py", argv,
                    f"{args.n} targets of `{args.choice_split}` (the choice split), seed {args.seed}", t0,
