@@ -47,8 +47,8 @@ class PoEParticles(io.ComfyNode):
                                        "towards the plain sampler: they degenerate less, but the images are biased "
                                        "back towards the plain sampler's (0 is the plain sampler). The default is 1 "
                                        "because at 30 steps the weights kept a mean ESS / K above 0.5 with it on the "
-                                       "digits and at an SD1.5 latent's size (BENCHMARKS.md), so tempering buys "
-                                       "nothing for its bias."),
+                                       "digits and at an SD1.5 latent's size (BENCHMARKS.md); they degenerate mostly "
+                                       "at the low noise levels."),
                 io.Float.Input("ess_threshold", default=d.ess_threshold, min=0.0, max=1.0, step=0.01,
                                tooltip="A group is resampled (systematically) when its effective sample size falls to "
                                        "this fraction of K or below. 1: every step; 0: never."),
