@@ -207,6 +207,7 @@ class ParticleKSampler(IntervalKSampler):
         seed = extra_args.get("seed")
         generator = stream_generator(seed, PARTICLE_STREAM)
         log_w = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        lineage = {"ancestry": torch.arange(x.shape[0])}   # each particle's starting particle, for the report
         report = ParticleReport(particles=k, groups=x.shape[0] // k, temperature=config.temperature)
         self.last_report = report
         tap: list = []
@@ -260,6 +261,7 @@ class ParticleKSampler(IntervalKSampler):
                            callback=on_step, disable=True, **options)
                 except _Resample as r:
                     x = r.x[r.indices]
+                    lineage["ancestry"] = lineage["ancestry"][r.indices.cpu()]
                     pending = (x, r.denoised[r.indices], float(sigmas[r.step]))
                     state["pos"], state["skip"] = r.step, r.step
                     bar.update(r.step - start)
@@ -279,5 +281,5 @@ class ParticleKSampler(IntervalKSampler):
             raise RuntimeError(f"{sampler_name(self.base)} did not report step(s) {missing[:5]} through its callback, "
                                "so its particles cannot be weighted; choose another sampler")
         keep = particles.select_output(log_w, k, config.output, generator)
-        report.finish(log_w, config.output)
+        report.finish(log_w, config.output, lineage["ancestry"])
         return x[keep.to(x.device)]

@@ -67,6 +67,7 @@ def test_particles_cost_no_forward_and_weightless_ones_leave_the_sampler_alone(n
     restarted, calls, _ = run(sampler)
     assert calls == plain_calls
     assert sampler.last_report.resampled == [4] * steps   # all 4 groups at every step
+    assert sampler.last_report.ancestors == [8] * 4       # ... each particle copied onto itself
     if name != "dpmpp_2m_sde":   # a multistep sampler restarts its history at each resampling
         torch.testing.assert_close(restarted, plain)
 

@@ -209,8 +209,9 @@ def test_the_report_counts_resamplings_and_ess():
     rep = particles.ParticleReport(particles=2, groups=2, temperature=0.5)
     rep.record(3.0, torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64), 0)
     rep.record(1.0, torch.tensor([0.0, -50.0, 0.0, 0.0], dtype=torch.float64), 1)
-    rep.finish(torch.tensor([0.0, 0.0, 0.0, -50.0], dtype=torch.float64), "best")
+    rep.finish(torch.tensor([0.0, 0.0, 0.0, -50.0], dtype=torch.float64), "best", torch.tensor([0, 0, 2, 3]))
     assert rep.ess_mean == pytest.approx([1.0, 0.75]) and rep.ess_min == pytest.approx([1.0, 0.5])
+    assert rep.ancestors == [1, 2] and "distinct ancestors per group: mean 1.50 of 2; output: best" in rep.summary()
     text = rep.summary()
     assert "2 particle(s) per image x 2 image(s), lambda = 0.5: resampled at 1 of 2 step(s)" in text
     assert "lowest 0.500 (at sigma 1)" in text and "1.00 0.75*" in text and "output: best" in text
