@@ -55,6 +55,25 @@ class ComfyServer:
         self.messages: list[dict] = []
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
+        # free_port() only finds a port that is free now; another server started in the seconds before
+        # ComfyUI binds it (a parallel test run) can take it first. Then this one exits unable to bind,
+        # and it starts again on another port.
+        for attempt in range(3):
+            if self._start_once(timeout):
+                break
+            self.stop()
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+        else:
+            raise RuntimeError(f"ComfyUI found no free port in 3 tries:\n{self.log_tail()}")
+        failed = self.import_failures()
+        if failed:
+            self.stop()
+            raise RuntimeError(f"ComfyUI could not import the pack:\n{failed}\n{self.log_tail()}")
+        return self
+
+    def _start_once(self, timeout: float) -> bool:
+        """Starts the server and waits until it answers; False when its port was taken meanwhile."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         out_dir = self.workdir / "output"
         # LoadImage lists the input folder when /object_info is built: it must exist.
@@ -70,20 +89,20 @@ class ComfyServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                if "address already in use" in self.log_tail().lower():
+                    return False
                 raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
             try:
-                self.get_json("/system_stats", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                stats = self.get_json("/system_stats", timeout=2)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, RuntimeError):
                 time.sleep(0.5)
-        else:
-            self.stop()
-            raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f}s:\n{self.log_tail()}")
-        failed = self.import_failures()
-        if failed:
-            self.stop()
-            raise RuntimeError(f"ComfyUI could not import the pack:\n{failed}\n{self.log_tail()}")
-        return self
+                continue
+            # The server that answers must be this one, not another that took the port first.
+            if str(out_dir) in stats.get("system", {}).get("argv", []):
+                return True
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f}s:\n{self.log_tail()}")
 
     def import_failures(self) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything (tools/setup_env.sh) and runs every test tier: unit, parity, in-process
 # ComfyUI, the real server over HTTP and websocket, the frontend and the install tier, on ComfyUI
-# 0.3.75. Then the ComfyUI-facing tiers again on ComfyUI 0.33.0, with its own venv (skipped, and
-# said so, where ../shared/comfyui/ is absent). Extra arguments go to both pytest runs.
+# 0.3.75, and beside them the ComfyUI-facing tiers again on ComfyUI 0.33.0, with its own venv (skipped, and
+# said so, where ../shared/comfyui/ is absent). Extra arguments go to every pytest run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,21 +12,41 @@ c33="$root/.cache/ComfyUI-0.33.0"
 v33="$root/.cache/venv-0.33.0"
 have33=0
 [ -f "$c33/comfyui_version.py" ] && [ -x "$v33/bin/python" ] && have33=1
-# Said before the first run too, so that pytest's closing line stays the last line.
+# Said before the runs too, so that pytest's closing line stays the last line.
 [ "$have33" = 1 ] || echo "=== ComfyUI 0.33.0: SKIPPED, ../shared/comfyui/ComfyUI-0.33.0.tar.gz is not there" \
                           "(tools/setup_env.sh sets it up when it is); only ComfyUI 0.3.75 is tested ==="
 
-echo "=== ComfyUI 0.3.75 (.cache/ComfyUI): every tier ==="
-rc=0
-.venv/bin/python -m pytest "${pytest_args[@]}" tests "$@" || rc=$?
+# Two streams side by side: one pytest run keeps about one of the two cores busy (servers start, models load,
+# one-thread tests), so together they take little longer than the larger alone.
+#   1. ComfyUI 0.3.75, every tier, less the longest test (below); its output as it runs.
+#   2. ComfyUI 0.33.0, the ComfyUI-facing tiers (in process, workflows, the server, the frontend with 0.33's
+#      pinned 1.48.7 and the newest, the install tier with comfyui_manager 4.2.2 as 0.33 pins it); then, on
+#      0.3.75, the longest test (the digits with the corrector, one thread, about 5 minutes), which evens the
+#      two. Kept in .cache/test-stream-2.log and printed after stream 1.
+# They share no ComfyUI folder; the one test too large to meet its twin (tests/server/test_model_management.py)
+# and the one-time installs take locks (tests/support/locks.py).
+longest=tests/benchmarks/test_eval_digits.py::test_correction_beats_plain_sampling_at_equal_evaluations
+log2="$root/.cache/test-stream-2.log"
+rm -f "$log2" "$log2.rc"
+(
+  rc2=0
+  if [ "$have33" = 1 ]; then
+    echo "=== ComfyUI 0.33.0 (.cache/ComfyUI-0.33.0, .cache/venv-0.33.0): the ComfyUI-facing tiers ==="
+    UAC_COMFYUI="$c33" "$v33/bin/python" -m pytest "${pytest_args[@]}" tests/inprocess tests/workflows \
+      tests/server tests/frontend tests/install "$@" || rc2=$?
+  fi
+  echo "=== ComfyUI 0.3.75 (.cache/ComfyUI): the test left out of the first run ==="
+  .venv/bin/python -m pytest "${pytest_args[@]}" "$longest" "$@" || { r=$?; [ "$rc2" != 0 ] || rc2=$r; }
+  echo "$rc2" > "$log2.rc"
+) > "$log2" 2>&1 &
+pid2=$!
 
-# The tiers that run ComfyUI: in process, workflows, the server, the frontend (0.33's pinned
-# 1.48.7 and the newest) and the install tier (comfyui_manager 4.2.2, as 0.33 pins it).
-if [ "$have33" = 1 ]; then
-  echo "=== ComfyUI 0.33.0 (.cache/ComfyUI-0.33.0, .cache/venv-0.33.0): the ComfyUI-facing tiers ==="
-  rc33=0
-  UAC_COMFYUI="$c33" "$v33/bin/python" -m pytest "${pytest_args[@]}" tests/inprocess tests/workflows \
-    tests/server tests/frontend tests/install "$@" || rc33=$?
-  [ "$rc" != 0 ] || rc=$rc33
-fi
+echo "=== ComfyUI 0.3.75 (.cache/ComfyUI): every tier (one test runs beside it, printed below) ==="
+rc=0
+.venv/bin/python -m pytest "${pytest_args[@]}" tests --deselect "$longest" "$@" || rc=$?
+
+wait "$pid2" || true
+cat "$log2"
+rc2="$(cat "$log2.rc" 2>/dev/null || echo 1)"
+[ "$rc" != 0 ] || rc=$rc2
 exit "$rc"

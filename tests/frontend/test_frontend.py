@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 from comfy_client import COMFY, ComfyServer, load_api_workflow  # noqa: E402
 import workflow_ui  # noqa: E402
+from support.locks import exclusive  # noqa: E402
 
 
 
@@ -94,7 +95,9 @@ def browser_bin() -> tuple[str, str]:
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -r requirements-test.txt)")
     paths = browser_paths()
     if paths is None:
-        why = install_browser()
+        with exclusive("browser-install"):   # apt-get refuses a second install beside the other run's
+            paths = browser_paths()
+            why = "" if paths else install_browser()
         paths = browser_paths()
         if paths is None:
             pytest.skip(f"no Chromium + chromedriver, and installing them failed: {why or 'not found after install'}")
@@ -106,8 +109,12 @@ def installed_frontend(version: str) -> Path | str:
     ``pip install --no-deps --target`` (never into the venv); the reason as a str when it cannot be had."""
     target = REPO / ".cache" / f"comfyui-frontend-{version}"
     static = target / "comfyui_frontend_package" / "static"
-    if (static / "index.html").is_file():
-        return static
+    # Both ComfyUIs' runs (side by side in tools/test.sh) test the newest frontend: one installs it.
+    with exclusive(f"frontend-{version}"):
+        return static if (static / "index.html").is_file() else _pip_install_frontend(version, target, static)
+
+
+def _pip_install_frontend(version: str, target: Path, static: Path) -> Path | str:
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
            f"comfyui-frontend-package=={version}"]
     try:

@@ -20,6 +20,7 @@ import pytest
 
 from unite_and_conquer.benchmarks import bench_model_management as bench
 from comfy_client import ComfyServer  # noqa: E402  (tools/, put on sys.path by the benchmark module)
+from support.locks import exclusive
 
 # Load everything, a new seed with everything loaded, then the first seed again after /free.
 SEEDS = (1, 2, 1)
@@ -29,16 +30,19 @@ FIRST_LOADS = {"ChromaRadiance": 2, "SD1ClipModel": 1, "ExpertModel": 3, "BaseMo
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
     work = tmp_path_factory.mktemp("model_management")
-    models = bench.write_models(work / "models")
-    server = ComfyServer(work / "comfy", python=sys.executable, extra_args=("--extra-model-paths-config", str(models)))
-    server.start(timeout=240)
-    try:
-        records = bench.run_series(server, SEEDS, steps=1)
-        assert server.alive()
-    finally:
-        server.stop()
-        for f in (work / "models").glob("uac_mm_radiance_*"):
-            f.unlink()   # 2.2 GB each
+    # About 10 GB: never beside the same series from the other ComfyUI's run (tools/test.sh runs both at once).
+    with exclusive("model-management"):
+        models = bench.write_models(work / "models")
+        server = ComfyServer(work / "comfy", python=sys.executable,
+                             extra_args=("--extra-model-paths-config", str(models)))
+        server.start(timeout=240)
+        try:
+            records = bench.run_series(server, SEEDS, steps=1)
+            assert server.alive()
+        finally:
+            server.stop()
+            for f in (work / "models").glob("uac_mm_radiance_*"):
+                f.unlink()   # 2.2 GB each
     return records
 
 
