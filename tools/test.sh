@@ -43,7 +43,8 @@ pid2=$!
 
 echo "=== ComfyUI 0.3.75 (.cache/ComfyUI): every tier (one test runs beside it, printed below) ==="
 rc=0
-.venv/bin/python -m pytest "${pytest_args[@]}" tests --deselect "$longest" "$@" || rc=$?
+# --deselect takes the test's id as pytest names it, relative to --rootdir.
+.venv/bin/python -m pytest "${pytest_args[@]}" tests --deselect "${longest#tests/}" "$@" || rc=$?
 
 wait "$pid2" || true
 cat "$log2"
