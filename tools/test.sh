@@ -25,6 +25,10 @@ have33=0
 #      two. Kept in .cache/test-stream-2.log and printed after stream 1.
 # They share no ComfyUI folder; the one test too large to meet its twin (tests/server/test_model_management.py)
 # and the one-time installs take locks (tests/support/locks.py).
+# One torch (OpenMP) thread per process, servers included: with two threads each, the two streams' processes
+# spun against each other on two cores (the first stream took 1.7 times its serial time), and one stream alone
+# kept only 1.03 cores busy. Tests that want another count set it themselves.
+export OMP_NUM_THREADS=1
 longest=tests/benchmarks/test_eval_digits.py::test_correction_beats_plain_sampling_at_equal_evaluations
 log2="$root/.cache/test-stream-2.log"
 rm -f "$log2" "$log2.rc"
