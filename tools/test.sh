@@ -32,15 +32,17 @@ export OMP_NUM_THREADS=1
 longest=tests/benchmarks/test_eval_digits.py::test_correction_beats_plain_sampling_at_equal_evaluations
 log2="$root/.cache/test-stream-2.log"
 rm -f "$log2" "$log2.rc"
+# Exit status 5 is "no tests collected": extra arguments such as -k may leave one of stream 2's runs nothing.
+allow_empty() { "$@" || { local r=$?; [ "$r" = 5 ] || return "$r"; }; }
 (
   rc2=0
   if [ "$have33" = 1 ]; then
     echo "=== ComfyUI 0.33.0 (.cache/ComfyUI-0.33.0, .cache/venv-0.33.0): the ComfyUI-facing tiers ==="
-    UAC_COMFYUI="$c33" "$v33/bin/python" -m pytest "${pytest_args[@]}" tests/inprocess tests/workflows \
+    UAC_COMFYUI="$c33" allow_empty "$v33/bin/python" -m pytest "${pytest_args[@]}" tests/inprocess tests/workflows \
       tests/server tests/frontend tests/install "$@" || rc2=$?
   fi
   echo "=== ComfyUI 0.3.75 (.cache/ComfyUI): the test left out of the first run ==="
-  .venv/bin/python -m pytest "${pytest_args[@]}" "$longest" "$@" || { r=$?; [ "$rc2" != 0 ] || rc2=$r; }
+  allow_empty .venv/bin/python -m pytest "${pytest_args[@]}" "$longest" "$@" || { r=$?; [ "$rc2" != 0 ] || rc2=$r; }
   echo "$rc2" > "$log2.rc"
 ) > "$log2" 2>&1 &
 pid2=$!
