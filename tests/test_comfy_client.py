@@ -8,7 +8,6 @@ no ComfyUI and take a second.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -58,7 +58,7 @@ class ComfyServer:
         # free_port() only finds a port that is free now; another server started in the seconds before
         # ComfyUI binds it (a parallel test run) can take it first. Then this one exits unable to bind,
         # and it starts again on another port.
-        for attempt in range(3):
+        for _ in range(3):
             if self._start_once(timeout):
                 break
             self.stop()

@@ -96,9 +96,8 @@ def browser_bin() -> tuple[str, str]:
     paths = browser_paths()
     if paths is None:
         with exclusive("browser-install"):   # apt-get refuses a second install beside the other run's
+            why = "" if browser_paths() else install_browser()
             paths = browser_paths()
-            why = "" if paths else install_browser()
-        paths = browser_paths()
         if paths is None:
             pytest.skip(f"no Chromium + chromedriver, and installing them failed: {why or 'not found after install'}")
     return paths

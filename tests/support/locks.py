@@ -1,7 +1,8 @@
-"""One test at a time across parallel test runs, for the few that need most of the machine.
+"""One holder at a time across the test runs that tools/test.sh starts side by side (0.3.75's and 0.33.0's).
 
-tools/test.sh runs the 0.3.75 and 0.33.0 tiers side by side; a test that holds about 10 GB (two 1.1e9-parameter
-Chroma Radiance models on one server) must not meet its twin from the other run on a 24 GB machine.
+For a test that needs most of the machine (the model-management series holds about 10 GB: two 1.1e9-parameter
+Chroma Radiance models on one server, which must not meet their twin from the other run on a 24 GB machine), and
+for one-time installs both runs may reach for at once (the newest frontend, the browser).
 """
 from __future__ import annotations
 
