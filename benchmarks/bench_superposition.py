@@ -14,8 +14,9 @@ sampler (``poe_euler_maruyama``), Karras schedule.
   with a plus sign), and the mixture of scores at the fixed coefficients pi (no log-densities).
 - **AND**: the mean |log q1(x) - log q2(x)| of the outputs (the members' data densities, closed form)
   and the mean of (log q1 + log q2) / 2, for AND and for fixed 0.5 averaging (the members at 1/2 each
-  at every step). The clip range is chosen on the pair A = N(-0.5, 0.5), B = N(0.5, 1.0) and reported on
-  a pair with per-pixel means in [-0.5, 0.5] and variances in [0.2, 1.0] drawn from a seed.
+  at every step). The clip range is chosen on the pair A = N(-0.5, 0.5), B = N(0.5, 1.0) at 400 steps and
+  reported on pairs with per-pixel means in [-0.5, 0.5] and variances in [0.2, 1.0], each drawn from a
+  seed (``REPORT_SEEDS``), at 200, 400 and 1000 steps.
 
 ``--write`` puts the sections "## OR / AND: ..." at the end of BENCHMARKS.md (or replaces them).
 """
@@ -42,6 +43,9 @@ OR_HEADING = "## OR / AND: OR of two Gaussians with different variances"
 AND_HEADING = "## OR / AND: AND of two Gaussians"
 SHAPE = (3, 4, 4)
 CLIPS = [(-1.0, 2.0), (-10.0, 11.0), (-100.0, 101.0)]
+# Seeds of the pairs AND is reported on (27 was the first; 28 and 29 were added after the step count
+# that meets the target was read off 27, so they check it on pairs no reading has seen).
+REPORT_SEEDS = (27, 28, 29)
 
 
 def expert():
@@ -138,12 +142,17 @@ def and_metrics(bindings, a, b, n: int, steps: int) -> tuple[float, float, str]:
     return float((la - lb).abs().mean()), float(((la + lb) / 2).mean()), report.summary()
 
 
+def reported_pair(seed: int):
+    """Two members with per-pixel means in [-0.5, 0.5] and variances in [0.2, 1.0], drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: lo + (hi - lo) * torch.rand(1, *SHAPE, generator=g)  # noqa: E731
+    return (draw(-0.5, 0.5), draw(0.2, 1.0)), (draw(-0.5, 0.5), draw(0.2, 1.0))
+
+
 def and_section(argv, t0, n: int) -> str:
     handle = expert()
     choice = ((-0.5, 0.5), (0.5, 1.0))
-    g = torch.Generator().manual_seed(27)
-    draw = lambda lo, hi: lo + (hi - lo) * torch.rand(1, *SHAPE, generator=g)  # noqa: E731
-    reported = ((draw(-0.5, 0.5), draw(0.2, 1.0)), (draw(-0.5, 0.5), draw(0.2, 1.0)))
+    pairs = {seed: reported_pair(seed) for seed in REPORT_SEEDS}
     screen = ["| clip | steps | mean abs(log q1 - log q2) | mean (log q1 + log q2) / 2 | coefficients |",
               "|---|---:|---:|---:|---|"]
     scores = []
@@ -154,15 +163,17 @@ def and_section(argv, t0, n: int) -> str:
         screen.append(f"| [{clip[0]:g}, {clip[1]:g}] | 400 | {gap:.3f} | {mean_log:.2f} | {summary.split(': ', 1)[1]} |")
         print(screen[-1], flush=True)
     clip = min(scores)[1]
-    table = ["| sampler | steps | mean abs(log q1 - log q2) | mean (log q1 + log q2) / 2 |", "|---|---:|---:|---:|"]
-    for steps in (200, 400, 1000):
-        bindings = superposition.make_group(members(handle, *reported), [0, 1], "and", 1.0, None, clip)
-        gap, mean_log, summary = and_metrics(bindings, *reported, n, steps)
-        table.append(f"| AND, clip [{clip[0]:g}, {clip[1]:g}] | {steps} | {gap:.3f} | {mean_log:.2f} |")
-        print(table[-1], summary, flush=True)
-        gap, mean_log, _ = and_metrics(members(handle, *reported, (0.5, 0.5)), *reported, n, steps)
-        table.append(f"| fixed 0.5 averaging | {steps} | {gap:.3f} | {mean_log:.2f} |")
-        print(table[-1], flush=True)
+    table = ["| pair (seed) | sampler | steps | mean abs(log q1 - log q2) | mean (log q1 + log q2) / 2 |",
+             "|---:|---|---:|---:|---:|"]
+    for seed, reported in pairs.items():
+        for steps in (200, 400, 1000):
+            bindings = superposition.make_group(members(handle, *reported), [0, 1], "and", 1.0, None, clip)
+            gap, mean_log, summary = and_metrics(bindings, *reported, n, steps)
+            table.append(f"| {seed} | AND, clip [{clip[0]:g}, {clip[1]:g}] | {steps} | {gap:.3f} | {mean_log:.2f} |")
+            print(table[-1], summary, flush=True)
+            gap, mean_log, _ = and_metrics(members(handle, *reported, (0.5, 0.5)), *reported, n, steps)
+            table.append(f"| {seed} | fixed 0.5 averaging | {steps} | {gap:.3f} | {mean_log:.2f} |")
+            print(table[-1], flush=True)
     return "\n".join([
         "Two members of one analytic expert (linear schedule, 3 x 4 x 4) made an AND group (weight 1) and sampled "
         f"through PoEGuider with `poe_euler_maruyama`, Karras schedule, {n} samples, seed 0; beside it the same two "
@@ -175,8 +186,8 @@ def and_section(argv, t0, n: int) -> str:
         "",
         *screen,
         "",
-        f"Chosen: [{clip[0]:g}, {clip[1]:g}]. Reported on a pair with per-pixel means in [-0.5, 0.5] and variances "
-        "in [0.2, 1.0] (seed 27):",
+        f"Chosen: [{clip[0]:g}, {clip[1]:g}]. Reported on {len(pairs)} pairs, each with per-pixel means in [-0.5, 0.5] "
+        f"and variances in [0.2, 1.0] drawn from a seed ({', '.join(str(seed) for seed in pairs)}):",
         "",
         *table,
         "",

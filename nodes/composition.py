@@ -59,7 +59,10 @@ class PoEParticles(io.ComfyNode):
                 io.Combo.Input("move", options=list(MOVES), default=d.move, optional=True,
                                tooltip="When the corrector (if connected) runs: resampled = after each step whose "
                                        "particles were resampled (resample-move: separates the copies); levels = at "
-                                       "every level of its window, as PoECorrector alone."),
+                                       "every level of its window, as PoECorrector alone. On closed-form products "
+                                       "levels with MALA brought 512 particles near the noise floor of exact "
+                                       "samples, and kept the mode proportions that only the weights get right "
+                                       "(BENCHMARKS.md)."),
                 Corrector.Input("corrector", optional=True,
                                 tooltip="Optional MCMC move step (PoECorrector). Each of its steps costs one product "
                                         "evaluation per particle and level it runs at."),

@@ -72,6 +72,18 @@ lambda = 1 (near 1 at the high levels, 0.3-0.4 at each of the low ones on the di
 lineage collapses onto one starting particle at every lambda down to 0.1 (BENCHMARKS.md, "Particles:
 weight degeneracy against lambda"); by the rule stated there the default is 1.
 
+**What limits them, and moves.** The weights make up, one step at a time, for the gap between the
+path the summed scores follow and the product diffused. Where that gap is wide (weights summing well
+above 1, pooled nulls with negative exponents) the increments spread widely, few particles carry each
+group, and a large group is worth far fewer independent samples than its size: on the Gaussian products
+of BENCHMARKS.md ("Particles: what limits the weights, and MCMC moves at every level") 512 exact
+particles stay at 1.5-7 times the noise floor of 512 exact samples, 800 steps instead of 200 change
+nothing (so the step's own error is not the limit), and 4096 particles gain far less than 4096 exact
+samples would. An MCMC move that leaves pi_sigma invariant keeps the weights valid and separates the
+copies, so ``move = "levels"`` with MALA (exact on Gaussians) brings them close to the floor. Moves alone
+fix each mode's shape but no proportion between modes; only the weights move mass between modes (the
+mixture product there).
+
 **What has no target.** Spatial (per-pixel) weights or reliabilities, bands and lower-resolution
 experts make a per-pixel or per-frequency combination of scores that is in general not the gradient
 of any function, so there is no pi to weight towards; noise windows and reliability ramps make beta
