@@ -224,8 +224,8 @@ def eight_section(seeds: int, argv, t0) -> str:
     _, threshold, lam = min(scores)
     table = ["| case | parameters | dims | W2 with weights | W2 without | ratio |", "|---|---|---:|---:|---:|---:|"]
     for case0 in reported:
-        for draw, seed in (("as reported above", case0.seed), (f"fresh draw (seed {case0.seed + FRESH})",
-                                                               case0.seed + FRESH)):
+        for draw, seed in ((f"the case's own (seed {case0.seed})", case0.seed),
+                           (f"fresh draw (seed {case0.seed + FRESH})", case0.seed + FRESH)):
             for label, shape in shapes:
                 case = dataclasses.replace(case0, shape=shape, seed=seed)
                 r, weighted, plain = ratio(case, config(threshold, lam))
