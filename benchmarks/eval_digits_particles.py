@@ -1,8 +1,8 @@
 """Digits with weighted particles (issue 27): every setting chosen on one split, reported on another.
 
-    .venv/bin/python benchmarks/eval_digits_particles.py --screen -n 200 --jobs 2          # choice split
+    .venv/bin/python benchmarks/eval_digits_particles.py --screen -n 150 --jobs 2          # choice split
     .venv/bin/python benchmarks/eval_digits_particles.py --report -n 1000 --jobs 2 \\
-        --k 4 --lam 1 --ess-threshold 0.5 --steps 30 --output best                         # report split
+        --k 4 --lam 1 --ess-threshold 0.5 --steps 30 --output draw --weight 4/2/2          # report split
 
 The issue's target: node path, layout binding at every level, no window; all three constraints in
 >= 0.90 of 1000 samples; every setting (K, lambda, thresholds, weights) chosen on one set of targets and
