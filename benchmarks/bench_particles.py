@@ -54,6 +54,8 @@ MOVES_HEADING = "## Particles: what limits the weights, and MCMC moves at every 
 MIXTURE_HEADING = "## Particles: a Gaussian-mixture product with known mode weights"
 STEPS = 200
 SMALL = (3, 1, 1)
+# Every Gaussian section runs each case at the suite's size and at 3 x 1 x 1.
+SHAPES = [("48 dims", cases.SHAPE), ("3 dims", SMALL)]
 # The screen on the choice case: (ESS threshold, lambda).
 SCREEN = [(0.3, 1.0), (0.5, 1.0), (0.7, 1.0), (1.0, 1.0), (0.5, 0.5)]
 # The moves section's screen on the choice case: MALA steps per level (exact on Gaussians, so a move
@@ -113,6 +115,13 @@ def gaussian_w2(case, name: str, config: ParticleConfig | None, outputs: int, se
     return cases.w2(out, mean, var), network.calls - before
 
 
+def mean_w2(case, name: str, config: ParticleConfig | None, outputs: int, seeds: int,
+            corrector: CorrectorConfig | None = None, steps: int = STEPS) -> tuple[float, float]:
+    """:func:`gaussian_w2`'s (W2, evaluations per output), each the mean over seeds 0 .. ``seeds`` - 1."""
+    runs = [gaussian_w2(case, name, config, outputs, seed, corrector, steps) for seed in range(seeds)]
+    return sum(r[0] for r in runs) / seeds, sum(r[1] for r in runs) / seeds
+
+
 def floor(case, n: int, seeds: int) -> float:
     return sum(cases.noise_floor(case, n, seed) for seed in range(seeds)) / seeds
 
@@ -129,18 +138,16 @@ def describe(name: str, config: ParticleConfig | None, corrector: CorrectorConfi
 
 def gaussian_section(seeds: int, argv, t0) -> tuple[str, float, float]:
     choice, reported = cases.CASES[0], cases.CASES[1:]
-    shapes = [("48 dims", cases.SHAPE), ("3 dims", SMALL)]
     # Choice: the threshold and lambda on the first case, at both sizes.
-    screen = ["| ESS threshold | lambda | " + " | ".join(f"W2 / floor, {label}" for label, _ in shapes) + " |",
-              "|---:|---:|" + "---:|" * len(shapes)]
+    screen = ["| ESS threshold | lambda | " + " | ".join(f"W2 / floor, {label}" for label, _ in SHAPES) + " |",
+              "|---:|---:|" + "---:|" * len(SHAPES)]
     scores = []
     for threshold, lam in SCREEN:
         config = ParticleConfig(particles=512, ess_threshold=threshold, temperature=lam)
         ratios = []
-        for _, shape in shapes:
+        for _, shape in SHAPES:
             case = dataclasses.replace(choice, shape=shape)
-            w2s = [gaussian_w2(case, "poe_euler_maruyama", config, 512, seed)[0] for seed in range(seeds)]
-            ratios.append(sum(w2s) / seeds / floor(case, 512, seeds))
+            ratios.append(mean_w2(case, "poe_euler_maruyama", config, 512, seeds)[0] / floor(case, 512, seeds))
         scores.append((sum(ratios), threshold, lam))
         screen.append(f"| {threshold:g} | {lam:g} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(screen[-1], flush=True)
@@ -152,11 +159,11 @@ def gaussian_section(seeds: int, argv, t0) -> tuple[str, float, float]:
             ("euler_ancestral", None, 512), ("euler_ancestral", chosen, 512)]
     table = ["| case | dims | sampler | outputs | W2 | noise floor | W2 / floor |", "|---|---:|---|---:|---:|---:|---:|"]
     for case0 in reported:
-        for label, shape in shapes:
+        for label, shape in SHAPES:
             case = dataclasses.replace(case0, shape=shape)
             fl = floor(case, 512, seeds)
             for name, config, outputs in rows:
-                w2 = sum(gaussian_w2(case, name, config, outputs, seed)[0] for seed in range(seeds)) / seeds
+                w2 = mean_w2(case, name, config, outputs, seeds)[0]
                 table.append(f"| {case.name} | {label} | {describe(name, config)} | {outputs} | {w2:.3f} | {fl:.3f} | "
                              f"{w2 / fl:.2f} |")
                 print(table[-1], flush=True)
@@ -210,27 +217,23 @@ def step_accuracy() -> list[str]:
 def eight_section(seeds: int, argv, t0) -> str:
     """8 particles per output (one drawn by weight) against the same sampler without weights."""
     choice, reported = cases.CASES[0], cases.CASES[1:]
-    shapes = [("48 dims", cases.SHAPE), ("3 dims", SMALL)]
-
-    def mean_w2(case, config) -> float:
-        return sum(gaussian_w2(case, "poe_euler_maruyama", config, 512, seed)[0] for seed in range(seeds)) / seeds
 
     plain_w2: dict = {}   # the unweighted W2 of a case, shared by every setting screened on it
 
     def ratio(case, config) -> tuple[float, float, float]:
         if case not in plain_w2:
-            plain_w2[case] = mean_w2(case, None)
-        weighted, plain = mean_w2(case, config), plain_w2[case]
+            plain_w2[case] = mean_w2(case, "poe_euler_maruyama", None, 512, seeds)[0]
+        weighted, plain = mean_w2(case, "poe_euler_maruyama", config, 512, seeds)[0], plain_w2[case]
         return weighted / plain, weighted, plain
 
     def config(threshold, lam):
         return ParticleConfig(particles=8, ess_threshold=threshold, temperature=lam, output="draw")
 
-    screen = ["| ESS threshold | lambda | " + " | ".join(f"W2 ratio, {label}" for label, _ in shapes) + " |",
-              "|---:|---:|" + "---:|" * len(shapes)]
+    screen = ["| ESS threshold | lambda | " + " | ".join(f"W2 ratio, {label}" for label, _ in SHAPES) + " |",
+              "|---:|---:|" + "---:|" * len(SHAPES)]
     scores = []
     for threshold, lam in EIGHT_SCREEN:
-        ratios = [ratio(dataclasses.replace(choice, shape=shape), config(threshold, lam))[0] for _, shape in shapes]
+        ratios = [ratio(dataclasses.replace(choice, shape=shape), config(threshold, lam))[0] for _, shape in SHAPES]
         scores.append((sum(ratios), threshold, lam))
         screen.append(f"| {threshold:g} | {lam:g} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(screen[-1], flush=True)
@@ -239,7 +242,7 @@ def eight_section(seeds: int, argv, t0) -> str:
     for case0 in reported:
         for draw, seed in ((f"the case's own (seed {case0.seed})", case0.seed),
                            (f"fresh draw (seed {case0.seed + FRESH})", case0.seed + FRESH)):
-            for label, shape in shapes:
+            for label, shape in SHAPES:
                 case = dataclasses.replace(case0, shape=shape, seed=seed)
                 r, weighted, plain = ratio(case, config(threshold, lam))
                 table.append(f"| {case.name} | {draw} | {label} | {weighted:.3f} | {plain:.3f} | {r:.2f} |")
@@ -272,20 +275,15 @@ def mala(steps: int):
 def moves_section(seeds: int, argv, t0) -> str:
     """Why 512 weighted particles stay above the floor, and what MCMC moves at every level give."""
     choice, reported = cases.CASES[0], cases.CASES[1:]
-    shapes = [("48 dims", cases.SHAPE), ("3 dims", SMALL)]
     exact = ParticleConfig(particles=512, ess_threshold=0.5, temperature=1.0)
 
-    def mean_of(case, config, corrector, n, steps=STEPS):
-        runs = [gaussian_w2(case, "poe_euler_maruyama", config, n, seed, corrector, steps) for seed in range(seeds)]
-        return sum(r[0] for r in runs) / seeds, sum(r[1] for r in runs) / seeds
-
-    screen = ["| MALA steps per level | " + " | ".join(f"W2 / floor, {label}" for label, _ in shapes) + " |",
-              "|---:|" + "---:|" * len(shapes)]
+    screen = ["| MALA steps per level | " + " | ".join(f"W2 / floor, {label}" for label, _ in SHAPES) + " |",
+              "|---:|" + "---:|" * len(SHAPES)]
     scores = []
     for steps in MOVE_SCREEN:
         config = dataclasses.replace(exact, corrector=mala(steps), move="levels")
-        ratios = [mean_of(dataclasses.replace(choice, shape=shape), config, None, 512)[0]
-                  / floor(dataclasses.replace(choice, shape=shape), 512, seeds) for _, shape in shapes]
+        ratios = [mean_w2(dataclasses.replace(choice, shape=shape), "poe_euler_maruyama", config, 512, seeds)[0]
+                  / floor(dataclasses.replace(choice, shape=shape), 512, seeds) for _, shape in SHAPES]
         scores.append((sum(ratios), steps))
         screen.append(f"| {steps} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(screen[-1], flush=True)
@@ -300,10 +298,10 @@ def moves_section(seeds: int, argv, t0) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for case0 in reported:
         for draw, seed in (("", case0.seed), (f", fresh draw (seed {case0.seed + FRESH})", case0.seed + FRESH)):
-            for label, shape in shapes:
+            for label, shape in SHAPES:
                 case = dataclasses.replace(case0, shape=shape, seed=seed)
                 for name, config, corrector, n, steps in rows:
-                    w2, evaluations = mean_of(case, config, corrector, n, steps)
+                    w2, evaluations = mean_w2(case, "poe_euler_maruyama", config, n, seeds, corrector, steps)
                     fl = floor(case, n, seeds)
                     table.append(f"| {case.name}{draw} | {label} | {name} | {n} | {evaluations:.0f} | {w2:.3f} | "
                                  f"{fl:.3f} | {w2 / fl:.2f} |")

@@ -221,19 +221,17 @@ def screen(args, argv, t0) -> None:
 def report(args, argv, t0) -> None:
     weight = ed.parse_weight(args.weight)
     setting = (args.k, args.lam, args.ess_threshold, args.steps, args.move, weight)
-    steps = args.steps
+    equal_steps = args.equal_steps or args.k * args.steps   # the unweighted row's, at equal evaluations
     default = correctors.CorrectorConfig()
     target = ed.targets(args.n, args.report_split, args.seed)
     real = ed.scored("", target.images, target, ed.Judges()).rates
     jobs = [("particles", (setting, args.n, args.report_split, args.seed, (args.output,))),
             ("plain", ("dpmpp_2m", 30, default, args.n, args.report_split, args.seed, weight)),
-            ("plain", (SAMPLER, args.equal_steps or args.k * steps, None, args.n, args.report_split, args.seed,
-                       weight)),
+            ("plain", (SAMPLER, equal_steps, None, args.n, args.report_split, args.seed, weight)),
             ("plain", ("dpmpp_2m", 30, None, args.n, args.report_split, args.seed, weight))]
     names = [f"particles: {describe(*setting)}, output {args.output}",
              f"dpmpp_2m, 30 steps, the default corrector ({ed.corrector_label(default)})",
-             f"{SAMPLER} without weights (the particles' sampler), {args.equal_steps or args.k * steps} steps "
-             "(equal evaluations)",
+             f"{SAMPLER} without weights (the particles' sampler), {equal_steps} steps (equal evaluations)",
              "dpmpp_2m without weights, 30 steps"]
     results = _pool(jobs, args.jobs)
     lines = ["| configuration | class | colour | layout | all three | product evaluations per output | seconds |",
