@@ -20,7 +20,8 @@ Everything samples through the node path: ``ProductGuider`` with the pack's Eule
 - **What limits the weights** (``--only moves``): on the same products, exact weights at 800 steps and
   with 4096 particles (if the step were the limit, more steps would help; if the weights' spread is,
   more particles gain less than exact samples do), and MALA moves at every level with and without the
-  weights at the same evaluations (MALA steps per level chosen on the first case).
+  weights at the same evaluations (the ESS threshold and the MALA steps per level chosen on the first
+  case; reported on the others and on two fresh draws of their parameters).
 - **A mixture product**: expert A's data are two modes (means -1 and +1, variance 0.2, weights 1/2
   each) over 3 x 2 x 2, expert B's N(0.05, 1); both at weight 1 with their nulls N(0, 1) and N(0, 2) at
   reliability 1/2, so the product is a two-mode mixture whose mode weights are (0.242, 0.758)
@@ -58,11 +59,12 @@ SMALL = (3, 1, 1)
 SHAPES = [("48 dims", cases.SHAPE), ("3 dims", SMALL)]
 # The screen on the choice case: (ESS threshold, lambda).
 SCREEN = [(0.3, 1.0), (0.5, 1.0), (0.7, 1.0), (1.0, 1.0), (0.5, 0.5)]
-# The moves section's screen on the choice case: MALA steps per level (exact on Gaussians, so a move
-# changes nothing but how fast copies separate).
-MOVE_SCREEN = (1, 2)
-# MALA steps per level on the mixture product: what the moves section chose from MOVE_SCREEN.
-MIXTURE_MOVES = 2
+# The moves section's screen on the choice case: (ESS threshold, MALA steps per level). MALA is exact on
+# Gaussians, so the steps change nothing but how fast copies separate; the threshold decides how far the
+# weights spread before the moves get copies to separate (1: resample at every step).
+MOVE_SCREEN = [(0.5, 1), (0.5, 2), (0.5, 4), (1.0, 1), (1.0, 2), (1.0, 4)]
+# (ESS threshold, MALA steps per level) on the mixture product: what the moves section chose from MOVE_SCREEN.
+MIXTURE_MOVES = (1.0, 2)
 # The 8-per-output section's screen on the choice case: (ESS threshold, lambda).
 EIGHT_SCREEN = [(0.5, 1.0), (1.0, 1.0), (0.5, 0.5), (1.0, 0.5)]
 # Fresh draws of the reported cases' parameters (seed + this), which no choice or reading has seen.
@@ -277,27 +279,32 @@ def moves_section(seeds: int, argv, t0) -> str:
     choice, reported = cases.CASES[0], cases.CASES[1:]
     exact = ParticleConfig(particles=512, ess_threshold=0.5, temperature=1.0)
 
-    screen = ["| MALA steps per level | " + " | ".join(f"W2 / floor, {label}" for label, _ in SHAPES) + " |",
-              "|---:|" + "---:|" * len(SHAPES)]
+    screen = ["| ESS threshold | MALA steps per level | " + " | ".join(f"W2 / floor, {label}" for label, _ in SHAPES)
+              + " |", "|---:|---:|" + "---:|" * len(SHAPES)]
     scores = []
-    for steps in MOVE_SCREEN:
-        config = dataclasses.replace(exact, corrector=mala(steps), move="levels")
+    for threshold, steps in MOVE_SCREEN:
+        config = dataclasses.replace(exact, ess_threshold=threshold, corrector=mala(steps), move="levels")
         ratios = [mean_w2(dataclasses.replace(choice, shape=shape), "poe_euler_maruyama", config, 512, seeds)[0]
                   / floor(dataclasses.replace(choice, shape=shape), 512, seeds) for _, shape in SHAPES]
-        scores.append((sum(ratios), steps))
-        screen.append(f"| {steps} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+        scores.append((sum(ratios), threshold, steps))
+        screen.append(f"| {threshold:g} | {steps} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(screen[-1], flush=True)
-    moves = min(scores)[1]
-    moved = dataclasses.replace(exact, corrector=mala(moves), move="levels")
+    _, threshold, moves = min(scores)
+    moved = dataclasses.replace(exact, ess_threshold=threshold, corrector=mala(moves), move="levels")
     rows = [("particles, 200 steps", exact, None, 512, STEPS),
             ("particles, 800 steps", exact, None, 512, 4 * STEPS),
             ("particles, one group of 4096, 200 steps", dataclasses.replace(exact, particles=4096), None, 4096, STEPS),
-            (f"particles + MALA x {moves} at every level, 200 steps", moved, None, 512, STEPS),
+            (f"particles (ESS threshold {threshold:g}) + MALA x {moves} at every level, 200 steps", moved, None, 512,
+             STEPS),
             (f"MALA x {moves} at every level alone (no weights), 200 steps", None, mala(moves), 512, STEPS)]
     table = ["| case | dims | sampler | outputs | evaluations per output | W2 | noise floor | W2 / floor |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for case0 in reported:
-        for draw, seed in (("", case0.seed), (f", fresh draw (seed {case0.seed + FRESH})", case0.seed + FRESH)):
+        # The second fresh draw came with the ESS threshold in the screen: the first had been read under the
+        # earlier choice, so the second is the one that no choice or reading has seen.
+        draws = [("", case0.seed), (f", fresh draw (seed {case0.seed + FRESH})", case0.seed + FRESH),
+                 (f", second fresh draw (seed {case0.seed + 2 * FRESH})", case0.seed + 2 * FRESH)]
+        for draw, seed in draws:
             for label, shape in SHAPES:
                 case = dataclasses.replace(case0, shape=shape, seed=seed)
                 for name, config, corrector, n, steps in rows:
@@ -311,17 +318,20 @@ def moves_section(seeds: int, argv, t0) -> str:
         "(lambda 1, ESS threshold 0.5, all particles after a final resampling) and the pack's Euler–Maruyama step: "
         "more steps, more particles (W2 against the floor of as many exact samples), and MALA moves at every level "
         "(`ParticleConfig.move = \"levels\"`; MALA's accept step makes it exact on a Gaussian pi_sigma, so the "
-        "weights stay exact), against the same MALA without weights at the same evaluations. Evaluations per output "
-        f"count the product's evaluations (batched over the particles). Mean over {seeds} seeds.",
+        "weights stay exact) with the ESS threshold screened again for them, against the same MALA without weights "
+        "at the same evaluations. Evaluations per output count the product's evaluations (batched over the "
+        f"particles). Mean over {seeds} seeds.",
         "",
         *run_facts("benchmarks/bench_particles.py", argv, f"512 or 4096 outputs per run, {seeds} seeds", t0, 1,
                    torch.__version__),
         "",
-        f"Choice (on '{choice.name}', the MALA steps per level, particles with moves):",
+        f"Choice (on '{choice.name}', particles with moves: the ESS threshold and the MALA steps per level; the "
+        "lowest sum of the two ratios):",
         "",
         *screen,
         "",
-        f"Chosen: {moves}. Reported on the other cases and on fresh draws of their parameters:",
+        f"Chosen: ESS threshold {threshold:g}, MALA x {moves}. Reported on the other cases and on two fresh draws of "
+        "their parameters:",
         "",
         *table,
         "",
@@ -365,9 +375,9 @@ def mixture_section(seeds: int, argv, t0, threshold: float, lam: float) -> str:
             *[("poe_euler_maruyama", ParticleConfig(particles=512, ess_threshold=threshold, temperature=t), None, 4096)
               for t in lams],
             ("euler_ancestral", ParticleConfig(particles=512, ess_threshold=threshold, temperature=lam), None, 4096),
-            ("poe_euler_maruyama", dataclasses.replace(exact_512, corrector=mala(MIXTURE_MOVES), move="levels"), None,
-             4096),
-            ("poe_euler_maruyama", None, mala(MIXTURE_MOVES), 4096),
+            ("poe_euler_maruyama", dataclasses.replace(exact_512, ess_threshold=MIXTURE_MOVES[0],
+                                                       corrector=mala(MIXTURE_MOVES[1]), move="levels"), None, 4096),
+            ("poe_euler_maruyama", None, mala(MIXTURE_MOVES[1]), 4096),
             *[("poe_euler_maruyama", ParticleConfig(particles=8, ess_threshold=threshold, temperature=t, output="draw"),
                None, 512) for t in lams]]
     table = ["| sampler | outputs | share of mode 2 | per-mode variance / closed form (mode 1, mode 2) |",
@@ -392,8 +402,9 @@ def mixture_section(seeds: int, argv, t0, threshold: float, lam: float) -> str:
         "nulls N(0, 1) and N(0, 2) at reliability 1/2. The product is a two-mode mixture whose second mode weighs "
         f"{truth[1][0]:.3f} (`analytic.mixture_product`); each output is assigned to the mode of larger posterior. "
         f"Through PoEGuider, 200 Karras steps, ESS threshold {threshold:g} as chosen in '{GAUSSIAN_HEADING[3:]}', "
-        f"lambda 1 (exact) and the chosen {lam:g}; MALA x {MIXTURE_MOVES} at every level (the choice in "
-        f"'{MOVES_HEADING[3:]}') with exact weights and without weights; mean over {seeds} seeds.",
+        f"lambda 1 (exact) and the chosen {lam:g}; MALA x {MIXTURE_MOVES[1]} at every level with exact weights "
+        f"resampled at ESS threshold {MIXTURE_MOVES[0]:g} (the choice in '{MOVES_HEADING[3:]}'), and the same MALA "
+        f"without weights; mean over {seeds} seeds.",
         "",
         *run_facts("benchmarks/bench_particles.py", argv, f"as in the table, {seeds} seeds", t0, 1, torch.__version__),
         "",

@@ -51,7 +51,9 @@ class PoEParticles(io.ComfyNode):
                                        "at the low noise levels."),
                 io.Float.Input("ess_threshold", default=d.ess_threshold, min=0.0, max=1.0, step=0.01,
                                tooltip="A group is resampled (systematically) when its effective sample size falls to "
-                                       "this fraction of K or below. 1: every step; 0: never."),
+                                       "this fraction of K or below. 1: every step; 0: never. With a corrector at "
+                                       "every level (move = levels), 1 measured best: the weights never spread and "
+                                       "the moves separate each step's copies (BENCHMARKS.md)."),
                 io.Combo.Input("output", options=list(OUTPUTS), default=d.output,
                                tooltip="all: every particle, after a final resampling (a draw from the target; "
                                        "copies are possible). draw: one per group, drawn by weight. best: the "
@@ -60,9 +62,9 @@ class PoEParticles(io.ComfyNode):
                                tooltip="When the corrector (if connected) runs: resampled = after each step whose "
                                        "particles were resampled (resample-move: separates the copies); levels = at "
                                        "every level of its window, as PoECorrector alone. On closed-form products "
-                                       "levels with MALA brought 512 particles near the noise floor of exact "
-                                       "samples, and kept the mode proportions that only the weights get right "
-                                       "(BENCHMARKS.md)."),
+                                       "levels with MALA and ess_threshold 1 brought 512 particles near the noise "
+                                       "floor of exact samples, and kept the mode proportions that only the weights "
+                                       "get right (BENCHMARKS.md)."),
                 Corrector.Input("corrector", optional=True,
                                 tooltip="Optional MCMC move step (PoECorrector). Each of its steps costs one product "
                                         "evaluation per particle and level it runs at."),

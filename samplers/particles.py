@@ -80,8 +80,11 @@ of BENCHMARKS.md ("Particles: what limits the weights, and MCMC moves at every l
 particles stay at 1.5-7 times the noise floor of 512 exact samples, 800 steps instead of 200 change
 nothing (so the step's own error is not the limit), and 4096 particles gain far less than 4096 exact
 samples would. An MCMC move that leaves pi_sigma invariant keeps the weights valid and separates the
-copies, so ``move = "levels"`` with MALA (exact on Gaussians) brings them close to the floor. Moves alone
-fix each mode's shape but no proportion between modes; only the weights move mass between modes (the
+copies, so ``move = "levels"`` with MALA (exact on Gaussians) brings them close to the floor, closest
+with a resampling at every step (``ess_threshold = 1``): the weights never spread beyond one step's
+increment, and the next level's moves separate the copies each resampling makes, where a threshold of
+0.5 lets the weights spread over several levels and then collapses the group at once. Moves alone fix
+each mode's shape but no proportion between modes; only the weights move mass between modes (the
 mixture product there).
 
 **What has no target.** Spatial (per-pixel) weights or reliabilities, bands and lower-resolution
@@ -122,7 +125,8 @@ class ParticleConfig:
             digits and at an SD1.5 latent's dimension (BENCHMARKS.md, "Particles: weight degeneracy
             against lambda"); they degenerate mostly at the low noise levels.
         ess_threshold (`float`, defaults to 0.5): a group is resampled when its effective sample size
-            falls to this fraction of K or below; 1 resamples at every step, 0 never.
+            falls to this fraction of K or below; 1 resamples at every step, 0 never. With a corrector at
+            every level (``move = "levels"``) 1 measured best (module docstring, "What limits them").
         output (`str`, defaults to ``"all"``): ``"all"``: every particle, after a final systematic
             resampling of each group, so the set is an unweighted draw from the target (copies are
             possible); ``"draw"``: one particle per group, drawn with probability proportional to its
