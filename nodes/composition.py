@@ -205,7 +205,8 @@ class PoEAndGroup(io.ComfyNode):
                         "member finds it equally likely (SuperDiff, Skreta et al., ICLR 2025), instead of a fixed "
                         "average. The coefficients are clipped; the sampler's rule output reports their range. "
                         "Needs sampler poe_euler_maruyama (PoEKSampler) or PoESDESampler; not with particles or a "
-                        "corrector.",
+                        "corrector. Scheduler kl_optimal tracked the log-densities best on closed-form pairs "
+                        "(BENCHMARKS.md).",
             inputs=[
                 Experts.Input("experts", tooltip="The chain whose last bindings form the group."),
                 _members_input(),
