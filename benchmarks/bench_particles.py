@@ -128,6 +128,16 @@ def floor(case, n: int, seeds: int) -> float:
     return sum(cases.noise_floor(case, n, seed) for seed in range(seeds)) / seeds
 
 
+def floor_ratios(case, config: ParticleConfig, seeds: int) -> list[float]:
+    """W2 / noise floor of 512 outputs of ``case`` with ``config`` (``poe_euler_maruyama``), at each of
+    :data:`SHAPES`: what the 512-particle screens score."""
+    ratios = []
+    for _, shape in SHAPES:
+        sized = dataclasses.replace(case, shape=shape)
+        ratios.append(mean_w2(sized, "poe_euler_maruyama", config, 512, seeds)[0] / floor(sized, 512, seeds))
+    return ratios
+
+
 def describe(name: str, config: ParticleConfig | None, corrector: CorrectorConfig | None = None) -> str:
     if config is None:
         return f"{name}, no weights" + (f", MALA x {corrector.steps} at every level" if corrector is not None else "")
@@ -145,11 +155,7 @@ def gaussian_section(seeds: int, argv, t0) -> tuple[str, float, float]:
               "|---:|---:|" + "---:|" * len(SHAPES)]
     scores = []
     for threshold, lam in SCREEN:
-        config = ParticleConfig(particles=512, ess_threshold=threshold, temperature=lam)
-        ratios = []
-        for _, shape in SHAPES:
-            case = dataclasses.replace(choice, shape=shape)
-            ratios.append(mean_w2(case, "poe_euler_maruyama", config, 512, seeds)[0] / floor(case, 512, seeds))
+        ratios = floor_ratios(choice, ParticleConfig(particles=512, ess_threshold=threshold, temperature=lam), seeds)
         scores.append((sum(ratios), threshold, lam))
         screen.append(f"| {threshold:g} | {lam:g} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(screen[-1], flush=True)
@@ -283,9 +289,8 @@ def moves_section(seeds: int, argv, t0) -> str:
               + " |", "|---:|---:|" + "---:|" * len(SHAPES)]
     scores = []
     for threshold, steps in MOVE_SCREEN:
-        config = dataclasses.replace(exact, ess_threshold=threshold, corrector=mala(steps), move="levels")
-        ratios = [mean_w2(dataclasses.replace(choice, shape=shape), "poe_euler_maruyama", config, 512, seeds)[0]
-                  / floor(dataclasses.replace(choice, shape=shape), 512, seeds) for _, shape in SHAPES]
+        ratios = floor_ratios(choice, dataclasses.replace(exact, ess_threshold=threshold, corrector=mala(steps),
+                                                          move="levels"), seeds)
         scores.append((sum(ratios), threshold, steps))
         screen.append(f"| {threshold:g} | {steps} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(screen[-1], flush=True)

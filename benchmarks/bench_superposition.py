@@ -148,6 +148,12 @@ def and_metrics(bindings, a, b, n: int, steps: int, scheduler: str = "karras") -
     return float((la - lb).abs().mean()), float(((la + lb) / 2).mean()), report.summary()
 
 
+def and_group_metrics(handle, pair, clip, n: int, steps: int, scheduler: str = "karras") -> tuple[float, float, str]:
+    """:func:`and_metrics` of the pair's two members made an AND group (weight 1) clipped to ``clip``."""
+    bindings = superposition.make_group(members(handle, *pair), [0, 1], "and", 1.0, None, clip)
+    return and_metrics(bindings, *pair, n, steps, scheduler)
+
+
 def reported_pair(seed: int):
     """Two members with per-pixel means in [-0.5, 0.5] and variances in [0.2, 1.0], drawn from ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -163,8 +169,7 @@ def and_section(argv, t0, n: int) -> str:
               "|---|---:|---:|---:|---|"]
     scores = []
     for clip in CLIPS:
-        bindings = superposition.make_group(members(handle, *choice), [0, 1], "and", 1.0, None, clip)
-        gap, mean_log, summary = and_metrics(bindings, *choice, n, 400)
+        gap, mean_log, summary = and_group_metrics(handle, choice, clip, n, 400)
         scores.append((gap, clip))
         screen.append(f"| [{clip[0]:g}, {clip[1]:g}] | 400 | {gap:.3f} | {mean_log:.2f} | {summary.split(': ', 1)[1]} |")
         print(screen[-1], flush=True)
@@ -173,8 +178,7 @@ def and_section(argv, t0, n: int) -> str:
                  "|---|---:|---:|---:|"]
     scores = []
     for scheduler in AND_SCHEDULERS:
-        bindings = superposition.make_group(members(handle, *choice), [0, 1], "and", 1.0, None, clip)
-        gap, mean_log, _ = and_metrics(bindings, *choice, n, 200, scheduler)
+        gap, mean_log, _ = and_group_metrics(handle, choice, clip, n, 200, scheduler)
         scores.append((gap, scheduler))
         schedules.append(f"| {scheduler} | 200 | {gap:.3f} | {mean_log:.2f} |")
         print(schedules[-1], flush=True)
@@ -184,8 +188,7 @@ def and_section(argv, t0, n: int) -> str:
     for seed, reported in pairs.items():
         for steps in (200, 400, 1000):
             for sched in dict.fromkeys(("karras", scheduler)):
-                bindings = superposition.make_group(members(handle, *reported), [0, 1], "and", 1.0, None, clip)
-                gap, mean_log, summary = and_metrics(bindings, *reported, n, steps, sched)
+                gap, mean_log, summary = and_group_metrics(handle, reported, clip, n, steps, sched)
                 table.append(f"| {seed} | AND, clip [{clip[0]:g}, {clip[1]:g}] | {sched} | {steps} | {gap:.3f} | "
                              f"{mean_log:.2f} |")
                 print(table[-1], summary, flush=True)
